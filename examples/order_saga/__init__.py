@@ -1,0 +1,1 @@
+"""The order saga used by the demo and the integration tests."""

@@ -1,0 +1,85 @@
+"""Every exception sagaline raises, in one short hierarchy.
+
+``SagalineError`` is the root. Decoding problems (``RecordDecodeError`` and its children)
+carry a ``reason`` code that goes into dead-letter headers unchanged, so operators can
+filter on it.
+"""
+
+from __future__ import annotations
+
+
+class SagalineError(Exception):
+    """Base class of sagaline's own errors."""
+
+
+class ConfigurationError(SagalineError):
+    """A setting, registration or schema file is wrong; fix the deployment."""
+
+
+class RecordDecodeError(SagalineError):
+    """A record on a topic could not be turned into a sagaline value."""
+
+    reason = "decode-error"
+
+
+class MalformedRecordError(RecordDecodeError):
+    """The bytes are not a sagaline Avro record (no wire header, truncated, garbage)."""
+
+    reason = "malformed"
+
+
+class UnknownSchemaError(RecordDecodeError):
+    """The wire header names a schema id this process does not know."""
+
+    reason = "unknown-schema"
+
+
+class WrongRecordTypeError(RecordDecodeError):
+    """The record is valid Avro of a schema that does not belong on this topic."""
+
+    reason = "wrong-record-type"
+
+
+class OversizedRecordError(RecordDecodeError):
+    """The record is larger than the configured limit."""
+
+    reason = "oversized"
+
+
+class ActivityError(SagalineError):
+    """An activity failed for good (after its retries); raised inside workflow code.
+
+    Workflow code catches it to compensate::
+
+        try:
+            await ctx.activity("payment.charge", total)
+        except ActivityError as err:
+            await ctx.activity("inventory.release", reservation, compensation=True)
+            raise
+    """
+
+    def __init__(self, activity: str, error_type: str, message: str, *, attempts: int) -> None:
+        super().__init__(f"activity {activity} failed after {attempts} attempt(s): "
+                         f"{error_type}: {message}")
+        self.activity = activity
+        self.error_type = error_type
+        self.message = message
+        self.attempts = attempts
+
+
+class NonDeterminismError(SagalineError):
+    """Workflow code asked for a different step than its recorded history holds.
+
+    The workflow is parked as STUCK (never silently diverges); deploy code that matches
+    the history, or branch with ``ctx.patched`` once available, to resume it.
+    """
+
+
+class UnknownWorkflowTypeError(SagalineError):
+    """A start request names a workflow type that no registered function handles."""
+
+    reason = "unknown-workflow-type"
+
+
+class WorkflowDefinitionError(SagalineError):
+    """Workflow code did something the engine cannot run deterministically."""

@@ -1,0 +1,362 @@
+"""Avro codec for every sagaline record, in the Confluent wire format.
+
+A value is ``0x00`` (magic byte), a 4-byte big-endian schema id, then the record encoded
+with fastavro's schemaless writer. Any Confluent-compatible tool can read it given the
+schema. Without a schema registry, a schema's id is derived from the schema itself
+(CRC-32 of its parsing canonical form, top bit cleared), so every process that has the
+same ``.avsc`` files agrees on the ids with no coordination.
+
+Old versions of a schema live in ``schemas/avro/archive/``; records written with them
+are read through Avro schema resolution into the current shape.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import fastavro
+import fastavro.schema
+
+from orchestrator.errors import (
+    ConfigurationError,
+    MalformedRecordError,
+    OversizedRecordError,
+    UnknownSchemaError,
+    WrongRecordTypeError,
+)
+from orchestrator.protocol.records import (
+    ActivityCompleted,
+    ActivityFailed,
+    ActivityResult,
+    ActivityScheduled,
+    ActivityStatus,
+    ActivityTask,
+    Failure,
+    HistoryEvent,
+    InboxBody,
+    Payload,
+    StartWorkflow,
+    WorkflowRecord,
+    WorkflowStatus,
+)
+
+MAGIC: Final = 0
+HEADER: Final = struct.Struct(">bI")
+NS: Final = "io.sagaline."
+# Shared types come first: the top-level schemas refer to them by name.
+SCHEMA_ORDER: Final = ("Payload", "Failure", "StartWorkflow", "ActivityResult",
+                       "InboxRecord", "ActivityTask", "WorkflowRecord")
+INBOX: Final = NS + "InboxRecord"
+TASK: Final = NS + "ActivityTask"
+WORKFLOW: Final = NS + "WorkflowRecord"
+
+
+def default_schema_dir() -> Path:
+    """Where the ``.avsc`` files are: ``$SAGALINE_SCHEMA_DIR`` or the repo's ``schemas/avro``."""
+    configured = os.environ.get("SAGALINE_SCHEMA_DIR")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parents[2] / "schemas" / "avro"
+
+
+def schema_id(parsed: Mapping[str, Any] | str) -> int:
+    """The local id of a parsed schema: CRC-32 of its expanded canonical form, 31 bits."""
+    canonical = fastavro.schema.to_parsing_canonical_form(fastavro.schema.expand_schema(parsed))
+    return zlib.crc32(canonical.encode()) & 0x7FFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class _Writer:
+    name: str
+    schema_id: int
+    parsed: Any
+
+
+def _load_dir(directory: Path) -> dict[str, Any]:
+    """Parse one directory's schemas into fully named, parsed fastavro schemas."""
+    named: dict[str, Any] = {}
+    parsed: dict[str, Any] = {}
+    for short in SCHEMA_ORDER:
+        path = directory / f"{NS}{short}.avsc"
+        if not path.exists():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+            parsed[NS + short] = fastavro.parse_schema(raw, named_schemas=named)
+        except (ValueError, fastavro.schema.SchemaParseException) as exc:
+            raise ConfigurationError(f"cannot parse Avro schema {path}: {exc}") from exc
+    return parsed
+
+
+class AvroCodec:
+    """Encodes and decodes sagaline records; one instance per process is enough.
+
+    Example::
+
+        codec = AvroCodec()
+        data = codec.encode_inbox(StartWorkflow("order-1", "order.process", payload, now))
+        assert codec.decode_inbox(data) == StartWorkflow(...)
+    """
+
+    def __init__(self, schema_dir: Path | None = None, *, max_record_bytes: int = 1 << 20) -> None:
+        directory = schema_dir or default_schema_dir()
+        current = _load_dir(directory)
+        missing = [s for s in SCHEMA_ORDER if NS + s not in current]
+        if missing:
+            raise ConfigurationError(
+                f"schema directory {directory} lacks {', '.join(missing)}; "
+                "set SAGALINE_SCHEMA_DIR to the repository's schemas/avro")
+        self.max_record_bytes = max_record_bytes
+        self._current = current
+        self._writers: dict[str, _Writer] = {}
+        self._by_id: dict[int, _Writer] = {}
+        for name, parsed in current.items():
+            writer = _Writer(name, schema_id(parsed), parsed)
+            self._writers[name] = writer
+            self._by_id[writer.schema_id] = writer
+        archive = directory / "archive"
+        if archive.is_dir():
+            for version_dir in sorted(p for p in archive.iterdir() if p.is_dir()):
+                for name, parsed in _load_dir(version_dir).items():
+                    old = _Writer(name, schema_id(parsed), parsed)
+                    self._by_id.setdefault(old.schema_id, old)
+
+    def schema_id_of(self, name: str) -> int:
+        """The id the current version of schema ``name`` (e.g. ``io.sagaline.InboxRecord``) has."""
+        return self._writers[name].schema_id
+
+    def writer_schema(self, name: str) -> Any:
+        """The current parsed schema of ``name``, for tools that encode by hand."""
+        return self._writers[name].parsed
+
+    def encode_raw(self, name: str, datum: Mapping[str, Any]) -> bytes:
+        """Encode an Avro datum (dict form) with the current schema ``name``."""
+        writer = self._writers[name]
+        buf = io.BytesIO()
+        buf.write(HEADER.pack(MAGIC, writer.schema_id))
+        fastavro.schemaless_writer(buf, writer.parsed, datum)
+        return buf.getvalue()
+
+    def encode_with(self, parsed: Any, datum: Mapping[str, Any]) -> bytes:
+        """Encode with an arbitrary parsed schema (tests use it to write old versions)."""
+        buf = io.BytesIO()
+        buf.write(HEADER.pack(MAGIC, schema_id(parsed)))
+        fastavro.schemaless_writer(buf, parsed, datum)
+        return buf.getvalue()
+
+    def decode_raw(self, data: bytes | None, expected: str) -> dict[str, Any]:
+        """Decode bytes written with any known version of ``expected`` into the current shape.
+
+        Raises:
+            MalformedRecordError: not a sagaline Avro record.
+            UnknownSchemaError: the schema id is not known here.
+            WrongRecordTypeError: a known schema of another record type.
+            OversizedRecordError: larger than ``max_record_bytes``.
+        """
+        if data is None:
+            raise MalformedRecordError("record has no value")
+        if len(data) > self.max_record_bytes:
+            raise OversizedRecordError(
+                f"record is {len(data)} bytes, above the limit of {self.max_record_bytes}")
+        if len(data) < HEADER.size:
+            raise MalformedRecordError(f"record of {len(data)} bytes is shorter than the header")
+        magic, sid = HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise MalformedRecordError(f"magic byte is {magic}, expected {MAGIC}")
+        writer = self._by_id.get(sid)
+        if writer is None:
+            raise UnknownSchemaError(f"schema id {sid} is unknown to this process")
+        if writer.name != expected:
+            raise WrongRecordTypeError(f"record is a {writer.name}, expected {expected}")
+        reader = self._writers[expected]
+        body = io.BytesIO(data)
+        body.seek(HEADER.size)
+        try:
+            datum = fastavro.schemaless_reader(
+                body, writer.parsed, None if reader is writer else reader.parsed,
+                return_record_name=True, return_record_name_override=True)
+        except Exception as exc:  # fastavro raises many types on garbage input
+            raise MalformedRecordError(
+                f"cannot decode {expected} (schema id {sid}): {type(exc).__name__}: {exc}"
+            ) from exc
+        if body.tell() != len(data):
+            raise MalformedRecordError(
+                f"{len(data) - body.tell()} trailing bytes after the {expected} record")
+        if not isinstance(datum, dict):
+            raise MalformedRecordError(f"{expected} did not decode to a record")
+        return datum
+
+    # --- typed helpers -------------------------------------------------------------
+
+    def encode_inbox(self, body: InboxBody) -> bytes:
+        """Encode an inbox input (start or activity result) as an ``InboxRecord``."""
+        if isinstance(body, StartWorkflow):
+            branch = (NS + "StartWorkflow", _start_to_avro(body))
+        else:
+            branch = (NS + "ActivityResult", _result_to_avro(body))
+        return self.encode_raw(INBOX, {"body": branch})
+
+    def decode_inbox(self, data: bytes | None) -> InboxBody:
+        """Decode an ``InboxRecord`` value into its body."""
+        datum = self.decode_raw(data, INBOX)
+        name, body = datum["body"]
+        converter = _INBOX_BRANCHES.get(name)
+        if converter is None:
+            raise WrongRecordTypeError(f"inbox branch {name} is not handled by this version")
+        return converter(body)
+
+    def encode_task(self, task: ActivityTask) -> bytes:
+        """Encode an ``ActivityTask``."""
+        return self.encode_raw(TASK, _task_to_avro(task))
+
+    def decode_task(self, data: bytes | None) -> ActivityTask:
+        """Decode an ``ActivityTask``."""
+        return _task_from_avro(self.decode_raw(data, TASK))
+
+    def encode_workflow(self, record: WorkflowRecord) -> bytes:
+        """Encode a ``WorkflowRecord`` for the history topic."""
+        return self.encode_raw(WORKFLOW, _workflow_to_avro(record))
+
+    def decode_workflow(self, data: bytes | None) -> WorkflowRecord:
+        """Decode a ``WorkflowRecord`` from the history topic."""
+        return _workflow_from_avro(self.decode_raw(data, WORKFLOW))
+
+
+# --- dict <-> value conversions (explicit: they are on the hot path) ---------------
+
+
+def _payload_to_avro(p: Payload) -> dict[str, Any]:
+    return {"encoding": p.encoding, "data": p.data}
+
+
+def _payload_from_avro(d: Mapping[str, Any]) -> Payload:
+    return Payload(data=d["data"], encoding=d["encoding"])
+
+
+def _opt_payload(d: Mapping[str, Any] | None) -> Payload | None:
+    return None if d is None else _payload_from_avro(d)
+
+
+def _failure_to_avro(f: Failure) -> dict[str, Any]:
+    return {"error_type": f.error_type, "message": f.message, "retryable": f.retryable}
+
+
+def _failure_from_avro(d: Mapping[str, Any]) -> Failure:
+    return Failure(error_type=d["error_type"], message=d["message"], retryable=d["retryable"])
+
+
+def _opt_failure(d: Mapping[str, Any] | None) -> Failure | None:
+    return None if d is None else _failure_from_avro(d)
+
+
+def _start_to_avro(s: StartWorkflow) -> dict[str, Any]:
+    return {"workflow_id": s.workflow_id, "workflow_type": s.workflow_type,
+            "input": _payload_to_avro(s.input), "requested_at_ms": s.requested_at_ms}
+
+
+def _start_from_avro(d: Mapping[str, Any]) -> StartWorkflow:
+    return StartWorkflow(workflow_id=d["workflow_id"], workflow_type=d["workflow_type"],
+                         input=_payload_from_avro(d["input"]),
+                         requested_at_ms=d["requested_at_ms"])
+
+
+def _result_to_avro(r: ActivityResult) -> dict[str, Any]:
+    return {"workflow_id": r.workflow_id, "activity_id": r.activity_id, "seq": r.seq,
+            "attempt": r.attempt, "status": r.status.value,
+            "result": None if r.result is None else _payload_to_avro(r.result),
+            "failure": None if r.failure is None else _failure_to_avro(r.failure),
+            "finished_at_ms": r.finished_at_ms}
+
+
+def _result_from_avro(d: Mapping[str, Any]) -> ActivityResult:
+    return ActivityResult(workflow_id=d["workflow_id"], activity_id=d["activity_id"],
+                          seq=d["seq"], attempt=d["attempt"],
+                          status=ActivityStatus(d["status"]),
+                          finished_at_ms=d["finished_at_ms"],
+                          result=_opt_payload(d["result"]),
+                          failure=_opt_failure(d["failure"]))
+
+
+_INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
+    NS + "StartWorkflow": _start_from_avro,
+    NS + "ActivityResult": _result_from_avro,
+}
+
+
+def _task_to_avro(t: ActivityTask) -> dict[str, Any]:
+    return {"workflow_id": t.workflow_id, "workflow_type": t.workflow_type,
+            "activity_id": t.activity_id, "seq": t.seq, "attempt": t.attempt,
+            "participant": t.participant, "activity": t.activity,
+            "payload": _payload_to_avro(t.payload), "compensation": t.compensation,
+            "scheduled_at_ms": t.scheduled_at_ms, "deadline_ms": t.deadline_ms}
+
+
+def _task_from_avro(d: Mapping[str, Any]) -> ActivityTask:
+    return ActivityTask(workflow_id=d["workflow_id"], workflow_type=d["workflow_type"],
+                        activity_id=d["activity_id"], seq=d["seq"], attempt=d["attempt"],
+                        participant=d["participant"], activity=d["activity"],
+                        payload=_payload_from_avro(d["payload"]),
+                        compensation=d["compensation"],
+                        scheduled_at_ms=d["scheduled_at_ms"], deadline_ms=d["deadline_ms"])
+
+
+def _event_to_avro(e: HistoryEvent) -> tuple[str, dict[str, Any]]:
+    if isinstance(e, ActivityScheduled):
+        return (NS + "ActivityScheduled", {
+            "seq": e.seq, "attempt": e.attempt, "name": e.name,
+            "payload": _payload_to_avro(e.payload), "compensation": e.compensation,
+            "max_attempts": e.max_attempts, "non_retryable": list(e.non_retryable),
+            "at_ms": e.at_ms})
+    if isinstance(e, ActivityCompleted):
+        return (NS + "ActivityCompleted", {"seq": e.seq, "attempt": e.attempt,
+                                           "result": _payload_to_avro(e.result),
+                                           "at_ms": e.at_ms})
+    return (NS + "ActivityFailed", {"seq": e.seq, "attempt": e.attempt,
+                                    "failure": _failure_to_avro(e.failure), "at_ms": e.at_ms})
+
+
+def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
+    name, d = item
+    if name == NS + "ActivityScheduled":
+        return ActivityScheduled(seq=d["seq"], attempt=d["attempt"], name=d["name"],
+                                 payload=_payload_from_avro(d["payload"]), at_ms=d["at_ms"],
+                                 compensation=d["compensation"],
+                                 max_attempts=d["max_attempts"],
+                                 non_retryable=tuple(d["non_retryable"]))
+    if name == NS + "ActivityCompleted":
+        return ActivityCompleted(seq=d["seq"], attempt=d["attempt"],
+                                 result=_payload_from_avro(d["result"]), at_ms=d["at_ms"])
+    if name == NS + "ActivityFailed":
+        return ActivityFailed(seq=d["seq"], attempt=d["attempt"],
+                              failure=_failure_from_avro(d["failure"]), at_ms=d["at_ms"])
+    raise WrongRecordTypeError(f"history event {name} is not handled by this version")
+
+
+def _workflow_to_avro(r: WorkflowRecord) -> dict[str, Any]:
+    return {"workflow_id": r.workflow_id, "workflow_type": r.workflow_type,
+            "status": r.status.value, "input": _payload_to_avro(r.input),
+            "events": [_event_to_avro(e) for e in r.events],
+            "result": None if r.result is None else _payload_to_avro(r.result),
+            "failure": None if r.failure is None else _failure_to_avro(r.failure),
+            "started_at_ms": r.started_at_ms, "updated_at_ms": r.updated_at_ms,
+            "closed_at_ms": r.closed_at_ms, "revision": r.revision}
+
+
+def _workflow_from_avro(d: Mapping[str, Any]) -> WorkflowRecord:
+    return WorkflowRecord(workflow_id=d["workflow_id"], workflow_type=d["workflow_type"],
+                          status=WorkflowStatus(d["status"]),
+                          input=_payload_from_avro(d["input"]),
+                          started_at_ms=d["started_at_ms"], updated_at_ms=d["updated_at_ms"],
+                          revision=d["revision"],
+                          events=tuple(_event_from_avro(e) for e in d["events"]),
+                          result=_opt_payload(d["result"]),
+                          failure=_opt_failure(d["failure"]),
+                          closed_at_ms=d["closed_at_ms"])

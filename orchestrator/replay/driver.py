@@ -1,0 +1,185 @@
+"""Runs workflow code forward from its recorded history, deterministically.
+
+Rules of this module:
+- It knows the workflow function, the history events and nothing else: no Kafka, no
+  clock, no randomness. Time is the ``at_ms`` of the recorded events.
+- Every ``ctx.activity`` call gets the next sequence number. A call whose number is in
+  history is matched by name; a call not in history is new only if the code makes it
+  after every recorded outcome has been delivered. Anything else is non-determinism.
+- Recorded outcomes are delivered in history order, running the code between them, so a
+  race between steps replays the way it first ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.errors import ActivityError
+from orchestrator.protocol.payloads import PayloadEncodingError, decode_json, encode_json
+from orchestrator.protocol.records import (
+    ActivityCompleted,
+    ActivityFailed,
+    ActivityScheduled,
+    HistoryEvent,
+    Payload,
+)
+from orchestrator.workflow import ActivityHandle, RetryPolicy, WorkflowContext, WorkflowFn
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """What running the code over its history produced."""
+
+    new_steps: list[ActivityScheduled] = field(default_factory=list)
+    finished: bool = False
+    value: Any = None
+    error: BaseException | None = None
+    nondeterminism: str | None = None
+
+
+def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
+    """The events that settle a step: completions, and failures with no retry after them."""
+    retried = {(e.seq, e.attempt - 1) for e in events
+               if isinstance(e, ActivityScheduled) and e.attempt > 1}
+    return [e for e in events
+            if isinstance(e, ActivityCompleted)
+            or (isinstance(e, ActivityFailed) and (e.seq, e.attempt) not in retried)]
+
+
+class _Replayer:
+    """Implements the context's scheduler during one replay."""
+
+    def __init__(self, events: tuple[HistoryEvent, ...], started_at_ms: int) -> None:
+        self.recorded: dict[int, ActivityScheduled] = {}
+        for event in events:
+            if isinstance(event, ActivityScheduled) and event.attempt == 1:
+                self.recorded[event.seq] = event
+        self.handles: dict[int, ActivityHandle] = {}
+        self.new_steps: list[ActivityScheduled] = []
+        self.next_seq = 0
+        self.replaying = True
+        self.clock_ms = started_at_ms
+        self.problem: str | None = None
+
+    def schedule(self, name: str, value: Any, retry: RetryPolicy,
+                 compensation: bool) -> ActivityHandle:
+        seq = self.next_seq
+        self.next_seq += 1
+        handle = ActivityHandle(seq, name)
+        self.handles[seq] = handle
+        recorded = self.recorded.get(seq)
+        if recorded is not None:
+            if recorded.name != name or recorded.compensation != compensation:
+                self._flag(f"step {seq} is {_describe(name, compensation)} in the code but "
+                           f"{_describe(recorded.name, recorded.compensation)} in history")
+            return handle
+        if self.replaying:
+            self._flag(f"the code schedules {_describe(name, compensation)} as step {seq}, "
+                       "which history does not hold at this point")
+            return handle
+        try:
+            payload = encode_json(value)
+        except PayloadEncodingError as exc:
+            handle.reject(exc)
+            return handle
+        self.new_steps.append(ActivityScheduled(
+            seq=seq, attempt=1, name=name, payload=payload, at_ms=self.clock_ms,
+            compensation=compensation, max_attempts=retry.max_attempts,
+            non_retryable=retry.non_retryable_error_types))
+        return handle
+
+    def now_ms(self) -> int:
+        return self.clock_ms
+
+    def _flag(self, problem: str) -> None:
+        if self.problem is None:
+            self.problem = problem
+
+
+def _describe(name: str, compensation: bool) -> str:
+    return f"compensation {name!r}" if compensation else f"activity {name!r}"
+
+
+def _outcome_value(payload: Payload) -> Any:
+    return decode_json(payload)
+
+
+def replay(fn: WorkflowFn, workflow_id: str, workflow_type: str, input_value: Any,
+           events: tuple[HistoryEvent, ...], started_at_ms: int) -> ReplayResult:
+    """Run ``fn`` over ``events`` and report new steps, completion or non-determinism."""
+    replayer = _Replayer(events, started_at_ms)
+    ctx = WorkflowContext(workflow_id, workflow_type, replayer)
+    outcome = ReplayResult()
+    attempts = {e.seq: e.attempt for e in events if isinstance(e, ActivityScheduled)}
+    resolutions = final_outcomes(events)
+    if not resolutions:
+        replayer.replaying = False
+    coro = fn(ctx, input_value)
+    try:
+        _run(coro, replayer, outcome)
+        for index, event in enumerate(resolutions):
+            if outcome.finished or replayer.problem:
+                break
+            handle = replayer.handles.get(event.seq)
+            if handle is None:
+                name = replayer.recorded[event.seq].name if event.seq in replayer.recorded \
+                    else "?"
+                replayer._flag(f"history settles step {event.seq} ({name!r}) before the code "
+                               "schedules it")
+                break
+            replayer.clock_ms = event.at_ms
+            if isinstance(event, ActivityCompleted):
+                try:
+                    handle.resolve(_outcome_value(event.result))
+                except PayloadEncodingError as exc:
+                    handle.reject(exc)
+            else:
+                assert isinstance(event, ActivityFailed)
+                handle.reject(ActivityError(handle.name, event.failure.error_type,
+                                            event.failure.message,
+                                            attempts=attempts.get(event.seq, event.attempt)))
+            if index == len(resolutions) - 1:
+                replayer.replaying = False
+            _run(coro, replayer, outcome)
+    finally:
+        if not outcome.finished:
+            _close(coro)
+    if replayer.problem is None:
+        missing = sorted(set(replayer.recorded) - set(replayer.handles))
+        if missing:
+            seq = missing[0]
+            replayer._flag(f"history holds step {seq} ({replayer.recorded[seq].name!r}) "
+                           "that the code no longer schedules")
+    if replayer.problem is not None:
+        outcome.nondeterminism = replayer.problem
+        outcome.new_steps = []
+        return outcome
+    outcome.new_steps = replayer.new_steps
+    return outcome
+
+
+def _run(coro: Coroutine[Any, Any, Any], replayer: _Replayer, outcome: ReplayResult) -> None:
+    """Resume the workflow until it blocks on an unsettled step or finishes."""
+    if outcome.finished:
+        return
+    try:
+        yielded = coro.send(None)
+    except StopIteration as stop:
+        outcome.finished, outcome.value = True, stop.value
+        return
+    except Exception as exc:  # the workflow's own failure, recorded as its outcome
+        outcome.finished, outcome.error = True, exc
+        return
+    if not isinstance(yielded, ActivityHandle):
+        replayer._flag(f"workflow awaited {type(yielded).__name__}, which is not a sagaline "
+                       "step; await only what ctx hands out (no asyncio in workflows)")
+
+
+def _close(coro: Coroutine[Any, Any, Any]) -> None:
+    try:
+        coro.close()
+    except RuntimeError:
+        # The code awaited inside a finally block while being closed; nothing to keep.
+        pass

@@ -1,0 +1,92 @@
+"""Settings of every sagaline process, read from ``SAGALINE_*`` environment variables.
+
+One settings object per process. Kafka client options that sagaline does not set itself
+(TLS, SASL, timeouts) pass through ``SAGALINE_KAFKA_EXTRA`` as JSON, e.g.
+``{"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}``; secrets are
+never logged (``redacted()`` hides them).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orchestrator.protocol.topics import Topics
+
+_SECRET_HINTS = ("password", "secret", "key", "token", "sasl.jaas")
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach Kafka; shared by orchestrators, participants and clients."""
+
+    model_config = SettingsConfigDict(env_prefix="SAGALINE_", extra="ignore")
+
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="bootstrap.servers")
+    topic_prefix: str = Field("sagaline", description="prefix of every sagaline topic")
+    kafka_extra: dict[str, str] = Field(
+        default_factory=dict, description="extra librdkafka settings (JSON object)")
+
+    @property
+    def topics(self) -> Topics:
+        """Topic names under the configured prefix."""
+        return Topics(self.topic_prefix)
+
+    def kafka_common(self) -> dict[str, Any]:
+        """librdkafka settings every client of this deployment starts from."""
+        return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_extra}
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict safe to log."""
+        shown = self.model_dump()
+        shown["kafka_extra"] = {k: ("***" if any(h in k for h in _SECRET_HINTS) else v)
+                                for k, v in self.kafka_extra.items()}
+        for name in shown:
+            if isinstance(getattr(self, name, None), SecretStr):
+                shown[name] = "***"
+        return shown
+
+
+class OrchestratorSettings(KafkaSettings):
+    """Settings of an orchestrator process (``sagaline orchestrator``)."""
+
+    instance_id: str = Field(default_factory=socket.gethostname,
+                             description="stable per instance: group.instance.id and the "
+                                         "transactional.id derive from it")
+    group_id: str = Field("sagaline-orchestrator", description="orchestrator consumer group")
+    commit_interval_ms: int = Field(100, ge=1, description="longest a batch stays open")
+    max_batch_records: int = Field(2_000, ge=1, description="inputs per transaction, at most")
+    transaction_timeout_ms: int = Field(15_000, ge=1_000)
+    session_timeout_ms: int = Field(10_000, ge=1_000)
+    max_record_bytes: int = Field(1 << 20, ge=1_024, description="larger inputs go to the DLQ")
+    max_history_events: int = Field(1_000, ge=10)
+    metrics_port: int = Field(9400, ge=0, description="0 disables /metrics")
+    metrics_host: str = "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _interval_below_timeout(self) -> OrchestratorSettings:
+        if self.commit_interval_ms * 10 > self.transaction_timeout_ms:
+            raise ValueError(
+                f"commit_interval_ms ({self.commit_interval_ms}) must be at most a tenth of "
+                f"transaction_timeout_ms ({self.transaction_timeout_ms})")
+        return self
+
+    @property
+    def transactional_id(self) -> str:
+        """Stable per instance, so a restart fences its own dangling transaction."""
+        return f"{self.group_id}.{self.instance_id}"
+
+
+class ParticipantSettings(KafkaSettings):
+    """Settings of a participant process (``sagaline participant``)."""
+
+    postgres_dsn: SecretStr = Field(
+        SecretStr("postgresql://sagaline@127.0.0.1:5432/sagaline"),
+        description="PostgreSQL for the idempotency inbox and business tables")
+    concurrency: int = Field(8, ge=1, description="handlers running at once")
+    max_batch_records: int = Field(200, ge=1)
+    session_timeout_ms: int = Field(10_000, ge=1_000)
+    metrics_port: int = Field(9410, ge=0, description="0 disables /metrics")
+    metrics_host: str = "127.0.0.1"
