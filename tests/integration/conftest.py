@@ -1,0 +1,95 @@
+"""Fixtures for tests against the real Kafka broker and PostgreSQL.
+
+The stack is started by ``infra/stack.sh up``, the same script the README uses. If it
+cannot start, every integration test fails with the script's output: never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from orchestrator.admin import ensure_topics
+from orchestrator.protocol.topics import Topics
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTICIPANTS = ("inventory", "payment", "shipping")
+
+
+def _read_env(text: str) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs if k.strip().startswith("SAGALINE_")}
+
+
+@pytest.fixture(scope="session")
+def stack() -> dict[str, str]:
+    """Bring up (or reuse) the local Kafka + PostgreSQL; return their SAGALINE_* settings."""
+    try:
+        done = subprocess.run([str(ROOT / "infra" / "stack.sh"), "up"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600, check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"infra/stack.sh up did not finish in {exc.timeout}s", pytrace=False)
+    if done.returncode != 0:
+        pytest.fail("infra/stack.sh up failed; the integration tests need a real Kafka and "
+                    f"PostgreSQL.\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}",
+                    pytrace=False)
+    env = _read_env(done.stdout)
+    for key in ("SAGALINE_KAFKA_BOOTSTRAP", "SAGALINE_POSTGRES_DSN"):
+        if key not in env:
+            pytest.fail(f"infra/stack.sh up printed no {key}:\n{done.stdout}", pytrace=False)
+    return env
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(stack: dict[str, str]) -> str:
+    """bootstrap.servers of the local broker."""
+    return stack["SAGALINE_KAFKA_BOOTSTRAP"]
+
+
+@pytest.fixture(scope="session")
+def admin(kafka_bootstrap: str) -> AdminClient:
+    """An AdminClient on the local broker."""
+    return AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+
+@pytest.fixture
+def topics(admin: AdminClient) -> Topics:
+    """A fresh set of sagaline topics (4 partitions) under a prefix unique to the test."""
+    names = Topics(f"t{uuid.uuid4().hex[:10]}")
+    ensure_topics(admin, names, partitions=4, participants=PARTICIPANTS)
+    return names
+
+
+@pytest.fixture
+def postgres_dsn(stack: dict[str, str]) -> Iterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    server_dsn = stack["SAGALINE_POSTGRES_DSN"]
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = server_dsn.rpartition("/")
+    dsn = f"{base}/{name}"
+    yield dsn
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def process_env(kafka_bootstrap: str, topics: Topics, postgres_dsn: str) -> dict[str, str]:
+    """Environment for sagaline processes started by a test."""
+    env = dict(os.environ)
+    env.update({
+        "SAGALINE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "SAGALINE_TOPIC_PREFIX": topics.prefix,
+        "SAGALINE_POSTGRES_DSN": postgres_dsn,
+        "SAGALINE_METRICS_PORT": "0",
+        "PYTHONPATH": str(ROOT),
+    })
+    return env
