@@ -8,13 +8,13 @@ workflow advances, so the same history must always lead to the same calls.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from orchestrator.errors import ConfigurationError
 
-WorkflowFn = Callable[["WorkflowContext", Any], Awaitable[Any]]
+WorkflowFn = Callable[["WorkflowContext", Any], Coroutine[Any, Any, Any]]
 F = TypeVar("F", bound=WorkflowFn)
 
 

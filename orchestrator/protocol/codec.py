@@ -67,7 +67,7 @@ def default_schema_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "schemas" / "avro"
 
 
-def schema_id(parsed: Mapping[str, Any] | str) -> int:
+def schema_id(parsed: Any) -> int:
     """The local id of a parsed schema: CRC-32 of its expanded canonical form, 31 bits."""
     canonical = fastavro.schema.to_parsing_canonical_form(fastavro.schema.expand_schema(parsed))
     return zlib.crc32(canonical.encode()) & 0x7FFFFFFF

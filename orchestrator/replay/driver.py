@@ -12,6 +12,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,8 +179,6 @@ def _run(coro: Coroutine[Any, Any, Any], replayer: _Replayer, outcome: ReplayRes
 
 
 def _close(coro: Coroutine[Any, Any, Any]) -> None:
-    try:
+    # RuntimeError: the code awaited inside a finally block while closing; nothing to keep.
+    with contextlib.suppress(RuntimeError):
         coro.close()
-    except RuntimeError:
-        # The code awaited inside a finally block while being closed; nothing to keep.
-        pass

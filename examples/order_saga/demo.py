@@ -1,0 +1,166 @@
+"""The demo: 1,000 order sagas through one orchestrator and three participant services.
+
+Run by ``bin/demo`` after the local stack is up; reads SAGALINE_KAFKA_BOOTSTRAP and
+SAGALINE_POSTGRES_DSN from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from confluent_kafka.admin import AdminClient
+
+from examples.order_saga.harness import (
+    ROOT,
+    SERVICES,
+    HistoryWatcher,
+    SagalineProcess,
+    audit_effects,
+    base_env,
+    expected_status,
+    free_port,
+    make_orders,
+    orchestrator_process,
+    participant_process,
+    percentile,
+)
+from orchestrator.admin import ensure_topics
+from orchestrator.client import WorkflowClient
+from orchestrator.protocol.records import WorkflowRecord, WorkflowStatus
+from orchestrator.protocol.topics import Topics
+from orchestrator.settings import KafkaSettings
+
+
+def main() -> int:
+    """Run the demo; exit 0 only if every saga ended as expected with effects exactly once."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sagas", type=int, default=1_000)
+    parser.add_argument("--declined-every", type=int, default=10,
+                        help="every N-th order's payment is declined (10 = 10%%)")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--deadline", type=float, default=600.0, help="seconds")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="keep the processes (and their /metrics) up until Ctrl-C")
+    args = parser.parse_args()
+    bootstrap = os.environ["SAGALINE_KAFKA_BOOTSTRAP"]
+    dsn = os.environ["SAGALINE_POSTGRES_DSN"]
+    run_id = time.strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:4]
+    topics = Topics(f"demo.{run_id}")
+    log_dir = ROOT / ".stack" / "demo" / run_id
+    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), topics,
+                  partitions=args.partitions, participants=SERVICES)
+    print(f"topics: {topics.inbox}, {topics.history} (compacted), "
+          f"{topics.prefix}.tasks.*, {topics.dlq}; {args.partitions} partitions")
+
+    env = base_env(bootstrap, dsn, topics.prefix)
+    ports: dict[str, int] = {}
+    processes: list[SagalineProcess] = []
+    ports["orchestrator"] = free_port()
+    processes.append(orchestrator_process(env, log_dir, "demo-1",
+                                          metrics_port=str(ports["orchestrator"])))
+    for name in SERVICES:
+        ports[name] = free_port()
+        processes.append(participant_process(env, log_dir, name, metrics_port=str(ports[name])))
+    for process in processes:
+        process.start()
+    print(f"started {len(processes)} processes; logs in {log_dir}")
+    try:
+        return _drive(args, bootstrap, dsn, topics, run_id, processes, ports, log_dir)
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def _drive(args: argparse.Namespace, bootstrap: str, dsn: str, topics: Topics, run_id: str,
+           processes: list[SagalineProcess], ports: dict[str, int], log_dir: Path) -> int:
+    orders = make_orders(args.sagas, declined_every=args.declined_every, run_id=run_id)
+    watcher = HistoryWatcher(bootstrap, topics.history)
+    client = WorkflowClient(KafkaSettings(kafka_bootstrap=bootstrap, topic_prefix=topics.prefix))
+    sent_ms: dict[str, float] = {}
+    for order in orders:
+        wid = client.start("order.process", order, workflow_id=order["order_id"])
+        sent_ms[wid] = time.time() * 1000
+    client.flush()
+    print(f"published {len(orders)} StartWorkflow records to {topics.inbox}")
+    ids = list(sent_ms)
+    started = time.monotonic()
+    last_print = 0.0
+    while time.monotonic() - started < args.deadline:
+        watcher.poll()
+        done = watcher.terminal(ids)
+        if time.monotonic() - last_print >= 1.0 or len(done) == len(ids):
+            last_print = time.monotonic()
+            counts = _counts(done.values())
+            print(f"  {time.monotonic() - started:6.1f}s  done {len(done):5d}/{len(ids)}  "
+                  + "  ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+        if len(done) == len(ids):
+            break
+        dead = [p for p in processes if not p.alive()]
+        if dead:
+            print(f"{dead[0].name} exited:\n{dead[0].tail()}", file=sys.stderr)
+            return 1
+    done = watcher.terminal(ids)
+    watcher.close()
+    closes = [r.closed_at_ms for r in done.values() if r.closed_at_ms is not None]
+    latencies = [r.closed_at_ms - sent_ms[i] for i, r in done.items() if r.closed_at_ms]
+    elapsed_s = (max(closes) - min(sent_ms.values())) / 1000 if closes else 0.0
+    wrong = [o["order_id"] for o in orders
+             if (r := done.get(o["order_id"])) is not None and r.status != expected_status(o)]
+    problems = audit_effects(dsn, orders)
+    counts = _counts(done.values())
+    print("\n=== sagaline demo summary ===")
+    print(f"sagas            {len(ids)} started, {len(done)} finished")
+    print("outcome          " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"throughput       {len(done) / elapsed_s if elapsed_s else 0:.1f} sagas/s "
+          f"({elapsed_s:.1f} s from first start to last close)")
+    print(f"latency          p50 {percentile(latencies, 50):.0f} ms, "
+          f"p99 {percentile(latencies, 99):.0f} ms (start published -> saga closed)")
+    print(f"expected status  {'all as expected' if not wrong else f'{len(wrong)} wrong'}")
+    print(f"effects audit    {'exactly once' if not problems else problems[:5]}")
+    print("metrics          " + ", ".join(f"{name} http://127.0.0.1:{port}/metrics"
+                                          for name, port in ports.items()))
+    print(f"logs             {log_dir}")
+    print("orchestrator metrics (excerpt):")
+    for line in _scrape(ports["orchestrator"]):
+        print(f"  {line}")
+    ok = len(done) == len(ids) and not wrong and not problems
+    if args.keep_running:
+        print("processes keep running; Ctrl-C to stop")
+        try:
+            while all(p.alive() for p in processes):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0 if ok else 1
+
+
+def _scrape(port: int) -> list[str]:
+    wanted = ("sagaline_workflows_started_total{", "sagaline_workflows_closed_total{",
+              "sagaline_transaction_commit_seconds_count", "sagaline_batch_inputs_sum",
+              "sagaline_dead_letters_total{")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        return [f"(scrape failed: {exc})"]
+    return [line for line in text.splitlines() if line.startswith(wanted)]
+
+
+def _counts(records: Iterable[WorkflowRecord]) -> dict[str, int]:
+    counts = {s.value.lower(): 0 for s in (WorkflowStatus.COMPLETED, WorkflowStatus.COMPENSATED,
+                                           WorkflowStatus.FAILED)}
+    for record in records:
+        key = record.status.value.lower()
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The ``sagaline`` command: run processes, manage topics, start workflows."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from orchestrator.errors import ConfigurationError, SagalineError
+
+log = logging.getLogger("sagaline")
+EXIT_CONFIG = 2
+EXIT_FATAL = 3
+
+
+def load_object(spec: str) -> Any:
+    """Import ``module:attribute`` (the current directory is importable, as for uvicorn)."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(f"{spec!r} must look like 'package.module:attribute'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    try:
+        return getattr(module, attribute)
+    except AttributeError as exc:
+        raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from exc
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        log.info("signal=%d stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+def _run_orchestrator(args: argparse.Namespace) -> int:
+    from orchestrator import metrics
+    from orchestrator.runtime import Orchestrator
+    from orchestrator.settings import OrchestratorSettings
+    from orchestrator.workflow import WorkflowRegistry
+
+    registry = load_object(args.app)
+    if not isinstance(registry, WorkflowRegistry):
+        raise ConfigurationError(f"{args.app} is a {type(registry).__name__}, "
+                                 "not a WorkflowRegistry")
+    settings = OrchestratorSettings()
+    log.info("settings %s", settings.redacted())
+    port = metrics.serve(settings.metrics_port, settings.metrics_host)
+    if port:
+        log.info("metrics at http://%s:%d/metrics", settings.metrics_host, port)
+    Orchestrator(settings, registry).run(_stop_on_signals())
+    return 0
+
+
+def _run_participants(args: argparse.Namespace) -> int:
+    from orchestrator import metrics
+    from orchestrator.settings import ParticipantSettings
+    from participants import Participant
+    from participants.runtime import run_participant
+
+    hosted = [load_object(spec) for spec in args.participants]
+    for spec, obj in zip(args.participants, hosted, strict=True):
+        if not isinstance(obj, Participant):
+            raise ConfigurationError(f"{spec} is a {type(obj).__name__}, not a Participant")
+    settings = ParticipantSettings()
+    log.info("settings %s", settings.redacted())
+    port = metrics.serve(settings.metrics_port, settings.metrics_host)
+    if port:
+        log.info("metrics at http://%s:%d/metrics", settings.metrics_host, port)
+    stop = _stop_on_signals()
+    failures: list[BaseException] = []
+
+    def host(participant: Participant) -> None:
+        try:
+            run_participant(participant, settings, stop)
+        except BaseException as exc:
+            log.exception("participant=%s crashed", participant.name)
+            failures.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=host, args=(p,), name=f"participant-{p.name}")
+               for p in hosted]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return EXIT_FATAL if failures else 0
+
+
+def _create_topics(args: argparse.Namespace) -> int:
+    from confluent_kafka.admin import AdminClient
+
+    from orchestrator.admin import ensure_topics
+    from orchestrator.settings import KafkaSettings
+
+    settings = KafkaSettings()
+    admin = AdminClient(settings.kafka_common())
+    created = ensure_topics(admin, settings.topics, partitions=args.partitions,
+                            participants=[p for p in args.participants.split(",") if p],
+                            replication_factor=args.replication_factor)
+    print(f"created {len(created)} topic(s): {', '.join(created) or 'none needed'}")
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    from orchestrator.client import WorkflowClient
+    from orchestrator.settings import KafkaSettings
+
+    try:
+        value = json.loads(args.input)
+    except ValueError as exc:
+        raise ConfigurationError(f"--input is not JSON: {exc}") from exc
+    client = WorkflowClient(KafkaSettings())
+    wid = client.start(args.workflow_type, value, workflow_id=args.id)
+    client.flush()
+    print(wid)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``sagaline``."""
+    parser = argparse.ArgumentParser(
+        prog="sagaline", description="Durable workflows on Apache Kafka. Settings come from "
+                                     "SAGALINE_* environment variables.")
+    parser.add_argument("--log-level", default=os.environ.get("SAGALINE_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    orch = sub.add_parser("orchestrator", help="run an orchestrator")
+    orch.add_argument("app", help="module:registry, e.g. examples.order_saga.workflows:registry")
+    orch.set_defaults(func=_run_orchestrator)
+
+    part = sub.add_parser("participant", help="run participant services")
+    part.add_argument("participants", nargs="+",
+                      help="module:participant, e.g. examples.order_saga.services:payment")
+    part.set_defaults(func=_run_participants)
+
+    topics = sub.add_parser("topics", help="manage topics")
+    topics_sub = topics.add_subparsers(dest="topics_command", required=True)
+    create = topics_sub.add_parser("create", help="create missing topics")
+    create.add_argument("--partitions", type=int, default=4)
+    create.add_argument("--participants", default="",
+                        help="comma-separated participant names needing a tasks topic")
+    create.add_argument("--replication-factor", type=int, default=1)
+    create.set_defaults(func=_create_topics)
+
+    start = sub.add_parser("start", help="start a workflow")
+    start.add_argument("workflow_type")
+    start.add_argument("--input", default="null", help="JSON input")
+    start.add_argument("--id", default=None, help="workflow id (default: a new UUID)")
+    start.set_defaults(func=_start)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sagaline`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigurationError as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    except SagalineError as exc:
+        log.error("fatal: %s", exc)
+        return EXIT_FATAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The order saga end to end on the real broker and database, including kill -9 faults."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from examples.order_saga.harness import (
+    HistoryWatcher,
+    SagalineProcess,
+    audit_effects,
+    expected_status,
+    make_orders,
+    orchestrator_process,
+    participant_process,
+)
+from orchestrator.client import WorkflowClient
+from orchestrator.protocol.payloads import decode_json
+from orchestrator.protocol.records import (
+    ActivityCompleted,
+    ActivityFailed,
+    ActivityScheduled,
+    WorkflowRecord,
+    WorkflowStatus,
+)
+from orchestrator.protocol.topics import Topics
+from orchestrator.settings import KafkaSettings
+
+pytestmark = pytest.mark.integration
+
+# Short timeouts so failover happens within a test's patience; the ratio the settings
+# validator demands (commit interval <= a tenth of the transaction timeout) still holds.
+FAST = {"session_timeout_ms": "6000", "transaction_timeout_ms": "10000",
+        "commit_interval_ms": "50"}
+
+
+class Saga:
+    """Processes and observers of one test run."""
+
+    def __init__(self, env: dict[str, str], topics: Topics, bootstrap: str, dsn: str,
+                 log_dir: Path) -> None:
+        self.env, self.topics, self.bootstrap, self.dsn = env, topics, bootstrap, dsn
+        self.log_dir = log_dir
+        self.processes: list[SagalineProcess] = []
+        self.participants: dict[str, SagalineProcess] = {}
+        self.watcher = HistoryWatcher(bootstrap, topics.history)
+
+    def orchestrator(self, instance: str) -> SagalineProcess:
+        process = orchestrator_process(self.env, self.log_dir, instance, **FAST).start()
+        self.processes.append(process)
+        return process
+
+    def start_participants(self) -> None:
+        for name in ("inventory", "payment", "shipping"):
+            process = participant_process(self.env, self.log_dir, name,
+                                          session_timeout_ms="6000").start()
+            self.participants[name] = process
+            self.processes.append(process)
+
+    def start_orders(self, orders: list[dict[str, Any]]) -> None:
+        client = WorkflowClient(KafkaSettings(kafka_bootstrap=self.bootstrap,
+                                              topic_prefix=self.topics.prefix))
+        for order in orders:
+            client.start("order.process", order, workflow_id=order["order_id"])
+        client.flush()
+
+    def wait_count(self, ids: list[str], count: int, deadline_s: float) -> None:
+        """Wait until at least ``count`` of ``ids`` are terminal."""
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            self.watcher.poll()
+            if len(self.watcher.terminal(ids)) >= count:
+                return
+        raise AssertionError(f"only {len(self.watcher.terminal(ids))} of {len(ids)} sagas "
+                             f"terminal after {deadline_s}s, wanted {count}\n{self.logs()}")
+
+    def finish(self, orders: list[dict[str, Any]], deadline_s: float = 240.0
+               ) -> dict[str, WorkflowRecord]:
+        """Wait for every order's saga to end, then check statuses, history and effects."""
+        ids = [o["order_id"] for o in orders]
+        alive = [p for p in self.processes if p.alive()]
+        done = self.watcher.wait_terminal(ids, deadline_s, alive=alive)
+        missing = sorted(set(ids) - set(done))
+        assert not missing, (f"{len(missing)} sagas never ended, e.g. {missing[:3]}: "
+                             f"{[self.watcher.latest.get(m) for m in missing[:1]]}\n{self.logs()}")
+        for order in orders:
+            record = done[order["order_id"]]
+            assert record.status is expected_status(order), (
+                f"workflow {record.workflow_id}: expected {expected_status(order)}, observed "
+                f"{record.status} ({record.failure}); history {record.events}")
+            assert_history_sane(record)
+        for wid, revisions in self.watcher.revisions.items():
+            assert revisions == sorted(set(revisions)), (
+                f"workflow {wid}: committed revisions {revisions} are not strictly increasing; "
+                "a stale state was resumed")
+        problems = audit_effects(self.dsn, orders)
+        assert not problems, f"{len(problems)} effect problems, e.g. {problems[:5]}"
+        return done
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in self.processes)
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.stop(15)
+        self.watcher.close()
+
+
+def wait_for_log(process: SagalineProcess, text: str, deadline_s: float) -> None:
+    """Wait until ``text`` appears in the process's log."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if process.log_path.exists() and text in process.log_path.read_text(errors="replace"):
+            return
+        if not process.alive():
+            break
+        time.sleep(0.05)  # polling a file; the condition above is what we wait on
+    raise AssertionError(f"{process.name} never logged {text!r}:\n{process.tail()}")
+
+
+def assert_history_sane(record: WorkflowRecord) -> None:
+    """Every step scheduled once per attempt and settled at most once per attempt."""
+    scheduled = [(e.seq, e.attempt) for e in record.events if isinstance(e, ActivityScheduled)]
+    settled = [(e.seq, e.attempt) for e in record.events
+               if isinstance(e, ActivityCompleted | ActivityFailed)]
+    assert len(scheduled) == len(set(scheduled)), (
+        f"workflow {record.workflow_id}: a step was scheduled twice: {record.events}")
+    assert len(settled) == len(set(settled)), (
+        f"workflow {record.workflow_id}: a step was settled twice: {record.events}")
+
+
+@pytest.fixture
+def saga(process_env: dict[str, str], topics: Topics, kafka_bootstrap: str,
+         postgres_dsn: str, tmp_path: Path) -> Iterator[Saga]:
+    run = Saga(process_env, topics, kafka_bootstrap, postgres_dsn, tmp_path / "logs")
+    yield run
+    run.close()
+
+
+def test_200_sagas_complete_with_effects_exactly_once(saga: Saga) -> None:
+    saga.orchestrator("solo")
+    saga.start_participants()
+    orders = make_orders(200, declined_every=10)
+    saga.start_orders(orders)
+    done = saga.finish(orders)
+    statuses = [r.status for r in done.values()]
+    assert statuses.count(WorkflowStatus.COMPLETED) == 180
+    assert statuses.count(WorkflowStatus.COMPENSATED) == 20
+
+
+def test_declined_payment_releases_inventory_in_order(saga: Saga) -> None:
+    saga.orchestrator("solo")
+    saga.start_participants()
+    orders = make_orders(3, declined_every=1)
+    saga.start_orders(orders)
+    done = saga.finish(orders, deadline_s=120)
+    for order in orders:
+        record = done[order["order_id"]]
+        steps = [(type(e).__name__, e.seq, getattr(e, "name", None)) for e in record.events]
+        assert steps == [
+            ("ActivityScheduled", 0, "inventory.reserve"),
+            ("ActivityCompleted", 0, None),
+            ("ActivityScheduled", 1, "payment.charge"),
+            ("ActivityFailed", 1, None),
+            ("ActivityScheduled", 2, "inventory.release"),
+            ("ActivityCompleted", 2, None),
+        ], f"workflow {record.workflow_id}: observed steps {steps}"
+        failed = record.events[3]
+        assert isinstance(failed, ActivityFailed)
+        assert failed.failure.error_type == "PaymentDeclined"
+        release = record.events[4]
+        assert isinstance(release, ActivityScheduled) and release.compensation
+        reserved = record.events[1]
+        assert isinstance(reserved, ActivityCompleted)
+        # The compensation received exactly what the reservation returned.
+        assert decode_json(release.payload) == decode_json(reserved.result)
+        assert record.failure is not None and "PaymentDeclined" in record.failure.message
+
+
+def test_kill9_one_of_two_orchestrators_with_500_in_flight(saga: Saga) -> None:
+    victim = saga.orchestrator("a")
+    saga.orchestrator("b")
+    saga.start_participants()
+    orders = make_orders(500, declined_every=10)
+    saga.start_orders(orders)
+    ids = [o["order_id"] for o in orders]
+    saga.wait_count(ids, 50, deadline_s=120)
+    assert len(saga.watcher.terminal(ids)) < len(ids), "all sagas ended before the kill"
+    victim.kill9()
+    saga.processes.remove(victim)
+    saga.finish(orders, deadline_s=300)
+
+
+def test_kill9_participant_mid_batch(saga: Saga) -> None:
+    saga.orchestrator("solo")
+    saga.start_participants()
+    orders = make_orders(300, declined_every=10)
+    saga.start_orders(orders)
+    ids = [o["order_id"] for o in orders]
+    saga.wait_count(ids, 30, deadline_s=120)
+    payment = saga.participants["payment"]
+    payment.kill9()
+    saga.processes.remove(payment)
+    restarted = participant_process(saga.env, saga.log_dir, "payment",
+                                    session_timeout_ms="6000").start()
+    saga.processes.append(restarted)
+    saga.finish(orders, deadline_s=300)
+
+
+def test_restart_of_the_only_orchestrator_restores_from_history(saga: Saga) -> None:
+    first = saga.orchestrator("solo")
+    saga.start_participants()
+    orders = make_orders(200, declined_every=10)
+    saga.start_orders(orders)
+    ids = [o["order_id"] for o in orders]
+    saga.wait_count(ids, 20, deadline_s=120)
+    first.kill9()
+    saga.processes.remove(first)
+    in_flight = len(ids) - len(saga.watcher.terminal(ids))
+    assert in_flight > 0, "nothing was in flight at the restart"
+    second = saga.orchestrator("solo")
+    saga.finish(orders, deadline_s=240)
+    log = second.log_path.read_text()
+    assert "restored partition=" in log, log[-2000:]
+
+
+def test_two_quick_handovers_resume_no_stale_state(saga: Saga) -> None:
+    first = saga.orchestrator("a")
+    saga.start_participants()
+    orders = make_orders(300, declined_every=10)
+    saga.start_orders(orders)
+    ids = [o["order_id"] for o in orders]
+    saga.wait_count(ids, 30, deadline_s=120)
+    # Handover 1: a dies with an open transaction; b takes over.
+    first.kill9()
+    saga.processes.remove(first)
+    second = saga.orchestrator("b")
+    wait_for_log(second, "restored partition=", deadline_s=120)
+    # Handover 2, as soon as b owns restored state and may have a transaction open:
+    # b dies too, and c must wait out both dangling transactions before resuming.
+    second.kill9()
+    saga.processes.remove(second)
+    saga.orchestrator("c")
+    saga.finish(orders, deadline_s=300)
