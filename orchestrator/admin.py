@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from confluent_kafka import KafkaError, KafkaException
@@ -58,8 +59,15 @@ def ensure_topics(admin: AdminClient, topics: Topics, *, partitions: int,
 
 def check_copartitioned(admin: AdminClient, topics: Topics, *, timeout_s: float = 30.0) -> int:
     """Return the partition count shared by inbox and history, or raise if they differ."""
-    metadata = admin.list_topics(timeout=timeout_s).topics
-    missing = [t for t in (topics.inbox, topics.history) if t not in metadata]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        # Metadata of just-created topics reaches the broker's cache a moment later.
+        metadata = admin.list_topics(timeout=timeout_s).topics
+        missing = [t for t in (topics.inbox, topics.history)
+                   if t not in metadata or metadata[t].error is not None]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if missing:
         raise ConfigurationError(
             f"topics {', '.join(missing)} do not exist; run `sagaline topics create`")

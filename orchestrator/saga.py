@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
+from orchestrator.errors import ActivityError
 from orchestrator.workflow import ActivityHandle, RetryPolicy, WorkflowContext
 
 COMPENSATION_RETRY = RetryPolicy(max_attempts=10)
@@ -45,8 +46,15 @@ class Saga:
                 for name, value in steps]
             await self._ctx.gather(*handles)
             return
+        first_error: ActivityError | None = None
         for name, value in steps:
-            await self._ctx.activity(name, value, retry=self._retry, compensation=True)
+            # Keep undoing the older steps even if one undo fails for good.
+            try:
+                await self._ctx.activity(name, value, retry=self._retry, compensation=True)
+            except ActivityError as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
 
     async def __aenter__(self) -> Saga:
         return self

@@ -26,8 +26,9 @@ class KafkaSettings(BaseSettings):
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="bootstrap.servers")
     topic_prefix: str = Field("sagaline", description="prefix of every sagaline topic")
-    kafka_extra: dict[str, str] = Field(
-        default_factory=dict, description="extra librdkafka settings (JSON object)")
+    kafka_extra: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, repr=False,
+        description="extra librdkafka settings (JSON object); may hold secrets")
 
     @property
     def topics(self) -> Topics:

@@ -8,6 +8,7 @@ workflow advances, so the same history must always lead to the same calls.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -163,6 +164,9 @@ class WorkflowRegistry:
         """Decorator registering an ``async def f(ctx, input)`` as workflow type ``name``."""
 
         def register(fn: F) -> F:
+            if not inspect.iscoroutinefunction(fn):
+                raise ConfigurationError(
+                    f"workflow {name!r} must be an 'async def' function, got {fn!r}")
             existing = self._functions.get(name)
             if existing is not None and existing is not fn:
                 raise ConfigurationError(f"workflow type {name!r} is registered twice")

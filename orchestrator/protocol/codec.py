@@ -68,9 +68,38 @@ def default_schema_dir() -> Path:
 
 
 def schema_id(parsed: Any) -> int:
-    """The local id of a parsed schema: CRC-32 of its expanded canonical form, 31 bits."""
-    canonical = fastavro.schema.to_parsing_canonical_form(fastavro.schema.expand_schema(parsed))
+    """The local id of a parsed schema: CRC-32 of its fully inlined canonical form, 31 bits.
+
+    Every named type is inlined at its first use, at any depth, so changing a shared type
+    such as Payload changes the id of every record that contains it.
+    """
+    named = parsed.get("__named_schemas", {}) if isinstance(parsed, dict) else {}
+    canonical = fastavro.schema.to_parsing_canonical_form(_inline(parsed, named, set()))
     return zlib.crc32(canonical.encode()) & 0x7FFFFFFF
+
+
+def _inline(schema: Any, named: Mapping[str, Any], seen: set[str]) -> Any:
+    if isinstance(schema, str):
+        if schema in named and schema not in seen:
+            return _inline(named[schema], named, seen)
+        return schema
+    if isinstance(schema, list):
+        return [_inline(branch, named, seen) for branch in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v for k, v in schema.items() if not k.startswith("__")}
+    kind = out.get("type")
+    if kind in ("record", "error", "enum", "fixed") and "name" in out:
+        seen.add(out["name"])
+    if kind in ("record", "error"):
+        out["fields"] = [{**f, "type": _inline(f["type"], named, seen)} for f in out["fields"]]
+    elif kind == "array":
+        out["items"] = _inline(out["items"], named, seen)
+    elif kind == "map":
+        out["values"] = _inline(out["values"], named, seen)
+    elif not isinstance(kind, str) or kind not in ("enum", "fixed"):
+        out["type"] = _inline(kind, named, seen)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,8 @@ Rules of this module:
 - It knows the workflow function, the history events and nothing else: no Kafka, no
   clock, no randomness. Time is the ``at_ms`` of the recorded events.
 - Every ``ctx.activity`` call gets the next sequence number. A call whose number is in
-  history is matched by name; a call not in history is new only if the code makes it
-  after every recorded outcome has been delivered. Anything else is non-determinism.
+  history must match the recorded name; a call beyond the recorded steps is new. A
+  recorded step the code no longer reaches is non-determinism too.
 - Recorded outcomes are delivered in history order, running the code between them, so a
   race between steps replays the way it first ran.
 """
@@ -60,12 +60,15 @@ class _Replayer:
         self.handles: dict[int, ActivityHandle] = {}
         self.new_steps: list[ActivityScheduled] = []
         self.next_seq = 0
-        self.replaying = True
+        self.closing = False
         self.clock_ms = started_at_ms
         self.problem: str | None = None
 
     def schedule(self, name: str, value: Any, retry: RetryPolicy,
                  compensation: bool) -> ActivityHandle:
+        if self.closing:
+            # finally blocks run while the engine closes a blocked coroutine: not real steps.
+            return ActivityHandle(-1, name)
         seq = self.next_seq
         self.next_seq += 1
         handle = ActivityHandle(seq, name)
@@ -75,10 +78,6 @@ class _Replayer:
             if recorded.name != name or recorded.compensation != compensation:
                 self._flag(f"step {seq} is {_describe(name, compensation)} in the code but "
                            f"{_describe(recorded.name, recorded.compensation)} in history")
-            return handle
-        if self.replaying:
-            self._flag(f"the code schedules {_describe(name, compensation)} as step {seq}, "
-                       "which history does not hold at this point")
             return handle
         try:
             payload = encode_json(value)
@@ -115,12 +114,10 @@ def replay(fn: WorkflowFn, workflow_id: str, workflow_type: str, input_value: An
     outcome = ReplayResult()
     attempts = {e.seq: e.attempt for e in events if isinstance(e, ActivityScheduled)}
     resolutions = final_outcomes(events)
-    if not resolutions:
-        replayer.replaying = False
     coro = fn(ctx, input_value)
     try:
         _run(coro, replayer, outcome)
-        for index, event in enumerate(resolutions):
+        for event in resolutions:
             if outcome.finished or replayer.problem:
                 break
             handle = replayer.handles.get(event.seq)
@@ -141,11 +138,10 @@ def replay(fn: WorkflowFn, workflow_id: str, workflow_type: str, input_value: An
                 handle.reject(ActivityError(handle.name, event.failure.error_type,
                                             event.failure.message,
                                             attempts=attempts.get(event.seq, event.attempt)))
-            if index == len(resolutions) - 1:
-                replayer.replaying = False
             _run(coro, replayer, outcome)
     finally:
         if not outcome.finished:
+            replayer.closing = True
             _close(coro)
     if replayer.problem is None:
         missing = sorted(set(replayer.recorded) - set(replayer.handles))
@@ -169,6 +165,12 @@ def _run(coro: Coroutine[Any, Any, Any], replayer: _Replayer, outcome: ReplayRes
         yielded = coro.send(None)
     except StopIteration as stop:
         outcome.finished, outcome.value = True, stop.value
+        return
+    except RuntimeError as exc:
+        if "event loop" in str(exc):
+            replayer._flag(f"workflow used asyncio ({exc}); await only what ctx hands out")
+            return
+        outcome.finished, outcome.error = True, exc
         return
     except Exception as exc:  # the workflow's own failure, recorded as its outcome
         outcome.finished, outcome.error = True, exc

@@ -123,6 +123,9 @@ def _apply_result(record: WorkflowRecord | None, result: ActivityResult, now_ms:
         outcome = ActivityFailed(result.seq, result.attempt, failure, now_ms)
     events = (*record.events, outcome)
     if isinstance(outcome, ActivityFailed) and _should_retry(step, outcome.failure):
+        if len(events) + 1 > limits.max_events:
+            return Transition(_close(dataclasses.replace(record, events=events), now_ms,
+                                     WorkflowStatus.FAILED, failure=_over_limit(record, limits)))
         retry = dataclasses.replace(step, attempt=step.attempt + 1, at_ms=now_ms)
         updated = _revise(record, now_ms, events=(*events, retry))
         return Transition(updated, tasks=(_task(updated, retry),))
@@ -152,14 +155,9 @@ def _run_code(record: WorkflowRecord, now_ms: int, registry: WorkflowRegistry,
     if result.nondeterminism is not None:
         return Transition(_revise(record, now_ms, status=WorkflowStatus.STUCK,
                                   failure=Failure("NonDeterminismError", result.nondeterminism)))
-    events = (*record.events, *result.new_steps)
-    if len(events) > limits.max_events:
-        return Transition(_close(record, now_ms, WorkflowStatus.FAILED, failure=Failure(
-            "HistoryLimitExceeded",
-            f"workflow {record.workflow_id} would hold {len(events)} events, above the limit "
-            f"of {limits.max_events}")))
-    updated = dataclasses.replace(record, events=events)
     if result.finished:
+        # Steps scheduled but never awaited die with the workflow: no task, no record.
+        updated = record
         if result.error is None:
             try:
                 payload = encode_json(result.value)
@@ -170,8 +168,19 @@ def _run_code(record: WorkflowRecord, now_ms: int, registry: WorkflowRegistry,
         failure = Failure(type(result.error).__name__, str(result.error))
         return Transition(_close(updated, now_ms, _failed_status(updated.events),
                                  failure=failure))
+    events = (*record.events, *result.new_steps)
+    if len(events) > limits.max_events:
+        return Transition(_close(record, now_ms, WorkflowStatus.FAILED,
+                                 failure=_over_limit(record, limits)))
+    updated = dataclasses.replace(record, events=events)
     revised = _revise(updated, now_ms, status=WorkflowStatus.RUNNING, failure=None)
     return Transition(revised, tasks=tuple(_task(revised, s) for s in result.new_steps))
+
+
+def _over_limit(record: WorkflowRecord, limits: Limits) -> Failure:
+    return Failure("HistoryLimitExceeded",
+                   f"workflow {record.workflow_id} would exceed its limit of "
+                   f"{limits.max_events} history events")
 
 
 def _failed_status(events: tuple[HistoryEvent, ...]) -> WorkflowStatus:
@@ -207,6 +216,8 @@ def _task(record: WorkflowRecord, step: ActivityScheduled) -> ActivityTask:
 
 def pending_tasks(record: WorkflowRecord) -> tuple[ActivityTask, ...]:
     """Tasks of a running workflow whose latest attempt has no outcome yet."""
+    if record.status.terminal:
+        return ()
     latest: dict[int, ActivityScheduled] = {}
     settled: set[tuple[int, int]] = set()
     for event in record.events:

@@ -1,0 +1,227 @@
+"""Shared pieces of the unit tests: a driver that feeds inputs to the pure engine, and
+assertions whose failure message names the workflow and both histories.
+
+The driver plays the orchestrator shell's part with no Kafka: it keeps the record the
+shell would keep, applies one input at a time with an explicit clock, and remembers
+every task the engine handed out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+
+from orchestrator.protocol.payloads import encode_json
+from orchestrator.protocol.records import (
+    ActivityCompleted,
+    ActivityResult,
+    ActivityScheduled,
+    ActivityStatus,
+    ActivityTask,
+    Failure,
+    HistoryEvent,
+    InboxBody,
+    Payload,
+    StartWorkflow,
+    WorkflowRecord,
+    WorkflowStatus,
+    activity_id,
+)
+from orchestrator.replay import Limits, Transition, advance
+from orchestrator.workflow import WorkflowRegistry
+
+# Replay is pure and fast; a deadline would only turn a slow CI machine into flakes.
+settings.register_profile(
+    "sagaline-unit", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("sagaline-unit")
+
+T0 = 1_700_000_000_000
+DEFAULT_LIMITS = Limits()
+STEP_MS = 1_000
+
+
+def event_line(event: HistoryEvent) -> str:
+    """One history event in the notation the replay tests compare against.
+
+    ``sched 0#1 inventory.reserve``, ``sched 2#1 inventory.release comp``, ``done 0#1``,
+    ``fail 1#1 PaymentDeclined``: step number, ``#`` attempt, then what happened.
+    """
+    if isinstance(event, ActivityScheduled):
+        suffix = " comp" if event.compensation else ""
+        return f"sched {event.seq}#{event.attempt} {event.name}{suffix}"
+    if isinstance(event, ActivityCompleted):
+        return f"done {event.seq}#{event.attempt}"
+    return f"fail {event.seq}#{event.attempt} {event.failure.error_type}"
+
+
+def history_lines(events: Iterable[HistoryEvent]) -> list[str]:
+    return [event_line(e) for e in events]
+
+
+def assert_history(record: WorkflowRecord | None, expected: list[str]) -> None:
+    """Fail with the workflow id and the expected and observed event lists."""
+    assert record is not None, "expected a workflow record, observed none"
+    observed = history_lines(record.events)
+    if observed != expected:
+        raise AssertionError(
+            f"workflow {record.workflow_id}: history differs\n"
+            f"  expected: {expected}\n  observed: {observed}"
+        )
+
+
+def assert_status(
+    record: WorkflowRecord | None, status: WorkflowStatus, error_type: str | None = None
+) -> None:
+    """Fail with the workflow id, both statuses and the history when the status differs."""
+    assert record is not None, "expected a workflow record, observed none"
+    observed_error = None if record.failure is None else record.failure.error_type
+    if record.status is not status or (error_type is not None and observed_error != error_type):
+        raise AssertionError(
+            f"workflow {record.workflow_id}: expected {status.value}"
+            f"{f' ({error_type})' if error_type else ''}, observed {record.status.value}"
+            f" ({record.failure})\n  history: {history_lines(record.events)}"
+        )
+
+
+def task_lines(tasks: Iterable[ActivityTask]) -> list[str]:
+    """Tasks as ``<activity id> <participant>.<activity>`` (plus `` comp``)."""
+    return [
+        f"{t.activity_id} {t.participant}.{t.activity}{' comp' if t.compensation else ''}"
+        for t in tasks
+    ]
+
+
+def completed(
+    workflow_id: str,
+    seq: int,
+    attempt: int,
+    value: Any,
+    now_ms: int,
+    *,
+    result: Payload | None = None,
+) -> ActivityResult:
+    return ActivityResult(
+        workflow_id=workflow_id,
+        activity_id=activity_id(workflow_id, seq, attempt),
+        seq=seq,
+        attempt=attempt,
+        status=ActivityStatus.COMPLETED,
+        finished_at_ms=now_ms,
+        result=encode_json(value) if result is None else result,
+    )
+
+
+def failed(
+    workflow_id: str,
+    seq: int,
+    attempt: int,
+    error_type: str,
+    now_ms: int,
+    *,
+    retryable: bool = False,
+    message: str = "it broke",
+) -> ActivityResult:
+    return ActivityResult(
+        workflow_id=workflow_id,
+        activity_id=activity_id(workflow_id, seq, attempt),
+        seq=seq,
+        attempt=attempt,
+        status=ActivityStatus.FAILED,
+        finished_at_ms=now_ms,
+        failure=Failure(error_type, message, retryable),
+    )
+
+
+class WorkflowRun:
+    """One workflow driven through :func:`advance`, as the orchestrator shell would.
+
+    Every input moves the clock by ``STEP_MS``. ``registry`` may be swapped between inputs
+    to model a deploy of changed workflow code.
+    """
+
+    def __init__(
+        self,
+        registry: WorkflowRegistry,
+        workflow_type: str,
+        *,
+        workflow_id: str = "wf-1",
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.registry = registry
+        self.workflow_type = workflow_type
+        self.workflow_id = workflow_id
+        self.limits = limits
+        self.now_ms = T0
+        self.record: WorkflowRecord | None = None
+        self.last: Transition | None = None
+        self.sent: list[ActivityTask] = []
+        self.inputs: list[tuple[InboxBody, int]] = []
+        self.transitions: list[Transition] = []
+
+    def send(self, body: InboxBody) -> Transition:
+        self.now_ms += STEP_MS
+        self.inputs.append((body, self.now_ms))
+        transition = advance(self.record, body, self.now_ms, self.registry, self.limits)
+        if transition.record is not None:
+            self.record = transition.record
+        self.sent.extend(transition.tasks)
+        self.transitions.append(transition)
+        self.last = transition
+        return transition
+
+    def start(self, value: Any = None, *, input_payload: Payload | None = None) -> Transition:
+        payload = encode_json(value) if input_payload is None else input_payload
+        return self.send(StartWorkflow(self.workflow_id, self.workflow_type, payload, self.now_ms))
+
+    def attempt_of(self, seq: int) -> int:
+        """The latest attempt of step ``seq`` in the current record."""
+        assert self.record is not None, f"workflow {self.workflow_id} has no record yet"
+        attempts = [
+            e.attempt
+            for e in self.record.events
+            if isinstance(e, ActivityScheduled) and e.seq == seq
+        ]
+        assert attempts, (
+            f"workflow {self.workflow_id}: step {seq} is not scheduled; "
+            f"history: {history_lines(self.record.events)}"
+        )
+        return attempts[-1]
+
+    def complete(self, seq: int, value: Any = None, *, attempt: int | None = None) -> Transition:
+        attempt = self.attempt_of(seq) if attempt is None else attempt
+        return self.send(completed(self.workflow_id, seq, attempt, value, self.now_ms))
+
+    def fail(
+        self,
+        seq: int,
+        error_type: str = "Boom",
+        *,
+        retryable: bool = False,
+        attempt: int | None = None,
+        message: str = "it broke",
+    ) -> Transition:
+        attempt = self.attempt_of(seq) if attempt is None else attempt
+        return self.send(
+            failed(
+                self.workflow_id,
+                seq,
+                attempt,
+                error_type,
+                self.now_ms,
+                retryable=retryable,
+                message=message,
+            )
+        )
+
+    @property
+    def status(self) -> WorkflowStatus:
+        assert self.record is not None, f"workflow {self.workflow_id} has no record yet"
+        return self.record.status
+
+    def tasks(self) -> list[str]:
+        """The tasks of the last transition, in :func:`task_lines` form."""
+        assert self.last is not None
+        return task_lines(self.last.tasks)

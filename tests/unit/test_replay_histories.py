@@ -1,0 +1,194 @@
+"""Stored histories (``tests/unit/histories/*.json``) against the current workflow code.
+
+Each file is one workflow record as the history topic held it, with its payloads shown
+as JSON. Replaying it with today's code must reproduce it exactly: this is what
+``sagaline replay`` checks before a deploy, and it fails here first when a change to
+``examples/order_saga`` would strand workflows already running.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from examples.order_saga.workflows import process_order
+from orchestrator import WorkflowRegistry
+from orchestrator.protocol.payloads import encode_json
+from orchestrator.protocol.records import (
+    ActivityCompleted,
+    ActivityFailed,
+    ActivityScheduled,
+    Failure,
+    HistoryEvent,
+    StartWorkflow,
+    WorkflowRecord,
+    WorkflowStatus,
+)
+from orchestrator.replay import advance
+from orchestrator.replay.driver import replay
+from tests.unit.conftest import completed, failed, history_lines, task_lines
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+CODE = {"order.process": process_order}
+
+
+def _registry() -> WorkflowRegistry:
+    registry = WorkflowRegistry()
+    for name, fn in CODE.items():
+        registry.workflow(name)(fn)
+    return registry
+
+
+def _failure(doc: dict[str, Any] | None) -> Failure | None:
+    return None if doc is None else Failure(doc["error_type"], doc["message"], doc["retryable"])
+
+
+def _event(doc: dict[str, Any]) -> HistoryEvent:
+    kind = doc["type"]
+    if kind == "scheduled":
+        return ActivityScheduled(
+            doc["seq"],
+            doc["attempt"],
+            doc["name"],
+            encode_json(doc["payload"]),
+            doc["at_ms"],
+            doc["compensation"],
+            doc["max_attempts"],
+            tuple(doc["non_retryable"]),
+        )
+    if kind == "completed":
+        return ActivityCompleted(
+            doc["seq"], doc["attempt"], encode_json(doc["result"]), doc["at_ms"]
+        )
+    assert kind == "failed", f"unknown event type {kind!r}"
+    failure = _failure(doc["failure"])
+    assert failure is not None
+    return ActivityFailed(doc["seq"], doc["attempt"], failure, doc["at_ms"])
+
+
+def _load(path: Path) -> tuple[dict[str, Any], tuple[HistoryEvent, ...]]:
+    doc = json.loads(path.read_text())
+    return doc, tuple(_event(e) for e in doc["events"])
+
+
+@pytest.fixture(params=HISTORIES, ids=[p.stem for p in HISTORIES])
+def stored(request: pytest.FixtureRequest) -> tuple[dict[str, Any], tuple[HistoryEvent, ...]]:
+    return _load(request.param)
+
+
+def test_there_are_stored_histories_for_every_ending() -> None:
+    statuses = {json.loads(p.read_text())["status"] for p in HISTORIES}
+    assert {"COMPLETED", "COMPENSATED", "RUNNING"} <= statuses, statuses
+
+
+def test_todays_code_replays_the_stored_history(
+    stored: tuple[dict[str, Any], tuple[HistoryEvent, ...]],
+) -> None:
+    doc, events = stored
+    outcome = replay(
+        CODE[doc["workflow_type"]],
+        doc["workflow_id"],
+        doc["workflow_type"],
+        doc["input"],
+        events,
+        doc["started_at_ms"],
+    )
+    where = f"workflow {doc['workflow_id']} ({doc['description']})"
+    assert outcome.nondeterminism is None, f"{where}: {outcome.nondeterminism}"
+    assert outcome.new_steps == [], (
+        f"{where}: the code schedules steps the history lacks: {outcome.new_steps}"
+    )
+    if doc["status"] == WorkflowStatus.RUNNING.value:
+        assert not outcome.finished, where
+    elif doc["status"] == WorkflowStatus.COMPLETED.value:
+        assert outcome.finished and outcome.error is None, f"{where}: {outcome.error!r}"
+        assert outcome.value == doc["result"], where
+    else:
+        assert outcome.finished and outcome.error is not None, where
+        assert (type(outcome.error).__name__, str(outcome.error)) == (
+            doc["failure"]["error_type"],
+            doc["failure"]["message"],
+        ), where
+
+
+def test_the_inputs_of_a_stored_history_rebuild_it(
+    stored: tuple[dict[str, Any], tuple[HistoryEvent, ...]],
+) -> None:
+    """Start, then each recorded outcome as a participant's result at its recorded time."""
+    doc, events = stored
+    wid, registry = doc["workflow_id"], _registry()
+    transition = advance(
+        None,
+        StartWorkflow(wid, doc["workflow_type"], encode_json(doc["input"]), 0),
+        doc["started_at_ms"],
+        registry,
+    )
+    record = transition.record
+    for event in events:
+        if isinstance(event, ActivityCompleted):
+            body = completed(wid, event.seq, event.attempt, None, event.at_ms, result=event.result)
+        elif isinstance(event, ActivityFailed):
+            body = failed(
+                wid,
+                event.seq,
+                event.attempt,
+                event.failure.error_type,
+                event.at_ms,
+                retryable=event.failure.retryable,
+                message=event.failure.message,
+            )
+        else:
+            continue
+        transition = advance(record, body, event.at_ms, registry)
+        assert transition.record is not None, f"workflow {wid}: {transition.ignored}"
+        record = transition.record
+
+    assert record is not None
+    expected = WorkflowRecord(
+        workflow_id=wid,
+        workflow_type=doc["workflow_type"],
+        status=WorkflowStatus(doc["status"]),
+        input=encode_json(doc["input"]),
+        started_at_ms=doc["started_at_ms"],
+        updated_at_ms=record.updated_at_ms,
+        revision=record.revision,
+        events=events,
+        result=None if doc["result"] is None else encode_json(doc["result"]),
+        failure=_failure(doc["failure"]),
+        closed_at_ms=None if doc["status"] == "RUNNING" else events[-1].at_ms,
+    )
+    if record != expected:
+        raise AssertionError(
+            f"workflow {wid}: rebuilt record differs from the stored one\n"
+            f"  expected: {history_lines(expected.events)} {expected.status.value} "
+            f"{expected.failure}\n"
+            f"  observed: {history_lines(record.events)} {record.status.value} "
+            f"{record.failure}"
+        )
+    assert record.revision == 1 + sum(not isinstance(e, ActivityScheduled) for e in events)
+
+
+def test_a_stored_running_workflow_continues_with_todays_code() -> None:
+    for path in HISTORIES:
+        doc, events = _load(path)
+        if "next" not in doc:
+            continue
+        wid, step = doc["workflow_id"], doc["next"]["result"]
+        record = WorkflowRecord(
+            wid,
+            doc["workflow_type"],
+            WorkflowStatus(doc["status"]),
+            encode_json(doc["input"]),
+            doc["started_at_ms"],
+            events[-1].at_ms,
+            revision=7,
+            events=events,
+        )
+        body = completed(wid, step["seq"], step["attempt"], step["value"], events[-1].at_ms + 1)
+        transition = advance(record, body, events[-1].at_ms + 1, _registry())
+        assert task_lines(transition.tasks) == doc["next"]["tasks"], (
+            f"workflow {wid}: history {history_lines(events)}"
+        )
