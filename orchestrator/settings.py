@@ -56,7 +56,8 @@ class OrchestratorSettings(KafkaSettings):
     instance_id: str = Field(default_factory=socket.gethostname,
                              description="stable per instance: group.instance.id and the "
                                          "transactional.id derive from it")
-    group_id: str = Field("sagaline-orchestrator", description="orchestrator consumer group")
+    group_id: str = Field("", description="orchestrator consumer group; default "
+                                          "'<topic_prefix>.orchestrator'")
     commit_interval_ms: int = Field(100, ge=1, description="longest a batch stays open")
     max_batch_records: int = Field(2_000, ge=1, description="inputs per transaction, at most")
     transaction_timeout_ms: int = Field(15_000, ge=1_000)
@@ -77,7 +78,12 @@ class OrchestratorSettings(KafkaSettings):
     @property
     def transactional_id(self) -> str:
         """Stable per instance, so a restart fences its own dangling transaction."""
-        return f"{self.group_id}.{self.instance_id}"
+        return f"{self.consumer_group}.{self.instance_id}"
+
+    @property
+    def consumer_group(self) -> str:
+        """The orchestrators' consumer group: one per deployment (topic prefix)."""
+        return self.group_id or f"{self.topic_prefix}.orchestrator"
 
 
 class ParticipantSettings(KafkaSettings):

@@ -87,7 +87,7 @@ class Orchestrator:
         common = settings.kafka_common()
         self.consumer = Consumer({
             **common,
-            "group.id": settings.group_id,
+            "group.id": settings.consumer_group,
             "group.instance.id": settings.instance_id,
             "client.id": f"sagaline-orchestrator-{settings.instance_id}",
             "isolation.level": "read_committed",
@@ -101,7 +101,7 @@ class Orchestrator:
         })
         self.restorer = Consumer({
             **common,
-            "group.id": f"{settings.group_id}.restore",
+            "group.id": f"{settings.consumer_group}.restore",
             "isolation.level": "read_committed",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
