@@ -21,9 +21,15 @@ from orchestrator.protocol.topics import (
 log = logging.getLogger(__name__)
 
 
-def ensure_topics(admin: AdminClient, topics: Topics, *, partitions: int,
-                  participants: Iterable[str], replication_factor: int = 1,
-                  timeout_s: float = 30.0) -> list[str]:
+def ensure_topics(
+    admin: AdminClient,
+    topics: Topics,
+    *,
+    partitions: int,
+    participants: Iterable[str],
+    replication_factor: int = 1,
+    timeout_s: float = 30.0,
+) -> list[str]:
     """Create the inbox, history, DLQ and task topics that do not exist yet.
 
     Inbox and history must have the same partition count (they are co-partitioned); an
@@ -40,9 +46,11 @@ def ensure_topics(admin: AdminClient, topics: Topics, *, partitions: int,
     for participant in participants:
         wanted[topics.tasks(participant)] = (partitions, tasks_config())
     existing = admin.list_topics(timeout=timeout_s).topics
-    new = [NewTopic(name, num_partitions=count, replication_factor=replication_factor,
-                    config=config)
-           for name, (count, config) in wanted.items() if name not in existing]
+    new = [
+        NewTopic(name, num_partitions=count, replication_factor=replication_factor, config=config)
+        for name, (count, config) in wanted.items()
+        if name not in existing
+    ]
     created: list[str] = []
     if new:
         for name, future in admin.create_topics(new, operation_timeout=timeout_s).items():
@@ -63,18 +71,23 @@ def check_copartitioned(admin: AdminClient, topics: Topics, *, timeout_s: float 
     while True:
         # Metadata of just-created topics reaches the broker's cache a moment later.
         metadata = admin.list_topics(timeout=timeout_s).topics
-        missing = [t for t in (topics.inbox, topics.history)
-                   if t not in metadata or metadata[t].error is not None]
+        missing = [
+            t
+            for t in (topics.inbox, topics.history)
+            if t not in metadata or metadata[t].error is not None
+        ]
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     if missing:
         raise ConfigurationError(
-            f"topics {', '.join(missing)} do not exist; run `sagaline topics create`")
+            f"topics {', '.join(missing)} do not exist; run `sagaline topics create`"
+        )
     inbox = len(metadata[topics.inbox].partitions)
     history = len(metadata[topics.history].partitions)
     if inbox != history:
         raise ConfigurationError(
             f"{topics.inbox} has {inbox} partitions but {topics.history} has {history}; "
-            "they must be equal because a workflow lives in the same partition of both")
+            "they must be equal because a workflow lives in the same partition of both"
+        )
     return inbox

@@ -57,8 +57,9 @@ def _run_orchestrator(args: argparse.Namespace) -> int:
 
     registry = load_object(args.app)
     if not isinstance(registry, WorkflowRegistry):
-        raise ConfigurationError(f"{args.app} is a {type(registry).__name__}, "
-                                 "not a WorkflowRegistry")
+        raise ConfigurationError(
+            f"{args.app} is a {type(registry).__name__}, not a WorkflowRegistry"
+        )
     settings = OrchestratorSettings()
     log.info("settings %s", settings.redacted())
     port = metrics.serve(settings.metrics_port, settings.metrics_host)
@@ -94,8 +95,9 @@ def _run_participants(args: argparse.Namespace) -> int:
             failures.append(exc)
             stop.set()
 
-    threads = [threading.Thread(target=host, args=(p,), name=f"participant-{p.name}")
-               for p in hosted]
+    threads = [
+        threading.Thread(target=host, args=(p,), name=f"participant-{p.name}") for p in hosted
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -111,9 +113,13 @@ def _create_topics(args: argparse.Namespace) -> int:
 
     settings = KafkaSettings()
     admin = AdminClient(settings.kafka_common())
-    created = ensure_topics(admin, settings.topics, partitions=args.partitions,
-                            participants=[p for p in args.participants.split(",") if p],
-                            replication_factor=args.replication_factor)
+    created = ensure_topics(
+        admin,
+        settings.topics,
+        partitions=args.partitions,
+        participants=[p for p in args.participants.split(",") if p],
+        replication_factor=args.replication_factor,
+    )
     print(f"created {len(created)} topic(s): {', '.join(created) or 'none needed'}")
     return 0
 
@@ -136,8 +142,10 @@ def _start(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sagaline``."""
     parser = argparse.ArgumentParser(
-        prog="sagaline", description="Durable workflows on Apache Kafka. Settings come from "
-                                     "SAGALINE_* environment variables.")
+        prog="sagaline",
+        description="Durable workflows on Apache Kafka. Settings come from "
+        "SAGALINE_* environment variables.",
+    )
     parser.add_argument("--log-level", default=os.environ.get("SAGALINE_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -146,16 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     orch.set_defaults(func=_run_orchestrator)
 
     part = sub.add_parser("participant", help="run participant services")
-    part.add_argument("participants", nargs="+",
-                      help="module:participant, e.g. examples.order_saga.services:payment")
+    part.add_argument(
+        "participants",
+        nargs="+",
+        help="module:participant, e.g. examples.order_saga.services:payment",
+    )
     part.set_defaults(func=_run_participants)
 
     topics = sub.add_parser("topics", help="manage topics")
     topics_sub = topics.add_subparsers(dest="topics_command", required=True)
     create = topics_sub.add_parser("create", help="create missing topics")
     create.add_argument("--partitions", type=int, default=4)
-    create.add_argument("--participants", default="",
-                        help="comma-separated participant names needing a tasks topic")
+    create.add_argument(
+        "--participants", default="", help="comma-separated participant names needing a tasks topic"
+    )
     create.add_argument("--replication-factor", type=int, default=1)
     create.set_defaults(func=_create_topics)
 
@@ -170,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sagaline`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     try:
         result: int = args.func(args)
         return result

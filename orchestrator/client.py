@@ -37,13 +37,15 @@ class WorkflowClient:
         self.topics = settings.topics
         self.codec = codec or AvroCodec()
         self._errors: list[str] = []
-        self._producer = Producer({
-            **settings.kafka_common(),
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "partitioner": "murmur2_random",
-        })
+        self._producer = Producer(
+            {
+                **settings.kafka_common(),
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "partitioner": "murmur2_random",
+            }
+        )
 
     def start(self, workflow_type: str, value: Any, *, workflow_id: str | None = None) -> str:
         """Queue a start request; returns the workflow id. Call :meth:`flush` to wait.
@@ -52,14 +54,18 @@ class WorkflowClient:
         retrying a start with the same id is safe.
         """
         wid = workflow_id or str(uuid.uuid4())
-        record = StartWorkflow(workflow_id=wid, workflow_type=workflow_type,
-                               input=encode_json(value),
-                               requested_at_ms=int(time.time() * 1000))
+        record = StartWorkflow(
+            workflow_id=wid,
+            workflow_type=workflow_type,
+            input=encode_json(value),
+            requested_at_ms=int(time.time() * 1000),
+        )
         data = self.codec.encode_inbox(record)
         while True:
             try:
-                self._producer.produce(self.topics.inbox, key=wid.encode(), value=data,
-                                       on_delivery=self._delivered)
+                self._producer.produce(
+                    self.topics.inbox, key=wid.encode(), value=data, on_delivery=self._delivered
+                )
                 break
             except BufferError:
                 self._producer.poll(0.05)
@@ -78,8 +84,9 @@ class WorkflowClient:
         """
         left = self._producer.flush(timeout_s)
         if left:
-            raise StartFailedError(f"{left} start request(s) still unacknowledged after "
-                                   f"{timeout_s}s")
+            raise StartFailedError(
+                f"{left} start request(s) still unacknowledged after {timeout_s}s"
+            )
         if self._errors:
             errors, self._errors = self._errors, []
             raise StartFailedError(f"{len(errors)} start(s) failed, first: {errors[0]}")

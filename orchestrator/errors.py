@@ -59,8 +59,9 @@ class ActivityError(SagalineError):
     """
 
     def __init__(self, activity: str, error_type: str, message: str, *, attempts: int) -> None:
-        super().__init__(f"activity {activity} failed after {attempts} attempt(s): "
-                         f"{error_type}: {message}")
+        super().__init__(
+            f"activity {activity} failed after {attempts} attempt(s): {error_type}: {message}"
+        )
         self.activity = activity
         self.error_type = error_type
         self.message = message

@@ -8,51 +8,96 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0, 30.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 # --- orchestrator -------------------------------------------------------------------
-WORKFLOWS_STARTED = Counter("sagaline_workflows_started_total",
-                            "Workflows started.", ["workflow_type"])
-WORKFLOWS_CLOSED = Counter("sagaline_workflows_closed_total",
-                           "Workflows that reached a terminal status (completed, failed, "
-                           "compensated, compensation_failed).", ["workflow_type", "status"])
-WORKFLOWS_STUCK = Counter("sagaline_workflows_stuck_total",
-                          "Workflows parked as stuck (non-determinism or unknown type).",
-                          ["workflow_type"])
-WORKFLOW_DURATION = Histogram("sagaline_workflow_duration_seconds",
-                              "Start to terminal status.", ["workflow_type", "status"],
-                              buckets=_LATENCY_BUCKETS)
-ACTIVITIES_SCHEDULED = Counter("sagaline_activities_scheduled_total",
-                               "Activity attempts sent to participants.", ["activity"])
-INPUTS_IGNORED = Counter("sagaline_inputs_ignored_total",
-                         "Inbox inputs that changed nothing (duplicates, stale attempts).",
-                         ["reason"])
-TXN_COMMIT_SECONDS = Histogram("sagaline_transaction_commit_seconds",
-                               "send_offsets_to_transaction + commit_transaction.",
-                               buckets=_LATENCY_BUCKETS)
+WORKFLOWS_STARTED = Counter(
+    "sagaline_workflows_started_total", "Workflows started.", ["workflow_type"]
+)
+WORKFLOWS_CLOSED = Counter(
+    "sagaline_workflows_closed_total",
+    "Workflows that reached a terminal status (completed, failed, "
+    "compensated, compensation_failed).",
+    ["workflow_type", "status"],
+)
+WORKFLOWS_STUCK = Counter(
+    "sagaline_workflows_stuck_total",
+    "Workflows parked as stuck (non-determinism or unknown type).",
+    ["workflow_type"],
+)
+WORKFLOW_DURATION = Histogram(
+    "sagaline_workflow_duration_seconds",
+    "Start to terminal status.",
+    ["workflow_type", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
+ACTIVITIES_SCHEDULED = Counter(
+    "sagaline_activities_scheduled_total", "Activity attempts sent to participants.", ["activity"]
+)
+INPUTS_IGNORED = Counter(
+    "sagaline_inputs_ignored_total",
+    "Inbox inputs that changed nothing (duplicates, stale attempts).",
+    ["reason"],
+)
+TXN_COMMIT_SECONDS = Histogram(
+    "sagaline_transaction_commit_seconds",
+    "send_offsets_to_transaction + commit_transaction.",
+    buckets=_LATENCY_BUCKETS,
+)
 TXN_ABORTS = Counter("sagaline_transaction_aborts_total", "Aborted transactions.", ["reason"])
-BATCH_SIZE = Histogram("sagaline_batch_inputs", "Inbox inputs per committed transaction.",
-                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
-RESTORE_SECONDS = Histogram("sagaline_restore_duration_seconds",
-                            "Time to restore one history partition.", ["partition"],
-                            buckets=_LATENCY_BUCKETS)
-RESTORE_RECORDS = Counter("sagaline_restore_records_total",
-                          "History records read while restoring.", ["partition"])
-WORKFLOWS_IN_FLIGHT = Gauge("sagaline_workflows_in_flight",
-                            "Running workflows held in memory.", ["partition"])
-DEAD_LETTERS = Counter("sagaline_dead_letters_total",
-                       "Records written to the dead-letter topic.", ["source", "reason"])
+BATCH_SIZE = Histogram(
+    "sagaline_batch_inputs",
+    "Inbox inputs per committed transaction.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+)
+RESTORE_SECONDS = Histogram(
+    "sagaline_restore_duration_seconds",
+    "Time to restore one history partition.",
+    ["partition"],
+    buckets=_LATENCY_BUCKETS,
+)
+RESTORE_RECORDS = Counter(
+    "sagaline_restore_records_total", "History records read while restoring.", ["partition"]
+)
+WORKFLOWS_IN_FLIGHT = Gauge(
+    "sagaline_workflows_in_flight", "Running workflows held in memory.", ["partition"]
+)
+DEAD_LETTERS = Counter(
+    "sagaline_dead_letters_total", "Records written to the dead-letter topic.", ["source", "reason"]
+)
 
 # --- participants -------------------------------------------------------------------
-ACTIVITY_SECONDS = Histogram("sagaline_activity_duration_seconds",
-                             "Handler run time, including its database transaction.",
-                             ["activity", "outcome"], buckets=_LATENCY_BUCKETS)
-ACTIVITY_ATTEMPTS = Counter("sagaline_activity_attempts_total",
-                            "Activity tasks handled by participants.", ["activity", "outcome"])
-ACTIVITY_DUPLICATES = Counter("sagaline_activity_duplicates_total",
-                              "Redelivered tasks answered from the idempotency inbox.",
-                              ["activity"])
+ACTIVITY_SECONDS = Histogram(
+    "sagaline_activity_duration_seconds",
+    "Handler run time, including its database transaction.",
+    ["activity", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+ACTIVITY_ATTEMPTS = Counter(
+    "sagaline_activity_attempts_total",
+    "Activity tasks handled by participants.",
+    ["activity", "outcome"],
+)
+ACTIVITY_DUPLICATES = Counter(
+    "sagaline_activity_duplicates_total",
+    "Redelivered tasks answered from the idempotency inbox.",
+    ["activity"],
+)
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

@@ -26,8 +26,13 @@ class Saga:
     ``COMPENSATED`` (or ``COMPENSATION_FAILED`` if an undo step fails for good).
     """
 
-    def __init__(self, ctx: WorkflowContext, *, parallel: bool = False,
-                 retry: RetryPolicy = COMPENSATION_RETRY) -> None:
+    def __init__(
+        self,
+        ctx: WorkflowContext,
+        *,
+        parallel: bool = False,
+        retry: RetryPolicy = COMPENSATION_RETRY,
+    ) -> None:
         self._ctx = ctx
         self._parallel = parallel
         self._retry = retry
@@ -43,7 +48,8 @@ class Saga:
         if self._parallel:
             handles: list[ActivityHandle] = [
                 self._ctx.activity(name, value, retry=self._retry, compensation=True)
-                for name, value in steps]
+                for name, value in steps
+            ]
             await self._ctx.gather(*handles)
             return
         first_error: ActivityError | None = None
@@ -59,7 +65,11 @@ class Saga:
     async def __aenter__(self) -> Saga:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc is not None and isinstance(exc, Exception):
             await self.compensate()

@@ -27,8 +27,10 @@ class KafkaSettings(BaseSettings):
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="bootstrap.servers")
     topic_prefix: str = Field("sagaline", description="prefix of every sagaline topic")
     kafka_extra: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, repr=False,
-        description="extra librdkafka settings (JSON object); may hold secrets")
+        default_factory=dict,
+        repr=False,
+        description="extra librdkafka settings (JSON object); may hold secrets",
+    )
 
     @property
     def topics(self) -> Topics:
@@ -42,8 +44,10 @@ class KafkaSettings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict safe to log."""
         shown = self.model_dump()
-        shown["kafka_extra"] = {k: ("***" if any(h in k for h in _SECRET_HINTS) else v)
-                                for k, v in self.kafka_extra.items()}
+        shown["kafka_extra"] = {
+            k: ("***" if any(h in k for h in _SECRET_HINTS) else v)
+            for k, v in self.kafka_extra.items()
+        }
         for name in shown:
             if isinstance(getattr(self, name, None), SecretStr):
                 shown[name] = "***"
@@ -53,11 +57,14 @@ class KafkaSettings(BaseSettings):
 class OrchestratorSettings(KafkaSettings):
     """Settings of an orchestrator process (``sagaline orchestrator``)."""
 
-    instance_id: str = Field(default_factory=socket.gethostname,
-                             description="stable per instance: group.instance.id and the "
-                                         "transactional.id derive from it")
-    group_id: str = Field("", description="orchestrator consumer group; default "
-                                          "'<topic_prefix>.orchestrator'")
+    instance_id: str = Field(
+        default_factory=socket.gethostname,
+        description="stable per instance: group.instance.id and the "
+        "transactional.id derive from it",
+    )
+    group_id: str = Field(
+        "", description="orchestrator consumer group; default '<topic_prefix>.orchestrator'"
+    )
     commit_interval_ms: int = Field(100, ge=1, description="longest a batch stays open")
     max_batch_records: int = Field(2_000, ge=1, description="inputs per transaction, at most")
     transaction_timeout_ms: int = Field(15_000, ge=1_000)
@@ -72,7 +79,8 @@ class OrchestratorSettings(KafkaSettings):
         if self.commit_interval_ms * 10 > self.transaction_timeout_ms:
             raise ValueError(
                 f"commit_interval_ms ({self.commit_interval_ms}) must be at most a tenth of "
-                f"transaction_timeout_ms ({self.transaction_timeout_ms})")
+                f"transaction_timeout_ms ({self.transaction_timeout_ms})"
+            )
         return self
 
     @property
@@ -91,7 +99,8 @@ class ParticipantSettings(KafkaSettings):
 
     postgres_dsn: SecretStr = Field(
         SecretStr("postgresql://sagaline@127.0.0.1:5432/sagaline"),
-        description="PostgreSQL for the idempotency inbox and business tables")
+        description="PostgreSQL for the idempotency inbox and business tables",
+    )
     concurrency: int = Field(8, ge=1, description="handlers running at once")
     max_batch_records: int = Field(200, ge=1)
     session_timeout_ms: int = Field(10_000, ge=1_000)

@@ -100,8 +100,9 @@ class _Gather:
 class Scheduler(Protocol):
     """The engine side of a context: turns calls into recorded commands."""
 
-    def schedule(self, name: str, value: Any, retry: RetryPolicy,
-                 compensation: bool) -> ActivityHandle:
+    def schedule(
+        self, name: str, value: Any, retry: RetryPolicy, compensation: bool
+    ) -> ActivityHandle:
         """Record (or match, on replay) one activity call and return its handle."""
         ...
 
@@ -120,8 +121,14 @@ class WorkflowContext:
         self.workflow_type = workflow_type
         self._scheduler = scheduler
 
-    def activity(self, name: str, value: Any = None, *, retry: RetryPolicy | None = None,
-                 compensation: bool = False) -> ActivityHandle:
+    def activity(
+        self,
+        name: str,
+        value: Any = None,
+        *,
+        retry: RetryPolicy | None = None,
+        compensation: bool = False,
+    ) -> ActivityHandle:
         """Schedule activity ``name`` ('<participant>.<activity>') with a JSON value.
 
         Args:
@@ -137,8 +144,7 @@ class WorkflowContext:
         """
         participant, sep, activity = name.partition(".")
         if not sep or not participant or not activity:
-            raise ConfigurationError(
-                f"activity name {name!r} must be '<participant>.<activity>'")
+            raise ConfigurationError(f"activity name {name!r} must be '<participant>.<activity>'")
         return self._scheduler.schedule(name, value, retry or DEFAULT_RETRY, compensation)
 
     def gather(self, *handles: ActivityHandle) -> Awaitable[list[Any]]:
@@ -166,7 +172,8 @@ class WorkflowRegistry:
         def register(fn: F) -> F:
             if not inspect.iscoroutinefunction(fn):
                 raise ConfigurationError(
-                    f"workflow {name!r} must be an 'async def' function, got {fn!r}")
+                    f"workflow {name!r} must be an 'async def' function, got {fn!r}"
+                )
             existing = self._functions.get(name)
             if existing is not None and existing is not fn:
                 raise ConfigurationError(f"workflow type {name!r} is registered twice")
@@ -198,4 +205,3 @@ def workflow(name: str) -> Callable[[F], F]:
             ...
     """
     return default_registry.workflow(name)
-

@@ -42,29 +42,49 @@ def main() -> int:
     """Run the demo; exit 0 only if every saga ended as expected with effects exactly once."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sagas", type=int, default=1_000)
-    parser.add_argument("--declined-every", type=int, default=10,
-                        help="every N-th order's payment is declined (10 = 10%%)")
+    parser.add_argument(
+        "--declined-every",
+        type=int,
+        default=10,
+        help="every N-th order's payment is declined (10 = 10%%)",
+    )
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="start this many sagas per second (default 0: all at once)",
+    )
     parser.add_argument("--deadline", type=float, default=600.0, help="seconds")
-    parser.add_argument("--keep-running", action="store_true",
-                        help="keep the processes (and their /metrics) up until Ctrl-C")
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep the processes (and their /metrics) up until Ctrl-C",
+    )
     args = parser.parse_args()
     bootstrap = os.environ["SAGALINE_KAFKA_BOOTSTRAP"]
     dsn = os.environ["SAGALINE_POSTGRES_DSN"]
     run_id = time.strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:4]
     topics = Topics(f"demo.{run_id}")
     log_dir = ROOT / ".stack" / "demo" / run_id
-    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), topics,
-                  partitions=args.partitions, participants=SERVICES)
-    print(f"topics: {topics.inbox}, {topics.history} (compacted), "
-          f"{topics.prefix}.tasks.*, {topics.dlq}; {args.partitions} partitions")
+    ensure_topics(
+        AdminClient({"bootstrap.servers": bootstrap}),
+        topics,
+        partitions=args.partitions,
+        participants=SERVICES,
+    )
+    print(
+        f"topics: {topics.inbox}, {topics.history} (compacted), "
+        f"{topics.prefix}.tasks.*, {topics.dlq}; {args.partitions} partitions"
+    )
 
     env = base_env(bootstrap, dsn, topics.prefix)
     ports: dict[str, int] = {}
     processes: list[SagalineProcess] = []
     ports["orchestrator"] = free_port()
-    processes.append(orchestrator_process(env, log_dir, "demo-1",
-                                          metrics_port=str(ports["orchestrator"])))
+    processes.append(
+        orchestrator_process(env, log_dir, "demo-1", metrics_port=str(ports["orchestrator"]))
+    )
     for name in SERVICES:
         ports[name] = free_port()
         processes.append(participant_process(env, log_dir, name, metrics_port=str(ports[name])))
@@ -78,8 +98,16 @@ def main() -> int:
             process.stop()
 
 
-def _drive(args: argparse.Namespace, bootstrap: str, dsn: str, topics: Topics, run_id: str,
-           processes: list[SagalineProcess], ports: dict[str, int], log_dir: Path) -> int:
+def _drive(
+    args: argparse.Namespace,
+    bootstrap: str,
+    dsn: str,
+    topics: Topics,
+    run_id: str,
+    processes: list[SagalineProcess],
+    ports: dict[str, int],
+    log_dir: Path,
+) -> int:
     orders = make_orders(args.sagas, declined_every=args.declined_every, run_id=run_id)
     watcher = HistoryWatcher(bootstrap, topics.history)
     client = WorkflowClient(KafkaSettings(kafka_bootstrap=bootstrap, topic_prefix=topics.prefix))
@@ -92,7 +120,14 @@ def _drive(args: argparse.Namespace, bootstrap: str, dsn: str, topics: Topics, r
         return 1
     print("warm-up saga finished; the pipeline is ready")
     sent_ms: dict[str, float] = {}
-    for order in orders:
+    began = time.monotonic()
+    for index, order in enumerate(orders):
+        if args.rate > 0:
+            # Pacing the load generator, not waiting for the system under test.
+            lag = began + index / args.rate - time.monotonic()
+            if lag > 0:
+                time.sleep(lag)
+            watcher.poll(0)
         wid = client.start("order.process", order, workflow_id=order["order_id"])
         sent_ms[wid] = time.time() * 1000
     client.flush()
@@ -106,8 +141,11 @@ def _drive(args: argparse.Namespace, bootstrap: str, dsn: str, topics: Topics, r
         if time.monotonic() - last_print >= 1.0 or len(done) == len(ids):
             last_print = time.monotonic()
             counts = _counts(done.values())
-            print(f"  {time.monotonic() - started:6.1f}s  done {len(done):5d}/{len(ids)}  "
-                  + "  ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+            print(
+                f"  {time.monotonic() - started:6.1f}s  done {len(done):5d}/{len(ids)}  "
+                + "  ".join(f"{k} {v}" for k, v in counts.items()),
+                flush=True,
+            )
         if len(done) == len(ids):
             break
         dead = [p for p in processes if not p.alive()]
@@ -119,21 +157,30 @@ def _drive(args: argparse.Namespace, bootstrap: str, dsn: str, topics: Topics, r
     closes = [r.closed_at_ms for r in done.values() if r.closed_at_ms is not None]
     latencies = [r.closed_at_ms - sent_ms[i] for i, r in done.items() if r.closed_at_ms]
     elapsed_s = (max(closes) - min(sent_ms.values())) / 1000 if closes else 0.0
-    wrong = [o["order_id"] for o in orders
-             if (r := done.get(o["order_id"])) is not None and r.status != expected_status(o)]
+    wrong = [
+        o["order_id"]
+        for o in orders
+        if (r := done.get(o["order_id"])) is not None and r.status != expected_status(o)
+    ]
     problems = audit_effects(dsn, orders)
     counts = _counts(done.values())
     print("\n=== sagaline demo summary ===")
     print(f"sagas            {len(ids)} started, {len(done)} finished")
     print("outcome          " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    print(f"throughput       {len(done) / elapsed_s if elapsed_s else 0:.1f} sagas/s "
-          f"({elapsed_s:.1f} s from first start to last close)")
-    print(f"latency          p50 {percentile(latencies, 50):.0f} ms, "
-          f"p99 {percentile(latencies, 99):.0f} ms (start published -> saga closed)")
+    print(
+        f"throughput       {len(done) / elapsed_s if elapsed_s else 0:.1f} sagas/s "
+        f"({elapsed_s:.1f} s from first start to last close)"
+    )
+    print(
+        f"latency          p50 {percentile(latencies, 50):.0f} ms, "
+        f"p99 {percentile(latencies, 99):.0f} ms (start published -> saga closed)"
+    )
     print(f"expected status  {'all as expected' if not wrong else f'{len(wrong)} wrong'}")
     print(f"effects audit    {'exactly once' if not problems else problems[:5]}")
-    print("metrics          " + ", ".join(f"{name} http://127.0.0.1:{port}/metrics"
-                                          for name, port in ports.items()))
+    print(
+        "metrics          "
+        + ", ".join(f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items())
+    )
     print(f"logs             {log_dir}")
     print("orchestrator metrics (excerpt):")
     for line in _scrape(ports["orchestrator"]):
@@ -150,9 +197,13 @@ def _drive(args: argparse.Namespace, bootstrap: str, dsn: str, topics: Topics, r
 
 
 def _scrape(port: int) -> list[str]:
-    wanted = ("sagaline_workflows_started_total{", "sagaline_workflows_closed_total{",
-              "sagaline_transaction_commit_seconds_count", "sagaline_batch_inputs_sum",
-              "sagaline_dead_letters_total{")
+    wanted = (
+        "sagaline_workflows_started_total{",
+        "sagaline_workflows_closed_total{",
+        "sagaline_transaction_commit_seconds_count",
+        "sagaline_batch_inputs_sum",
+        "sagaline_dead_letters_total{",
+    )
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
@@ -162,8 +213,10 @@ def _scrape(port: int) -> list[str]:
 
 
 def _counts(records: Iterable[WorkflowRecord]) -> dict[str, int]:
-    counts = {s.value.lower(): 0 for s in (WorkflowStatus.COMPLETED, WorkflowStatus.COMPENSATED,
-                                           WorkflowStatus.FAILED)}
+    counts = {
+        s.value.lower(): 0
+        for s in (WorkflowStatus.COMPLETED, WorkflowStatus.COMPENSATED, WorkflowStatus.FAILED)
+    }
     for record in records:
         key = record.status.value.lower()
         counts[key] = counts.get(key, 0) + 1

@@ -26,8 +26,9 @@ from orchestrator.protocol.records import WorkflowRecord, WorkflowStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_APP = "examples.order_saga.workflows:registry"
-SERVICES = {name: f"examples.order_saga.services:{name}"
-            for name in ("inventory", "payment", "shipping")}
+SERVICES = {
+    name: f"examples.order_saga.services:{name}" for name in ("inventory", "payment", "shipping")
+}
 
 
 def free_port() -> int:
@@ -38,20 +39,23 @@ def free_port() -> int:
         return port
 
 
-def make_orders(count: int, *, declined_every: int = 10, run_id: str | None = None
-                ) -> list[dict[str, Any]]:
+def make_orders(
+    count: int, *, declined_every: int = 10, run_id: str | None = None
+) -> list[dict[str, Any]]:
     """``count`` orders; every ``declined_every``-th has a card that payment declines."""
     run = run_id or uuid.uuid4().hex[:8]
     orders = []
     for i in range(count):
         declined = declined_every > 0 and i % declined_every == declined_every - 1
-        orders.append({
-            "order_id": f"order-{run}-{i:05d}",
-            "items": [{"sku": f"sku-{i % 7}", "qty": 1 + i % 3}],
-            "total": 1_000 + i,
-            "card": "declined" if declined else "visa-4242",
-            "address": f"{i} Kafka Street",
-        })
+        orders.append(
+            {
+                "order_id": f"order-{run}-{i:05d}",
+                "items": [{"sku": f"sku-{i % 7}", "qty": 1 + i % 3}],
+                "total": 1_000 + i,
+                "card": "declined" if declined else "visa-4242",
+                "address": f"{i} Kafka Street",
+            }
+        )
     return orders
 
 
@@ -70,8 +74,12 @@ class SagalineProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", *self.args], cwd=ROOT,
-            env=dict(self.env), stdout=log, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "orchestrator.cli", *self.args],
+            cwd=ROOT,
+            env=dict(self.env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         return self
 
@@ -105,21 +113,34 @@ class SagalineProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def orchestrator_process(env: Mapping[str, str], log_dir: Path, instance: str,
-                         **settings: str) -> SagalineProcess:
+def orchestrator_process(
+    env: Mapping[str, str], log_dir: Path, instance: str, **settings: str
+) -> SagalineProcess:
     """An orchestrator of the order saga with ``SAGALINE_INSTANCE_ID=instance``."""
-    merged = {**env, "SAGALINE_INSTANCE_ID": instance,
-              **{f"SAGALINE_{k.upper()}": v for k, v in settings.items()}}
-    return SagalineProcess(f"orchestrator-{instance}", ["orchestrator", WORKFLOWS_APP],
-                           merged, log_dir / f"orchestrator-{instance}.log")
+    merged = {
+        **env,
+        "SAGALINE_INSTANCE_ID": instance,
+        **{f"SAGALINE_{k.upper()}": v for k, v in settings.items()},
+    }
+    return SagalineProcess(
+        f"orchestrator-{instance}",
+        ["orchestrator", WORKFLOWS_APP],
+        merged,
+        log_dir / f"orchestrator-{instance}.log",
+    )
 
 
-def participant_process(env: Mapping[str, str], log_dir: Path, name: str,
-                        **settings: str) -> SagalineProcess:
+def participant_process(
+    env: Mapping[str, str], log_dir: Path, name: str, **settings: str
+) -> SagalineProcess:
     """A participant process hosting one example service."""
     merged = {**env, **{f"SAGALINE_{k.upper()}": v for k, v in settings.items()}}
-    return SagalineProcess(f"participant-{name}", ["participant", SERVICES[name]], merged,
-                           log_dir / f"participant-{name}.log")
+    return SagalineProcess(
+        f"participant-{name}",
+        ["participant", SERVICES[name]],
+        merged,
+        log_dir / f"participant-{name}.log",
+    )
 
 
 @dataclass
@@ -134,13 +155,15 @@ class HistoryWatcher:
     _consumer: Consumer | None = None
 
     def __post_init__(self) -> None:
-        self._consumer = Consumer({
-            "bootstrap.servers": self.bootstrap,
-            "group.id": f"watcher-{uuid.uuid4().hex[:8]}",
-            "isolation.level": "read_committed",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        })
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"watcher-{uuid.uuid4().hex[:8]}",
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
         self._consumer.subscribe([self.topic])
 
     def poll(self, timeout_s: float = 0.2) -> int:
@@ -162,8 +185,9 @@ class HistoryWatcher:
         """The workflows among ``ids`` that reached a terminal status."""
         return {i: r for i in ids if (r := self.latest.get(i)) is not None and r.status.terminal}
 
-    def wait_terminal(self, ids: Iterable[str], deadline_s: float,
-                      alive: Iterable[SagalineProcess] = ()) -> dict[str, WorkflowRecord]:
+    def wait_terminal(
+        self, ids: Iterable[str], deadline_s: float, alive: Iterable[SagalineProcess] = ()
+    ) -> dict[str, WorkflowRecord]:
         """Poll until every id is terminal or the deadline passes; returns the terminal ones."""
         wanted = list(ids)
         end = time.monotonic() + deadline_s
@@ -197,22 +221,34 @@ def audit_effects(dsn: str, orders: Iterable[Mapping[str, Any]]) -> list[str]:
     ids = list(by_id)
     problems: list[str] = []
     with psycopg.connect(dsn) as conn:
-        reservations = _count(conn, "SELECT order_id, count(*), "
-                                    "count(*) FILTER (WHERE status = 'released') "
-                                    "FROM inventory_reservations WHERE order_id = ANY(%s) "
-                                    "GROUP BY order_id", ids)
-        payments = _count(conn, "SELECT order_id, count(*), 0 FROM payments "
-                                "WHERE order_id = ANY(%s) GROUP BY order_id", ids)
-        shipments = _count(conn, "SELECT order_id, count(*), 0 FROM shipments "
-                                 "WHERE order_id = ANY(%s) GROUP BY order_id", ids)
+        reservations = _count(
+            conn,
+            "SELECT order_id, count(*), "
+            "count(*) FILTER (WHERE status = 'released') "
+            "FROM inventory_reservations WHERE order_id = ANY(%s) "
+            "GROUP BY order_id",
+            ids,
+        )
+        payments = _count(
+            conn,
+            "SELECT order_id, count(*), 0 FROM payments WHERE order_id = ANY(%s) GROUP BY order_id",
+            ids,
+        )
+        shipments = _count(
+            conn,
+            "SELECT order_id, count(*), 0 FROM shipments "
+            "WHERE order_id = ANY(%s) GROUP BY order_id",
+            ids,
+        )
     for oid, order in by_id.items():
         declined = order["card"] == "declined"
         made, released = reservations.get(oid, (0, 0))
         if made != 1:
             problems.append(f"{oid}: {made} reservations, expected 1")
         if released != (1 if declined else 0):
-            problems.append(f"{oid}: {released} released reservations, "
-                            f"expected {1 if declined else 0}")
+            problems.append(
+                f"{oid}: {released} released reservations, expected {1 if declined else 0}"
+            )
         paid = payments.get(oid, (0, 0))[0]
         if paid != (0 if declined else 1):
             problems.append(f"{oid}: {paid} payments, expected {0 if declined else 1}")
@@ -239,6 +275,12 @@ def percentile(values: list[float], q: float) -> float:
 def base_env(bootstrap: str, dsn: str, prefix: str) -> dict[str, str]:
     """Environment for sagaline processes of one run."""
     env = dict(os.environ)
-    env.update({"SAGALINE_KAFKA_BOOTSTRAP": bootstrap, "SAGALINE_POSTGRES_DSN": dsn,
-                "SAGALINE_TOPIC_PREFIX": prefix, "PYTHONPATH": str(ROOT)})
+    env.update(
+        {
+            "SAGALINE_KAFKA_BOOTSTRAP": bootstrap,
+            "SAGALINE_POSTGRES_DSN": dsn,
+            "SAGALINE_TOPIC_PREFIX": prefix,
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     return env

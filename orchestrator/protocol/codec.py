@@ -52,8 +52,15 @@ MAGIC: Final = 0
 HEADER: Final = struct.Struct(">bI")
 NS: Final = "io.sagaline."
 # Shared types come first: the top-level schemas refer to them by name.
-SCHEMA_ORDER: Final = ("Payload", "Failure", "StartWorkflow", "ActivityResult",
-                       "InboxRecord", "ActivityTask", "WorkflowRecord")
+SCHEMA_ORDER: Final = (
+    "Payload",
+    "Failure",
+    "StartWorkflow",
+    "ActivityResult",
+    "InboxRecord",
+    "ActivityTask",
+    "WorkflowRecord",
+)
 INBOX: Final = NS + "InboxRecord"
 TASK: Final = NS + "ActivityTask"
 WORKFLOW: Final = NS + "WorkflowRecord"
@@ -142,7 +149,8 @@ class AvroCodec:
         if missing:
             raise ConfigurationError(
                 f"schema directory {directory} lacks {', '.join(missing)}; "
-                "set SAGALINE_SCHEMA_DIR to the repository's schemas/avro")
+                "set SAGALINE_SCHEMA_DIR to the repository's schemas/avro"
+            )
         self.max_record_bytes = max_record_bytes
         self._current = current
         self._writers: dict[str, _Writer] = {}
@@ -194,7 +202,8 @@ class AvroCodec:
             raise MalformedRecordError("record has no value")
         if len(data) > self.max_record_bytes:
             raise OversizedRecordError(
-                f"record is {len(data)} bytes, above the limit of {self.max_record_bytes}")
+                f"record is {len(data)} bytes, above the limit of {self.max_record_bytes}"
+            )
         if len(data) < HEADER.size:
             raise MalformedRecordError(f"record of {len(data)} bytes is shorter than the header")
         magic, sid = HEADER.unpack_from(data)
@@ -210,15 +219,20 @@ class AvroCodec:
         body.seek(HEADER.size)
         try:
             datum = fastavro.schemaless_reader(
-                body, writer.parsed, None if reader is writer else reader.parsed,
-                return_record_name=True, return_record_name_override=True)
+                body,
+                writer.parsed,
+                None if reader is writer else reader.parsed,
+                return_record_name=True,
+                return_record_name_override=True,
+            )
         except Exception as exc:  # fastavro raises many types on garbage input
             raise MalformedRecordError(
                 f"cannot decode {expected} (schema id {sid}): {type(exc).__name__}: {exc}"
             ) from exc
         if body.tell() != len(data):
             raise MalformedRecordError(
-                f"{len(data) - body.tell()} trailing bytes after the {expected} record")
+                f"{len(data) - body.tell()} trailing bytes after the {expected} record"
+            )
         if not isinstance(datum, dict):
             raise MalformedRecordError(f"{expected} did not decode to a record")
         return datum
@@ -287,31 +301,47 @@ def _opt_failure(d: Mapping[str, Any] | None) -> Failure | None:
 
 
 def _start_to_avro(s: StartWorkflow) -> dict[str, Any]:
-    return {"workflow_id": s.workflow_id, "workflow_type": s.workflow_type,
-            "input": _payload_to_avro(s.input), "requested_at_ms": s.requested_at_ms}
+    return {
+        "workflow_id": s.workflow_id,
+        "workflow_type": s.workflow_type,
+        "input": _payload_to_avro(s.input),
+        "requested_at_ms": s.requested_at_ms,
+    }
 
 
 def _start_from_avro(d: Mapping[str, Any]) -> StartWorkflow:
-    return StartWorkflow(workflow_id=d["workflow_id"], workflow_type=d["workflow_type"],
-                         input=_payload_from_avro(d["input"]),
-                         requested_at_ms=d["requested_at_ms"])
+    return StartWorkflow(
+        workflow_id=d["workflow_id"],
+        workflow_type=d["workflow_type"],
+        input=_payload_from_avro(d["input"]),
+        requested_at_ms=d["requested_at_ms"],
+    )
 
 
 def _result_to_avro(r: ActivityResult) -> dict[str, Any]:
-    return {"workflow_id": r.workflow_id, "activity_id": r.activity_id, "seq": r.seq,
-            "attempt": r.attempt, "status": r.status.value,
-            "result": None if r.result is None else _payload_to_avro(r.result),
-            "failure": None if r.failure is None else _failure_to_avro(r.failure),
-            "finished_at_ms": r.finished_at_ms}
+    return {
+        "workflow_id": r.workflow_id,
+        "activity_id": r.activity_id,
+        "seq": r.seq,
+        "attempt": r.attempt,
+        "status": r.status.value,
+        "result": None if r.result is None else _payload_to_avro(r.result),
+        "failure": None if r.failure is None else _failure_to_avro(r.failure),
+        "finished_at_ms": r.finished_at_ms,
+    }
 
 
 def _result_from_avro(d: Mapping[str, Any]) -> ActivityResult:
-    return ActivityResult(workflow_id=d["workflow_id"], activity_id=d["activity_id"],
-                          seq=d["seq"], attempt=d["attempt"],
-                          status=ActivityStatus(d["status"]),
-                          finished_at_ms=d["finished_at_ms"],
-                          result=_opt_payload(d["result"]),
-                          failure=_opt_failure(d["failure"]))
+    return ActivityResult(
+        workflow_id=d["workflow_id"],
+        activity_id=d["activity_id"],
+        seq=d["seq"],
+        attempt=d["attempt"],
+        status=ActivityStatus(d["status"]),
+        finished_at_ms=d["finished_at_ms"],
+        result=_opt_payload(d["result"]),
+        failure=_opt_failure(d["failure"]),
+    )
 
 
 _INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
@@ -321,71 +351,130 @@ _INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
 
 
 def _task_to_avro(t: ActivityTask) -> dict[str, Any]:
-    return {"workflow_id": t.workflow_id, "workflow_type": t.workflow_type,
-            "activity_id": t.activity_id, "seq": t.seq, "attempt": t.attempt,
-            "participant": t.participant, "activity": t.activity,
-            "payload": _payload_to_avro(t.payload), "compensation": t.compensation,
-            "scheduled_at_ms": t.scheduled_at_ms, "deadline_ms": t.deadline_ms}
+    return {
+        "workflow_id": t.workflow_id,
+        "workflow_type": t.workflow_type,
+        "activity_id": t.activity_id,
+        "seq": t.seq,
+        "attempt": t.attempt,
+        "participant": t.participant,
+        "activity": t.activity,
+        "payload": _payload_to_avro(t.payload),
+        "compensation": t.compensation,
+        "scheduled_at_ms": t.scheduled_at_ms,
+        "deadline_ms": t.deadline_ms,
+    }
 
 
 def _task_from_avro(d: Mapping[str, Any]) -> ActivityTask:
-    return ActivityTask(workflow_id=d["workflow_id"], workflow_type=d["workflow_type"],
-                        activity_id=d["activity_id"], seq=d["seq"], attempt=d["attempt"],
-                        participant=d["participant"], activity=d["activity"],
-                        payload=_payload_from_avro(d["payload"]),
-                        compensation=d["compensation"],
-                        scheduled_at_ms=d["scheduled_at_ms"], deadline_ms=d["deadline_ms"])
+    return ActivityTask(
+        workflow_id=d["workflow_id"],
+        workflow_type=d["workflow_type"],
+        activity_id=d["activity_id"],
+        seq=d["seq"],
+        attempt=d["attempt"],
+        participant=d["participant"],
+        activity=d["activity"],
+        payload=_payload_from_avro(d["payload"]),
+        compensation=d["compensation"],
+        scheduled_at_ms=d["scheduled_at_ms"],
+        deadline_ms=d["deadline_ms"],
+    )
 
 
 def _event_to_avro(e: HistoryEvent) -> tuple[str, dict[str, Any]]:
     if isinstance(e, ActivityScheduled):
-        return (NS + "ActivityScheduled", {
-            "seq": e.seq, "attempt": e.attempt, "name": e.name,
-            "payload": _payload_to_avro(e.payload), "compensation": e.compensation,
-            "max_attempts": e.max_attempts, "non_retryable": list(e.non_retryable),
-            "at_ms": e.at_ms})
+        return (
+            NS + "ActivityScheduled",
+            {
+                "seq": e.seq,
+                "attempt": e.attempt,
+                "name": e.name,
+                "payload": _payload_to_avro(e.payload),
+                "compensation": e.compensation,
+                "max_attempts": e.max_attempts,
+                "non_retryable": list(e.non_retryable),
+                "at_ms": e.at_ms,
+            },
+        )
     if isinstance(e, ActivityCompleted):
-        return (NS + "ActivityCompleted", {"seq": e.seq, "attempt": e.attempt,
-                                           "result": _payload_to_avro(e.result),
-                                           "at_ms": e.at_ms})
-    return (NS + "ActivityFailed", {"seq": e.seq, "attempt": e.attempt,
-                                    "failure": _failure_to_avro(e.failure), "at_ms": e.at_ms})
+        return (
+            NS + "ActivityCompleted",
+            {
+                "seq": e.seq,
+                "attempt": e.attempt,
+                "result": _payload_to_avro(e.result),
+                "at_ms": e.at_ms,
+            },
+        )
+    return (
+        NS + "ActivityFailed",
+        {
+            "seq": e.seq,
+            "attempt": e.attempt,
+            "failure": _failure_to_avro(e.failure),
+            "at_ms": e.at_ms,
+        },
+    )
 
 
 def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
     name, d = item
     if name == NS + "ActivityScheduled":
-        return ActivityScheduled(seq=d["seq"], attempt=d["attempt"], name=d["name"],
-                                 payload=_payload_from_avro(d["payload"]), at_ms=d["at_ms"],
-                                 compensation=d["compensation"],
-                                 max_attempts=d["max_attempts"],
-                                 non_retryable=tuple(d["non_retryable"]))
+        return ActivityScheduled(
+            seq=d["seq"],
+            attempt=d["attempt"],
+            name=d["name"],
+            payload=_payload_from_avro(d["payload"]),
+            at_ms=d["at_ms"],
+            compensation=d["compensation"],
+            max_attempts=d["max_attempts"],
+            non_retryable=tuple(d["non_retryable"]),
+        )
     if name == NS + "ActivityCompleted":
-        return ActivityCompleted(seq=d["seq"], attempt=d["attempt"],
-                                 result=_payload_from_avro(d["result"]), at_ms=d["at_ms"])
+        return ActivityCompleted(
+            seq=d["seq"],
+            attempt=d["attempt"],
+            result=_payload_from_avro(d["result"]),
+            at_ms=d["at_ms"],
+        )
     if name == NS + "ActivityFailed":
-        return ActivityFailed(seq=d["seq"], attempt=d["attempt"],
-                              failure=_failure_from_avro(d["failure"]), at_ms=d["at_ms"])
+        return ActivityFailed(
+            seq=d["seq"],
+            attempt=d["attempt"],
+            failure=_failure_from_avro(d["failure"]),
+            at_ms=d["at_ms"],
+        )
     raise WrongRecordTypeError(f"history event {name} is not handled by this version")
 
 
 def _workflow_to_avro(r: WorkflowRecord) -> dict[str, Any]:
-    return {"workflow_id": r.workflow_id, "workflow_type": r.workflow_type,
-            "status": r.status.value, "input": _payload_to_avro(r.input),
-            "events": [_event_to_avro(e) for e in r.events],
-            "result": None if r.result is None else _payload_to_avro(r.result),
-            "failure": None if r.failure is None else _failure_to_avro(r.failure),
-            "started_at_ms": r.started_at_ms, "updated_at_ms": r.updated_at_ms,
-            "closed_at_ms": r.closed_at_ms, "revision": r.revision}
+    return {
+        "workflow_id": r.workflow_id,
+        "workflow_type": r.workflow_type,
+        "status": r.status.value,
+        "input": _payload_to_avro(r.input),
+        "events": [_event_to_avro(e) for e in r.events],
+        "result": None if r.result is None else _payload_to_avro(r.result),
+        "failure": None if r.failure is None else _failure_to_avro(r.failure),
+        "started_at_ms": r.started_at_ms,
+        "updated_at_ms": r.updated_at_ms,
+        "closed_at_ms": r.closed_at_ms,
+        "revision": r.revision,
+    }
 
 
 def _workflow_from_avro(d: Mapping[str, Any]) -> WorkflowRecord:
-    return WorkflowRecord(workflow_id=d["workflow_id"], workflow_type=d["workflow_type"],
-                          status=WorkflowStatus(d["status"]),
-                          input=_payload_from_avro(d["input"]),
-                          started_at_ms=d["started_at_ms"], updated_at_ms=d["updated_at_ms"],
-                          revision=d["revision"],
-                          events=tuple(_event_from_avro(e) for e in d["events"]),
-                          result=_opt_payload(d["result"]),
-                          failure=_opt_failure(d["failure"]),
-                          closed_at_ms=d["closed_at_ms"])
+    return WorkflowRecord(
+        workflow_id=d["workflow_id"],
+        workflow_type=d["workflow_type"],
+        status=WorkflowStatus(d["status"]),
+        input=_payload_from_avro(d["input"]),
+        started_at_ms=d["started_at_ms"],
+        updated_at_ms=d["updated_at_ms"],
+        revision=d["revision"],
+        events=tuple(_event_from_avro(e) for e in d["events"]),
+        result=_opt_payload(d["result"]),
+        failure=_opt_failure(d["failure"]),
+        closed_at_ms=d["closed_at_ms"],
+    )

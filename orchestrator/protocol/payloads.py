@@ -20,8 +20,7 @@ class PayloadEncodingError(SagalineError):
 def encode_json(value: Any) -> Payload:
     """Encode a JSON-compatible value deterministically."""
     try:
-        data = json.dumps(value, separators=(",", ":"), sort_keys=True,
-                          allow_nan=False).encode()
+        data = json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise PayloadEncodingError(f"value is not JSON-serialisable: {exc}") from exc
     return Payload(data=data, encoding=JSON_ENCODING)
@@ -31,7 +30,8 @@ def decode_json(payload: Payload) -> Any:
     """Decode a payload written by :func:`encode_json`."""
     if payload.encoding != JSON_ENCODING:
         raise PayloadEncodingError(
-            f"payload encoding {payload.encoding!r} is not supported; expected {JSON_ENCODING}")
+            f"payload encoding {payload.encoding!r} is not supported; expected {JSON_ENCODING}"
+        )
     try:
         return json.loads(payload.data)
     except ValueError as exc:

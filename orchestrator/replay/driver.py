@@ -42,11 +42,15 @@ class ReplayResult:
 
 def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
     """The events that settle a step: completions, and failures with no retry after them."""
-    retried = {(e.seq, e.attempt - 1) for e in events
-               if isinstance(e, ActivityScheduled) and e.attempt > 1}
-    return [e for e in events
-            if isinstance(e, ActivityCompleted)
-            or (isinstance(e, ActivityFailed) and (e.seq, e.attempt) not in retried)]
+    retried = {
+        (e.seq, e.attempt - 1) for e in events if isinstance(e, ActivityScheduled) and e.attempt > 1
+    }
+    return [
+        e
+        for e in events
+        if isinstance(e, ActivityCompleted)
+        or (isinstance(e, ActivityFailed) and (e.seq, e.attempt) not in retried)
+    ]
 
 
 class _Replayer:
@@ -64,8 +68,9 @@ class _Replayer:
         self.clock_ms = started_at_ms
         self.problem: str | None = None
 
-    def schedule(self, name: str, value: Any, retry: RetryPolicy,
-                 compensation: bool) -> ActivityHandle:
+    def schedule(
+        self, name: str, value: Any, retry: RetryPolicy, compensation: bool
+    ) -> ActivityHandle:
         if self.closing:
             # finally blocks run while the engine closes a blocked coroutine: not real steps.
             return ActivityHandle(-1, name)
@@ -76,18 +81,28 @@ class _Replayer:
         recorded = self.recorded.get(seq)
         if recorded is not None:
             if recorded.name != name or recorded.compensation != compensation:
-                self._flag(f"step {seq} is {_describe(name, compensation)} in the code but "
-                           f"{_describe(recorded.name, recorded.compensation)} in history")
+                self._flag(
+                    f"step {seq} is {_describe(name, compensation)} in the code but "
+                    f"{_describe(recorded.name, recorded.compensation)} in history"
+                )
             return handle
         try:
             payload = encode_json(value)
         except PayloadEncodingError as exc:
             handle.reject(exc)
             return handle
-        self.new_steps.append(ActivityScheduled(
-            seq=seq, attempt=1, name=name, payload=payload, at_ms=self.clock_ms,
-            compensation=compensation, max_attempts=retry.max_attempts,
-            non_retryable=retry.non_retryable_error_types))
+        self.new_steps.append(
+            ActivityScheduled(
+                seq=seq,
+                attempt=1,
+                name=name,
+                payload=payload,
+                at_ms=self.clock_ms,
+                compensation=compensation,
+                max_attempts=retry.max_attempts,
+                non_retryable=retry.non_retryable_error_types,
+            )
+        )
         return handle
 
     def now_ms(self) -> int:
@@ -106,8 +121,14 @@ def _outcome_value(payload: Payload) -> Any:
     return decode_json(payload)
 
 
-def replay(fn: WorkflowFn, workflow_id: str, workflow_type: str, input_value: Any,
-           events: tuple[HistoryEvent, ...], started_at_ms: int) -> ReplayResult:
+def replay(
+    fn: WorkflowFn,
+    workflow_id: str,
+    workflow_type: str,
+    input_value: Any,
+    events: tuple[HistoryEvent, ...],
+    started_at_ms: int,
+) -> ReplayResult:
     """Run ``fn`` over ``events`` and report new steps, completion or non-determinism."""
     replayer = _Replayer(events, started_at_ms)
     ctx = WorkflowContext(workflow_id, workflow_type, replayer)
@@ -122,10 +143,10 @@ def replay(fn: WorkflowFn, workflow_id: str, workflow_type: str, input_value: An
                 break
             handle = replayer.handles.get(event.seq)
             if handle is None:
-                name = replayer.recorded[event.seq].name if event.seq in replayer.recorded \
-                    else "?"
-                replayer._flag(f"history settles step {event.seq} ({name!r}) before the code "
-                               "schedules it")
+                name = replayer.recorded[event.seq].name if event.seq in replayer.recorded else "?"
+                replayer._flag(
+                    f"history settles step {event.seq} ({name!r}) before the code schedules it"
+                )
                 break
             replayer.clock_ms = event.at_ms
             if isinstance(event, ActivityCompleted):
@@ -135,9 +156,14 @@ def replay(fn: WorkflowFn, workflow_id: str, workflow_type: str, input_value: An
                     handle.reject(exc)
             else:
                 assert isinstance(event, ActivityFailed)
-                handle.reject(ActivityError(handle.name, event.failure.error_type,
-                                            event.failure.message,
-                                            attempts=attempts.get(event.seq, event.attempt)))
+                handle.reject(
+                    ActivityError(
+                        handle.name,
+                        event.failure.error_type,
+                        event.failure.message,
+                        attempts=attempts.get(event.seq, event.attempt),
+                    )
+                )
             _run(coro, replayer, outcome)
     finally:
         if not outcome.finished:
@@ -147,8 +173,10 @@ def replay(fn: WorkflowFn, workflow_id: str, workflow_type: str, input_value: An
         missing = sorted(set(replayer.recorded) - set(replayer.handles))
         if missing:
             seq = missing[0]
-            replayer._flag(f"history holds step {seq} ({replayer.recorded[seq].name!r}) "
-                           "that the code no longer schedules")
+            replayer._flag(
+                f"history holds step {seq} ({replayer.recorded[seq].name!r}) "
+                "that the code no longer schedules"
+            )
     if replayer.problem is not None:
         outcome.nondeterminism = replayer.problem
         outcome.new_steps = []
@@ -176,8 +204,10 @@ def _run(coro: Coroutine[Any, Any, Any], replayer: _Replayer, outcome: ReplayRes
         outcome.finished, outcome.error = True, exc
         return
     if not isinstance(yielded, ActivityHandle):
-        replayer._flag(f"workflow awaited {type(yielded).__name__}, which is not a sagaline "
-                       "step; await only what ctx hands out (no asyncio in workflows)")
+        replayer._flag(
+            f"workflow awaited {type(yielded).__name__}, which is not a sagaline "
+            "step; await only what ctx hands out (no asyncio in workflows)"
+        )
 
 
 def _close(coro: Coroutine[Any, Any, Any]) -> None:

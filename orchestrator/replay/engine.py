@@ -57,8 +57,13 @@ class Transition:
         return self.record is not None
 
 
-def advance(record: WorkflowRecord | None, body: InboxBody, now_ms: int,
-            registry: WorkflowRegistry, limits: Limits = Limits()) -> Transition:
+def advance(
+    record: WorkflowRecord | None,
+    body: InboxBody,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits = Limits(),
+) -> Transition:
     """Apply one inbox input to a workflow.
 
     Args:
@@ -76,17 +81,29 @@ def advance(record: WorkflowRecord | None, body: InboxBody, now_ms: int,
     return _apply_result(record, body, now_ms, registry, limits)
 
 
-def _start(record: WorkflowRecord | None, start: StartWorkflow, now_ms: int,
-           registry: WorkflowRegistry, limits: Limits) -> Transition:
+def _start(
+    record: WorkflowRecord | None,
+    start: StartWorkflow,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits,
+) -> Transition:
     if record is not None:
         return Transition(None, ignored="duplicate-start")
     if registry.get(start.workflow_type) is None:
         raise UnknownWorkflowTypeError(
             f"workflow {start.workflow_id}: type {start.workflow_type!r} is not registered "
-            f"here (known: {', '.join(sorted(registry.names())) or 'none'})")
-    fresh = WorkflowRecord(workflow_id=start.workflow_id, workflow_type=start.workflow_type,
-                           status=WorkflowStatus.RUNNING, input=start.input,
-                           started_at_ms=now_ms, updated_at_ms=now_ms, revision=0)
+            f"here (known: {', '.join(sorted(registry.names())) or 'none'})"
+        )
+    fresh = WorkflowRecord(
+        workflow_id=start.workflow_id,
+        workflow_type=start.workflow_type,
+        status=WorkflowStatus.RUNNING,
+        input=start.input,
+        started_at_ms=now_ms,
+        updated_at_ms=now_ms,
+        revision=0,
+    )
     return _run_code(fresh, now_ms, registry, limits)
 
 
@@ -97,8 +114,13 @@ def _latest_attempt(events: tuple[HistoryEvent, ...], seq: int) -> ActivitySched
     return None
 
 
-def _apply_result(record: WorkflowRecord | None, result: ActivityResult, now_ms: int,
-                  registry: WorkflowRegistry, limits: Limits) -> Transition:
+def _apply_result(
+    record: WorkflowRecord | None,
+    result: ActivityResult,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits,
+) -> Transition:
     if record is None:
         return Transition(None, ignored="unknown-workflow")
     if record.status.terminal:
@@ -109,8 +131,11 @@ def _apply_result(record: WorkflowRecord | None, result: ActivityResult, now_ms:
     if result.activity_id != activity_id(record.workflow_id, result.seq, result.attempt):
         return Transition(None, ignored="activity-id-mismatch")
     for event in reversed(record.events):
-        if (isinstance(event, ActivityCompleted | ActivityFailed)
-                and event.seq == result.seq and event.attempt == result.attempt):
+        if (
+            isinstance(event, ActivityCompleted | ActivityFailed)
+            and event.seq == result.seq
+            and event.attempt == result.attempt
+        ):
             return Transition(None, ignored="duplicate-result")
     if result.status is ActivityStatus.COMPLETED:
         if result.result is None:
@@ -124,8 +149,14 @@ def _apply_result(record: WorkflowRecord | None, result: ActivityResult, now_ms:
     events = (*record.events, outcome)
     if isinstance(outcome, ActivityFailed) and _should_retry(step, outcome.failure):
         if len(events) + 1 > limits.max_events:
-            return Transition(_close(dataclasses.replace(record, events=events), now_ms,
-                                     WorkflowStatus.FAILED, failure=_over_limit(record, limits)))
+            return Transition(
+                _close(
+                    dataclasses.replace(record, events=events),
+                    now_ms,
+                    WorkflowStatus.FAILED,
+                    failure=_over_limit(record, limits),
+                )
+            )
         retry = dataclasses.replace(step, attempt=step.attempt + 1, at_ms=now_ms)
         updated = _revise(record, now_ms, events=(*events, retry))
         return Transition(updated, tasks=(_task(updated, retry),))
@@ -133,28 +164,53 @@ def _apply_result(record: WorkflowRecord | None, result: ActivityResult, now_ms:
 
 
 def _should_retry(step: ActivityScheduled, failure: Failure) -> bool:
-    return (failure.retryable and step.attempt < step.max_attempts
-            and failure.error_type not in step.non_retryable)
+    return (
+        failure.retryable
+        and step.attempt < step.max_attempts
+        and failure.error_type not in step.non_retryable
+    )
 
 
-def _run_code(record: WorkflowRecord, now_ms: int, registry: WorkflowRegistry,
-              limits: Limits) -> Transition:
+def _run_code(
+    record: WorkflowRecord, now_ms: int, registry: WorkflowRegistry, limits: Limits
+) -> Transition:
     fn = registry.get(record.workflow_type)
     if fn is None:
-        return Transition(_revise(record, now_ms, status=WorkflowStatus.STUCK, failure=Failure(
-            "UnknownWorkflowType",
-            f"workflow type {record.workflow_type!r} is not registered in this orchestrator; "
-            "deploy code that registers it to resume")))
+        return Transition(
+            _revise(
+                record,
+                now_ms,
+                status=WorkflowStatus.STUCK,
+                failure=Failure(
+                    "UnknownWorkflowType",
+                    f"workflow type {record.workflow_type!r} is not registered in this orchestrator; "
+                    "deploy code that registers it to resume",
+                ),
+            )
+        )
     try:
         input_value: Any = decode_json(record.input)
     except PayloadEncodingError as exc:
-        return Transition(_close(record, now_ms, WorkflowStatus.FAILED,
-                                 failure=Failure("InvalidInput", str(exc))))
-    result = replay(fn, record.workflow_id, record.workflow_type, input_value, record.events,
-                    record.started_at_ms)
+        return Transition(
+            _close(record, now_ms, WorkflowStatus.FAILED, failure=Failure("InvalidInput", str(exc)))
+        )
+    result = replay(
+        fn,
+        record.workflow_id,
+        record.workflow_type,
+        input_value,
+        record.events,
+        record.started_at_ms,
+    )
     if result.nondeterminism is not None:
-        return Transition(_revise(record, now_ms, status=WorkflowStatus.STUCK,
-                                  failure=Failure("NonDeterminismError", result.nondeterminism)))
+        return Transition(
+            _revise(
+                record,
+                now_ms,
+                status=WorkflowStatus.STUCK,
+                failure=Failure("NonDeterminismError", result.nondeterminism),
+            )
+        )
     if result.finished:
         # Steps scheduled but never awaited die with the workflow: no task, no record.
         updated = record
@@ -162,31 +218,38 @@ def _run_code(record: WorkflowRecord, now_ms: int, registry: WorkflowRegistry,
             try:
                 payload = encode_json(result.value)
             except PayloadEncodingError as exc:
-                return Transition(_close(updated, now_ms, WorkflowStatus.FAILED,
-                                         failure=Failure("InvalidResult", str(exc))))
+                return Transition(
+                    _close(
+                        updated,
+                        now_ms,
+                        WorkflowStatus.FAILED,
+                        failure=Failure("InvalidResult", str(exc)),
+                    )
+                )
             return Transition(_close(updated, now_ms, WorkflowStatus.COMPLETED, result=payload))
         failure = Failure(type(result.error).__name__, str(result.error))
-        return Transition(_close(updated, now_ms, _failed_status(updated.events),
-                                 failure=failure))
+        return Transition(_close(updated, now_ms, _failed_status(updated.events), failure=failure))
     events = (*record.events, *result.new_steps)
     if len(events) > limits.max_events:
-        return Transition(_close(record, now_ms, WorkflowStatus.FAILED,
-                                 failure=_over_limit(record, limits)))
+        return Transition(
+            _close(record, now_ms, WorkflowStatus.FAILED, failure=_over_limit(record, limits))
+        )
     updated = dataclasses.replace(record, events=events)
     revised = _revise(updated, now_ms, status=WorkflowStatus.RUNNING, failure=None)
     return Transition(revised, tasks=tuple(_task(revised, s) for s in result.new_steps))
 
 
 def _over_limit(record: WorkflowRecord, limits: Limits) -> Failure:
-    return Failure("HistoryLimitExceeded",
-                   f"workflow {record.workflow_id} would exceed its limit of "
-                   f"{limits.max_events} history events")
+    return Failure(
+        "HistoryLimitExceeded",
+        f"workflow {record.workflow_id} would exceed its limit of "
+        f"{limits.max_events} history events",
+    )
 
 
 def _failed_status(events: tuple[HistoryEvent, ...]) -> WorkflowStatus:
     """FAILED, or COMPENSATED / COMPENSATION_FAILED when compensations ran."""
-    compensations = {e.seq for e in events
-                     if isinstance(e, ActivityScheduled) and e.compensation}
+    compensations = {e.seq for e in events if isinstance(e, ActivityScheduled) and e.compensation}
     if not compensations:
         return WorkflowStatus.FAILED
     completed = {e.seq for e in final_outcomes(events) if isinstance(e, ActivityCompleted)}
@@ -196,22 +259,31 @@ def _failed_status(events: tuple[HistoryEvent, ...]) -> WorkflowStatus:
 
 
 def _revise(record: WorkflowRecord, now_ms: int, **changes: Any) -> WorkflowRecord:
-    return dataclasses.replace(record, revision=record.revision + 1, updated_at_ms=now_ms,
-                               **changes)
+    return dataclasses.replace(
+        record, revision=record.revision + 1, updated_at_ms=now_ms, **changes
+    )
 
 
-def _close(record: WorkflowRecord, now_ms: int, status: WorkflowStatus,
-           **changes: Any) -> WorkflowRecord:
+def _close(
+    record: WorkflowRecord, now_ms: int, status: WorkflowStatus, **changes: Any
+) -> WorkflowRecord:
     return _revise(record, now_ms, status=status, closed_at_ms=now_ms, **changes)
 
 
 def _task(record: WorkflowRecord, step: ActivityScheduled) -> ActivityTask:
     participant, _, activity = step.name.partition(".")
     return ActivityTask(
-        workflow_id=record.workflow_id, workflow_type=record.workflow_type,
+        workflow_id=record.workflow_id,
+        workflow_type=record.workflow_type,
         activity_id=activity_id(record.workflow_id, step.seq, step.attempt),
-        seq=step.seq, attempt=step.attempt, participant=participant, activity=activity,
-        payload=step.payload, scheduled_at_ms=step.at_ms, compensation=step.compensation)
+        seq=step.seq,
+        attempt=step.attempt,
+        participant=participant,
+        activity=activity,
+        payload=step.payload,
+        scheduled_at_ms=step.at_ms,
+        compensation=step.compensation,
+    )
 
 
 def pending_tasks(record: WorkflowRecord) -> tuple[ActivityTask, ...]:

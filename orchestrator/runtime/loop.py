@@ -71,8 +71,12 @@ class Orchestrator:
         Orchestrator(OrchestratorSettings(), registry).run(stop_event)
     """
 
-    def __init__(self, settings: OrchestratorSettings, registry: WorkflowRegistry,
-                 codec: AvroCodec | None = None) -> None:
+    def __init__(
+        self,
+        settings: OrchestratorSettings,
+        registry: WorkflowRegistry,
+        codec: AvroCodec | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.codec = codec or AvroCodec(max_record_bytes=settings.max_record_bytes)
@@ -85,42 +89,48 @@ class Orchestrator:
         self._committed: dict[int, int] = {}
         self._callback_error: BaseException | None = None
         common = settings.kafka_common()
-        self.consumer = Consumer({
-            **common,
-            "group.id": settings.consumer_group,
-            "group.instance.id": settings.instance_id,
-            "client.id": f"sagaline-orchestrator-{settings.instance_id}",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            # Eager range assignment keeps every rebalance a full revoke/assign (EOS 13).
-            "partition.assignment.strategy": "range",
-            "session.timeout.ms": settings.session_timeout_ms,
-            "heartbeat.interval.ms": max(500, settings.session_timeout_ms // 5),
-        })
-        self.restorer = Consumer({
-            **common,
-            "group.id": f"{settings.consumer_group}.restore",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "client.id": f"sagaline-restore-{settings.instance_id}",
-        })
-        self.producer = Producer({
-            **common,
-            "transactional.id": settings.transactional_id,
-            "transaction.timeout.ms": settings.transaction_timeout_ms,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 1,
-            # The CONCURRENT_TRANSACTIONS back-off dominates latency at librdkafka's
-            # defaults (EOS 20).
-            "retry.backoff.ms": 5,
-            "retry.backoff.max.ms": 20,
-            "partitioner": "murmur2_random",
-            "client.id": f"sagaline-orchestrator-{settings.instance_id}",
-        })
+        self.consumer = Consumer(
+            {
+                **common,
+                "group.id": settings.consumer_group,
+                "group.instance.id": settings.instance_id,
+                "client.id": f"sagaline-orchestrator-{settings.instance_id}",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                # Eager range assignment keeps every rebalance a full revoke/assign (EOS 13).
+                "partition.assignment.strategy": "range",
+                "session.timeout.ms": settings.session_timeout_ms,
+                "heartbeat.interval.ms": max(500, settings.session_timeout_ms // 5),
+            }
+        )
+        self.restorer = Consumer(
+            {
+                **common,
+                "group.id": f"{settings.consumer_group}.restore",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "client.id": f"sagaline-restore-{settings.instance_id}",
+            }
+        )
+        self.producer = Producer(
+            {
+                **common,
+                "transactional.id": settings.transactional_id,
+                "transaction.timeout.ms": settings.transaction_timeout_ms,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 1,
+                # The CONCURRENT_TRANSACTIONS back-off dominates latency at librdkafka's
+                # defaults (EOS 20).
+                "retry.backoff.ms": 5,
+                "retry.backoff.max.ms": 20,
+                "partitioner": "murmur2_random",
+                "client.id": f"sagaline-orchestrator-{settings.instance_id}",
+            }
+        )
         self.admin = AdminClient(common)
 
     # --- lifecycle --------------------------------------------------------------------
@@ -132,13 +142,21 @@ class Orchestrator:
             FatalKafkaError: fenced or fatal Kafka error; nothing uncommitted is kept.
         """
         partitions = check_copartitioned(self.admin, self.topics)
-        log.info("orchestrator instance=%s transactional_id=%s partitions=%d types=%s",
-                 self.settings.instance_id, self.settings.transactional_id, partitions,
-                 ",".join(sorted(self.registry.names())))
+        log.info(
+            "orchestrator instance=%s transactional_id=%s partitions=%d types=%s",
+            self.settings.instance_id,
+            self.settings.transactional_id,
+            partitions,
+            ",".join(sorted(self.registry.names())),
+        )
         # Fences a previous incarnation of this instance and aborts its open transaction.
         self._kafka(lambda: self.producer.init_transactions(30))
-        self.consumer.subscribe([self.topics.inbox], on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.consumer.subscribe(
+            [self.topics.inbox],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
         try:
             while not stop.is_set():
                 self._restore_assigned()
@@ -202,8 +220,13 @@ class Orchestrator:
         while self._to_restore:
             partition = self._to_restore.pop(0)
             state = restore_partition(
-                self.restorer, self.admin, self.codec, self.topics.history, partition,
-                deadline_s=max(60.0, 4 * self.settings.transaction_timeout_ms / 1000))
+                self.restorer,
+                self.admin,
+                self.codec,
+                self.topics.history,
+                partition,
+                deadline_s=max(60.0, 4 * self.settings.transaction_timeout_ms / 1000),
+            )
             inbox_tp = TopicPartition(self.topics.inbox, partition)
             # read_committed: waits for a previous owner's pending offset commit (EOS 11).
             committed = self.consumer.committed([inbox_tp], timeout=30)[0].offset
@@ -239,8 +262,10 @@ class Orchestrator:
         batch = self._batch
         if batch.inputs == 0:
             return False
-        return (batch.inputs >= self.settings.max_batch_records
-                or time.monotonic() - batch.opened >= self.settings.commit_interval_ms / 1000)
+        return (
+            batch.inputs >= self.settings.max_batch_records
+            or time.monotonic() - batch.opened >= self.settings.commit_interval_ms / 1000
+        )
 
     def _process(self, msg: Message, now_ms: int) -> None:
         partition = _partition(msg)
@@ -258,9 +283,12 @@ class Orchestrator:
             return
         key = msg.key()
         if key is None or key.decode(errors="replace") != body.workflow_id:
-            self._reject(msg, "key-mismatch",
-                         f"record key {key!r} is not the workflow id {body.workflow_id!r}; "
-                         "inputs must be keyed by workflow id to reach the owning partition")
+            self._reject(
+                msg,
+                "key-mismatch",
+                f"record key {key!r} is not the workflow id {body.workflow_id!r}; "
+                "inputs must be keyed by workflow id to reach the owning partition",
+            )
             return
         current = self.store.get(partition, body.workflow_id)
         try:
@@ -271,14 +299,21 @@ class Orchestrator:
         except Exception as exc:
             # A poison input must not crash-loop the partition (EOS 16): its effects are
             # dropped (nothing was staged) and the input is parked with the reason.
-            log.exception("engine failed workflow=%s partition=%d offset=%d",
-                          body.workflow_id, partition, msg.offset())
+            log.exception(
+                "engine failed workflow=%s partition=%d offset=%d",
+                body.workflow_id,
+                partition,
+                msg.offset(),
+            )
             self._reject(msg, "engine-error", f"{type(exc).__name__}: {exc}")
             return
         if transition.ignored is not None:
             if transition.ignored == "unknown-workflow":
-                self._reject(msg, "unknown-workflow",
-                             f"no workflow {body.workflow_id!r} in partition {partition}")
+                self._reject(
+                    msg,
+                    "unknown-workflow",
+                    f"no workflow {body.workflow_id!r} in partition {partition}",
+                )
             else:
                 self._batch.ignored.append(transition.ignored)
             return
@@ -286,15 +321,23 @@ class Orchestrator:
         assert record is not None
         self._begin()
         for task in transition.tasks:
-            self._produce(self.topics.tasks(task.participant), task.workflow_id.encode(),
-                          self.codec.encode_task(task))
+            self._produce(
+                self.topics.tasks(task.participant),
+                task.workflow_id.encode(),
+                self.codec.encode_task(task),
+            )
         self.store.stage(partition, record)
         start = body if isinstance(body, StartWorkflow) else None
         self._batch.transitions.append((start, transition))
 
     def _reject(self, msg: Message, reason: str, error: str) -> None:
-        log.warning("dead letter reason=%s partition=%d offset=%d error=%s",
-                    reason, msg.partition(), msg.offset(), error)
+        log.warning(
+            "dead letter reason=%s partition=%d offset=%d error=%s",
+            reason,
+            msg.partition(),
+            msg.offset(),
+            error,
+        )
         letter: DeadLetter = dead_letter(msg, reason=reason, error=error, source="orchestrator")
         self._begin()
         self._produce(self.topics.dlq, letter.key, letter.value, letter.headers)
@@ -308,9 +351,14 @@ class Orchestrator:
             self._kafka(self.producer.begin_transaction)
             self._in_txn = True
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None,
-                 headers: list[tuple[str, bytes]] | None = None,
-                 partition: int | None = None) -> None:
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+    ) -> None:
         kwargs: dict[str, Any] = {"key": key, "value": value}
         if headers:
             kwargs["headers"] = headers
@@ -332,12 +380,19 @@ class Orchestrator:
             self._begin()
             for partition, record in self.store.staged():
                 # Explicit partition: history p belongs to whoever owns inbox p.
-                self._produce(self.topics.history, record.workflow_id.encode(),
-                              self.codec.encode_workflow(record), partition=partition)
+                self._produce(
+                    self.topics.history,
+                    record.workflow_id.encode(),
+                    self.codec.encode_workflow(record),
+                    partition=partition,
+                )
             offsets = [TopicPartition(self.topics.inbox, p, o) for p, o in batch.offsets.items()]
             if offsets:
-                self._kafka(lambda: self.producer.send_offsets_to_transaction(
-                    offsets, self.consumer.consumer_group_metadata(), 30))
+                self._kafka(
+                    lambda: self.producer.send_offsets_to_transaction(
+                        offsets, self.consumer.consumer_group_metadata(), 30
+                    )
+                )
             self._kafka(lambda: self.producer.commit_transaction(30))
         except _Abortable as exc:
             self._abort(str(exc))
@@ -397,7 +452,8 @@ class Orchestrator:
                 status = record.status.value.lower()
                 metrics.WORKFLOWS_CLOSED.labels(wtype, status).inc()
                 metrics.WORKFLOW_DURATION.labels(wtype, status).observe(
-                    (record.closed_at_ms - record.started_at_ms) / 1000)
+                    (record.closed_at_ms - record.started_at_ms) / 1000
+                )
         for state in self.store.partitions():
             metrics.WORKFLOWS_IN_FLIGHT.labels(str(state.partition)).set(len(state.running))
 

@@ -38,15 +38,22 @@ def history_target(admin: AdminClient, topic: str, partition: int, timeout_s: fl
     """High watermark of ``topic``/``partition`` including open transactions."""
     tp = TopicPartition(topic, partition)
     latest: Any = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-    futures = admin.list_offsets({tp: latest},
-                                 isolation_level=IsolationLevel.READ_UNCOMMITTED,
-                                 request_timeout=timeout_s)
+    futures = admin.list_offsets(
+        {tp: latest}, isolation_level=IsolationLevel.READ_UNCOMMITTED, request_timeout=timeout_s
+    )
     info: Any = futures[tp].result(timeout=timeout_s)
     return int(info.offset)
 
 
-def restore_partition(consumer: Consumer, admin: AdminClient, codec: AvroCodec, topic: str,
-                      partition: int, *, deadline_s: float) -> PartitionState:
+def restore_partition(
+    consumer: Consumer,
+    admin: AdminClient,
+    codec: AvroCodec,
+    topic: str,
+    partition: int,
+    *,
+    deadline_s: float,
+) -> PartitionState:
     """Read history ``partition`` from the beginning to its target; return its workflows.
 
     ``consumer`` is an assign-only, read_committed consumer used for restores alone. It
@@ -70,14 +77,26 @@ def restore_partition(consumer: Consumer, admin: AdminClient, codec: AvroCodec, 
     metrics.RESTORE_SECONDS.labels(str(partition)).observe(elapsed)
     metrics.RESTORE_RECORDS.labels(str(partition)).inc(state.history_records)
     metrics.WORKFLOWS_IN_FLIGHT.labels(str(partition)).set(len(state.running))
-    log.info("restored partition=%d target=%d records=%d workflows=%d running=%d seconds=%.3f",
-             partition, target, state.history_records, len(state.workflows),
-             len(state.running), elapsed)
+    log.info(
+        "restored partition=%d target=%d records=%d workflows=%d running=%d seconds=%.3f",
+        partition,
+        target,
+        state.history_records,
+        len(state.workflows),
+        len(state.running),
+        elapsed,
+    )
     return state
 
 
-def _read_until(consumer: Consumer, codec: AvroCodec, state: PartitionState,
-                tp: TopicPartition, target: int, deadline: float) -> None:
+def _read_until(
+    consumer: Consumer,
+    codec: AvroCodec,
+    state: PartitionState,
+    tp: TopicPartition,
+    target: int,
+    deadline: float,
+) -> None:
     position = 0
     while True:
         for msg in consumer.consume(num_messages=1000, timeout=0.2):
@@ -101,12 +120,17 @@ def _read_until(consumer: Consumer, codec: AvroCodec, state: PartitionState,
             except RecordDecodeError as exc:
                 # We wrote these ourselves; a bad one means a foreign writer or a schema
                 # removed too early. Keep restoring the rest and make it loud.
-                log.error("restore partition=%d offset=%d undecodable history record: %s",
-                          tp.partition, msg.offset(), exc)
+                log.error(
+                    "restore partition=%d offset=%d undecodable history record: %s",
+                    tp.partition,
+                    msg.offset(),
+                    exc,
+                )
         position = consumer.position([TopicPartition(tp.topic, tp.partition)])[0].offset
         if position >= target:
             return
         if time.monotonic() > deadline:
             raise RestoreError(
                 f"restore of {tp.topic}[{tp.partition}] reached offset {position} of {target} "
-                "before its deadline; is an open transaction of a dead producer holding it?")
+                "before its deadline; is an open transaction of a dead producer holding it?"
+            )

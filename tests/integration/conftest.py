@@ -32,14 +32,22 @@ def _read_env(text: str) -> dict[str, str]:
 def stack() -> dict[str, str]:
     """Bring up (or reuse) the local Kafka + PostgreSQL; return their SAGALINE_* settings."""
     try:
-        done = subprocess.run([str(ROOT / "infra" / "stack.sh"), "up"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600, check=False)
+        done = subprocess.run(
+            [str(ROOT / "infra" / "stack.sh"), "up"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"infra/stack.sh up did not finish in {exc.timeout}s", pytrace=False)
     if done.returncode != 0:
-        pytest.fail("infra/stack.sh up failed; the integration tests need a real Kafka and "
-                    f"PostgreSQL.\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}",
-                    pytrace=False)
+        pytest.fail(
+            "infra/stack.sh up failed; the integration tests need a real Kafka and "
+            f"PostgreSQL.\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}",
+            pytrace=False,
+        )
     env = _read_env(done.stdout)
     for key in ("SAGALINE_KAFKA_BOOTSTRAP", "SAGALINE_POSTGRES_DSN"):
         if key not in env:
@@ -85,11 +93,13 @@ def postgres_dsn(stack: dict[str, str]) -> Iterator[str]:
 def process_env(kafka_bootstrap: str, topics: Topics, postgres_dsn: str) -> dict[str, str]:
     """Environment for sagaline processes started by a test."""
     env = dict(os.environ)
-    env.update({
-        "SAGALINE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "SAGALINE_TOPIC_PREFIX": topics.prefix,
-        "SAGALINE_POSTGRES_DSN": postgres_dsn,
-        "SAGALINE_METRICS_PORT": "0",
-        "PYTHONPATH": str(ROOT),
-    })
+    env.update(
+        {
+            "SAGALINE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "SAGALINE_TOPIC_PREFIX": topics.prefix,
+            "SAGALINE_POSTGRES_DSN": postgres_dsn,
+            "SAGALINE_METRICS_PORT": "0",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     return env

@@ -34,15 +34,15 @@ pytestmark = pytest.mark.integration
 
 # Short timeouts so failover happens within a test's patience; the ratio the settings
 # validator demands (commit interval <= a tenth of the transaction timeout) still holds.
-FAST = {"session_timeout_ms": "6000", "transaction_timeout_ms": "10000",
-        "commit_interval_ms": "50"}
+FAST = {"session_timeout_ms": "6000", "transaction_timeout_ms": "10000", "commit_interval_ms": "50"}
 
 
 class Saga:
     """Processes and observers of one test run."""
 
-    def __init__(self, env: dict[str, str], topics: Topics, bootstrap: str, dsn: str,
-                 log_dir: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], topics: Topics, bootstrap: str, dsn: str, log_dir: Path
+    ) -> None:
         self.env, self.topics, self.bootstrap, self.dsn = env, topics, bootstrap, dsn
         self.log_dir = log_dir
         self.processes: list[SagalineProcess] = []
@@ -56,14 +56,16 @@ class Saga:
 
     def start_participants(self) -> None:
         for name in ("inventory", "payment", "shipping"):
-            process = participant_process(self.env, self.log_dir, name,
-                                          session_timeout_ms="6000").start()
+            process = participant_process(
+                self.env, self.log_dir, name, session_timeout_ms="6000"
+            ).start()
             self.participants[name] = process
             self.processes.append(process)
 
     def start_orders(self, orders: list[dict[str, Any]]) -> None:
-        client = WorkflowClient(KafkaSettings(kafka_bootstrap=self.bootstrap,
-                                              topic_prefix=self.topics.prefix))
+        client = WorkflowClient(
+            KafkaSettings(kafka_bootstrap=self.bootstrap, topic_prefix=self.topics.prefix)
+        )
         for order in orders:
             client.start("order.process", order, workflow_id=order["order_id"])
         client.flush()
@@ -75,28 +77,35 @@ class Saga:
             self.watcher.poll()
             if len(self.watcher.terminal(ids)) >= count:
                 return
-        raise AssertionError(f"only {len(self.watcher.terminal(ids))} of {len(ids)} sagas "
-                             f"terminal after {deadline_s}s, wanted {count}\n{self.logs()}")
+        raise AssertionError(
+            f"only {len(self.watcher.terminal(ids))} of {len(ids)} sagas "
+            f"terminal after {deadline_s}s, wanted {count}\n{self.logs()}"
+        )
 
-    def finish(self, orders: list[dict[str, Any]], deadline_s: float = 240.0
-               ) -> dict[str, WorkflowRecord]:
+    def finish(
+        self, orders: list[dict[str, Any]], deadline_s: float = 240.0
+    ) -> dict[str, WorkflowRecord]:
         """Wait for every order's saga to end, then check statuses, history and effects."""
         ids = [o["order_id"] for o in orders]
         alive = [p for p in self.processes if p.alive()]
         done = self.watcher.wait_terminal(ids, deadline_s, alive=alive)
         missing = sorted(set(ids) - set(done))
-        assert not missing, (f"{len(missing)} sagas never ended, e.g. {missing[:3]}: "
-                             f"{[self.watcher.latest.get(m) for m in missing[:1]]}\n{self.logs()}")
+        assert not missing, (
+            f"{len(missing)} sagas never ended, e.g. {missing[:3]}: "
+            f"{[self.watcher.latest.get(m) for m in missing[:1]]}\n{self.logs()}"
+        )
         for order in orders:
             record = done[order["order_id"]]
             assert record.status is expected_status(order), (
                 f"workflow {record.workflow_id}: expected {expected_status(order)}, observed "
-                f"{record.status} ({record.failure}); history {record.events}")
+                f"{record.status} ({record.failure}); history {record.events}"
+            )
             assert_history_sane(record)
         for wid, revisions in self.watcher.revisions.items():
             assert revisions == sorted(set(revisions)), (
                 f"workflow {wid}: committed revisions {revisions} are not strictly increasing; "
-                "a stale state was resumed")
+                "a stale state was resumed"
+            )
         problems = audit_effects(self.dsn, orders)
         assert not problems, f"{len(problems)} effect problems, e.g. {problems[:5]}"
         return done
@@ -125,17 +134,27 @@ def wait_for_log(process: SagalineProcess, text: str, deadline_s: float) -> None
 def assert_history_sane(record: WorkflowRecord) -> None:
     """Every step scheduled once per attempt and settled at most once per attempt."""
     scheduled = [(e.seq, e.attempt) for e in record.events if isinstance(e, ActivityScheduled)]
-    settled = [(e.seq, e.attempt) for e in record.events
-               if isinstance(e, ActivityCompleted | ActivityFailed)]
+    settled = [
+        (e.seq, e.attempt)
+        for e in record.events
+        if isinstance(e, ActivityCompleted | ActivityFailed)
+    ]
     assert len(scheduled) == len(set(scheduled)), (
-        f"workflow {record.workflow_id}: a step was scheduled twice: {record.events}")
+        f"workflow {record.workflow_id}: a step was scheduled twice: {record.events}"
+    )
     assert len(settled) == len(set(settled)), (
-        f"workflow {record.workflow_id}: a step was settled twice: {record.events}")
+        f"workflow {record.workflow_id}: a step was settled twice: {record.events}"
+    )
 
 
 @pytest.fixture
-def saga(process_env: dict[str, str], topics: Topics, kafka_bootstrap: str,
-         postgres_dsn: str, tmp_path: Path) -> Iterator[Saga]:
+def saga(
+    process_env: dict[str, str],
+    topics: Topics,
+    kafka_bootstrap: str,
+    postgres_dsn: str,
+    tmp_path: Path,
+) -> Iterator[Saga]:
     run = Saga(process_env, topics, kafka_bootstrap, postgres_dsn, tmp_path / "logs")
     yield run
     run.close()
@@ -205,8 +224,9 @@ def test_kill9_participant_mid_batch(saga: Saga) -> None:
     payment = saga.participants["payment"]
     payment.kill9()
     saga.processes.remove(payment)
-    restarted = participant_process(saga.env, saga.log_dir, "payment",
-                                    session_timeout_ms="6000").start()
+    restarted = participant_process(
+        saga.env, saga.log_dir, "payment", session_timeout_ms="6000"
+    ).start()
     saga.processes.append(restarted)
     saga.finish(orders, deadline_s=300)
 
