@@ -183,8 +183,8 @@ def _run_code(
                 status=WorkflowStatus.STUCK,
                 failure=Failure(
                     "UnknownWorkflowType",
-                    f"workflow type {record.workflow_type!r} is not registered in this orchestrator; "
-                    "deploy code that registers it to resume",
+                    f"workflow type {record.workflow_type!r} is not registered in this "
+                    "orchestrator; deploy code that registers it to resume",
                 ),
             )
         )
