@@ -31,6 +31,7 @@ from orchestrator.errors import RecordDecodeError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.records import ActivityResult, ActivityTask
 from orchestrator.runtime.dlq import dead_letter
+from orchestrator.runtime.polling import poll_batch
 from orchestrator.settings import ParticipantSettings
 from participants.idempotency import ensure_schema, execute_task
 from participants.participant import Participant
@@ -135,7 +136,7 @@ class _ParticipantLoop:
             ",".join(self.participant.activities),
         )
         while not stop.is_set():
-            messages = self.consumer.consume(num_messages=self.max_batch, timeout=0.1)
+            messages = poll_batch(self.consumer, self.max_batch, 0.1)
             if messages:
                 self._process(messages)
         log.info("participant stopping participant=%s", self.participant.name)

@@ -33,6 +33,7 @@ from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.records import ActivityTask, StartWorkflow, WorkflowStatus
 from orchestrator.replay.engine import Limits, Transition, advance
 from orchestrator.runtime.dlq import DeadLetter, dead_letter
+from orchestrator.runtime.polling import poll_batch
 from orchestrator.runtime.restore import restore_partition
 from orchestrator.runtime.state import WorkflowStore
 from orchestrator.settings import OrchestratorSettings
@@ -88,6 +89,7 @@ class Orchestrator:
         self._to_restore: list[int] = []
         self._committed: dict[int, int] = {}
         self._callback_error: BaseException | None = None
+        self._idle = True
         common = settings.kafka_common()
         self.consumer = Consumer(
             {
@@ -238,7 +240,8 @@ class Orchestrator:
 
     def _poll_once(self) -> None:
         room = max(1, self.settings.max_batch_records - self._batch.inputs)
-        messages = self.consumer.consume(num_messages=room, timeout=self._poll_timeout())
+        messages = poll_batch(self.consumer, room, self._poll_timeout())
+        self._idle = not messages
         if self._callback_error is not None:
             failed, self._callback_error = self._callback_error, None
             raise FatalKafkaError(f"rebalance callback failed: {failed!r}") from failed
@@ -255,15 +258,18 @@ class Orchestrator:
     def _poll_timeout(self) -> float:
         if self._batch.inputs == 0:
             return 0.1
-        left = self.settings.commit_interval_ms / 1000 - (time.monotonic() - self._batch.opened)
-        return min(0.1, max(0.0, left))
+        # Inputs are waiting to be committed: only take what has already arrived.
+        return 0.0
 
     def _batch_due(self) -> bool:
         batch = self._batch
         if batch.inputs == 0:
             return False
+        # Commit once nothing more is waiting (low latency when idle; batches grow by
+        # themselves under load), when the batch is full, or when it has been open too long.
         return (
-            batch.inputs >= self.settings.max_batch_records
+            self._idle
+            or batch.inputs >= self.settings.max_batch_records
             or time.monotonic() - batch.opened >= self.settings.commit_interval_ms / 1000
         )
 
