@@ -57,39 +57,8 @@ as_pg() {
   fi
 }
 
-port_free() {
-  python3 - "$1" <<'PY'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-PY
-}
-
-# A free port below the kernel's ephemeral range, so that a client connection's local
-# port can never squat on the persisted server port.
-free_port() {
-  python3 - <<'PY'
-import random, socket
-try:
-    lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-except OSError:
-    lo = 32768
-while True:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(("127.0.0.1", random.randrange(20000, lo) if lo > 21000 else 0))
-    except OSError:
-        s.close()
-        continue
-    print(s.getsockname()[1])
-    break
-PY
-}
+# shellcheck source=../ports.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../ports.sh"
 
 # psql of any installed version, only to probe an externally provided DSN.
 any_psql() {
@@ -252,7 +221,7 @@ ensure_port() {
     port_free "$PORT" && return 0
     log "port $PORT is taken by another process; picking a new one"
   fi
-  PORT=$(free_port)
+  PORT=$(free_ports 1)
   echo "$PORT" >"$PORT_FILE"
 }
 
