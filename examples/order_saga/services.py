@@ -12,12 +12,16 @@ idempotency inbox would show up as a second row for the same order, which the te
 from __future__ import annotations
 
 import json
+import os
+import time
 import uuid
 from typing import Any
 
 from participants import ActivityContext, ActivityFailure, Participant
 
 DEFAULT_STOCK = 1_000_000
+# A slow card network, for fault tests that must catch a batch half done.
+PAYMENT_LATENCY_S = int(os.environ.get("ORDER_SAGA_PAYMENT_LATENCY_MS", "0")) / 1000
 
 
 class InvalidRequest(ActivityFailure):
@@ -175,6 +179,8 @@ def charge(value: Any, *, ctx: ActivityContext) -> dict[str, Any]:
     amount = _count(request, "amount", minimum=0)
     if _text(request, "card") == "declined":
         raise PaymentDeclined(f"order {order_id}: card declined")
+    if PAYMENT_LATENCY_S:
+        time.sleep(PAYMENT_LATENCY_S)  # stands in for the card network's round trip
     charge_id = f"ch-{uuid.uuid4()}"
     ctx.db.execute(
         "INSERT INTO payments (charge_id, order_id, amount, status) VALUES (%s, %s, %s, 'charged')",
