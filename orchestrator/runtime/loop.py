@@ -34,7 +34,7 @@ from orchestrator.protocol.records import ActivityTask, StartWorkflow, WorkflowS
 from orchestrator.replay.engine import Limits, Transition, advance
 from orchestrator.runtime.dlq import DeadLetter, dead_letter
 from orchestrator.runtime.polling import poll_batch
-from orchestrator.runtime.restore import restore_partition
+from orchestrator.runtime.restore import restore_partitions
 from orchestrator.runtime.state import WorkflowStore
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.workflow import WorkflowRegistry
@@ -219,22 +219,24 @@ class Orchestrator:
             # A restore can wait out a dead writer's transaction: close ours first so it
             # cannot time out meanwhile.
             self._commit_batch()
-        while self._to_restore:
-            partition = self._to_restore.pop(0)
-            state = restore_partition(
-                self.restorer,
-                self.admin,
-                self.codec,
-                self.topics.history,
-                partition,
-                deadline_s=max(60.0, 4 * self.settings.transaction_timeout_ms / 1000),
-            )
-            inbox_tp = TopicPartition(self.topics.inbox, partition)
-            # read_committed: waits for a previous owner's pending offset commit (EOS 11).
-            committed = self.consumer.committed([inbox_tp], timeout=30)[0].offset
-            self._committed[partition] = committed if committed >= 0 else OFFSET_BEGINNING
+        if not self._to_restore:
+            return
+        partitions, self._to_restore = sorted(set(self._to_restore)), []
+        states = restore_partitions(
+            self.restorer,
+            self.admin,
+            self.codec,
+            self.topics.history,
+            partitions,
+            deadline_s=max(60.0, 4 * self.settings.transaction_timeout_ms / 1000),
+        )
+        inbox = [TopicPartition(self.topics.inbox, p) for p in partitions]
+        # read_committed: waits for a previous owner's pending offset commit (EOS 11).
+        for tp in self.consumer.committed(inbox, timeout=30):
+            self._committed[tp.partition] = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+        for state in states.values():
             self.store.install(state)
-            self.consumer.resume([inbox_tp])
+        self.consumer.resume(inbox)
 
     # --- processing ---------------------------------------------------------------------
 

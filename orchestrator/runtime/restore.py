@@ -18,6 +18,7 @@ from confluent_kafka import (
     Consumer,
     IsolationLevel,
     KafkaError,
+    Message,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -25,6 +26,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from orchestrator import metrics
 from orchestrator.errors import RecordDecodeError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
+from orchestrator.runtime.polling import poll_batch
 from orchestrator.runtime.state import PartitionState
 
 log = logging.getLogger(__name__)
@@ -34,103 +36,124 @@ class RestoreError(SagalineError):
     """A partition could not be restored before the deadline."""
 
 
-def history_target(admin: AdminClient, topic: str, partition: int, timeout_s: float) -> int:
-    """High watermark of ``topic``/``partition`` including open transactions."""
-    tp = TopicPartition(topic, partition)
+def history_targets(
+    admin: AdminClient, topic: str, partitions: list[int], timeout_s: float
+) -> dict[int, int]:
+    """High watermarks of ``topic``'s ``partitions``, counting open transactions."""
     latest: Any = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+    wanted = {TopicPartition(topic, p): latest for p in partitions}
     futures = admin.list_offsets(
-        {tp: latest}, isolation_level=IsolationLevel.READ_UNCOMMITTED, request_timeout=timeout_s
+        wanted, isolation_level=IsolationLevel.READ_UNCOMMITTED, request_timeout=timeout_s
     )
-    info: Any = futures[tp].result(timeout=timeout_s)
-    return int(info.offset)
+    targets: dict[int, int] = {}
+    for tp, future in futures.items():
+        info: Any = future.result(timeout=timeout_s)
+        targets[tp.partition] = int(info.offset)
+    return targets
 
 
-def restore_partition(
+def restore_partitions(
     consumer: Consumer,
     admin: AdminClient,
     codec: AvroCodec,
     topic: str,
-    partition: int,
+    partitions: list[int],
     *,
     deadline_s: float,
-) -> PartitionState:
-    """Read history ``partition`` from the beginning to its target; return its workflows.
+) -> dict[int, PartitionState]:
+    """Read history ``partitions`` from the beginning to their targets, all at once.
 
     ``consumer`` is an assign-only, read_committed consumer used for restores alone. It
     blocks at a crashed writer's open transaction until the broker aborts it (after the
     transaction timeout), which is exactly the wait that keeps restored state fresh.
 
     Raises:
-        RestoreError: the target was not reached within ``deadline_s`` seconds.
+        RestoreError: a target was not reached within ``deadline_s`` seconds.
     """
     started = time.monotonic()
-    target = history_target(admin, topic, partition, timeout_s=deadline_s)
-    state = PartitionState(partition)
-    tp = TopicPartition(topic, partition, OFFSET_BEGINNING)
-    if target > 0:
-        consumer.assign([tp])
+    targets = history_targets(admin, topic, partitions, timeout_s=deadline_s)
+    states = {p: PartitionState(p) for p in partitions}
+    pending = {p for p, target in targets.items() if target > 0}
+    if pending:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(pending)])
         try:
-            _read_until(consumer, codec, state, tp, target, started + deadline_s)
+            _read_until(consumer, codec, states, topic, targets, pending, started + deadline_s)
         finally:
             consumer.unassign()
     elapsed = time.monotonic() - started
-    metrics.RESTORE_SECONDS.labels(str(partition)).observe(elapsed)
-    metrics.RESTORE_RECORDS.labels(str(partition)).inc(state.history_records)
-    metrics.WORKFLOWS_IN_FLIGHT.labels(str(partition)).set(len(state.running))
-    log.info(
-        "restored partition=%d target=%d records=%d workflows=%d running=%d seconds=%.3f",
-        partition,
-        target,
-        state.history_records,
-        len(state.workflows),
-        len(state.running),
-        elapsed,
-    )
-    return state
+    for partition, state in states.items():
+        label = str(partition)
+        metrics.RESTORE_SECONDS.labels(label).observe(elapsed)
+        metrics.RESTORE_RECORDS.labels(label).inc(state.history_records)
+        metrics.WORKFLOWS_IN_FLIGHT.labels(label).set(len(state.running))
+        log.info(
+            "restored partition=%d target=%d records=%d workflows=%d running=%d seconds=%.3f",
+            partition,
+            targets[partition],
+            state.history_records,
+            len(state.workflows),
+            len(state.running),
+            elapsed,
+        )
+    return states
 
 
 def _read_until(
     consumer: Consumer,
     codec: AvroCodec,
-    state: PartitionState,
-    tp: TopicPartition,
-    target: int,
+    states: dict[int, PartitionState],
+    topic: str,
+    targets: dict[int, int],
+    pending: set[int],
     deadline: float,
 ) -> None:
-    position = 0
-    while True:
-        for msg in consumer.consume(num_messages=1000, timeout=0.2):
-            error = msg.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    continue
-                if error.fatal():
-                    raise RestoreError(f"restore of {tp.topic}[{tp.partition}]: {error}")
-                log.warning("restore partition=%d error=%s", tp.partition, error)
-                continue
-            state.history_records += 1
-            key = msg.key()
-            value = msg.value()
-            if value is None:
-                if key is not None:
-                    state.delete(key.decode())
-                continue
-            try:
-                state.put(codec.decode_workflow(value))
-            except RecordDecodeError as exc:
-                # We wrote these ourselves; a bad one means a foreign writer or a schema
-                # removed too early. Keep restoring the rest and make it loud.
-                log.error(
-                    "restore partition=%d offset=%d undecodable history record: %s",
-                    tp.partition,
-                    msg.offset(),
-                    exc,
-                )
-        position = consumer.position([TopicPartition(tp.topic, tp.partition)])[0].offset
-        if position >= target:
-            return
-        if time.monotonic() > deadline:
+    while pending:
+        for msg in poll_batch(consumer, 5_000, 0.05):
+            _apply(msg, codec, states)
+        positions = consumer.position([TopicPartition(topic, p) for p in sorted(pending)])
+        for tp in positions:
+            if tp.offset >= targets[tp.partition]:
+                pending.discard(tp.partition)
+                # Stop fetching a finished partition: its later records belong to the
+                # live loop, not to the restore.
+                consumer.pause([TopicPartition(topic, tp.partition)])
+        if pending and time.monotonic() > deadline:
+            late = {tp.partition: (tp.offset, targets[tp.partition]) for tp in positions}
             raise RestoreError(
-                f"restore of {tp.topic}[{tp.partition}] reached offset {position} of {target} "
-                "before its deadline; is an open transaction of a dead producer holding it?"
+                f"restore of {topic} did not reach its targets before the deadline "
+                f"(partition: (position, target)) {late}; is an open transaction of a dead "
+                "producer holding it?"
             )
+
+
+def _apply(msg: Message, codec: AvroCodec, states: dict[int, PartitionState]) -> None:
+    error = msg.error()
+    if error is not None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        if error.fatal():
+            raise RestoreError(f"restore of {msg.topic()}: {error}")
+        log.warning("restore error=%s", error)
+        return
+    partition = msg.partition()
+    state = states.get(partition) if partition is not None else None
+    if state is None:
+        return
+    state.history_records += 1
+    key = msg.key()
+    value = msg.value()
+    if value is None:
+        if key is not None:
+            state.delete(key.decode())
+        return
+    try:
+        state.put(codec.decode_workflow(value))
+    except RecordDecodeError as exc:
+        # We wrote these ourselves; a bad one means a foreign writer or a schema
+        # removed too early. Keep restoring the rest and make it loud.
+        log.error(
+            "restore partition=%d offset=%d undecodable history record: %s",
+            state.partition,
+            msg.offset(),
+            exc,
+        )
