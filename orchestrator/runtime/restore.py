@@ -75,7 +75,11 @@ def restore_partitions(
     states = {p: PartitionState(p) for p in partitions}
     pending = {p for p, target in targets.items() if target > 0}
     if pending:
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(pending)])
+        assigned = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(pending)]
+        consumer.assign(assigned)
+        # librdkafka keeps a partition's pause flag across unassign/assign; an earlier
+        # restore paused the partitions it finished.
+        consumer.resume(assigned)
         try:
             _read_until(consumer, codec, states, topic, targets, pending, started + deadline_s)
         finally:
