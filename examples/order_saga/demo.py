@@ -25,11 +25,10 @@ from examples.order_saga.harness import (
     audit_effects,
     base_env,
     expected_status,
-    free_port,
+    figures,
     make_orders,
-    orchestrator_process,
-    participant_process,
-    percentile,
+    publish,
+    start_pipeline,
 )
 from orchestrator.admin import ensure_topics
 from orchestrator.client import WorkflowClient
@@ -79,17 +78,7 @@ def main() -> int:
     )
 
     env = base_env(bootstrap, dsn, topics.prefix)
-    ports: dict[str, int] = {}
-    processes: list[SagalineProcess] = []
-    ports["orchestrator"] = free_port()
-    processes.append(
-        orchestrator_process(env, log_dir, "demo-1", metrics_port=str(ports["orchestrator"]))
-    )
-    for name in SERVICES:
-        ports[name] = free_port()
-        processes.append(participant_process(env, log_dir, name, metrics_port=str(ports[name])))
-    for process in processes:
-        process.start()
+    processes, ports = start_pipeline(env, log_dir)
     print(f"started {len(processes)} processes; logs in {log_dir}")
     try:
         return _drive(args, bootstrap, dsn, topics, run_id, processes, ports, log_dir)
@@ -119,18 +108,7 @@ def _drive(
         print("the warm-up saga did not finish in 120 s; see the logs", file=sys.stderr)
         return 1
     print("warm-up saga finished; the pipeline is ready")
-    sent_ms: dict[str, float] = {}
-    began = time.monotonic()
-    for index, order in enumerate(orders):
-        if args.rate > 0:
-            # Pacing the load generator, not waiting for the system under test.
-            lag = began + index / args.rate - time.monotonic()
-            if lag > 0:
-                time.sleep(lag)
-            watcher.poll(0)
-        wid = client.start("order.process", order, workflow_id=order["order_id"])
-        sent_ms[wid] = time.time() * 1000
-    client.flush()
+    sent_ms = publish(client, orders, args.rate, watcher)
     print(f"published {len(orders)} StartWorkflow records to {topics.inbox}")
     ids = list(sent_ms)
     started = time.monotonic()
@@ -154,9 +132,7 @@ def _drive(
             return 1
     done = watcher.terminal(ids)
     watcher.close()
-    closes = [r.closed_at_ms for r in done.values() if r.closed_at_ms is not None]
-    latencies = [r.closed_at_ms - sent_ms[i] for i, r in done.items() if r.closed_at_ms]
-    elapsed_s = (max(closes) - min(sent_ms.values())) / 1000 if closes else 0.0
+    run = figures(done, sent_ms)
     wrong = [
         o["order_id"]
         for o in orders
@@ -168,12 +144,12 @@ def _drive(
     print(f"sagas            {len(ids)} started, {len(done)} finished")
     print("outcome          " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(
-        f"throughput       {len(done) / elapsed_s if elapsed_s else 0:.1f} sagas/s "
-        f"({elapsed_s:.1f} s from first start to last close)"
+        f"throughput       {run.per_second:.1f} sagas/s "
+        f"({run.elapsed_s:.1f} s from first start to last close)"
     )
     print(
-        f"latency          p50 {percentile(latencies, 50):.0f} ms, "
-        f"p99 {percentile(latencies, 99):.0f} ms (start published -> saga closed)"
+        f"latency          p50 {run.p50_ms:.0f} ms, p99 {run.p99_ms:.0f} ms "
+        "(start published -> saga closed)"
     )
     print(f"expected status  {'all as expected' if not wrong else f'{len(wrong)} wrong'}")
     print(f"effects audit    {'exactly once' if not problems else problems[:5]}")

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer
 
+from orchestrator.client import WorkflowClient
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.records import WorkflowRecord, WorkflowStatus
 
@@ -270,6 +271,70 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
+
+
+def start_pipeline(
+    env: Mapping[str, str], log_dir: Path, instance: str = "demo-1"
+) -> tuple[list[SagalineProcess], dict[str, int]]:
+    """One orchestrator and the three services, each serving /metrics on a free port."""
+    ports = {"orchestrator": free_port(), **{name: free_port() for name in SERVICES}}
+    processes = [
+        orchestrator_process(env, log_dir, instance, metrics_port=str(ports["orchestrator"]))
+    ]
+    processes += [
+        participant_process(env, log_dir, name, metrics_port=str(ports[name])) for name in SERVICES
+    ]
+    for process in processes:
+        process.start()
+    return processes, ports
+
+
+def publish(
+    client: WorkflowClient,
+    orders: list[dict[str, Any]],
+    rate: float = 0.0,
+    watcher: HistoryWatcher | None = None,
+) -> dict[str, float]:
+    """Start one saga per order (``rate`` per second, or all at once); returns send times (ms)."""
+    sent_ms: dict[str, float] = {}
+    began = time.monotonic()
+    for index, order in enumerate(orders):
+        if rate > 0:
+            # Pacing the load generator, not waiting for the system under test.
+            lag = began + index / rate - time.monotonic()
+            if lag > 0:
+                time.sleep(lag)
+            if watcher is not None:
+                watcher.poll(0)
+        wid = client.start("order.process", order, workflow_id=order["order_id"])
+        sent_ms[wid] = time.time() * 1000
+    client.flush()
+    return sent_ms
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """Throughput and latency of one batch of sagas."""
+
+    finished: int
+    elapsed_s: float
+    per_second: float
+    p50_ms: float
+    p99_ms: float
+
+
+def figures(done: Mapping[str, WorkflowRecord], sent_ms: Mapping[str, float]) -> RunFigures:
+    """Throughput from first start to last close; latency from start published to close."""
+    closes = [r.closed_at_ms for r in done.values() if r.closed_at_ms is not None]
+    latencies = [r.closed_at_ms - sent_ms[i] for i, r in done.items() if r.closed_at_ms]
+    elapsed = (max(closes) - min(sent_ms.values())) / 1000 if closes else 0.0
+    return RunFigures(
+        finished=len(done),
+        elapsed_s=elapsed,
+        per_second=len(done) / elapsed if elapsed else 0.0,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+    )
 
 
 def base_env(bootstrap: str, dsn: str, prefix: str) -> dict[str, str]:
