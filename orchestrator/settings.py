@@ -69,7 +69,13 @@ class OrchestratorSettings(KafkaSettings):
     max_batch_records: int = Field(2_000, ge=1, description="inputs per transaction, at most")
     transaction_timeout_ms: int = Field(15_000, ge=1_000)
     session_timeout_ms: int = Field(10_000, ge=1_000)
-    max_record_bytes: int = Field(1 << 20, ge=1_024, description="larger inputs go to the DLQ")
+    max_record_bytes: int = Field(
+        900_000,
+        ge=1_024,
+        description="largest input, workflow record or task; larger inputs go to the DLQ. "
+        "The default stays below the ~1 MB Kafka clients and topics accept by default; "
+        "raise it only with the topics' max.message.bytes",
+    )
     max_history_events: int = Field(1_000, ge=10)
     metrics_port: int = Field(9400, ge=0, description="0 disables /metrics")
     metrics_host: str = "127.0.0.1"

@@ -286,6 +286,11 @@ def _task(record: WorkflowRecord, step: ActivityScheduled) -> ActivityTask:
     )
 
 
+def fail(record: WorkflowRecord, now_ms: int, failure: Failure) -> WorkflowRecord:
+    """Close a workflow as FAILED from outside its code (e.g. its record grew too large)."""
+    return _close(record, now_ms, WorkflowStatus.FAILED, failure=failure)
+
+
 def pending_tasks(record: WorkflowRecord) -> tuple[ActivityTask, ...]:
     """Tasks of a running workflow whose latest attempt has no outcome yet."""
     if record.status.terminal:

@@ -12,6 +12,7 @@ SOURCE = "sagaline.dlq.source"
 TOPIC = "sagaline.dlq.topic"
 PARTITION = "sagaline.dlq.partition"
 OFFSET = "sagaline.dlq.offset"
+TRUNCATED = "sagaline.dlq.value-dropped"
 _MAX_ERROR_CHARS = 2_000
 
 

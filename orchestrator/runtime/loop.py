@@ -30,9 +30,10 @@ from orchestrator import metrics
 from orchestrator.admin import check_copartitioned
 from orchestrator.errors import RecordDecodeError, SagalineError, UnknownWorkflowTypeError
 from orchestrator.protocol.codec import AvroCodec
-from orchestrator.protocol.records import ActivityTask, StartWorkflow, WorkflowStatus
-from orchestrator.replay.engine import Limits, Transition, advance
-from orchestrator.runtime.dlq import DeadLetter, dead_letter
+from orchestrator.protocol.partitioning import partition_for
+from orchestrator.protocol.records import ActivityTask, Failure, StartWorkflow, WorkflowStatus
+from orchestrator.replay.engine import Limits, Transition, advance, fail
+from orchestrator.runtime.dlq import TRUNCATED, DeadLetter, dead_letter
 from orchestrator.runtime.polling import poll_batch
 from orchestrator.runtime.restore import restore_partitions
 from orchestrator.runtime.state import WorkflowStore
@@ -90,7 +91,9 @@ class Orchestrator:
         self._committed: dict[int, int] = {}
         self._callback_error: BaseException | None = None
         self._idle = True
+        self._partition_count = 0
         common = settings.kafka_common()
+        self._max_message_bytes = max(1_000_000, settings.max_record_bytes + 65_536)
         self.consumer = Consumer(
             {
                 **common,
@@ -130,6 +133,8 @@ class Orchestrator:
                 "retry.backoff.ms": 5,
                 "retry.backoff.max.ms": 20,
                 "partitioner": "murmur2_random",
+                # Room for a maximal record plus headers and batch overhead.
+                "message.max.bytes": self._max_message_bytes,
                 "client.id": f"sagaline-orchestrator-{settings.instance_id}",
             }
         )
@@ -144,6 +149,7 @@ class Orchestrator:
             FatalKafkaError: fenced or fatal Kafka error; nothing uncommitted is kept.
         """
         partitions = check_copartitioned(self.admin, self.topics)
+        self._partition_count = partitions
         log.info(
             "orchestrator instance=%s transactional_id=%s partitions=%d types=%s",
             self.settings.instance_id,
@@ -175,6 +181,10 @@ class Orchestrator:
                 self.producer.abort_transaction(10)
         except KafkaException as exc:
             log.warning("abort at shutdown failed: %s", exc)
+        # Nothing left to commit when close() fires the revoke callback.
+        self._in_txn = False
+        self._batch = _Batch()
+        self.store.discard_staged()
         self.consumer.close()
         self.restorer.close()
         self.producer.flush(10)
@@ -222,6 +232,12 @@ class Orchestrator:
         if not self._to_restore:
             return
         partitions, self._to_restore = sorted(set(self._to_restore)), []
+        inbox = [TopicPartition(self.topics.inbox, p) for p in partitions]
+        # Committed offsets first: read_committed waits for a previous owner's pending
+        # transactional offsets (EOS 11), and once those are resolved its history records
+        # are in the log too, so the restore target below cannot miss them.
+        for tp in self.consumer.committed(inbox, timeout=30):
+            self._committed[tp.partition] = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
         states = restore_partitions(
             self.restorer,
             self.admin,
@@ -230,10 +246,6 @@ class Orchestrator:
             partitions,
             deadline_s=max(60.0, 4 * self.settings.transaction_timeout_ms / 1000),
         )
-        inbox = [TopicPartition(self.topics.inbox, p) for p in partitions]
-        # read_committed: waits for a previous owner's pending offset commit (EOS 11).
-        for tp in self.consumer.committed(inbox, timeout=30):
-            self._committed[tp.partition] = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
         for state in states.values():
             self.store.install(state)
         self.consumer.resume(inbox)
@@ -290,12 +302,28 @@ class Orchestrator:
             self._reject(msg, exc.reason, str(exc))
             return
         key = msg.key()
+        if key is not None and partition != partition_for(key, self._partition_count):
+            self._reject(
+                msg,
+                "wrong-partition",
+                f"workflow {body.workflow_id!r} arrived on partition {partition}, but Kafka's "
+                f"default (murmur2) partitioner puts its key on "
+                f"{partition_for(key, self._partition_count)}; produce with murmur2",
+            )
+            return
         if key is None or key.decode(errors="replace") != body.workflow_id:
             self._reject(
                 msg,
                 "key-mismatch",
                 f"record key {key!r} is not the workflow id {body.workflow_id!r}; "
                 "inputs must be keyed by workflow id to reach the owning partition",
+            )
+            return
+        if self.store.quarantined(partition, body.workflow_id):
+            self._reject(
+                msg,
+                "quarantined-workflow",
+                f"the history record of {body.workflow_id!r} could not be read at restore",
             )
             return
         current = self.store.get(partition, body.workflow_id)
@@ -327,14 +355,26 @@ class Orchestrator:
             return
         record = transition.record
         assert record is not None
-        self._begin()
-        for task in transition.tasks:
-            self._produce(
-                self.topics.tasks(task.participant),
-                task.workflow_id.encode(),
-                self.codec.encode_task(task),
+        encoded = self.codec.encode_workflow(record)
+        tasks = [(t, self.codec.encode_task(t)) for t in transition.tasks]
+        largest = max([len(encoded), *(len(data) for _, data in tasks)])
+        if largest > self.settings.max_record_bytes:
+            # Kafka would refuse the write and the whole batch with it: end the workflow
+            # at its last good state instead.
+            detail = (
+                f"workflow {body.workflow_id}: a record of {largest} bytes exceeds "
+                f"max_record_bytes ({self.settings.max_record_bytes})"
             )
-        self.store.stage(partition, record)
+            if current is None:
+                self._reject(msg, "oversized", detail)
+                return
+            record = fail(current, now_ms, Failure("RecordTooLarge", detail))
+            transition = Transition(record)
+            encoded, tasks = self.codec.encode_workflow(record), []
+        self._begin()
+        for task, data in tasks:
+            self._produce(self.topics.tasks(task.participant), task.workflow_id.encode(), data)
+        self.store.stage(partition, record, encoded)
         start = body if isinstance(body, StartWorkflow) else None
         self._batch.transitions.append((start, transition))
 
@@ -347,6 +387,9 @@ class Orchestrator:
             error,
         )
         letter: DeadLetter = dead_letter(msg, reason=reason, error=error, source="orchestrator")
+        if letter.value is not None and len(letter.value) > self._max_message_bytes - 65_536:
+            # Too large to copy: the topic/partition/offset headers point at the original.
+            letter = DeadLetter(letter.key, None, [*letter.headers, (TRUNCATED, b"true")])
         self._begin()
         self._produce(self.topics.dlq, letter.key, letter.value, letter.headers)
         self._batch.dead_letters += 1
@@ -386,21 +429,19 @@ class Orchestrator:
         started = time.monotonic()
         try:
             self._begin()
-            for partition, record in self.store.staged():
+            for partition, record, encoded in self.store.staged():
                 # Explicit partition: history p belongs to whoever owns inbox p.
                 self._produce(
                     self.topics.history,
                     record.workflow_id.encode(),
-                    self.codec.encode_workflow(record),
+                    encoded,
                     partition=partition,
                 )
             offsets = [TopicPartition(self.topics.inbox, p, o) for p, o in batch.offsets.items()]
             if offsets:
-                self._kafka(
-                    lambda: self.producer.send_offsets_to_transaction(
-                        offsets, self.consumer.consumer_group_metadata(), 30
-                    )
-                )
+                # Retries must repeat identical arguments (EOS 4).
+                group = self.consumer.consumer_group_metadata()
+                self._kafka(lambda: self.producer.send_offsets_to_transaction(offsets, group, 30))
             self._kafka(lambda: self.producer.commit_transaction(30))
         except _Abortable as exc:
             self._abort(str(exc))

@@ -153,11 +153,16 @@ def _apply(msg: Message, codec: AvroCodec, states: dict[int, PartitionState]) ->
     try:
         state.put(codec.decode_workflow(value))
     except RecordDecodeError as exc:
-        # We wrote these ourselves; a bad one means a foreign writer or a schema
-        # removed too early. Keep restoring the rest and make it loud.
+        # We wrote these ourselves; a bad one means a foreign writer or code rolled back
+        # past a schema change. An older version of the record must not stand in for it:
+        # the workflow is quarantined (its inputs are dead-lettered) until a readable
+        # record supersedes it.
+        workflow_id = key.decode(errors="replace") if key is not None else "?"
+        state.quarantine(workflow_id)
         log.error(
-            "restore partition=%d offset=%d undecodable history record: %s",
+            "restore partition=%d offset=%d workflow=%s quarantined, unreadable record: %s",
             state.partition,
             msg.offset(),
+            workflow_id,
             exc,
         )

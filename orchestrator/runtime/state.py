@@ -19,11 +19,13 @@ class PartitionState:
     partition: int
     workflows: dict[str, WorkflowRecord] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)
+    quarantined: set[str] = field(default_factory=set)
     history_records: int = 0
 
     def put(self, record: WorkflowRecord) -> None:
         """Store the committed version of a workflow."""
         self.workflows[record.workflow_id] = record
+        self.quarantined.discard(record.workflow_id)
         if record.status.terminal:
             self.running.discard(record.workflow_id)
         else:
@@ -33,6 +35,12 @@ class PartitionState:
         """Forget a workflow (its history key was tombstoned)."""
         self.workflows.pop(workflow_id, None)
         self.running.discard(workflow_id)
+        self.quarantined.discard(workflow_id)
+
+    def quarantine(self, workflow_id: str) -> None:
+        """Its latest history record is unreadable: hold no state, take no input for it."""
+        self.delete(workflow_id)
+        self.quarantined.add(workflow_id)
 
 
 class WorkflowStore:
@@ -40,7 +48,7 @@ class WorkflowStore:
 
     def __init__(self) -> None:
         self._partitions: dict[int, PartitionState] = {}
-        self._staged: dict[str, tuple[int, WorkflowRecord]] = {}
+        self._staged: dict[str, tuple[int, WorkflowRecord, bytes]] = {}
 
     def install(self, state: PartitionState) -> None:
         """Take ownership of a restored partition."""
@@ -61,6 +69,10 @@ class WorkflowStore:
         """The owned partitions."""
         return iter(self._partitions.values())
 
+    def quarantined(self, partition: int, workflow_id: str) -> bool:
+        """True if the workflow's history could not be read at restore."""
+        return workflow_id in self._partitions[partition].quarantined
+
     def get(self, partition: int, workflow_id: str) -> WorkflowRecord | None:
         """The latest version of a workflow: staged if changed in this batch, else committed."""
         staged = self._staged.get(workflow_id)
@@ -68,17 +80,17 @@ class WorkflowStore:
             return staged[1]
         return self._partitions[partition].workflows.get(workflow_id)
 
-    def stage(self, partition: int, record: WorkflowRecord) -> None:
-        """Hold a changed workflow until the transaction commits."""
-        self._staged[record.workflow_id] = (partition, record)
+    def stage(self, partition: int, record: WorkflowRecord, encoded: bytes) -> None:
+        """Hold a changed workflow, and its encoded record, until the transaction commits."""
+        self._staged[record.workflow_id] = (partition, record, encoded)
 
-    def staged(self) -> list[tuple[int, WorkflowRecord]]:
+    def staged(self) -> list[tuple[int, WorkflowRecord, bytes]]:
         """Changed workflows of the open batch (one entry per workflow: its last version)."""
         return list(self._staged.values())
 
     def promote(self) -> None:
         """The transaction committed: staged versions become the committed state."""
-        for partition, record in self._staged.values():
+        for partition, record, _ in self._staged.values():
             owner = self._partitions.get(partition)
             if owner is not None:
                 owner.put(record)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from confluent_kafka import Consumer, Producer
 
 from examples.order_saga.harness import HistoryWatcher, SagalineProcess, orchestrator_process
 from orchestrator.protocol.codec import AvroCodec
+from orchestrator.protocol.partitioning import partition_for
 from orchestrator.protocol.payloads import encode_json
 from orchestrator.protocol.records import (
     ActivityResult,
@@ -24,12 +25,13 @@ from orchestrator.protocol.topics import Topics
 from orchestrator.runtime import dlq
 
 pytestmark = pytest.mark.integration
+LIMIT = 4096
 
 
 @pytest.fixture
 def orchestrator(process_env: dict[str, str], tmp_path: Path) -> Iterator[SagalineProcess]:
     process = orchestrator_process(
-        process_env, tmp_path, "dlq", max_record_bytes="4096", session_timeout_ms="6000"
+        process_env, tmp_path, "dlq", max_record_bytes=str(LIMIT), session_timeout_ms="6000"
     ).start()
     yield process
     process.stop(15)
@@ -60,6 +62,10 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
         "wrong-record-type": (b"w", codec.encode_task(task)),
         "unknown-workflow-type": (b"nope-1", _start(codec, "nope-1", wtype="no.such.type")),
         "oversized": (b"big-1", _start(codec, "big-1", size=10_000)),
+        # Near Kafka's 1 MB: dead-lettered without its value, which would not fit.
+        "oversized-huge": (b"huge-1", _start(codec, "huge-1", size=980_000)),
+        # Fits as an input, but the workflow record it would create does not.
+        "oversized-record": (b"grow-1", _start_just_below(codec, "grow-1", LIMIT)),
         "key-mismatch": (b"other-key", _start(codec, "mismatch-1")),
         "unknown-workflow": (
             b"ghost-1",
@@ -79,7 +85,14 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "partitioner": "murmur2_random"})
     for key, value in bad.values():
         producer.produce(topics.inbox, key=key, value=value)
+    # A client with another partitioner: the right key on the wrong partition.
+    wrong = _start(codec, "wp-1")
+    bad["wrong-partition"] = (b"wp-1", wrong)
+    producer.produce(
+        topics.inbox, key=b"wp-1", value=wrong, partition=(partition_for(b"wp-1", 4) + 1) % 4
+    )
     producer.produce(topics.inbox, key=b"good-1", value=valid)
+    producer.produce(topics.inbox, key=b"good-2", value=_start(codec, "good-2"))
     assert producer.flush(30) == 0
 
     letters = _read_dead_letters(kafka_bootstrap, topics.dlq, len(bad), orchestrator)
@@ -91,13 +104,17 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
         "unknown-schema": 1,
         "wrong-record-type": 1,
         "unknown-workflow-type": 1,
-        "oversized": 1,
+        "oversized": 3,
         "key-mismatch": 1,
         "unknown-workflow": 1,
+        "wrong-partition": 1,
     }
     assert reasons == expected, f"dead letters by reason: {reasons}"
     originals = {(k, v) for k, v in bad.values()}
     for key, value, headers in letters:
+        if key == b"huge-1":
+            assert value is None and headers[dlq.TRUNCATED] == b"true"
+            continue
         assert (key, value) in originals, f"dead letter {key!r} does not carry the original bytes"
         assert headers[dlq.SOURCE] == b"orchestrator"
         assert headers[dlq.TOPIC].decode() == topics.inbox
@@ -105,18 +122,40 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
 
     watcher = HistoryWatcher(kafka_bootstrap, topics.history)
     try:
-        end = time.monotonic() + 60
-        while time.monotonic() < end and "good-1" not in watcher.latest:
-            watcher.poll()
-        record = watcher.latest.get("good-1")
-        assert record is not None, (
-            f"valid start after bad input was not processed\n{orchestrator.tail()}"
-        )
+        _wait(watcher, lambda: {"good-1", "good-2"} <= set(watcher.latest), orchestrator)
+        record = watcher.latest["good-1"]
         assert record.status is WorkflowStatus.RUNNING
-        assert set(watcher.latest) == {"good-1"}, f"unexpected workflows {set(watcher.latest)}"
+        assert set(watcher.latest) == {"good-1", "good-2"}, f"workflows {set(watcher.latest)}"
+        # A result that would grow good-2's record past the limit ends it at its last good
+        # state instead of failing the whole transaction.
+        big = encode_json({"blob": "y" * (LIMIT - 200)})
+        result = ActivityResult("good-2", "good-2/0/1", 0, 1, ActivityStatus.COMPLETED, 0, big)
+        producer.produce(topics.inbox, key=b"good-2", value=codec.encode_inbox(result))
+        assert producer.flush(30) == 0
+        _wait(watcher, lambda: watcher.latest["good-2"].status.terminal, orchestrator)
+        failed = watcher.latest["good-2"]
+        assert failed.status is WorkflowStatus.FAILED
+        assert failed.failure is not None and failed.failure.error_type == "RecordTooLarge"
     finally:
         watcher.close()
     assert orchestrator.alive(), orchestrator.tail()
+
+
+def _start_just_below(codec: AvroCodec, wid: str, limit: int) -> bytes:
+    """A start record under ``limit`` bytes whose workflow record will exceed it."""
+    size = limit - 300
+    while len(_start(codec, wid, size=size + 1)) <= limit:
+        size += 1
+    return _start(codec, wid, size=size)
+
+
+def _wait(watcher: HistoryWatcher, condition: Callable[[], bool], process: SagalineProcess) -> None:
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        watcher.poll()
+        if condition():
+            return
+    raise AssertionError(f"condition not met; workflows {watcher.latest}\n{process.tail()}")
 
 
 def _read_dead_letters(
