@@ -108,6 +108,9 @@ class ParticipantSettings(KafkaSettings):
         description="PostgreSQL for the idempotency inbox and business tables",
     )
     concurrency: int = Field(8, ge=1, description="handlers running at once")
+    max_record_bytes: int = Field(
+        900_000, ge=1_024, description="largest result published; larger ones become failures"
+    )
     max_batch_records: int = Field(200, ge=1)
     session_timeout_ms: int = Field(10_000, ge=1_000)
     metrics_port: int = Field(9410, ge=0, description="0 disables /metrics")

@@ -2,9 +2,10 @@
 
 Rules of this module: a task's business writes and its stored outcome commit in one
 PostgreSQL transaction, or neither does. A redelivered task (same participant and activity
-id) is answered from the stored outcome and changes nothing. Retryable failures are never
-stored, so a redelivery runs the handler again; non-retryable ones are, so a redelivery
-returns the same failure without running it. Kafka is not known here: a Celery worker or a
+id) is answered from the stored outcome and changes nothing. Failures are stored too,
+retryable ones included: an attempt has exactly one outcome, so a redelivery can never turn
+a reported failure into a success the orchestrator has already given up on (it retries
+under a new activity id). Kafka is not known here: a Celery worker or a
 test can call :func:`execute_task` with any connection.
 
 As in DBOS, each public function opens its transaction and a ``_..._txn(conn)`` twin does
@@ -115,11 +116,7 @@ def execute_task(
         if execution.duplicate or not execution.outcome.is_completed:
             # A failed handler's writes, or a concurrent duplicate's, must not commit.
             raise psycopg.Rollback(txn)
-    if (
-        not execution.duplicate
-        and not execution.outcome.is_completed
-        and not execution.outcome.retryable
-    ):
+    if not execution.duplicate and not execution.outcome.is_completed:
         with conn.transaction():
             execution = _store_failure_txn(
                 conn, participant.name, task.activity_id, execution.outcome

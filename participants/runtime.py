@@ -14,6 +14,7 @@ database answers, because a failed COMMIT may still have committed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -29,7 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from orchestrator import metrics
 from orchestrator.errors import RecordDecodeError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
-from orchestrator.protocol.records import ActivityResult, ActivityTask
+from orchestrator.protocol.records import ActivityResult, ActivityStatus, ActivityTask, Failure
 from orchestrator.runtime.dlq import dead_letter
 from orchestrator.runtime.polling import poll_batch
 from orchestrator.settings import ParticipantSettings
@@ -85,6 +86,7 @@ class _ParticipantLoop:
         self.participant = participant
         self.topics = settings.topics
         self.task_topic = settings.topics.tasks(participant.name)
+        self.max_record_bytes = settings.max_record_bytes
         self.group_id = f"{settings.topic_prefix}.participant.{participant.name}"
         self.source = f"participant:{participant.name}"
         self.max_batch = settings.max_batch_records
@@ -178,9 +180,7 @@ class _ParticipantLoop:
             if result is None:
                 abandoned += 1
                 continue
-            self._produce(
-                self.topics.inbox, result.workflow_id.encode(), self.codec.encode_inbox(result)
-            )
+            self._produce(self.topics.inbox, result.workflow_id.encode(), self._encode(result))
         if abandoned:
             # Stopping while the database is unreachable: leave the offsets uncommitted so
             # these tasks are delivered again, to this participant or its successor.
@@ -191,6 +191,32 @@ class _ParticipantLoop:
             return
         if next_offsets:
             self._commit(next_offsets)
+
+    def _encode(self, result: ActivityResult) -> bytes:
+        """The inbox record for ``result``; a result too large for Kafka becomes a failure.
+
+        The substitution is derived from the stored outcome, so every redelivery of the
+        task publishes the same record.
+        """
+        data = self.codec.encode_inbox(result)
+        if len(data) <= self.max_record_bytes:
+            return data
+        log.error(
+            "result too large participant=%s activity_id=%s bytes=%d limit=%d",
+            self.participant.name,
+            result.activity_id,
+            len(data),
+            self.max_record_bytes,
+        )
+        failure = Failure(
+            "ResultTooLarge",
+            f"activity {result.activity_id} returned a result of {len(data)} bytes, above "
+            f"the limit of {self.max_record_bytes}; return a reference instead of the data",
+        )
+        smaller = dataclasses.replace(
+            result, status=ActivityStatus.FAILED, result=None, failure=failure
+        )
+        return self.codec.encode_inbox(smaller)
 
     def _handle(self, task: ActivityTask) -> ActivityResult | None:
         """Answer one task; None if stopping before the inbox could be reached."""

@@ -257,16 +257,18 @@ def test_a_final_failure_is_stored_and_returned_without_running_again(ledger: Le
     assert ledger.rows(task) == 0  # the write before the raise was rolled back
 
 
-def test_a_retryable_failure_is_not_stored(ledger: Ledger) -> None:
+def test_a_retryable_failure_is_stored_so_an_attempt_keeps_one_outcome(ledger: Ledger) -> None:
     task = _task("ledger", "flaky", {"amount": 1}, workflow_id=f"wf-{uuid.uuid4()}")
-    outcomes = [ledger.execute(task) for _ in range(2)]
-    for execution in outcomes:
-        assert not execution.duplicate
+    first, again = (ledger.execute(task) for _ in range(2))
+    assert not first.duplicate and again.duplicate
+    for execution in (first, again):
         assert execution.outcome.failure is not None
         assert execution.outcome.failure.error_type == "ConnectionResetError"
         assert execution.outcome.retryable
-    assert ledger.calls["flaky"] == 2
-    assert ledger.stored(task) is None
+    # The redelivery did not run the handler again, so it cannot succeed where the
+    # orchestrator already saw this attempt fail and scheduled the next one.
+    assert ledger.calls["flaky"] == 1
+    assert ledger.stored(task) == first.outcome
     assert ledger.rows(task) == 0
 
 
@@ -276,7 +278,7 @@ def test_a_handler_that_hides_an_aborted_transaction_fails_retryably(ledger: Led
     assert execution.outcome.failure is not None
     assert execution.outcome.failure.error_type == "AbortedTransaction"
     assert execution.outcome.retryable
-    assert ledger.stored(task) is None and ledger.rows(task) == 0
+    assert ledger.stored(task) == execution.outcome and ledger.rows(task) == 0
 
 
 def test_schema_setup_is_idempotent_under_concurrency(postgres_dsn: str) -> None:
@@ -723,3 +725,48 @@ def test_a_result_kafka_rejects_stops_the_participant_before_committing(
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         stored = find_outcome(conn, "payment", task.activity_id)
     assert stored is not None and stored.is_completed
+
+
+def test_a_result_too_large_for_kafka_is_published_as_a_failure(
+    kafka_bootstrap: str, admin: AdminClient, topics: Topics, postgres_dsn: str
+) -> None:
+    ensure_topics(admin, topics, partitions=4, participants=["bulky"])
+    codec = AvroCodec()
+    bulky = Participant("bulky")
+
+    @bulky.activity("dump")
+    def dump(value: Any, *, ctx: ActivityContext) -> dict[str, Any]:
+        return {"blob": "z" * value["size"]}
+
+    small = _task("bulky", "dump", {"size": 10}, workflow_id=f"small-{uuid.uuid4()}")
+    large = _task("bulky", "dump", {"size": 5_000}, workflow_id=f"large-{uuid.uuid4()}")
+    _produce(
+        kafka_bootstrap,
+        topics.tasks("bulky"),
+        [(t.workflow_id.encode(), codec.encode_task(t)) for t in (small, large, large)],
+    )
+    settings = ParticipantSettings(
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topics.prefix,
+        postgres_dsn=postgres_dsn,
+        max_record_bytes=2_048,
+        metrics_port=0,
+    )
+    with _running(bulky, settings):
+        _wait_committed_to_end(
+            kafka_bootstrap,
+            f"{topics.prefix}.participant.bulky",
+            topics.tasks("bulky"),
+            "the participant to answer the tasks",
+        )
+    results: dict[str, list[bytes]] = {}
+    for raw, body in _results(kafka_bootstrap, topics, codec):
+        results.setdefault(body.workflow_id, []).append(raw)
+    assert codec.decode_inbox(results[small.workflow_id][0]).status is ActivityStatus.COMPLETED
+    # Both deliveries of the large task publish the same, small failure.
+    assert len(results[large.workflow_id]) == 2
+    assert len(set(results[large.workflow_id])) == 1
+    failed = codec.decode_inbox(results[large.workflow_id][0])
+    assert isinstance(failed, ActivityResult) and failed.status is ActivityStatus.FAILED
+    assert failed.failure is not None and failed.failure.error_type == "ResultTooLarge"
+    assert not failed.failure.retryable
