@@ -211,7 +211,9 @@ class Orchestrator:
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
-            self._abort("partitions-lost")
+            # Nothing to rewind: the partitions are gone, their new owner reads from the
+            # committed offsets.
+            self._abort("partitions-lost", rewind=False)
         except BaseException as exc:
             self._callback_error = exc
         self._forget([tp.partition for tp in partitions], "lost")
@@ -454,7 +456,7 @@ class Orchestrator:
         self._batch = _Batch()
         self._record_metrics(batch)
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str, *, rewind: bool = True) -> None:
         """Abort the open transaction, drop staged state, rewind to committed offsets."""
         if self._in_txn:
             log.warning("aborting transaction reason=%s", reason)
@@ -462,7 +464,7 @@ class Orchestrator:
             self._kafka(lambda: self.producer.abort_transaction(30), abortable_ok=False)
             self._in_txn = False
         self.store.discard_staged()
-        for partition in self._batch.offsets:
+        for partition in self._batch.offsets if rewind else ():
             offset = self._committed.get(partition)
             if offset is not None and self.store.owns(partition):
                 self.consumer.seek(TopicPartition(self.topics.inbox, partition, offset))
