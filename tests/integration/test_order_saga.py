@@ -285,7 +285,7 @@ def _committed_offsets(admin: AdminClient, group: str, topic: str) -> int:
 def test_restart_of_the_only_orchestrator_restores_from_history(saga: Saga) -> None:
     first = saga.orchestrator("solo")
     saga.start_participants(payment_latency_ms="20")
-    orders = make_orders(200, declined_every=10)
+    orders = make_orders(400, declined_every=10)
     saga.start_orders(orders)
     ids = [o["order_id"] for o in orders]
     saga.wait_count(ids, 20, deadline_s=120)
@@ -305,7 +305,7 @@ def test_restart_of_the_only_orchestrator_restores_from_history(saga: Saga) -> N
 def test_two_quick_handovers_resume_no_stale_state(saga: Saga) -> None:
     first = saga.orchestrator("a")
     saga.start_participants(payment_latency_ms="20")
-    orders = make_orders(300, declined_every=10)
+    orders = make_orders(500, declined_every=10)
     saga.start_orders(orders)
     ids = [o["order_id"] for o in orders]
     saga.wait_count(ids, 30, deadline_s=120)
