@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from examples.order_saga.harness import (
     participant_process,
 )
 from orchestrator.client import WorkflowClient
+from orchestrator.protocol.partitioning import partition_for
 from orchestrator.protocol.payloads import decode_json
 from orchestrator.protocol.records import (
     ActivityCompleted,
@@ -357,3 +361,69 @@ def _scrape(port: int) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
+
+
+ZOMBIE = """
+import os, sys
+from confluent_kafka import Producer
+bootstrap, topic, partition, key, path = sys.argv[1:6]
+producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": "zombie-" + topic,
+                     "transaction.timeout.ms": 8000})
+producer.init_transactions(30)
+producer.begin_transaction()
+producer.produce(topic, key=key.encode(), value=open(path, "rb").read(), partition=int(partition))
+producer.flush(30)
+os._exit(0)  # dies with the transaction open, like a kill -9 mid-batch
+"""
+
+
+def test_restore_waits_out_a_dead_writers_open_transaction(
+    saga: Saga, tmp_path: Path, admin: AdminClient
+) -> None:
+    first = saga.orchestrator("a")
+    orders = make_orders(1, declined_every=0)
+    wid = orders[0]["order_id"]
+    saga.start_orders(orders)
+    end = time.monotonic() + 60
+    while wid not in saga.watcher.latest:
+        saga.watcher.poll()
+        assert time.monotonic() < end, saga.logs()
+    first.stop()
+    saga.processes.remove(first)
+    running = saga.watcher.latest[wid]
+    # A writer that dies inside its transaction, holding a newer (bogus) state of the workflow.
+    bogus = dataclasses.replace(
+        running, status=WorkflowStatus.COMPLETED, revision=99, closed_at_ms=running.updated_at_ms
+    )
+    bogus_path = tmp_path / "bogus.avro"
+    bogus_path.write_bytes(saga.watcher.codec.encode_workflow(bogus))
+    partition = partition_for(wid.encode(), 4)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            ZOMBIE,
+            saga.bootstrap,
+            saga.topics.history,
+            str(partition),
+            wid,
+            str(bogus_path),
+        ],
+        check=True,
+        timeout=60,
+    )
+    # The same instance comes back (static membership: its partitions at once) and must
+    # not resume before the dead writer's transaction is resolved.
+    second = saga.orchestrator("a")
+    saga.start_participants()
+    done = saga.finish(orders, deadline_s=120)
+    assert done[wid].status is WorkflowStatus.COMPLETED
+    assert 99 not in saga.watcher.revisions[wid], "an aborted record was read as state"
+    assert done[wid].revision > running.revision
+    log = second.log_path.read_text()
+    log = log[log.rindex("orchestrator instance=a") :]
+    waited = [
+        float(s) for s in re.findall(rf"restored partition={partition} .* seconds=([\d.]+)", log)
+    ]
+    # The open transaction held the restore until the broker aborted it (8 s timeout).
+    assert waited and max(waited) >= 4.0, log[-2000:]
