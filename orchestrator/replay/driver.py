@@ -24,7 +24,6 @@ from orchestrator.protocol.records import (
     ActivityFailed,
     ActivityScheduled,
     HistoryEvent,
-    Payload,
 )
 from orchestrator.workflow import ActivityHandle, RetryPolicy, WorkflowContext, WorkflowFn
 
@@ -117,10 +116,6 @@ def _describe(name: str, compensation: bool) -> str:
     return f"compensation {name!r}" if compensation else f"activity {name!r}"
 
 
-def _outcome_value(payload: Payload) -> Any:
-    return decode_json(payload)
-
-
 def replay(
     fn: WorkflowFn,
     workflow_id: str,
@@ -151,7 +146,7 @@ def replay(
             replayer.clock_ms = event.at_ms
             if isinstance(event, ActivityCompleted):
                 try:
-                    handle.resolve(_outcome_value(event.result))
+                    handle.resolve(decode_json(event.result))
                 except PayloadEncodingError as exc:
                     handle.reject(exc)
             else:
