@@ -46,6 +46,30 @@ class OversizedRecordError(RecordDecodeError):
     reason = "oversized"
 
 
+class FatalKafkaError(SagalineError):
+    """The producer is fenced or Kafka reported a fatal error; the process must restart.
+
+    Nothing uncommitted is kept, so a restart loses nothing.
+    """
+
+
+class RecordRejectedError(SagalineError):
+    """Kafka refused one record before queueing it (too large, unknown topic or partition,
+    invalid argument). The record is not sent; the transaction, if any, is unaffected.
+
+    ``reason`` is a short code (the Kafka error name) for dead-letter headers and metrics.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TransactionAbortableError(SagalineError):
+    """The open transaction can no longer commit (an earlier record failed delivery, or the
+    coordinator said so); abort it and process the batch again."""
+
+
 class ActivityError(SagalineError):
     """An activity failed for good (after its retries); raised inside workflow code.
 

@@ -68,7 +68,28 @@ class OrchestratorSettings(KafkaSettings):
     commit_interval_ms: int = Field(100, ge=1, description="longest a batch stays open")
     max_batch_records: int = Field(2_000, ge=1, description="inputs per transaction, at most")
     transaction_timeout_ms: int = Field(15_000, ge=1_000)
-    session_timeout_ms: int = Field(10_000, ge=1_000)
+    transaction_budget: float = Field(
+        0.5,
+        gt=0.0,
+        le=0.8,
+        description="a batch commits before this share of transaction_timeout_ms has passed "
+        "since its transaction began, however few inputs it holds",
+    )
+    session_timeout_ms: int = Field(
+        0, ge=0, description="0: the lowest the broker allows (group.min.session.timeout.ms)"
+    )
+    closed_retention_ms: int = Field(
+        7 * 24 * 3_600_000,
+        ge=0,
+        description="how long a closed workflow stays on the history topic before it is "
+        "tombstoned (a duplicate start within it is ignored)",
+    )
+    decoded_cache: int = Field(
+        10_000,
+        ge=0,
+        description="workflows kept decoded in memory; the others are held as their "
+        "committed bytes and decoded when an input arrives",
+    )
     max_record_bytes: int = Field(
         900_000,
         ge=1_024,
@@ -103,6 +124,11 @@ class OrchestratorSettings(KafkaSettings):
 class ParticipantSettings(KafkaSettings):
     """Settings of a participant process (``sagaline participant``)."""
 
+    instance_id: str = Field(
+        default_factory=socket.gethostname,
+        description="stable per process and unique among the replicas of a participant: "
+        "its static group member id, so a restart keeps its partitions",
+    )
     postgres_dsn: SecretStr = Field(
         SecretStr("postgresql://sagaline@127.0.0.1:5432/sagaline"),
         description="PostgreSQL for the idempotency inbox and business tables",
@@ -112,6 +138,9 @@ class ParticipantSettings(KafkaSettings):
         900_000, ge=1_024, description="largest result published; larger ones become failures"
     )
     max_batch_records: int = Field(200, ge=1)
-    session_timeout_ms: int = Field(10_000, ge=1_000)
+    session_timeout_ms: int = Field(
+        0, ge=0, description="0: the lowest the broker allows (group.min.session.timeout.ms)"
+    )
+    db_connect_timeout_s: float = Field(10.0, gt=0, description="PostgreSQL connect timeout")
     metrics_port: int = Field(9410, ge=0, description="0 disables /metrics")
     metrics_host: str = "127.0.0.1"

@@ -26,14 +26,19 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from orchestrator import metrics
 from orchestrator.errors import RecordDecodeError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.records import ActivityResult, ActivityStatus, ActivityTask, Failure
-from orchestrator.runtime.dlq import dead_letter
-from orchestrator.runtime.polling import poll_batch
 from orchestrator.settings import ParticipantSettings
+from orchestrator.transport import (
+    dead_letter,
+    heartbeat_interval_ms,
+    poll_batch,
+    session_timeout_ms,
+)
 from participants.idempotency import ensure_schema, execute_task
 from participants.participant import Participant
 
@@ -94,6 +99,7 @@ class _ParticipantLoop:
         self.dsn = settings.postgres_dsn.get_secret_value()
         self.codec = AvroCodec()
         common = settings.kafka_common()
+        session_ms = session_timeout_ms(settings.session_timeout_ms, AdminClient(common))
         self.consumer = Consumer(
             {
                 **common,
@@ -103,7 +109,8 @@ class _ParticipantLoop:
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "session.timeout.ms": settings.session_timeout_ms,
+                "session.timeout.ms": session_ms,
+                "heartbeat.interval.ms": heartbeat_interval_ms(session_ms),
             }
         )
         self.producer = Producer(
@@ -267,7 +274,13 @@ class _ParticipantLoop:
         return execution.outcome.result_for(task)
 
     def _dead_letter(self, msg: Message, exc: RecordDecodeError) -> None:
-        letter = dead_letter(msg, reason=exc.reason, error=str(exc), source=self.source)
+        letter = dead_letter(
+            msg,
+            reason=exc.reason,
+            error=str(exc),
+            source=self.source,
+            max_record_bytes=self.max_record_bytes,
+        )
         headers: list[tuple[str, str | bytes | None]] = [*letter.headers]
         self._produce(self.topics.dlq, letter.key, letter.value, headers)
         metrics.DEAD_LETTERS.labels(self.source, exc.reason).inc()

@@ -43,6 +43,7 @@ from orchestrator.protocol.records import (
     HistoryEvent,
     InboxBody,
     Payload,
+    ResumeWorkflow,
     StartWorkflow,
     WorkflowRecord,
     WorkflowStatus,
@@ -57,6 +58,7 @@ SCHEMA_ORDER: Final = (
     "Failure",
     "StartWorkflow",
     "ActivityResult",
+    "ResumeWorkflow",
     "InboxRecord",
     "ActivityTask",
     "WorkflowRecord",
@@ -159,6 +161,14 @@ class AvroCodec:
             writer = _Writer(name, schema_id(parsed), parsed)
             self._writers[name] = writer
             self._by_id[writer.schema_id] = writer
+        status_field = next(f for f in current[WORKFLOW]["fields"] if f["name"] == "status")
+        # Enum indexes on the wire follow the schema's symbol order, not the Python enum's.
+        self._statuses = tuple(
+            WorkflowStatus(symbol)
+            if symbol in WorkflowStatus.__members__
+            else WorkflowStatus.UNKNOWN
+            for symbol in status_field["type"]["symbols"]
+        )
         archive = directory / "archive"
         if archive.is_dir():
             for version_dir in sorted(p for p in archive.iterdir() if p.is_dir()):
@@ -240,11 +250,14 @@ class AvroCodec:
     # --- typed helpers -------------------------------------------------------------
 
     def encode_inbox(self, body: InboxBody) -> bytes:
-        """Encode an inbox input (start or activity result) as an ``InboxRecord``."""
+        """Encode an inbox input (start, activity result, resume) as an ``InboxRecord``."""
+        branch: tuple[str, dict[str, Any]]
         if isinstance(body, StartWorkflow):
             branch = (NS + "StartWorkflow", _start_to_avro(body))
-        else:
+        elif isinstance(body, ActivityResult):
             branch = (NS + "ActivityResult", _result_to_avro(body))
+        else:
+            branch = (NS + "ResumeWorkflow", _resume_to_avro(body))
         return self.encode_raw(INBOX, {"body": branch})
 
     def decode_inbox(self, data: bytes | None) -> InboxBody:
@@ -272,6 +285,50 @@ class AvroCodec:
         """Decode a ``WorkflowRecord`` from the history topic."""
         return _workflow_from_avro(self.decode_raw(data, WORKFLOW))
 
+    def peek_workflow(self, data: bytes) -> tuple[WorkflowStatus, int | None]:
+        """The status and closing time of an encoded ``WorkflowRecord``, cheaply.
+
+        A record in the current schema is read only up to its fourth field (status and
+        ``closed_at_ms`` come first for this purpose), so a restore need not decode whole
+        histories; records of archived versions are decoded in full.
+
+        Raises:
+            RecordDecodeError: as :meth:`decode_raw` would for these bytes' header.
+        """
+        if len(data) < HEADER.size:
+            raise MalformedRecordError(f"record of {len(data)} bytes is shorter than the header")
+        magic, sid = HEADER.unpack_from(data)
+        writer = self._by_id.get(sid) if magic == MAGIC else None
+        if writer is None or writer is not self._writers[WORKFLOW]:
+            record = self.decode_workflow(data)
+            return record.status, record.closed_at_ms
+        try:
+            pos = HEADER.size
+            for _ in range(2):  # workflow_id, workflow_type
+                length, pos = _read_long(data, pos)
+                pos += length
+            index, pos = _read_long(data, pos)
+            status = self._statuses[index]
+            branch, pos = _read_long(data, pos)
+            closed_at_ms = _read_long(data, pos)[0] if branch == 1 else None
+        except IndexError as exc:
+            raise MalformedRecordError("truncated WorkflowRecord head") from exc
+        return status, closed_at_ms
+
+
+def _read_long(data: bytes, pos: int) -> tuple[int, int]:
+    """One zig-zag varint (Avro int or long) at ``pos``; returns it and the next position."""
+    shift = result = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint longer than 10 bytes")
+
 
 # --- dict <-> value conversions (explicit: they are on the hot path) ---------------
 
@@ -289,11 +346,21 @@ def _opt_payload(d: Mapping[str, Any] | None) -> Payload | None:
 
 
 def _failure_to_avro(f: Failure) -> dict[str, Any]:
-    return {"error_type": f.error_type, "message": f.message, "retryable": f.retryable}
+    return {
+        "error_type": f.error_type,
+        "message": f.message,
+        "retryable": f.retryable,
+        "effects_committed": f.effects_committed,
+    }
 
 
 def _failure_from_avro(d: Mapping[str, Any]) -> Failure:
-    return Failure(error_type=d["error_type"], message=d["message"], retryable=d["retryable"])
+    return Failure(
+        error_type=d["error_type"],
+        message=d["message"],
+        retryable=d["retryable"],
+        effects_committed=d["effects_committed"],
+    )
 
 
 def _opt_failure(d: Mapping[str, Any] | None) -> Failure | None:
@@ -344,9 +411,18 @@ def _result_from_avro(d: Mapping[str, Any]) -> ActivityResult:
     )
 
 
+def _resume_to_avro(r: ResumeWorkflow) -> dict[str, Any]:
+    return {"workflow_id": r.workflow_id, "requested_at_ms": r.requested_at_ms}
+
+
+def _resume_from_avro(d: Mapping[str, Any]) -> ResumeWorkflow:
+    return ResumeWorkflow(workflow_id=d["workflow_id"], requested_at_ms=d["requested_at_ms"])
+
+
 _INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
     NS + "StartWorkflow": _start_from_avro,
     NS + "ActivityResult": _result_from_avro,
+    NS + "ResumeWorkflow": _resume_from_avro,
 }
 
 
@@ -453,13 +529,14 @@ def _workflow_to_avro(r: WorkflowRecord) -> dict[str, Any]:
         "workflow_id": r.workflow_id,
         "workflow_type": r.workflow_type,
         "status": r.status.value,
+        "closed_at_ms": r.closed_at_ms,
+        "run_id": r.run_id,
         "input": _payload_to_avro(r.input),
         "events": [_event_to_avro(e) for e in r.events],
         "result": None if r.result is None else _payload_to_avro(r.result),
         "failure": None if r.failure is None else _failure_to_avro(r.failure),
         "started_at_ms": r.started_at_ms,
         "updated_at_ms": r.updated_at_ms,
-        "closed_at_ms": r.closed_at_ms,
         "revision": r.revision,
     }
 
@@ -477,4 +554,5 @@ def _workflow_from_avro(d: Mapping[str, Any]) -> WorkflowRecord:
         result=_opt_payload(d["result"]),
         failure=_opt_failure(d["failure"]),
         closed_at_ms=d["closed_at_ms"],
+        run_id=d["run_id"],
     )

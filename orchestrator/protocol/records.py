@@ -53,6 +53,7 @@ class Failure:
     error_type: str
     message: str
     retryable: bool = False
+    effects_committed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,19 @@ class ActivityResult:
     failure: Failure | None = None
 
 
-InboxBody = StartWorkflow | ActivityResult
+@dataclass(frozen=True, slots=True)
+class ResumeWorkflow:
+    """Inbox input: re-drive a STUCK workflow with the code deployed now.
+
+    ``workflow_id`` None means every stuck workflow of the inbox partition the record is
+    produced to.
+    """
+
+    workflow_id: str | None
+    requested_at_ms: int
+
+
+InboxBody = StartWorkflow | ActivityResult | ResumeWorkflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +164,15 @@ class WorkflowRecord:
     result: Payload | None = None
     failure: Failure | None = None
     closed_at_ms: int | None = None
+    run_id: str = ""
 
 
-def activity_id(workflow_id: str, seq: int, attempt: int) -> str:
-    """The stable id of one activity attempt, which participants dedupe on."""
+def activity_id(workflow_id: str, seq: int, attempt: int, run_id: str = "") -> str:
+    """The stable id of one activity attempt, which participants dedupe on.
+
+    ``<workflow id>/<run id>/<seq>/<attempt>``; records written before run ids existed
+    (empty ``run_id``) keep the older ``<workflow id>/<seq>/<attempt>``.
+    """
+    if run_id:
+        return f"{workflow_id}/{run_id}/{seq}/{attempt}"
     return f"{workflow_id}/{seq}/{attempt}"

@@ -2,7 +2,38 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Final
+
+# A participant's name is part of a topic name and of '<participant>.<activity>': no dots.
+PARTICIPANT_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,100}")
+ACTIVITY_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def activity_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a ``'<participant>.<activity>'`` name, or None if it can.
+
+    The same rules as :class:`participants.Participant` applies when it registers
+    activities, so a name that passes here can be served.
+    """
+    if not isinstance(name, str):
+        return f"an activity name must be a str, got {type(name).__name__}"
+    participant, sep, activity = name.partition(".")
+    if not sep:
+        return "it must look like '<participant>.<activity>'"
+    if not PARTICIPANT_NAME.fullmatch(participant):
+        return (
+            "the participant part must be 1-100 letters, digits, '_' or '-' "
+            "(it becomes part of a topic name)"
+        )
+    if not ACTIVITY_NAME.fullmatch(activity):
+        return (
+            "the activity part must start with a letter, digit or '_' and hold only those, "
+            "'.' and '-' (at most 200)"
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +66,10 @@ class Topics:
     def tasks(self, participant: str) -> str:
         """Activity tasks for one participant service."""
         return f"{self.prefix}.tasks.{participant}"
+
+    def valid(self, topic: str) -> bool:
+        """True if ``topic`` is a name Kafka accepts (legal characters, at most 249)."""
+        return TOPIC_NAME.fullmatch(topic) is not None and topic not in (".", "..")
 
 
 def history_config(*, segment_ms: int = 600_000) -> dict[str, str]:

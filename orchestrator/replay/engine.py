@@ -78,7 +78,9 @@ def advance(
     """
     if isinstance(body, StartWorkflow):
         return _start(record, body, now_ms, registry, limits)
-    return _apply_result(record, body, now_ms, registry, limits)
+    if isinstance(body, ActivityResult):
+        return _apply_result(record, body, now_ms, registry, limits)
+    return Transition(None, ignored="resume-unsupported")
 
 
 def _start(

@@ -1,5 +1,6 @@
 """The I/O shell around the pure engine: consumer, producer, transactions and restore."""
 
-from orchestrator.runtime.loop import FatalKafkaError, Orchestrator
+from orchestrator.errors import FatalKafkaError
+from orchestrator.runtime.loop import Orchestrator
 
 __all__ = ["FatalKafkaError", "Orchestrator"]

@@ -28,25 +28,30 @@ from confluent_kafka.admin import AdminClient
 
 from orchestrator import metrics
 from orchestrator.admin import check_copartitioned
-from orchestrator.errors import RecordDecodeError, SagalineError, UnknownWorkflowTypeError
+from orchestrator.errors import (
+    FatalKafkaError,
+    RecordDecodeError,
+    UnknownWorkflowTypeError,
+)
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.partitioning import partition_for
 from orchestrator.protocol.records import ActivityTask, Failure, StartWorkflow, WorkflowStatus
 from orchestrator.replay.engine import Limits, Transition, advance, fail
-from orchestrator.runtime.dlq import TRUNCATED, DeadLetter, dead_letter
-from orchestrator.runtime.polling import poll_batch
 from orchestrator.runtime.restore import restore_partitions
 from orchestrator.runtime.state import WorkflowStore
 from orchestrator.settings import OrchestratorSettings
+from orchestrator.transport import (
+    DeadLetter,
+    dead_letter,
+    heartbeat_interval_ms,
+    poll_batch,
+    session_timeout_ms,
+)
 from orchestrator.workflow import WorkflowRegistry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RETRIES = 10
-
-
-class FatalKafkaError(SagalineError):
-    """The producer is fenced or Kafka reported a fatal error; the process must restart."""
 
 
 class _Abortable(Exception):  # noqa: N818 - internal control flow, never escapes the loop
@@ -93,6 +98,8 @@ class Orchestrator:
         self._idle = True
         self._partition_count = 0
         common = settings.kafka_common()
+        admin = AdminClient(common)
+        session_ms = session_timeout_ms(settings.session_timeout_ms, admin)
         self._max_message_bytes = max(1_000_000, settings.max_record_bytes + 65_536)
         self.consumer = Consumer(
             {
@@ -106,8 +113,8 @@ class Orchestrator:
                 "auto.offset.reset": "earliest",
                 # Eager range assignment keeps every rebalance a full revoke/assign (EOS 13).
                 "partition.assignment.strategy": "range",
-                "session.timeout.ms": settings.session_timeout_ms,
-                "heartbeat.interval.ms": max(500, settings.session_timeout_ms // 5),
+                "session.timeout.ms": session_ms,
+                "heartbeat.interval.ms": heartbeat_interval_ms(session_ms),
             }
         )
         self.restorer = Consumer(
@@ -138,7 +145,7 @@ class Orchestrator:
                 "client.id": f"sagaline-orchestrator-{settings.instance_id}",
             }
         )
-        self.admin = AdminClient(common)
+        self.admin = admin
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -388,10 +395,13 @@ class Orchestrator:
             msg.offset(),
             error,
         )
-        letter: DeadLetter = dead_letter(msg, reason=reason, error=error, source="orchestrator")
-        if letter.value is not None and len(letter.value) > self._max_message_bytes - 65_536:
-            # Too large to copy: the topic/partition/offset headers point at the original.
-            letter = DeadLetter(letter.key, None, [*letter.headers, (TRUNCATED, b"true")])
+        letter: DeadLetter = dead_letter(
+            msg,
+            reason=reason,
+            error=error,
+            source="orchestrator",
+            max_record_bytes=self._max_message_bytes - 65_536,
+        )
         self._begin()
         self._produce(self.topics.dlq, letter.key, letter.value, letter.headers)
         self._batch.dead_letters += 1
@@ -409,7 +419,7 @@ class Orchestrator:
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: list[tuple[str, bytes | None]] | None = None,
         partition: int | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {"key": key, "value": value}

@@ -26,8 +26,8 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from orchestrator import metrics
 from orchestrator.errors import RecordDecodeError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
-from orchestrator.runtime.polling import poll_batch
 from orchestrator.runtime.state import PartitionState
+from orchestrator.transport import poll_batch
 
 log = logging.getLogger(__name__)
 

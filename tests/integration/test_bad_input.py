@@ -11,6 +11,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from examples.order_saga.harness import HistoryWatcher, SagalineProcess, orchestrator_process
+from orchestrator import transport as dlq
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.partitioning import partition_for
 from orchestrator.protocol.payloads import encode_json
@@ -22,7 +23,6 @@ from orchestrator.protocol.records import (
     WorkflowStatus,
 )
 from orchestrator.protocol.topics import Topics
-from orchestrator.runtime import dlq
 
 pytestmark = pytest.mark.integration
 LIMIT = 4096
@@ -113,7 +113,7 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
     originals = {(k, v) for k, v in bad.values()}
     for key, value, headers in letters:
         if key == b"huge-1":
-            assert value is None and headers[dlq.TRUNCATED] == b"true"
+            assert value is None and headers[dlq.VALUE_DROPPED] == b"true"
             continue
         assert (key, value) in originals, f"dead letter {key!r} does not carry the original bytes"
         assert headers[dlq.SOURCE] == b"orchestrator"

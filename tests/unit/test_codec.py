@@ -246,12 +246,13 @@ def test_schema_ids_are_stable_across_codec_instances() -> None:
 # every record that embeds them.
 CURRENT_IDS = {
     "io.sagaline.Payload": 1398388956,
-    "io.sagaline.Failure": 472249370,
+    "io.sagaline.Failure": 476549725,
     "io.sagaline.StartWorkflow": 1483094129,
-    "io.sagaline.ActivityResult": 2014102622,
-    INBOX: 277885909,
+    "io.sagaline.ActivityResult": 1191333045,
+    "io.sagaline.ResumeWorkflow": 1756269513,
+    INBOX: 1132536706,
     TASK: 307959810,
-    WORKFLOW: 1685556937,
+    WORKFLOW: 364060548,
 }
 
 

@@ -23,7 +23,11 @@ from orchestrator.settings import OrchestratorSettings
 @pytest.fixture
 def orch() -> Iterator[Orchestrator]:
     settings = OrchestratorSettings(
-        kafka_bootstrap="127.0.0.1:1", topic_prefix="unit", instance_id="u1", metrics_port=0
+        kafka_bootstrap="127.0.0.1:1",
+        topic_prefix="unit",
+        instance_id="u1",
+        metrics_port=0,
+        session_timeout_ms=6000,
     )
     loop = Orchestrator(settings, registry)
     # Clients are created without connecting; swap them for autospec'd doubles.
