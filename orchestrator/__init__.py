@@ -6,9 +6,12 @@ The public API is what this module exports; everything else is runtime.
 from orchestrator.errors import (
     ActivityError,
     ConfigurationError,
+    HistoryLimitExceededError,
     NonDeterminismError,
+    RecordTooLargeError,
     SagalineError,
     UnknownWorkflowTypeError,
+    WorkflowDefinitionError,
 )
 from orchestrator.saga import Saga
 from orchestrator.workflow import (
@@ -24,12 +27,15 @@ __all__ = [
     "ActivityError",
     "ActivityHandle",
     "ConfigurationError",
+    "HistoryLimitExceededError",
     "NonDeterminismError",
+    "RecordTooLargeError",
     "RetryPolicy",
     "Saga",
     "SagalineError",
     "UnknownWorkflowTypeError",
     "WorkflowContext",
+    "WorkflowDefinitionError",
     "WorkflowRegistry",
     "default_registry",
     "workflow",

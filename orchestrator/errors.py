@@ -82,7 +82,18 @@ class ActivityError(SagalineError):
             raise
     """
 
-    def __init__(self, activity: str, error_type: str, message: str, *, attempts: int) -> None:
+    effects_committed: bool = False
+    """This step's effects committed although it failed: compensate it."""
+
+    def __init__(
+        self,
+        activity: str,
+        error_type: str,
+        message: str,
+        *,
+        attempts: int,
+        effects_committed: bool = False,
+    ) -> None:
         super().__init__(
             f"activity {activity} failed after {attempts} attempt(s): {error_type}: {message}"
         )
@@ -90,6 +101,7 @@ class ActivityError(SagalineError):
         self.error_type = error_type
         self.message = message
         self.attempts = attempts
+        self.effects_committed = effects_committed
 
 
 class NonDeterminismError(SagalineError):
@@ -108,3 +120,24 @@ class UnknownWorkflowTypeError(SagalineError):
 
 class WorkflowDefinitionError(SagalineError):
     """Workflow code did something the engine cannot run deterministically."""
+
+
+class RecordTooLargeError(ActivityError):
+    """A step, its result or its retry would make the workflow's record too large.
+
+    Raised at the ``await`` of that step, never retried. When the step's *result* was too
+    large, ``effects_committed`` is True: the participant's writes committed, so the
+    workflow should compensate the step as if it had completed.
+    """
+
+    ERROR_TYPE = "RecordTooLarge"
+
+
+class HistoryLimitExceededError(ActivityError):
+    """A step would take the workflow's history past its event limit; raised at its ``await``.
+
+    Never retried. Compensations still get a bounded grace above the limit, so ``Saga`` and
+    ``except ActivityError`` blocks can undo the steps before.
+    """
+
+    ERROR_TYPE = "HistoryLimitExceeded"

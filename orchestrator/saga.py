@@ -5,8 +5,15 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from orchestrator.errors import ActivityError
-from orchestrator.workflow import ActivityHandle, RetryPolicy, WorkflowContext
+from orchestrator.errors import ActivityError, ConfigurationError
+from orchestrator.protocol.topics import activity_name_problem
+from orchestrator.workflow import (
+    ActivityHandle,
+    RetryPolicy,
+    WorkflowContext,
+    _shown,
+    _type_name,
+)
 
 COMPENSATION_RETRY = RetryPolicy(max_attempts=10)
 
@@ -33,14 +40,37 @@ class Saga:
         parallel: bool = False,
         retry: RetryPolicy = COMPENSATION_RETRY,
     ) -> None:
+        """Bind the saga to the workflow's context.
+
+        Raises:
+            ConfigurationError: ``ctx`` is not the workflow's context, ``parallel`` is not
+                a bool or ``retry`` not a RetryPolicy (the workflow is parked as STUCK).
+        """
+        if not isinstance(ctx, WorkflowContext):
+            raise ConfigurationError(
+                f"Saga(ctx) takes the workflow's WorkflowContext, got {_type_name(ctx)}"
+            )
+        if type(parallel) is not bool:
+            raise ctx._misuse(f"Saga(parallel=...) takes a bool, got {_type_name(parallel)}")
+        if not isinstance(retry, RetryPolicy):
+            raise ctx._misuse(f"Saga(retry=...) takes a RetryPolicy, got {_type_name(retry)}")
         self._ctx = ctx
         self._parallel = parallel
         self._retry = retry
         self._steps: list[tuple[str, Any]] = []
 
     def add_compensation(self, activity: str, value: Any = None) -> None:
-        """Register the activity that undoes the step that just completed."""
-        self._steps.append((activity, value))
+        """Register the activity that undoes the step that just completed.
+
+        Raises:
+            ConfigurationError: ``activity`` is not a valid '<participant>.<activity>'
+                name (checked here, not when the compensation runs; the workflow is parked
+                as STUCK).
+        """
+        problem = activity_name_problem(activity)
+        if problem is not None:
+            raise self._ctx._misuse(f"Saga.add_compensation({_shown(activity)}): {problem}")
+        self._steps.append((str.__str__(activity), value))
 
     async def compensate(self) -> None:
         """Run the registered compensations now (once); later calls do nothing."""

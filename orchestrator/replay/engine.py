@@ -1,22 +1,24 @@
 """State transitions of one workflow: (record, input, time) in, (record, tasks) out.
 
 Rules of this module:
-- Pure: no Kafka, no clock, no randomness; ``now_ms`` is an argument.
-- Every input either changes the record (a new revision) or is ignored with a reason;
-  nothing here raises for bad runtime input except an unknown workflow type on start,
-  which the shell turns into a dead letter.
+- Pure: no Kafka, no clock, no randomness; ``now_ms`` and ``run_id`` are arguments.
+- Every input either changes the record (a new revision) or is ignored with a reason.
+  Nothing here raises for anything workflow code does; the shell still parks a workflow
+  (``park``) if the engine itself fails.
+- A record whose status this code does not know was written by newer code: it is never
+  overwritten, whatever the input.
 - Retries are decided here from the policy recorded with the step, never by code replay,
   so a retry needs no user code at all.
+- Every text that reaches a record from outside (participants, workflow code, the shell)
+  goes through ``safe_text`` first, so every record this module returns can be encoded.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from typing import Final
 
-from orchestrator.errors import UnknownWorkflowTypeError
-from orchestrator.protocol.payloads import PayloadEncodingError, decode_json, encode_json
+from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
 from orchestrator.protocol.records import (
     ActivityCompleted,
     ActivityFailed,
@@ -27,34 +29,29 @@ from orchestrator.protocol.records import (
     Failure,
     HistoryEvent,
     InboxBody,
+    ResumeWorkflow,
     StartWorkflow,
     WorkflowRecord,
     WorkflowStatus,
     activity_id,
 )
-from orchestrator.replay.driver import final_outcomes, replay
+from orchestrator.replay.limits import Limits, Tier, reserved_events
+from orchestrator.replay.transition import CodeRun, Transition, close, revise, task_for
 from orchestrator.workflow import WorkflowRegistry
 
+# Why an input changed nothing (Transition.ignored).
+DUPLICATE_START: Final = "duplicate-start"
+UNKNOWN_WORKFLOW: Final = "unknown-workflow"
+WORKFLOW_CLOSED: Final = "workflow-closed"
+UNKNOWN_STATUS: Final = "unknown-status"
+STALE_ATTEMPT: Final = "stale-attempt"
+ACTIVITY_ID_MISMATCH: Final = "activity-id-mismatch"
+DUPLICATE_RESULT: Final = "duplicate-result"
+NOT_STUCK: Final = "not-stuck"
+STILL_STUCK: Final = "still-stuck"
+UNKNOWN_INPUT: Final = "unknown-input"
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Bounds that keep one workflow's record small."""
-
-    max_events: int = 1_000
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """Result of applying one input: the new record and the tasks to send, or a reason."""
-
-    record: WorkflowRecord | None
-    tasks: tuple[ActivityTask, ...] = ()
-    ignored: str | None = None
-
-    @property
-    def changed(self) -> bool:
-        """True when there is a new record to write."""
-        return self.record is not None
+DEFAULT_LIMITS: Final = Limits()
 
 
 def advance(
@@ -62,25 +59,35 @@ def advance(
     body: InboxBody,
     now_ms: int,
     registry: WorkflowRegistry,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    run_id: str = "",
 ) -> Transition:
     """Apply one inbox input to a workflow.
 
     Args:
         record: the workflow's current state, or None if it does not exist (yet).
-        body: a start request or an activity result.
+        body: a start request, an activity result or a resume request.
         now_ms: the orchestrator's clock, recorded in new events.
         registry: the workflow functions to replay.
         limits: size bounds.
+        run_id: the run id a start gives the new record; every activity id of the run
+            carries it. Unused by other inputs.
 
-    Raises:
-        UnknownWorkflowTypeError: a start names a type the registry lacks.
+    Returns:
+        The new record and the tasks to send, or ``ignored`` with the reason. A start
+        of a type the registry lacks is kept as a STUCK record (resumed once a deploy
+        registers the type).
     """
+    if record is not None and record.status is WorkflowStatus.UNKNOWN:
+        return Transition(None, ignored=UNKNOWN_STATUS)
     if isinstance(body, StartWorkflow):
-        return _start(record, body, now_ms, registry, limits)
+        return _start(record, body, now_ms, registry, limits, run_id)
     if isinstance(body, ActivityResult):
         return _apply_result(record, body, now_ms, registry, limits)
-    return Transition(None, ignored="resume-unsupported")
+    if isinstance(body, ResumeWorkflow):
+        return _resume(record, now_ms, registry, limits)
+    return Transition(None, ignored=UNKNOWN_INPUT)
 
 
 def _start(
@@ -89,24 +96,46 @@ def _start(
     now_ms: int,
     registry: WorkflowRegistry,
     limits: Limits,
+    run_id: str,
 ) -> Transition:
     if record is not None:
-        return Transition(None, ignored="duplicate-start")
-    if registry.get(start.workflow_type) is None:
-        raise UnknownWorkflowTypeError(
-            f"workflow {start.workflow_id}: type {start.workflow_type!r} is not registered "
-            f"here (known: {', '.join(sorted(registry.names())) or 'none'})"
-        )
-    fresh = WorkflowRecord(
-        workflow_id=start.workflow_id,
-        workflow_type=start.workflow_type,
+        return Transition(None, ignored=DUPLICATE_START)
+    return CodeRun(_fresh(start, now_ms, run_id), now_ms, registry, limits).transition()
+
+
+def _fresh(start: StartWorkflow, now_ms: int, run_id: str) -> WorkflowRecord:
+    return WorkflowRecord(
+        workflow_id=_encodable(start.workflow_id),
+        workflow_type=_encodable(start.workflow_type),
         status=WorkflowStatus.RUNNING,
         input=start.input,
         started_at_ms=now_ms,
         updated_at_ms=now_ms,
         revision=0,
+        run_id=_encodable(run_id),
     )
-    return _run_code(fresh, now_ms, registry, limits)
+
+
+def _resume(
+    record: WorkflowRecord | None, now_ms: int, registry: WorkflowRegistry, limits: Limits
+) -> Transition:
+    if record is None:
+        return Transition(None, ignored=UNKNOWN_WORKFLOW)
+    if record.status.terminal:
+        return Transition(None, ignored=WORKFLOW_CLOSED)
+    if record.status is not WorkflowStatus.STUCK:
+        return Transition(None, ignored=NOT_STUCK)
+    transition = CodeRun(record, now_ms, registry, limits).transition()
+    again = transition.record
+    if (
+        again is not None
+        and again.status is WorkflowStatus.STUCK
+        and again.failure == record.failure
+        and again.events == record.events
+    ):
+        # Re-driving after every restore must write nothing while the code is unchanged.
+        return Transition(None, ignored=STILL_STUCK)
+    return transition
 
 
 def _latest_attempt(events: tuple[HistoryEvent, ...], seq: int) -> ActivityScheduled | None:
@@ -124,178 +153,116 @@ def _apply_result(
     limits: Limits,
 ) -> Transition:
     if record is None:
-        return Transition(None, ignored="unknown-workflow")
+        return Transition(None, ignored=UNKNOWN_WORKFLOW)
     if record.status.terminal:
-        return Transition(None, ignored="workflow-closed")
+        return Transition(None, ignored=WORKFLOW_CLOSED)
     step = _latest_attempt(record.events, result.seq)
     if step is None or step.attempt != result.attempt:
-        return Transition(None, ignored="stale-attempt")
-    if result.activity_id != activity_id(record.workflow_id, result.seq, result.attempt):
-        return Transition(None, ignored="activity-id-mismatch")
+        return Transition(None, ignored=STALE_ATTEMPT)
+    expected = activity_id(record.workflow_id, result.seq, result.attempt, record.run_id)
+    if result.activity_id != expected:
+        return Transition(None, ignored=ACTIVITY_ID_MISMATCH)
     for event in reversed(record.events):
         if (
             isinstance(event, ActivityCompleted | ActivityFailed)
             and event.seq == result.seq
             and event.attempt == result.attempt
         ):
-            return Transition(None, ignored="duplicate-result")
-    if result.status is ActivityStatus.COMPLETED:
-        if result.result is None:
-            failure = Failure("MissingResult", "participant reported success without a result")
-            outcome: HistoryEvent = ActivityFailed(result.seq, result.attempt, failure, now_ms)
-        else:
-            outcome = ActivityCompleted(result.seq, result.attempt, result.result, now_ms)
-    else:
-        failure = result.failure or Failure("UnknownError", "participant gave no failure")
-        outcome = ActivityFailed(result.seq, result.attempt, failure, now_ms)
-    events = (*record.events, outcome)
+            return Transition(None, ignored=DUPLICATE_RESULT)
+    outcome = _outcome(result, now_ms)
     if isinstance(outcome, ActivityFailed) and _should_retry(step, outcome.failure):
-        if len(events) + 1 > limits.max_events:
-            return Transition(
-                _close(
-                    dataclasses.replace(record, events=events),
-                    now_ms,
-                    WorkflowStatus.FAILED,
-                    failure=_over_limit(record, limits),
-                )
-            )
-        retry = dataclasses.replace(step, attempt=step.attempt + 1, at_ms=now_ms)
-        updated = _revise(record, now_ms, events=(*events, retry))
-        return Transition(updated, tasks=(_task(updated, retry),))
-    return _run_code(dataclasses.replace(record, events=events), now_ms, registry, limits)
+        retried = _retry(record, step, outcome, now_ms, limits)
+        if retried is not None:
+            return retried
+        # The retry does not fit the limits: the failure is final.
+    return CodeRun(record, now_ms, registry, limits, outcome=outcome, step=step).transition()
+
+
+def _outcome(result: ActivityResult, now_ms: int) -> HistoryEvent:
+    if result.status is ActivityStatus.COMPLETED:
+        if result.result is not None:
+            return ActivityCompleted(result.seq, result.attempt, result.result, now_ms)
+        failure = Failure("MissingResult", "participant reported success without a result")
+    elif result.failure is None:
+        failure = Failure("UnknownError", "participant gave no failure")
+    else:
+        failure = _safe_failure(result.failure)
+    return ActivityFailed(result.seq, result.attempt, failure, now_ms)
 
 
 def _should_retry(step: ActivityScheduled, failure: Failure) -> bool:
+    # A failure whose effects committed is never retried: a new attempt would repeat them.
     return (
         failure.retryable
+        and not failure.effects_committed
         and step.attempt < step.max_attempts
         and failure.error_type not in step.non_retryable
     )
 
 
-def _run_code(
-    record: WorkflowRecord, now_ms: int, registry: WorkflowRegistry, limits: Limits
-) -> Transition:
-    fn = registry.get(record.workflow_type)
-    if fn is None:
-        return Transition(
-            _revise(
-                record,
-                now_ms,
-                status=WorkflowStatus.STUCK,
-                failure=Failure(
-                    "UnknownWorkflowType",
-                    f"workflow type {record.workflow_type!r} is not registered in this "
-                    "orchestrator; deploy code that registers it to resume",
-                ),
-            )
-        )
-    try:
-        input_value: Any = decode_json(record.input)
-    except PayloadEncodingError as exc:
-        return Transition(
-            _close(record, now_ms, WorkflowStatus.FAILED, failure=Failure("InvalidInput", str(exc)))
-        )
-    result = replay(
-        fn,
-        record.workflow_id,
-        record.workflow_type,
-        input_value,
-        record.events,
-        record.started_at_ms,
-    )
-    if result.nondeterminism is not None:
-        return Transition(
-            _revise(
-                record,
-                now_ms,
-                status=WorkflowStatus.STUCK,
-                failure=Failure("NonDeterminismError", result.nondeterminism),
-            )
-        )
-    if result.finished:
-        # Steps scheduled but never awaited die with the workflow: no task, no record.
-        updated = record
-        if result.error is None:
-            try:
-                payload = encode_json(result.value)
-            except PayloadEncodingError as exc:
-                return Transition(
-                    _close(
-                        updated,
-                        now_ms,
-                        WorkflowStatus.FAILED,
-                        failure=Failure("InvalidResult", str(exc)),
-                    )
-                )
-            return Transition(_close(updated, now_ms, WorkflowStatus.COMPLETED, result=payload))
-        failure = Failure(type(result.error).__name__, str(result.error))
-        return Transition(_close(updated, now_ms, _failed_status(updated.events), failure=failure))
-    events = (*record.events, *result.new_steps)
-    if len(events) > limits.max_events:
-        return Transition(
-            _close(record, now_ms, WorkflowStatus.FAILED, failure=_over_limit(record, limits))
-        )
-    updated = dataclasses.replace(record, events=events)
-    revised = _revise(updated, now_ms, status=WorkflowStatus.RUNNING, failure=None)
-    return Transition(revised, tasks=tuple(_task(revised, s) for s in result.new_steps))
+def _retry(
+    record: WorkflowRecord,
+    step: ActivityScheduled,
+    failed: ActivityFailed,
+    now_ms: int,
+    limits: Limits,
+) -> Transition | None:
+    events = (*record.events, failed)
+    tier = Tier.GRACE if step.compensation else Tier.NORMAL
+    if reserved_events(events) + 2 > limits.event_budget(tier):
+        return None
+    retry = dataclasses.replace(step, attempt=step.attempt + 1, at_ms=now_ms)
+    updated = revise(record, now_ms, events=(*events, retry))
+    if not limits.fits(updated, tier):
+        return None
+    return Transition(updated, tasks=(task_for(updated, retry),))
 
 
-def _over_limit(record: WorkflowRecord, limits: Limits) -> Failure:
-    return Failure(
-        "HistoryLimitExceeded",
-        f"workflow {record.workflow_id} would exceed its limit of "
-        f"{limits.max_events} history events",
-    )
-
-
-def _failed_status(events: tuple[HistoryEvent, ...]) -> WorkflowStatus:
-    """FAILED, or COMPENSATED / COMPENSATION_FAILED when compensations ran."""
-    compensations = {e.seq for e in events if isinstance(e, ActivityScheduled) and e.compensation}
-    if not compensations:
-        return WorkflowStatus.FAILED
-    completed = {e.seq for e in final_outcomes(events) if isinstance(e, ActivityCompleted)}
-    if compensations <= completed:
-        return WorkflowStatus.COMPENSATED
-    return WorkflowStatus.COMPENSATION_FAILED
-
-
-def _revise(record: WorkflowRecord, now_ms: int, **changes: Any) -> WorkflowRecord:
-    return dataclasses.replace(
-        record, revision=record.revision + 1, updated_at_ms=now_ms, **changes
-    )
-
-
-def _close(
-    record: WorkflowRecord, now_ms: int, status: WorkflowStatus, **changes: Any
+def park(
+    record: WorkflowRecord | None,
+    body: InboxBody,
+    failure: Failure,
+    now_ms: int,
+    *,
+    run_id: str,
 ) -> WorkflowRecord:
-    return _revise(record, now_ms, status=status, closed_at_ms=now_ms, **changes)
+    """The STUCK record the shell writes when it cannot apply ``body`` to a workflow.
 
+    Args:
+        record: the workflow's current state, or None when ``body`` starts it.
+        body: the input that could not be applied (the shell keeps it beside the record).
+        failure: why; its text is made safe to encode.
+        now_ms: the orchestrator's clock.
+        run_id: the run id of a record made from a start; unused for an existing record.
 
-def _task(record: WorkflowRecord, step: ActivityScheduled) -> ActivityTask:
-    participant, _, activity = step.name.partition(".")
-    return ActivityTask(
-        workflow_id=record.workflow_id,
-        workflow_type=record.workflow_type,
-        activity_id=activity_id(record.workflow_id, step.seq, step.attempt),
-        seq=step.seq,
-        attempt=step.attempt,
-        participant=participant,
-        activity=activity,
-        payload=step.payload,
-        scheduled_at_ms=step.at_ms,
-        compensation=step.compensation,
-    )
+    Returns:
+        ``record`` (or a new record made from the start, with its input and no events),
+        status STUCK with ``failure``, one revision later. Always encodable.
+
+    Raises:
+        ValueError: ``record`` is None and ``body`` is not a start: there is no workflow
+            to park.
+    """
+    if record is None:
+        if not isinstance(body, StartWorkflow):
+            raise ValueError(
+                f"cannot park a {type(body).__name__} for a workflow that does not exist"
+            )
+        record = _fresh(body, now_ms, run_id)
+    return revise(record, now_ms, status=WorkflowStatus.STUCK, failure=_safe_failure(failure))
 
 
 def fail(record: WorkflowRecord, now_ms: int, failure: Failure) -> WorkflowRecord:
     """Close a workflow as FAILED from outside its code (e.g. its record grew too large)."""
-    return _close(record, now_ms, WorkflowStatus.FAILED, failure=failure)
+    return close(record, now_ms, WorkflowStatus.FAILED, failure=_safe_failure(failure))
 
 
 def pending_tasks(record: WorkflowRecord) -> tuple[ActivityTask, ...]:
-    """Tasks of a running workflow whose latest attempt has no outcome yet."""
-    if record.status.terminal:
+    """Tasks of an open workflow whose latest attempt has no outcome yet.
+
+    None for a closed workflow, nor for one whose status this code does not know.
+    """
+    if record.status.terminal or record.status is WorkflowStatus.UNKNOWN:
         return ()
     latest: dict[int, ActivityScheduled] = {}
     settled: set[tuple[int, int]] = set()
@@ -304,4 +271,26 @@ def pending_tasks(record: WorkflowRecord) -> tuple[ActivityTask, ...]:
             latest[event.seq] = event
         else:
             settled.add((event.seq, event.attempt))
-    return tuple(_task(record, s) for s in latest.values() if (s.seq, s.attempt) not in settled)
+    return tuple(task_for(record, s) for s in latest.values() if (s.seq, s.attempt) not in settled)
+
+
+def _safe_failure(failure: Failure) -> Failure:
+    return Failure(
+        safe_text(failure.error_type, MAX_NAME_CHARS),
+        safe_text(failure.message),
+        retryable=failure.retryable is True,
+        effects_committed=failure.effects_committed is True,
+    )
+
+
+def _encodable(text: str) -> str:
+    """``text`` unchanged if UTF-8 can encode it (anything decoded from a record can)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return safe_text(text, len(text) * 7 + 8)
+    return text
+
+
+# The shell imports these from here; they live beside the code that uses them most.
+__all__ = ["Limits", "Transition", "advance", "fail", "park", "pending_tasks"]

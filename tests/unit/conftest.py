@@ -13,6 +13,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, settings
 
+from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.payloads import encode_json
 from orchestrator.protocol.records import (
     ActivityCompleted,
@@ -24,6 +25,7 @@ from orchestrator.protocol.records import (
     HistoryEvent,
     InboxBody,
     Payload,
+    ResumeWorkflow,
     StartWorkflow,
     WorkflowRecord,
     WorkflowStatus,
@@ -41,6 +43,28 @@ settings.load_profile("sagaline-unit")
 T0 = 1_700_000_000_000
 DEFAULT_LIMITS = Limits()
 STEP_MS = 1_000
+CODEC = AvroCodec()
+
+
+def encoded_size(record: WorkflowRecord) -> int:
+    """What the shell's ``Limits.measure`` returns: the encoded record with its key."""
+    return len(CODEC.encode_workflow(record)) + len(record.workflow_id.encode())
+
+
+def assert_encodable(record: WorkflowRecord | None) -> WorkflowRecord:
+    """The record encodes with the real codec and decodes to an equal record."""
+    assert record is not None, "expected a workflow record, observed none"
+    try:
+        data = CODEC.encode_workflow(record)
+    except Exception as exc:
+        message = f"workflow {record.workflow_id!r}: record does not encode: {exc!r}"
+        raise AssertionError(message) from exc
+    decoded = CODEC.decode_workflow(data)
+    assert decoded == record, (
+        f"workflow {record.workflow_id!r}: decoded record differs\n"
+        f"  in memory: {record}\n  decoded:   {decoded}"
+    )
+    return record
 
 
 def event_line(event: HistoryEvent) -> str:
@@ -102,10 +126,11 @@ def completed(
     now_ms: int,
     *,
     result: Payload | None = None,
+    run_id: str = "",
 ) -> ActivityResult:
     return ActivityResult(
         workflow_id=workflow_id,
-        activity_id=activity_id(workflow_id, seq, attempt),
+        activity_id=activity_id(workflow_id, seq, attempt, run_id),
         seq=seq,
         attempt=attempt,
         status=ActivityStatus.COMPLETED,
@@ -123,15 +148,17 @@ def failed(
     *,
     retryable: bool = False,
     message: str = "it broke",
+    run_id: str = "",
+    effects_committed: bool = False,
 ) -> ActivityResult:
     return ActivityResult(
         workflow_id=workflow_id,
-        activity_id=activity_id(workflow_id, seq, attempt),
+        activity_id=activity_id(workflow_id, seq, attempt, run_id),
         seq=seq,
         attempt=attempt,
         status=ActivityStatus.FAILED,
         finished_at_ms=now_ms,
-        failure=Failure(error_type, message, retryable),
+        failure=Failure(error_type, message, retryable, effects_committed),
     )
 
 
@@ -139,7 +166,9 @@ class WorkflowRun:
     """One workflow driven through :func:`advance`, as the orchestrator shell would.
 
     Every input moves the clock by ``STEP_MS``. ``registry`` may be swapped between inputs
-    to model a deploy of changed workflow code.
+    to model a deploy of changed workflow code. ``run_id`` is what the shell would give
+    the start (empty: activity ids in the format before run ids). With ``check_codec``,
+    every new record must survive the Avro round trip unchanged.
     """
 
     def __init__(
@@ -149,11 +178,15 @@ class WorkflowRun:
         *,
         workflow_id: str = "wf-1",
         limits: Limits = DEFAULT_LIMITS,
+        run_id: str = "",
+        check_codec: bool = True,
     ) -> None:
         self.registry = registry
         self.workflow_type = workflow_type
         self.workflow_id = workflow_id
         self.limits = limits
+        self.run_id = run_id
+        self.check_codec = check_codec
         self.now_ms = T0
         self.record: WorkflowRecord | None = None
         self.last: Transition | None = None
@@ -164,8 +197,12 @@ class WorkflowRun:
     def send(self, body: InboxBody) -> Transition:
         self.now_ms += STEP_MS
         self.inputs.append((body, self.now_ms))
-        transition = advance(self.record, body, self.now_ms, self.registry, self.limits)
+        transition = advance(
+            self.record, body, self.now_ms, self.registry, self.limits, run_id=self.run_id
+        )
         if transition.record is not None:
+            if self.check_codec:
+                assert_encodable(transition.record)
             self.record = transition.record
         self.sent.extend(transition.tasks)
         self.transitions.append(transition)
@@ -175,6 +212,9 @@ class WorkflowRun:
     def start(self, value: Any = None, *, input_payload: Payload | None = None) -> Transition:
         payload = encode_json(value) if input_payload is None else input_payload
         return self.send(StartWorkflow(self.workflow_id, self.workflow_type, payload, self.now_ms))
+
+    def resume(self) -> Transition:
+        return self.send(ResumeWorkflow(self.workflow_id, self.now_ms))
 
     def attempt_of(self, seq: int) -> int:
         """The latest attempt of step ``seq`` in the current record."""
@@ -192,7 +232,9 @@ class WorkflowRun:
 
     def complete(self, seq: int, value: Any = None, *, attempt: int | None = None) -> Transition:
         attempt = self.attempt_of(seq) if attempt is None else attempt
-        return self.send(completed(self.workflow_id, seq, attempt, value, self.now_ms))
+        return self.send(
+            completed(self.workflow_id, seq, attempt, value, self.now_ms, run_id=self.run_id)
+        )
 
     def fail(
         self,
@@ -202,6 +244,7 @@ class WorkflowRun:
         retryable: bool = False,
         attempt: int | None = None,
         message: str = "it broke",
+        effects_committed: bool = False,
     ) -> Transition:
         attempt = self.attempt_of(seq) if attempt is None else attempt
         return self.send(
@@ -213,6 +256,8 @@ class WorkflowRun:
                 self.now_ms,
                 retryable=retryable,
                 message=message,
+                run_id=self.run_id,
+                effects_committed=effects_committed,
             )
         )
 

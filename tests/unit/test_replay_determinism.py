@@ -47,8 +47,10 @@ def _order_run() -> WorkflowRun:
     return run
 
 
-def _assert_stuck(run: WorkflowRun, *fragments: str) -> str:
-    assert_status(run.record, WorkflowStatus.STUCK, "NonDeterminismError")
+def _assert_stuck(
+    run: WorkflowRun, *fragments: str, error_type: str = "NonDeterminismError"
+) -> str:
+    assert_status(run.record, WorkflowStatus.STUCK, error_type)
     assert run.record is not None and run.record.failure is not None
     message = run.record.failure.message
     for fragment in fragments:
@@ -140,10 +142,12 @@ class _Foreign:
 
 
 # Each makes the awaitable inside the workflow, so nothing is created and left unawaited.
-NOT_STEPS: dict[str, tuple[Callable[[], Awaitable[Any]], str]] = {
-    "asyncio.sleep(0)": (lambda: asyncio.sleep(0), "NoneType"),
-    "asyncio.sleep(1)": (lambda: asyncio.sleep(1), ""),
-    "foreign-awaitable": (_Foreign, "str"),
+# The message names the call and what it yielded (tests/unit/test_engine_asyncio.py has
+# the rest of asyncio).
+NOT_STEPS: dict[str, tuple[Callable[[], Awaitable[Any]], tuple[str, ...]]] = {
+    "asyncio.sleep(0)": (lambda: asyncio.sleep(0), ("asyncio.sleep", "yielded None")),
+    "asyncio.sleep(1)": (lambda: asyncio.sleep(1), ("asyncio.sleep",)),
+    "foreign-awaitable": (_Foreign, ("_Foreign.__await__", "yielded str")),
 }
 
 
@@ -160,7 +164,7 @@ def test_awaiting_something_that_is_not_a_step_parks_the_workflow(kind: str) -> 
     run.start(ORDER)
     run.registry = _registry("order.process", waits_between_steps)
     run.complete(0, {"reservation_id": "r-1"})
-    _assert_stuck(run, awaited)
+    _assert_stuck(run, *awaited, error_type="WorkflowDefinitionError")
     assert_history(run.record, ["sched 0#1 inventory.reserve", "done 0#1"])
 
 
@@ -174,7 +178,7 @@ def test_a_new_workflow_awaiting_something_else_is_stuck_from_the_start(kind: st
 
     run = WorkflowRun(_registry("t.await", waits_first), "t.await")
     run.start()
-    _assert_stuck(run, awaited)
+    _assert_stuck(run, *awaited, error_type="WorkflowDefinitionError")
     assert_history(run.record, [])
 
 

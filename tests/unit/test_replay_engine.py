@@ -22,6 +22,7 @@ from orchestrator.protocol.records import (
     ActivityScheduled,
     ActivityStatus,
     Payload,
+    ResumeWorkflow,
     StartWorkflow,
     WorkflowStatus,
 )
@@ -29,6 +30,7 @@ from orchestrator.replay import Limits, advance, pending_tasks
 from tests.unit.conftest import (
     T0,
     WorkflowRun,
+    assert_encodable,
     assert_history,
     assert_status,
     completed,
@@ -340,12 +342,43 @@ def test_result_whose_activity_id_does_not_match_is_ignored(order_run: WorkflowR
 # --- unknown workflow types ----------------------------------------------------------
 
 
-def test_start_of_an_unknown_workflow_type_raises(orders: WorkflowRegistry) -> None:
-    start = StartWorkflow("order-9", "order.refund", encode_json({}), T0)
-    with pytest.raises(UnknownWorkflowTypeError, match=r"order-9.*'order\.refund'") as info:
-        advance(None, start, T0, orders)
-    assert "order.process" in str(info.value), "the message lists the known types"
-    assert info.value.reason == "unknown-workflow-type"
+def test_start_of_an_unknown_workflow_type_is_kept_as_a_stuck_record(
+    orders: WorkflowRegistry,
+) -> None:
+    """A rolling deploy: this instance does not have the type yet. The start is kept."""
+    start = StartWorkflow("order-9", "order.refund", encode_json({"order_id": "o-9"}), T0)
+    transition = advance(None, start, T0 + 5, orders, run_id="run-9")
+    record = assert_encodable(transition.record)
+    assert_status(record, WorkflowStatus.STUCK, "UnknownWorkflowType")
+    assert transition.tasks == () and transition.ignored is None
+    assert record.failure is not None and "'order.refund'" in record.failure.message
+    assert (record.workflow_id, record.workflow_type, record.run_id) == (
+        "order-9",
+        "order.refund",
+        "run-9",
+    )
+    assert decode_json(record.input) == {"order_id": "o-9"}
+    assert (record.revision, record.started_at_ms, record.events) == (1, T0 + 5, ())
+    assert record.closed_at_ms is None
+
+    refunds = WorkflowRegistry()
+
+    @refunds.workflow("order.refund")
+    async def refund(ctx: WorkflowContext, order: dict[str, Any]) -> Any:
+        return await ctx.activity("payment.refund", order)
+
+    # The deploy that has the type resumes it from the start, with the kept input.
+    resumed = advance(record, ResumeWorkflow("order-9", T0 + 9), T0 + 9, refunds)
+    assert_status(resumed.record, WorkflowStatus.RUNNING)
+    assert resumed.record is not None and resumed.record.failure is None
+    assert task_lines(resumed.tasks) == ["order-9/run-9/0/1 payment.refund"]
+    assert decode_json(resumed.tasks[0].payload) == {"order_id": "o-9"}
+
+
+def test_an_unknown_type_no_longer_raises_but_the_error_class_stays() -> None:
+    """Kept for code that catches it; the engine keeps the start instead."""
+    assert issubclass(UnknownWorkflowTypeError, Exception)
+    assert UnknownWorkflowTypeError.reason == "unknown-workflow-type"
 
 
 def test_unknown_type_for_an_existing_record_parks_it_stuck(order_run: WorkflowRun) -> None:
@@ -375,22 +408,35 @@ def test_a_retry_needs_no_workflow_code(order_run: WorkflowRun) -> None:
 # --- limits, failures of the workflow code -------------------------------------------
 
 
-def test_history_limit_fails_the_workflow(orders: WorkflowRegistry) -> None:
+def test_a_step_past_the_history_limit_fails_at_its_await(orders: WorkflowRegistry) -> None:
+    """Shipping does not fit: it is recorded as rejected, and the code sees the failure."""
     run = WorkflowRun(orders, "order.process", workflow_id="order-big", limits=Limits(max_events=4))
     run.start(ORDER)
     run.complete(0, {"reservation_id": "r-1"})
     assert run.tasks() == ["order-big/1/1 payment.charge"]
-    run.complete(1, {"charge_id": "ch-1"})  # shipping would be the 5th event
+    run.complete(1, {"charge_id": "ch-1"})  # shipping would be the 5th and 6th event
 
-    assert_status(run.record, WorkflowStatus.FAILED, "HistoryLimitExceeded")
+    # Shipping is outside the order saga's try block: nothing to compensate, FAILED.
+    assert_status(run.record, WorkflowStatus.FAILED, "HistoryLimitExceededError")
     assert run.tasks() == []
     assert_history(
         run.record,
-        ["sched 0#1 inventory.reserve", "done 0#1", "sched 1#1 payment.charge", "done 1#1"],
+        [
+            "sched 0#1 inventory.reserve",
+            "done 0#1",
+            "sched 1#1 payment.charge",
+            "done 1#1",
+            "sched 2#1 shipping.schedule",
+            "fail 2#1 HistoryLimitExceeded",
+        ],
     )
-    assert run.record is not None and run.record.failure is not None
-    assert "order-big" in run.record.failure.message
-    assert run.record.closed_at_ms == run.now_ms
+    record = run.record
+    assert record is not None and record.failure is not None
+    assert "order-big" in record.failure.message and "shipping.schedule" in record.failure.message
+    rejected = record.events[4]
+    assert isinstance(rejected, ActivityScheduled) and rejected.payload.data == b""
+    assert record.closed_at_ms == run.now_ms
+    assert pending_tasks(record) == ()
 
 
 def test_retries_do_not_grow_a_history_past_its_limit() -> None:
@@ -486,18 +532,23 @@ def test_an_input_that_is_not_json_fails_the_workflow(order_run: WorkflowRun) ->
     assert order_run.tasks() == []
 
 
-def test_a_malformed_activity_name_fails_the_workflow() -> None:
+def test_a_malformed_activity_name_parks_the_workflow() -> None:
+    """A bad name is a bug in the code, not a business failure: STUCK until fixed."""
     registry = WorkflowRegistry()
 
     @registry.workflow("t.name")
     async def name(ctx: WorkflowContext, _: Any) -> Any:
-        return await ctx.activity("no-participant")
+        try:
+            return await ctx.activity("no-participant")
+        except ConfigurationError:
+            return "hidden"  # catching the error does not hide the bug
 
     run = WorkflowRun(registry, "t.name")
     run.start()
-    assert_status(run.record, WorkflowStatus.FAILED, "ConfigurationError")
+    assert_status(run.record, WorkflowStatus.STUCK, "WorkflowDefinitionError")
     assert run.record is not None and run.record.failure is not None
     assert "'no-participant'" in run.record.failure.message
+    assert run.tasks() == [] and run.record.result is None
 
 
 def test_success_without_a_result_counts_as_a_final_failure(order_run: WorkflowRun) -> None:

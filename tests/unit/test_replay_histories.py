@@ -4,6 +4,10 @@ Each file is one workflow record as the history topic held it, with its payloads
 as JSON. Replaying it with today's code must reproduce it exactly: this is what
 ``sagaline replay`` checks before a deploy, and it fails here first when a change to
 ``examples/order_saga`` would strand workflows already running.
+
+A ``STUCK`` history was parked by a bad deploy (``parked_by`` names the code, kept below,
+and the first event it handled). Today's code is the fix: a resume, with no other input,
+must move it on (``resume``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 import pytest
 
 from examples.order_saga.workflows import process_order
-from orchestrator import WorkflowRegistry
+from orchestrator import ActivityError, WorkflowContext, WorkflowRegistry
 from orchestrator.protocol.payloads import encode_json
 from orchestrator.protocol.records import (
     ActivityCompleted,
@@ -23,6 +27,7 @@ from orchestrator.protocol.records import (
     ActivityScheduled,
     Failure,
     HistoryEvent,
+    ResumeWorkflow,
     StartWorkflow,
     WorkflowRecord,
     WorkflowStatus,
@@ -35,11 +40,45 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 CODE = {"order.process": process_order}
 
 
-def _registry() -> WorkflowRegistry:
+async def _renamed_charge(ctx: WorkflowContext, order: dict[str, Any]) -> dict[str, Any]:
+    """The bad deploy of ``order_process_stuck_renamed_charge.json``."""
+    reservation = await ctx.activity(
+        "inventory.reserve", {"order_id": order["order_id"], "items": order["items"]}
+    )
+    try:
+        charge = await ctx.activity(
+            "billing.charge",
+            {"order_id": order["order_id"], "amount": order["total"], "card": order["card"]},
+        )
+    except ActivityError:
+        await ctx.activity("inventory.release", reservation, compensation=True)
+        raise
+    return dict(charge)
+
+
+PARKED_BY = {"renamed-charge": _renamed_charge}
+
+
+def _registry(code: dict[str, Any] | None = None) -> WorkflowRegistry:
     registry = WorkflowRegistry()
-    for name, fn in CODE.items():
+    for name, fn in (code or CODE).items():
         registry.workflow(name)(fn)
     return registry
+
+
+def _stored_record(doc: dict[str, Any], events: tuple[HistoryEvent, ...]) -> WorkflowRecord:
+    return WorkflowRecord(
+        doc["workflow_id"],
+        doc["workflow_type"],
+        WorkflowStatus(doc["status"]),
+        encode_json(doc["input"]),
+        doc["started_at_ms"],
+        events[-1].at_ms,
+        revision=7,
+        events=events,
+        failure=_failure(doc["failure"]),
+        run_id=doc.get("run_id", ""),
+    )
 
 
 def _failure(doc: dict[str, Any] | None) -> Failure | None:
@@ -81,7 +120,7 @@ def stored(request: pytest.FixtureRequest) -> tuple[dict[str, Any], tuple[Histor
 
 def test_there_are_stored_histories_for_every_ending() -> None:
     statuses = {json.loads(p.read_text())["status"] for p in HISTORIES}
-    assert {"COMPLETED", "COMPENSATED", "RUNNING"} <= statuses, statuses
+    assert {"COMPLETED", "COMPENSATED", "RUNNING", "STUCK"} <= statuses, statuses
 
 
 def test_todays_code_replays_the_stored_history(
@@ -97,7 +136,13 @@ def test_todays_code_replays_the_stored_history(
         doc["started_at_ms"],
     )
     where = f"workflow {doc['workflow_id']} ({doc['description']})"
-    assert outcome.nondeterminism is None, f"{where}: {outcome.nondeterminism}"
+    assert outcome.problem is None, f"{where}: {outcome.problem}"
+    if doc["status"] == WorkflowStatus.STUCK.value:
+        # Today's code is the fix: it goes on where the bad deploy stopped.
+        assert [s.name for s in outcome.new_steps] == [
+            line.split(" ")[1] for line in doc["resume"]["tasks"]
+        ], where
+        return
     assert outcome.new_steps == [], (
         f"{where}: the code schedules steps the history lacks: {outcome.new_steps}"
     )
@@ -119,17 +164,23 @@ def test_the_inputs_of_a_stored_history_rebuild_it(
 ) -> None:
     """Start, then each recorded outcome as a participant's result at its recorded time."""
     doc, events = stored
-    wid, registry = doc["workflow_id"], _registry()
+    wid, registry, run_id = doc["workflow_id"], _registry(), doc.get("run_id", "")
     transition = advance(
         None,
         StartWorkflow(wid, doc["workflow_type"], encode_json(doc["input"]), 0),
         doc["started_at_ms"],
         registry,
+        run_id=run_id,
     )
     record = transition.record
-    for event in events:
+    parked_by = doc.get("parked_by")
+    for index, event in enumerate(events):
+        if parked_by is not None and index == parked_by["from_event"]:
+            registry = _registry({doc["workflow_type"]: PARKED_BY[parked_by["code"]]})
         if isinstance(event, ActivityCompleted):
-            body = completed(wid, event.seq, event.attempt, None, event.at_ms, result=event.result)
+            body = completed(
+                wid, event.seq, event.attempt, None, event.at_ms, result=event.result, run_id=run_id
+            )
         elif isinstance(event, ActivityFailed):
             body = failed(
                 wid,
@@ -139,6 +190,7 @@ def test_the_inputs_of_a_stored_history_rebuild_it(
                 event.at_ms,
                 retryable=event.failure.retryable,
                 message=event.failure.message,
+                run_id=run_id,
             )
         else:
             continue
@@ -158,7 +210,8 @@ def test_the_inputs_of_a_stored_history_rebuild_it(
         events=events,
         result=None if doc["result"] is None else encode_json(doc["result"]),
         failure=_failure(doc["failure"]),
-        closed_at_ms=None if doc["status"] == "RUNNING" else events[-1].at_ms,
+        closed_at_ms=None if doc["status"] in ("RUNNING", "STUCK") else events[-1].at_ms,
+        run_id=run_id,
     )
     if record != expected:
         raise AssertionError(
@@ -177,18 +230,39 @@ def test_a_stored_running_workflow_continues_with_todays_code() -> None:
         if "next" not in doc:
             continue
         wid, step = doc["workflow_id"], doc["next"]["result"]
-        record = WorkflowRecord(
+        body = completed(
             wid,
-            doc["workflow_type"],
-            WorkflowStatus(doc["status"]),
-            encode_json(doc["input"]),
-            doc["started_at_ms"],
-            events[-1].at_ms,
-            revision=7,
-            events=events,
+            step["seq"],
+            step["attempt"],
+            step["value"],
+            events[-1].at_ms + 1,
+            run_id=doc.get("run_id", ""),
         )
-        body = completed(wid, step["seq"], step["attempt"], step["value"], events[-1].at_ms + 1)
-        transition = advance(record, body, events[-1].at_ms + 1, _registry())
+        transition = advance(_stored_record(doc, events), body, events[-1].at_ms + 1, _registry())
         assert task_lines(transition.tasks) == doc["next"]["tasks"], (
             f"workflow {wid}: history {history_lines(events)}"
         )
+
+
+def test_a_stored_stuck_workflow_completes_after_a_resume_with_todays_code() -> None:
+    """No input but the resume: the README's "deploying code that matches resumes it"."""
+    stuck = [path for path in HISTORIES if _load(path)[0]["status"] == "STUCK"]
+    assert stuck, "no stored STUCK history"
+    for path in stuck:
+        doc, events = _load(path)
+        wid, expected = doc["workflow_id"], doc["resume"]
+        record = _stored_record(doc, events)
+        now = events[-1].at_ms + 60_000
+        resumed = advance(record, ResumeWorkflow(wid, now), now, _registry())
+        where = f"workflow {wid}: history {history_lines(events)}"
+        assert resumed.record is not None, f"{where}: {resumed.ignored}"
+        assert resumed.record.status is WorkflowStatus.RUNNING, where
+        assert resumed.record.failure is None, where
+        assert task_lines(resumed.tasks) == expected["tasks"], where
+        then = expected["then"]
+        body = completed(
+            wid, then["seq"], then["attempt"], then["value"], now + 1, run_id=doc["run_id"]
+        )
+        done = advance(resumed.record, body, now + 1, _registry()).record
+        assert done is not None and done.status is WorkflowStatus.COMPLETED, where
+        assert done.result == encode_json(expected["result"]), where

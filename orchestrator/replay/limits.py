@@ -1,0 +1,122 @@
+"""The bounds that keep one workflow's record small, and what each kind of write may use.
+
+Rules of this module:
+- Pure arithmetic over events; sizes come only from ``Limits.measure``, which the shell
+  supplies (the encoded size of a record with its key).
+- Three tiers. Ordinary steps, their retries and their results may use the *normal*
+  budget. Compensations and the failure events that report a limit may use a *grace*
+  above it, so a workflow that hits a limit can still undo what it did. The last bytes
+  are kept for the record that closes or parks the workflow, so that one always fits.
+- A step counts for two events as soon as it is scheduled (its outcome is reserved), so
+  recording an outcome never needs room that is not there.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from orchestrator.errors import ConfigurationError
+from orchestrator.protocol.records import ActivityScheduled, HistoryEvent, WorkflowRecord
+
+MIN_EVENT_GRACE: Final = 20
+# Bytes kept for the closing record: a failure of at most ~2,000 characters and the fields
+# a close sets.
+MAX_CLOSE_RESERVE: Final = 4_096
+
+
+class Tier(enum.IntEnum):
+    """What a write is, and so which budget it may use."""
+
+    NORMAL = 0
+    """Workflow steps, their retries and their results."""
+    GRACE = 1
+    """Compensations, failure events, and the rejections that report a limit."""
+    CLOSE = 2
+    """The record that closes or parks the workflow."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds that keep one workflow's record small.
+
+    Args:
+        max_events: history events a workflow's ordinary steps may use (each step counts
+            two: scheduled and its outcome, each retry two more). Compensations and limit
+            failures get ``event_grace`` more.
+        max_record_bytes: the size a record may never exceed (with its key), or None to
+            check no size. Ordinary steps may fill it up to ``byte_budget(Tier.NORMAL)``.
+        measure: the encoded size of a record including its key; pure. Required with
+            ``max_record_bytes``. Called about once per transition; more only when a
+            limit is hit.
+
+    Raises:
+        ConfigurationError: a bound of the wrong type or out of range.
+    """
+
+    max_events: int = 1_000
+    max_record_bytes: int | None = None
+    measure: Callable[[WorkflowRecord], int] | None = None
+
+    def __post_init__(self) -> None:
+        if not _positive_int(self.max_events):
+            raise ConfigurationError(
+                f"Limits.max_events must be a positive int, got {self.max_events!r}"
+            )
+        if self.max_record_bytes is not None:
+            if not _positive_int(self.max_record_bytes):
+                raise ConfigurationError(
+                    "Limits.max_record_bytes must be a positive int or None, got "
+                    f"{self.max_record_bytes!r}"
+                )
+            if not callable(self.measure):
+                raise ConfigurationError("Limits.max_record_bytes needs a measure function")
+
+    @property
+    def event_grace(self) -> int:
+        """Events compensations and limit failures may use above ``max_events``."""
+        return max(MIN_EVENT_GRACE, self.max_events // 10)
+
+    def event_budget(self, tier: Tier) -> int:
+        """Events (outcomes of running steps reserved) a write of ``tier`` may leave."""
+        if tier is Tier.NORMAL:
+            return self.max_events
+        return self.max_events + self.event_grace
+
+    def byte_budget(self, tier: Tier) -> int | None:
+        """Bytes a record written by a write of ``tier`` may have; None: unchecked."""
+        limit = self.max_record_bytes
+        if limit is None:
+            return None
+        if tier is Tier.CLOSE:
+            return limit
+        grace = limit - min(MAX_CLOSE_RESERVE, limit // 8)
+        if tier is Tier.GRACE:
+            return grace
+        return grace - limit // 10
+
+    def fits(self, record: WorkflowRecord, tier: Tier) -> bool:
+        """True if ``record`` is within the byte budget of ``tier`` (one ``measure`` call)."""
+        budget = self.byte_budget(tier)
+        if budget is None or self.measure is None:
+            return True
+        return self.measure(record) <= budget
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def reserved_events(events: tuple[HistoryEvent, ...]) -> int:
+    """Events in history plus one outcome for each step whose latest attempt is running."""
+    latest: dict[int, int] = {}
+    settled: set[tuple[int, int]] = set()
+    for event in events:
+        if isinstance(event, ActivityScheduled):
+            latest[event.seq] = event.attempt
+        else:
+            settled.add((event.seq, event.attempt))
+    running = sum(1 for seq, attempt in latest.items() if (seq, attempt) not in settled)
+    return len(events) + running

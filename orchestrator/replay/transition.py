@@ -1,0 +1,448 @@
+"""From one input to the next record: run the code, admit its new steps within the limits.
+
+Rules of this module:
+- Pure: the record before the input, the input's history event and ``now_ms`` in; the
+  new record and the tasks to send out. Sizes come from ``Limits.measure`` only.
+- A limit is never a crash and never a silent cut. A step that does not fit is recorded
+  as scheduled with an empty payload and failed at once (``RecordTooLarge`` or
+  ``HistoryLimitExceeded``, not retryable), and the code runs again, so the failure is
+  raised at its ``await`` and its compensations are scheduled (they may use the grace).
+  A result that does not fit is recorded as such a failure with ``effects_committed``.
+  Only when even those failure reports do not fit is the workflow closed ``FAILED`` at
+  its last good state: the input's event kept, nothing the code asked for after it.
+- The steps the code asks for between two inputs are admitted in order while they fit;
+  the first that does not fit, and every later one of the same round, is rejected.
+- What the code asked for is kept only if it runs: a parked workflow keeps the input's
+  event and nothing its code did; a closed one drops the steps it never awaited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Final
+
+from orchestrator.errors import HistoryLimitExceededError, RecordTooLargeError
+from orchestrator.protocol.failures import MAX_NAME_CHARS, failure_from_exception, safe_text
+from orchestrator.protocol.payloads import decode_json
+from orchestrator.protocol.records import (
+    JSON_ENCODING,
+    ActivityCompleted,
+    ActivityFailed,
+    ActivityScheduled,
+    ActivityTask,
+    Failure,
+    HistoryEvent,
+    Payload,
+    WorkflowRecord,
+    WorkflowStatus,
+    activity_id,
+)
+from orchestrator.replay.driver import final_outcomes, replay
+from orchestrator.replay.limits import Limits, Tier, reserved_events
+from orchestrator.workflow import WorkflowFn, WorkflowRegistry
+
+TOO_LARGE: Final = RecordTooLargeError.ERROR_TYPE
+OVER_HISTORY: Final = HistoryLimitExceededError.ERROR_TYPE
+# The payload of a step that was rejected and never sent: nothing was kept.
+EMPTY: Final = Payload(b"", JSON_ENCODING)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """Result of applying one input: the new record and the tasks to send, or a reason."""
+
+    record: WorkflowRecord | None
+    tasks: tuple[ActivityTask, ...] = ()
+    ignored: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        """True when there is a new record to write."""
+        return self.record is not None
+
+
+class CodeRun:
+    """Runs a workflow's code after one input and builds its next record.
+
+    ``base`` is the record before the input (a fresh one with revision 0 for a start);
+    ``outcome`` the history event the input adds, if any, and ``step`` the attempt it
+    settles.
+    """
+
+    def __init__(
+        self,
+        base: WorkflowRecord,
+        now_ms: int,
+        registry: WorkflowRegistry,
+        limits: Limits,
+        *,
+        outcome: HistoryEvent | None = None,
+        step: ActivityScheduled | None = None,
+    ) -> None:
+        self.base = base
+        self.now_ms = now_ms
+        self.registry = registry
+        self.limits = limits
+        self.outcome = outcome
+        self.step = step
+        # Only a result can be too large by itself; it is measured once, on the slow path.
+        self._result_checked = not isinstance(outcome, ActivityCompleted)
+        self._first_ok: bool | None = None
+
+    def transition(self) -> Transition:
+        """The new record and its tasks; never raises for what the workflow code does."""
+        while True:
+            done = self._attempt()
+            if done is not None:
+                return done
+            # The input's result did not fit and became a failure: run the code again.
+
+    # --- one attempt ----------------------------------------------------------------
+
+    def _attempt(self) -> Transition | None:
+        base = self.base
+        first = base.events if self.outcome is None else (*base.events, self.outcome)
+        fn = self.registry.get(base.workflow_type)
+        if fn is None:
+            failure = Failure(
+                "UnknownWorkflowType",
+                f"workflow type {safe_text(base.workflow_type, MAX_NAME_CHARS)!r} is not "
+                "registered in this orchestrator; deploy code that registers it and resume",
+            )
+            return self._settle(self._record(first, WorkflowStatus.STUCK, failure=failure))
+        try:
+            input_value: Any = decode_json(base.input)
+        except Exception as exc:  # not JSON, or nested past the recursion limit
+            failure = Failure("InvalidInput", safe_text(exc))
+            return self._settle(self._closed(first, WorkflowStatus.FAILED, failure=failure))
+        return self._rounds(fn, input_value, first)
+
+    def _rounds(
+        self, fn: WorkflowFn, input_value: Any, first: tuple[HistoryEvent, ...]
+    ) -> Transition | None:
+        base, limits = self.base, self.limits
+        events = first
+        # Each round that rejects a step adds two events, so the grace bounds the rounds.
+        for round_number in range(limits.event_budget(Tier.GRACE) // 2 + 2):
+            result = replay(
+                fn, base.workflow_id, base.workflow_type, input_value, events, base.started_at_ms
+            )
+            if result.problem is not None:
+                stuck = self._record(first, WorkflowStatus.STUCK, failure=result.problem)
+                return self._settle(stuck)
+            if result.finished:
+                return self._finish(events, result.error, result.payload, result.payload_error)
+            steps = result.new_steps
+            admitted = self._count_admitted(events, steps)
+            if admitted is None:
+                return self._settle(None, OVER_HISTORY)
+            # The input's result was checked with the first round; later rounds add steps.
+            ordinary_result = round_number == 0 and self._settles_normal_step()
+            candidate = self._fitting(events, steps, admitted, admitted, ordinary_result)
+            if candidate is None:
+                if self._result_too_large():
+                    return None
+                candidate = self._largest_fit(events, steps, admitted, ordinary_result)
+                if candidate is None:
+                    return self._settle(None, TOO_LARGE)
+            elif admitted == len(steps):
+                return Transition(candidate, self._tasks(candidate))
+            events = candidate.events
+        return self._settle(None, OVER_HISTORY)
+
+    def _count_admitted(
+        self, events: tuple[HistoryEvent, ...], steps: list[ActivityScheduled]
+    ) -> int | None:
+        """How many of ``steps`` fit the event budgets in order; None if even the
+        rejections of the rest do not fit."""
+        limits = self.limits
+        reserved = reserved_events(events)
+        admitted = 0
+        for step in steps:
+            tier = Tier.GRACE if step.compensation else Tier.NORMAL
+            if reserved + 2 > limits.event_budget(tier):
+                break
+            reserved += 2
+            admitted += 1
+        rejected = len(steps) - admitted
+        if reserved + 2 * rejected > limits.event_budget(Tier.GRACE):
+            return None
+        return admitted
+
+    def _largest_fit(
+        self,
+        events: tuple[HistoryEvent, ...],
+        steps: list[ActivityScheduled],
+        admitted: int,
+        ordinary_result: bool,
+    ) -> WorkflowRecord | None:
+        """The record with the longest prefix of ``steps`` (below ``admitted``, which did
+        not fit) and the rest rejected that fits; a binary search, so few measures."""
+        low, high, best = -1, admitted, None
+        while high - low > 1:
+            middle = (low + high) // 2
+            candidate = self._fitting(events, steps, middle, admitted, ordinary_result)
+            if candidate is not None:
+                low, best = middle, candidate
+            else:
+                high = middle
+        return best
+
+    def _fitting(
+        self,
+        events: tuple[HistoryEvent, ...],
+        steps: list[ActivityScheduled],
+        kept: int,
+        counted: int,
+        ordinary_result: bool,
+    ) -> WorkflowRecord | None:
+        """The RUNNING record with ``steps[:kept]`` scheduled and the rest rejected, if
+        each part fits its budget: everything up to the last ordinary step (or up to the
+        input's ordinary result) the normal budget, the whole record the grace. One
+        measure when the record ends with an ordinary step, two otherwise."""
+        candidate = self._with_steps(events, steps, kept, counted)
+        limits = self.limits
+        ordinary = [i for i in range(kept) if not steps[i].compensation]
+        if ordinary:
+            if ordinary[-1] == len(steps) - 1:  # nothing after it: one budget covers all
+                return candidate if limits.fits(candidate, Tier.NORMAL) else None
+            prefix = self._record((*events, *steps[: ordinary[-1] + 1]), WorkflowStatus.RUNNING)
+            if not limits.fits(prefix, Tier.NORMAL):
+                return None
+        elif ordinary_result:
+            if not steps:
+                return candidate if limits.fits(candidate, Tier.NORMAL) else None
+            if not self._first_fits():
+                return None
+        return candidate if limits.fits(candidate, Tier.GRACE) else None
+
+    def _with_steps(
+        self,
+        events: tuple[HistoryEvent, ...],
+        steps: list[ActivityScheduled],
+        kept: int,
+        counted: int,
+    ) -> WorkflowRecord:
+        """RUNNING with ``steps[:kept]`` scheduled; the rest rejected, those from
+        ``counted`` on for the event limit, the others for size."""
+        added: list[HistoryEvent] = list(steps[:kept])
+        for index, step in enumerate(steps[kept:], start=kept):
+            added.extend(self._rejection(step, TOO_LARGE if index < counted else OVER_HISTORY))
+        return self._record((*events, *added), WorkflowStatus.RUNNING, failure=None)
+
+    def _rejection(self, step: ActivityScheduled, error_type: str) -> list[HistoryEvent]:
+        limits, name = self.limits, safe_text(step.name, MAX_NAME_CHARS)
+        if error_type == TOO_LARGE:
+            budget = limits.byte_budget(Tier.GRACE if step.compensation else Tier.NORMAL)
+            message = (
+                f"step {step.seq} ({name!r}, payload {len(step.payload.data)} bytes) was not "
+                f"sent: the workflow's record would exceed {budget} bytes "
+                f"(max_record_bytes {limits.max_record_bytes})"
+            )
+        else:
+            budget = limits.event_budget(Tier.GRACE if step.compensation else Tier.NORMAL)
+            message = (
+                f"step {step.seq} ({name!r}) was not sent: workflow "
+                f"{safe_text(self.base.workflow_id, MAX_NAME_CHARS)} would exceed {budget} "
+                f"history events (max_events {limits.max_events}, compensations "
+                f"{limits.event_grace} more)"
+            )
+        failed = ActivityFailed(step.seq, step.attempt, Failure(error_type, message), step.at_ms)
+        return [dataclasses.replace(step, payload=EMPTY), failed]
+
+    # --- endings --------------------------------------------------------------------
+
+    def _finish(
+        self,
+        events: tuple[HistoryEvent, ...],
+        error: BaseException | None,
+        payload: Payload | None,
+        payload_error: str | None,
+    ) -> Transition | None:
+        kept = self._without_unsent(events)
+        if error is not None:
+            failure = failure_from_exception(error, retryable=False)
+            return self._settle(self._closed(kept, _failed_status(kept), failure=failure))
+        if payload is None:
+            failure = Failure("InvalidResult", safe_text(payload_error))
+            return self._settle(self._closed(kept, WorkflowStatus.FAILED, failure=failure))
+        completed = self._closed(kept, WorkflowStatus.COMPLETED, result=payload, failure=None)
+        if self.limits.fits(completed, Tier.CLOSE):
+            return Transition(completed)
+        if self._result_too_large():
+            return None  # the code sees the failure at its await, and may compensate
+        failure = Failure(
+            TOO_LARGE,
+            f"the workflow's result of {len(payload.data)} bytes does not fit in its record "
+            f"(max_record_bytes {self.limits.max_record_bytes})",
+        )
+        return self._settle(self._closed(kept, WorkflowStatus.FAILED, failure=failure))
+
+    def _settle(
+        self, record: WorkflowRecord | None, error_type: str = TOO_LARGE
+    ) -> Transition | None:
+        """``record`` if it fits as a closing or parking record; else the input's result
+        becomes a failure (None: run again), else the last good state, closed FAILED."""
+        if record is not None and (
+            self._still_stuck(record) or self.limits.fits(record, Tier.CLOSE)
+        ):
+            return Transition(record)
+        if self._result_too_large():
+            return None
+        return Transition(self._last_resort(error_type))
+
+    def _still_stuck(self, record: WorkflowRecord) -> bool:
+        """A resume that changes nothing (the caller ignores it): no need to measure."""
+        base = self.base
+        return (
+            base.status is WorkflowStatus.STUCK
+            and record.status is WorkflowStatus.STUCK
+            and record.failure == base.failure
+            and record.events == base.events
+        )
+
+    def _result_too_large(self) -> bool:
+        """True if the input's result alone is over its budget; it is then replaced by a
+        RecordTooLarge failure whose effects committed (checked once per input)."""
+        if self._result_checked:
+            return False
+        self._result_checked = True
+        if self._first_fits():
+            return False
+        outcome, step = self.outcome, self.step
+        assert isinstance(outcome, ActivityCompleted) and step is not None
+        tier = Tier.GRACE if step.compensation else Tier.NORMAL
+        message = (
+            f"the result of step {step.seq} ({safe_text(step.name, MAX_NAME_CHARS)!r}) "
+            f"attempt {outcome.attempt}, {len(outcome.result.data)} bytes, does not fit in "
+            f"the workflow's record ({self.limits.byte_budget(tier)} bytes for it, "
+            f"max_record_bytes {self.limits.max_record_bytes}); the step's effects "
+            "committed: compensate it"
+        )
+        failure = Failure(TOO_LARGE, message, retryable=False, effects_committed=True)
+        self.outcome = ActivityFailed(outcome.seq, outcome.attempt, failure, outcome.at_ms)
+        self._first_ok = None
+        return True
+
+    def _first_fits(self) -> bool:
+        """Whether the record with the input's result (nothing the code did) is within
+        the result's budget; measured at most once."""
+        if self._first_ok is None:
+            outcome, step = self.outcome, self.step
+            if not isinstance(outcome, ActivityCompleted) or step is None:
+                self._first_ok = True
+            else:
+                tier = Tier.GRACE if step.compensation else Tier.NORMAL
+                first = self._record((*self.base.events, outcome), self.base.status)
+                self._first_ok = self.limits.fits(first, tier)
+        return self._first_ok
+
+    def _last_resort(self, error_type: str) -> WorkflowRecord:
+        """Closed FAILED with the input's event but nothing the code asked for after it;
+        without the input's event if even that does not fit, and without the input
+        payload if the workflow is a start whose input is too large by itself."""
+        limit = (
+            f"max_record_bytes {self.limits.max_record_bytes}"
+            if error_type == TOO_LARGE
+            else f"max_events {self.limits.max_events}"
+        )
+        failure = Failure(
+            error_type,
+            f"workflow {safe_text(self.base.workflow_id, MAX_NAME_CHARS)} closed at its last "
+            f"good state: even the failures that report its next steps do not fit ({limit})",
+        )
+        events = self.base.events if self.outcome is None else (*self.base.events, self.outcome)
+        record = self._closed(events, WorkflowStatus.FAILED, failure=failure)
+        if self.outcome is not None and not self.limits.fits(record, Tier.CLOSE):
+            record = self._closed(self.base.events, WorkflowStatus.FAILED, failure=failure)
+        if not self.base.events and not self.limits.fits(record, Tier.CLOSE):
+            record = dataclasses.replace(record, input=EMPTY)
+        return record
+
+    # --- helpers --------------------------------------------------------------------
+
+    def _settles_normal_step(self) -> bool:
+        return (
+            isinstance(self.outcome, ActivityCompleted)
+            and self.step is not None
+            and not self.step.compensation
+        )
+
+    def _record(
+        self, events: tuple[HistoryEvent, ...], status: WorkflowStatus, **changes: Any
+    ) -> WorkflowRecord:
+        return revise(self.base, self.now_ms, events=events, status=status, **changes)
+
+    def _closed(
+        self, events: tuple[HistoryEvent, ...], status: WorkflowStatus, **changes: Any
+    ) -> WorkflowRecord:
+        return close(self.base, self.now_ms, status, events=events, **changes)
+
+    def _added(self, events: tuple[HistoryEvent, ...]) -> tuple[HistoryEvent, ...]:
+        return events[len(self.base.events) :]
+
+    def _tasks(self, record: WorkflowRecord) -> tuple[ActivityTask, ...]:
+        """Tasks for the steps this input scheduled that were not rejected."""
+        settled = _settled(record.events)
+        return tuple(
+            task_for(record, e)
+            for e in self._added(record.events)
+            if isinstance(e, ActivityScheduled) and (e.seq, e.attempt) not in settled
+        )
+
+    def _without_unsent(self, events: tuple[HistoryEvent, ...]) -> tuple[HistoryEvent, ...]:
+        """Steps scheduled by this input but never awaited die with the workflow."""
+        settled = _settled(events)
+        added = tuple(
+            e
+            for e in self._added(events)
+            if not isinstance(e, ActivityScheduled) or (e.seq, e.attempt) in settled
+        )
+        return (*self.base.events, *added)
+
+
+def _settled(events: tuple[HistoryEvent, ...]) -> set[tuple[int, int]]:
+    return {(e.seq, e.attempt) for e in events if not isinstance(e, ActivityScheduled)}
+
+
+def _failed_status(events: tuple[HistoryEvent, ...]) -> WorkflowStatus:
+    """FAILED, or COMPENSATED / COMPENSATION_FAILED when compensations ran."""
+    compensations = {e.seq for e in events if isinstance(e, ActivityScheduled) and e.compensation}
+    if not compensations:
+        return WorkflowStatus.FAILED
+    completed = {e.seq for e in final_outcomes(events) if isinstance(e, ActivityCompleted)}
+    if compensations <= completed:
+        return WorkflowStatus.COMPENSATED
+    return WorkflowStatus.COMPENSATION_FAILED
+
+
+def revise(record: WorkflowRecord, now_ms: int, **changes: Any) -> WorkflowRecord:
+    """``record`` with ``changes``, one revision later, updated at ``now_ms``."""
+    return dataclasses.replace(
+        record, revision=record.revision + 1, updated_at_ms=now_ms, **changes
+    )
+
+
+def close(
+    record: WorkflowRecord, now_ms: int, status: WorkflowStatus, **changes: Any
+) -> WorkflowRecord:
+    """``record`` closed with ``status`` at ``now_ms``."""
+    return revise(record, now_ms, status=status, closed_at_ms=now_ms, **changes)
+
+
+def task_for(record: WorkflowRecord, step: ActivityScheduled) -> ActivityTask:
+    """The task that sends ``step`` to its participant; the activity id carries the run id."""
+    participant, _, activity = step.name.partition(".")
+    return ActivityTask(
+        workflow_id=record.workflow_id,
+        workflow_type=record.workflow_type,
+        activity_id=activity_id(record.workflow_id, step.seq, step.attempt, record.run_id),
+        seq=step.seq,
+        attempt=step.attempt,
+        participant=participant,
+        activity=activity,
+        payload=step.payload,
+        scheduled_at_ms=step.at_ms,
+        compensation=step.compensation,
+    )
