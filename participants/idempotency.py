@@ -8,6 +8,15 @@ a reported failure into a success the orchestrator has already given up on (it r
 under a new activity id). Kafka is not known here: a Celery worker or a
 test can call :func:`execute_task` with any connection.
 
+One transaction per attempt holds the attempt's advisory lock from the lookup to the stored
+outcome; the handler runs inside a savepoint of it, so a failing handler's writes are
+undone while the lock is kept, and a concurrent duplicate waiting on the lock finds the
+stored failure instead of running the handler again.
+
+Only connection-level errors (:func:`is_connection_level`) leave this module for the
+caller to retry; any other error while storing an outcome is stored as a non-retryable
+failure with its reason. Every text reaching PostgreSQL goes through ``safe_text``.
+
 As in DBOS, each public function opens its transaction and a ``_..._txn(conn)`` twin does
 the work inside it. Connections are expected in autocommit mode, so that
 ``conn.transaction()`` is the whole transaction.
@@ -16,19 +25,28 @@ the work inside it. Connections are expected in autocommit mode, so that
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
 from psycopg.pq import TransactionStatus
 
 from orchestrator import metrics
+from orchestrator.errors import SagalineError
+from orchestrator.protocol.failures import MAX_NAME_CHARS, describe, safe_text
 from orchestrator.protocol.records import ActivityStatus, ActivityTask, Failure, Payload
 from participants.participant import Outcome, Participant, wall_clock_ms
 
+log = logging.getLogger(__name__)
+
 RESULTS_TABLE = "sagaline_activity_results"
 ABORTED_TRANSACTION = "AbortedTransaction"
+OUTCOME_NOT_STORED = "OutcomeNotStored"
+INVALID_ACTIVITY_ID = "InvalidActivityId"
+# The primary key's btree refuses entries above ~2.7 kB; stay well below it.
+MAX_ACTIVITY_ID_BYTES = 2_000
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MS = dt.timedelta(milliseconds=1)
 # Serialises schema setup across processes: concurrent CREATE TABLE IF NOT EXISTS can
@@ -61,6 +79,15 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (participant, activity_id) DO NOTHING
 RETURNING 1
 """
+# Deferred constraints and constraint triggers would otherwise fire at COMMIT, after the
+# savepoint is gone; checked here, a violation is the handler's failure, under the lock.
+_CHECK_DEFERRED_SQL = "SET CONSTRAINTS ALL IMMEDIATE"
+
+
+class InboxUnavailableError(SagalineError):
+    """PostgreSQL refused even a plain failure row: the inbox table itself is unusable
+    (dropped, no privileges), not the task. Fix the database; a restart recreates the
+    table."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +102,34 @@ class Execution:
 
     outcome: Outcome
     duplicate: bool = False
+
+
+def is_connection_level(exc: BaseException) -> bool:
+    """True for database errors that say nothing about the task: retry it as it is.
+
+    ``OperationalError`` covers the connection (class 08, ``AdminShutdown`` and the rest
+    of class 57, ``TooManyConnections``), the transaction as a whole (serialization
+    failures, deadlocks: class 40, after which it rolled back entirely) and the pool
+    (``PoolTimeout``, ``PoolClosed``). ``InterfaceError`` is the client library's view of a
+    closed connection. ``ReadOnlySqlTransaction`` means a failover left us on a standby,
+    and ``IdleInTransactionSessionTimeout`` means the server closed the session.
+    ``ProgramLimitExceeded`` is an ``OperationalError`` too, but the same statement would
+    exceed the same limit again, so it is not retried.
+    """
+    if isinstance(exc, psycopg.errors.ProgramLimitExceeded):
+        return False
+    return isinstance(
+        exc,
+        psycopg.OperationalError
+        | psycopg.InterfaceError
+        | psycopg.errors.ReadOnlySqlTransaction
+        | psycopg.errors.IdleInTransactionSessionTimeout,
+    )
+
+
+def _retry_as_is(exc: BaseException, conn: psycopg.Connection[Any]) -> bool:
+    # Whatever the error class, a connection that is gone cannot store anything.
+    return is_connection_level(exc) or conn.broken or conn.closed
 
 
 def ensure_schema(conn: psycopg.Connection[Any], participant: Participant) -> None:
@@ -100,10 +155,18 @@ def execute_task(
     """Run ``task`` at most once to completion: its writes and its outcome commit together.
 
     A task whose outcome is stored returns it unchanged (``duplicate=True``); a concurrent
-    duplicate waits for the first delivery rather than running the handler alongside it.
-    What the handler raises becomes a failed outcome. Errors of the inbox's own SQL
-    (connection lost, a failed COMMIT) propagate, and then whether the attempt committed is
-    unknown: call again on a fresh connection, which answers from the inbox if it did.
+    duplicate waits for the first delivery rather than running the handler alongside it,
+    whether the handler succeeds or fails. What the handler raises becomes a failed
+    outcome; an outcome PostgreSQL will not store becomes a stored non-retryable
+    ``OutcomeNotStored`` failure. A task whose activity id cannot be a key is answered
+    with an ``InvalidActivityId`` failure without running the handler (the same answer on
+    every delivery, so nothing needs storing).
+
+    Raises:
+        psycopg.Error: a connection-level error (:func:`is_connection_level`); whether the
+            attempt committed is then unknown: call again on a fresh connection, which
+            answers from the inbox if it did.
+        InboxUnavailableError: the inbox refused even a plain failure row.
 
     Args:
         conn: an autocommit connection with no transaction open.
@@ -111,19 +174,53 @@ def execute_task(
         task: the attempt to run.
         now_ms: clock for the outcome's finish time.
     """
-    with conn.transaction() as txn:
-        execution = _execute_task_txn(conn, participant, task, now_ms)
-        if execution.duplicate or not execution.outcome.is_completed:
-            # A failed handler's writes, or a concurrent duplicate's, must not commit.
-            raise psycopg.Rollback(txn)
-    if not execution.duplicate and not execution.outcome.is_completed:
-        with conn.transaction():
-            execution = _store_failure_txn(
-                conn, participant.name, task.activity_id, execution.outcome
-            )
+    invalid = _invalid_id(participant, task, now_ms)
+    if invalid is not None:
+        return Execution(invalid)
+    try:
+        with conn.transaction() as txn:
+            execution = _execute_task_txn(conn, participant, task, now_ms)
+            if execution.duplicate:
+                # A concurrent writer stored this attempt first: our writes must not commit.
+                raise psycopg.Rollback(txn)
+    except Exception as exc:
+        if _retry_as_is(exc, conn):
+            raise
+        # The transaction is gone (COMMIT refused, or the handler ended it with SQL):
+        # record why, in a fresh one, so the next delivery does not run the handler again.
+        execution = _store_refusal(conn, participant, task, exc, now_ms)
     if execution.duplicate:
         metrics.ACTIVITY_DUPLICATES.labels(participant.metric_label(task.activity)).inc()
     return execution
+
+
+def _invalid_id(
+    participant: Participant, task: ActivityTask, now_ms: Callable[[], int]
+) -> Outcome | None:
+    key = task.activity_id
+    try:
+        size = len(key.encode())  # strict: a lone surrogate cannot reach PostgreSQL
+    except UnicodeEncodeError:
+        size = MAX_ACTIVITY_ID_BYTES + 1
+    if "\x00" not in key and size <= MAX_ACTIVITY_ID_BYTES:
+        return None
+    log.error(
+        "activity id cannot be stored participant=%s activity_id=%s",
+        participant.name,
+        safe_text(key, 300),
+    )
+    return Outcome.failed(
+        Failure(
+            INVALID_ACTIVITY_ID,
+            safe_text(
+                f"activity id {safe_text(key, 300)!r} cannot key the idempotency inbox "
+                "(it holds NUL or a lone surrogate, or is longer than "
+                f"{MAX_ACTIVITY_ID_BYTES} bytes); the handler did not run"
+            ),
+            False,
+        ),
+        now_ms(),
+    )
 
 
 def _execute_task_txn(
@@ -139,33 +236,109 @@ def _execute_task_txn(
     stored = _find_txn(conn, participant.name, task.activity_id)
     if stored is not None:
         return Execution(stored, duplicate=True)
-    outcome = participant.run_task(task, conn, now_ms=now_ms)
-    if outcome.is_completed and conn.info.transaction_status is TransactionStatus.INERROR:
-        # The handler caught a database error and returned: nothing it wrote can commit.
-        outcome = Outcome.failed(
-            Failure(
-                ABORTED_TRANSACTION,
-                f"{participant.name}.{task.activity} returned after a database error aborted "
-                "its transaction; let the error propagate, or use ctx.db.transaction() "
-                "around statements that may fail",
-                True,
-            ),
-            outcome.finished_at_ms,
-        )
-    if not outcome.is_completed:
-        return Execution(outcome)
-    if _insert_txn(conn, participant.name, task.activity_id, outcome):
-        return Execution(outcome)
+    try:
+        execution = _attempt_txn(conn, participant, task, now_ms)
+    except Exception as exc:
+        if _retry_as_is(exc, conn):
+            raise
+        # The savepoint is rolled back, the lock still held: the refusal is this
+        # attempt's one outcome and no duplicate can slip in before it is stored.
+        outcome = _refusal(participant, task, exc, now_ms())
+        execution = Execution(outcome)
+    if execution.outcome.is_completed or execution.duplicate:
+        return execution
+    # A failure is stored outside the savepoint, which took the handler's writes with it.
+    if _insert_txn(conn, participant.name, task.activity_id, execution.outcome):
+        return execution
     return Execution(_stored_txn(conn, participant.name, task.activity_id), duplicate=True)
 
 
-def _store_failure_txn(
-    conn: psycopg.Connection[Any], participant: str, activity_id: str, outcome: Outcome
+def _attempt_txn(
+    conn: psycopg.Connection[Any],
+    participant: Participant,
+    task: ActivityTask,
+    now_ms: Callable[[], int],
 ) -> Execution:
-    if _insert_txn(conn, participant, activity_id, outcome):
-        return Execution(outcome)
-    # Between our rollback and this insert, a duplicate delivery completed the attempt.
-    return Execution(_stored_txn(conn, participant, activity_id), duplicate=True)
+    """Run the handler in a savepoint; a completed outcome is stored inside it."""
+    stored: Outcome | None = None
+    with conn.transaction() as attempt:
+        outcome = _safe(participant.run_task(task, conn, now_ms=now_ms))
+        if outcome.is_completed and conn.info.transaction_status is TransactionStatus.INERROR:
+            # The handler caught a database error and returned: nothing it wrote can commit.
+            outcome = Outcome.failed(
+                Failure(
+                    ABORTED_TRANSACTION,
+                    f"{participant.name}.{safe_text(task.activity, MAX_NAME_CHARS)} returned "
+                    "after a database error aborted its transaction; let the error "
+                    "propagate, or use ctx.db.transaction() around statements that may fail",
+                    True,
+                ),
+                outcome.finished_at_ms,
+            )
+        if not outcome.is_completed:
+            raise psycopg.Rollback(attempt)
+        conn.execute(_CHECK_DEFERRED_SQL)
+        if not _insert_txn(conn, participant.name, task.activity_id, outcome):
+            # A writer that does not take the lock stored this attempt first.
+            stored = _stored_txn(conn, participant.name, task.activity_id)
+            raise psycopg.Rollback(attempt)
+    if stored is not None:
+        return Execution(stored, duplicate=True)
+    return Execution(outcome)
+
+
+def _refusal(
+    participant: Participant, task: ActivityTask, exc: BaseException, finished_at_ms: int
+) -> Outcome:
+    """The non-retryable failure stored when PostgreSQL refused an attempt's outcome."""
+    activity = safe_text(task.activity, MAX_NAME_CHARS)
+    log.error(
+        "outcome not stored participant=%s activity=%s activity_id=%s error=%s",
+        participant.name,
+        activity,
+        safe_text(task.activity_id),
+        describe(exc),
+    )
+    return Outcome.failed(
+        Failure(
+            OUTCOME_NOT_STORED,
+            safe_text(
+                f"PostgreSQL refused the outcome of {participant.name}.{activity} "
+                f"({describe(exc)}); the attempt's database writes were rolled back"
+            ),
+            False,
+        ),
+        finished_at_ms,
+    )
+
+
+def _store_refusal(
+    conn: psycopg.Connection[Any],
+    participant: Participant,
+    task: ActivityTask,
+    exc: Exception,
+    now_ms: Callable[[], int],
+) -> Execution:
+    outcome = _refusal(participant, task, exc, now_ms())
+    try:
+        with conn.transaction():
+            conn.execute(_LOCK_SQL, (f"{participant.name}/{task.activity_id}",))
+            stored = _find_txn(conn, participant.name, task.activity_id)
+            if stored is not None:
+                return Execution(stored, duplicate=True)
+            if _insert_txn(conn, participant.name, task.activity_id, outcome):
+                return Execution(outcome)
+            return Execution(_stored_txn(conn, participant.name, task.activity_id), duplicate=True)
+    except Exception as again:
+        if _retry_as_is(again, conn):
+            raise
+        # This row holds only validated ids and sagaline's own text: no task can make
+        # PostgreSQL refuse it, so the inbox itself is unusable.
+        raise InboxUnavailableError(
+            f"participant {participant.name}: the idempotency inbox ({RESULTS_TABLE}) "
+            f"refused a failure row for {safe_text(task.activity_id, 300)}: "
+            f"{describe(again)}; after {describe(exc)}"
+        ) from again
 
 
 def find_outcome(
@@ -194,10 +367,24 @@ def _stored_txn(conn: psycopg.Connection[Any], participant: str, activity_id: st
     return stored
 
 
+def _safe(outcome: Outcome) -> Outcome:
+    """``outcome`` with text PostgreSQL accepts; what is returned is exactly what is stored,
+    so the first delivery and every redelivery publish the same record."""
+    failure = outcome.failure
+    if failure is None:
+        return outcome
+    error_type = safe_text(failure.error_type, MAX_NAME_CHARS)
+    message = safe_text(failure.message)
+    if (error_type, message) == (failure.error_type, failure.message):
+        return outcome
+    return replace(outcome, failure=replace(failure, error_type=error_type, message=message))
+
+
 def _insert_txn(
     conn: psycopg.Connection[Any], participant: str, activity_id: str, outcome: Outcome
 ) -> bool:
-    """Store ``outcome``; False when another transaction stored one first."""
+    """Store ``outcome`` (its text already safe); False when another transaction stored one
+    first."""
     failure = outcome.failure
     row = conn.execute(
         _INSERT_SQL,

@@ -9,10 +9,8 @@ Time comes in through a ``now_ms`` argument so the mapping is testable without a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 import psycopg
 
 from orchestrator.errors import ConfigurationError
+from orchestrator.protocol.failures import MAX_NAME_CHARS, failure_from_exception, safe_text
 from orchestrator.protocol.payloads import PayloadEncodingError, decode_json, encode_json
 from orchestrator.protocol.records import (
     ActivityResult,
@@ -29,13 +28,10 @@ from orchestrator.protocol.records import (
     Failure,
     Payload,
 )
+from orchestrator.protocol.topics import ACTIVITY_NAME, PARTICIPANT_NAME
 
 log = logging.getLogger(__name__)
 
-# A participant's name is part of a topic name and of '<participant>.<activity>', so no dots.
-_PARTICIPANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
-_ACTIVITY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
-_MAX_MESSAGE_CHARS = 2_000
 UNKNOWN_ACTIVITY = "UnknownActivity"
 WRONG_PARTICIPANT = "WrongParticipant"
 
@@ -77,8 +73,10 @@ class ActivityContext:
 
     Attributes:
         db: a psycopg 3 connection with the idempotency transaction open; the handler's
-            writes commit together with the stored result, or not at all. Do not call
-            ``commit()``/``rollback()`` on it; ``db.transaction()`` gives a savepoint.
+            writes commit together with the stored result, or not at all (a handler that
+            raises has its writes rolled back). Do not call ``commit()``/``rollback()``
+            on it nor run ``COMMIT``/``ROLLBACK`` as SQL; ``db.transaction()`` gives a
+            savepoint.
         activity_id: stable id of this attempt (``<workflow>/<seq>/<attempt>``).
         workflow_id: the workflow that scheduled it.
         attempt: 1 for the first attempt, then 2, 3... (each attempt has its own id).
@@ -135,7 +133,7 @@ class Outcome:
 
     @property
     def retryable(self) -> bool:
-        """True for a failure another attempt may cure; such outcomes are never stored."""
+        """True for a failure another attempt (under a new activity id) may cure."""
         return self.failure is not None and self.failure.retryable
 
     def result_for(self, task: ActivityTask) -> ActivityResult:
@@ -152,18 +150,24 @@ class Outcome:
         )
 
 
-def failure_from_exception(exc: Exception) -> Failure:
-    """Map what a handler raised to a :class:`Failure`.
+def handler_failure(exc: BaseException) -> Failure:
+    """Map what a handler raised to a :class:`Failure`; never raises.
 
-    An :class:`ActivityFailure` keeps its own ``retryable`` flag; anything else (a
-    database error, a bug, a timeout talking to another service) is transient: retryable.
+    An :class:`ActivityFailure` keeps its own ``retryable`` flag. Anything else is
+    transient, so retryable: an ``Exception`` (a database error, a bug, a timeout talking
+    to another service) and a ``BaseException`` alike. A handler's ``SystemExit``,
+    ``KeyboardInterrupt``, ``GeneratorExit`` or ``asyncio.CancelledError`` cannot be told
+    apart from an interruption another attempt would not meet, and the workflow's
+    ``RetryPolicy`` bounds the attempts (``non_retryable_error_types`` can name them).
+    Text is made safe for UTF-8, Avro and PostgreSQL: lone surrogates and NUL are escaped.
     """
-    error_type = type(exc).__name__
-    # PostgreSQL text cannot hold NUL, and the message is stored in the inbox.
-    message = str(exc).replace("\x00", "")[:_MAX_MESSAGE_CHARS] or error_type
+    retryable = True
     if isinstance(exc, ActivityFailure):
-        return Failure(error_type, message, retryable=bool(exc.retryable))
-    return Failure(error_type, message, retryable=True)
+        try:
+            retryable = bool(exc.retryable)
+        except BaseException:  # a property that raises: fall back to the class's default
+            retryable = bool(ActivityFailure.retryable)
+    return failure_from_exception(exc, retryable=retryable)
 
 
 class Participant:
@@ -184,7 +188,7 @@ class Participant:
     """
 
     def __init__(self, name: str, *, setup_sql: str = "") -> None:
-        if not _PARTICIPANT_NAME.fullmatch(name):
+        if not PARTICIPANT_NAME.fullmatch(name):
             raise ConfigurationError(
                 f"participant name {name!r} must be 1-100 letters, digits, '_' or '-' "
                 "(it is part of a topic name and of '<participant>.<activity>')"
@@ -217,7 +221,7 @@ class Participant:
         Raises:
             ConfigurationError: ``name`` is not a valid activity name or is taken.
         """
-        if not _ACTIVITY_NAME.fullmatch(name):
+        if not ACTIVITY_NAME.fullmatch(name):
             raise ConfigurationError(
                 f"activity name {name!r} of participant {self._name} must start with a "
                 "letter, digit or '_' and contain only those, '.' and '-' (max 200)"
@@ -260,37 +264,22 @@ class Participant:
             return Outcome.failed(
                 Failure(
                     WRONG_PARTICIPANT,
-                    f"task {task.activity_id} is for participant {task.participant!r}, "
-                    f"but reached {self._name!r}; check the orchestrator's routing",
+                    safe_text(
+                        f"task {task.activity_id} is for participant {task.participant!r}, "
+                        f"but reached {self._name!r}; check the orchestrator's routing"
+                    ),
                     False,
                 ),
                 now_ms(),
             )
         handler = self._handlers.get(task.activity)
         if handler is None:
-            log.error(
-                "unknown activity participant=%s activity=%s activity_id=%s registered=%s",
-                self._name,
-                task.activity,
-                task.activity_id,
-                ",".join(self.activities),
-            )
-            return Outcome.failed(
-                Failure(
-                    UNKNOWN_ACTIVITY,
-                    f"participant {self._name} has no activity {task.activity!r} "
-                    f"(registered: {', '.join(self.activities) or 'none'}); deploy a version "
-                    "that registers it",
-                    False,
-                ),
-                now_ms(),
-            )
+            return self._unknown_activity(task, now_ms())
         try:
             value = decode_json(task.payload)
         except PayloadEncodingError as exc:
             # The same bytes will arrive on every attempt: retrying cannot help.
-            failure = dataclasses.replace(failure_from_exception(exc), retryable=False)
-            return Outcome.failed(failure, now_ms())
+            return Outcome.failed(failure_from_exception(exc, retryable=False), now_ms())
         ctx = ActivityContext(
             db=db,
             activity_id=task.activity_id,
@@ -308,7 +297,7 @@ class Participant:
                 returned = asyncio.run(returned)
             payload = encode_json(returned)
         except ActivityFailure as exc:
-            failure = failure_from_exception(exc)
+            failure = handler_failure(exc)
             log.info(
                 "activity failed participant=%s activity=%s activity_id=%s "
                 "error_type=%s retryable=%s",
@@ -319,14 +308,42 @@ class Participant:
                 failure.retryable,
             )
             return Outcome.failed(failure, now_ms())
-        except Exception as exc:
+        except BaseException as exc:
+            # BaseException, not Exception: SystemExit, CancelledError and friends raised
+            # by one handler are that task's failure, never the process's.
+            failure = handler_failure(exc)
             log.warning(
                 "activity raised participant=%s activity=%s activity_id=%s error_type=%s",
                 self._name,
                 task.activity,
                 task.activity_id,
-                type(exc).__name__,
+                failure.error_type,
                 exc_info=True,
             )
-            return Outcome.failed(failure_from_exception(exc), now_ms())
+            return Outcome.failed(failure, now_ms())
         return Outcome.completed(payload, now_ms())
+
+    def _unknown_activity(self, task: ActivityTask, finished_at_ms: int) -> Outcome:
+        # Version skew during a deploy: an older replica gets a task for an activity only
+        # the newer code registers. Retryable, so the workflow's RetryPolicy decides, and
+        # a later attempt may reach a replica that has it.
+        activity = safe_text(task.activity, MAX_NAME_CHARS)
+        registered = ", ".join(self.activities) or "none"
+        log.error(
+            "unknown activity participant=%s activity=%s activity_id=%s registered=%s",
+            self._name,
+            activity,
+            safe_text(task.activity_id),
+            registered,
+        )
+        return Outcome.failed(
+            Failure(
+                UNKNOWN_ACTIVITY,
+                safe_text(
+                    f"participant {self._name} has no activity {activity!r} (registered: "
+                    f"{registered}); deploy a version that registers it on every replica"
+                ),
+                True,
+            ),
+            finished_at_ms,
+        )

@@ -575,7 +575,8 @@ def test_run_participant_answers_tasks_dedupes_and_dead_letters_garbage(
     assert declined.failure == Failure("PaymentDeclined", f"order {run}-3: card declined", False)
     ((_, unknown),) = by_activity[tasks["unknown"].activity_id]
     assert unknown.failure is not None
-    assert (unknown.failure.error_type, unknown.failure.retryable) == ("UnknownActivity", False)
+    # Version skew during a deploy: retryable, so the workflow's RetryPolicy decides.
+    assert (unknown.failure.error_type, unknown.failure.retryable) == ("UnknownActivity", True)
     rows = dict(_rows_per_order(postgres_dsn, run))
     assert rows == {f"{run}-1": 1, f"{run}-2": 1}, rows
 
@@ -590,10 +591,10 @@ def test_run_participant_answers_tasks_dedupes_and_dead_letters_garbage(
     # Crash-like redelivery: rewind the group and run again. Every task is answered from
     # the idempotency inbox with the very same record, and no business row is added.
     parts = [TopicPartition(tasks_topic, p, 0) for p in _partitions(kafka_bootstrap, tasks_topic)]
-    for future in admin.alter_consumer_group_offsets(
-        [ConsumerGroupTopicPartitions(group, parts)]
-    ).values():
-        future.result(timeout=30)
+    _wait_until(
+        lambda: _rewound(admin, group, parts),
+        "the group to be empty (a closed static member stays until its session expires)",
+    )
     with _running(services.payment, settings):
         _wait_committed_to_end(
             kafka_bootstrap,
@@ -606,6 +607,18 @@ def test_run_participant_answers_tasks_dedupes_and_dead_letters_garbage(
     first_round = Counter(raw for raw, _ in results)
     assert Counter(raw for raw, _ in replayed) == first_round + first_round
     assert dict(_rows_per_order(postgres_dsn, run)) == rows
+
+
+def _rewound(admin: AdminClient, group: str, parts: list[TopicPartition]) -> bool:
+    """Set ``group``'s offsets to ``parts``; False while a member is still registered."""
+    (future,) = admin.alter_consumer_group_offsets(
+        [ConsumerGroupTopicPartitions(group, parts)]
+    ).values()
+    altered = future.result(timeout=30)
+    errors = [tp.error for tp in altered.topic_partitions if tp.error is not None]
+    if any(e.code() != KafkaError.UNKNOWN_MEMBER_ID for e in errors):
+        raise AssertionError(f"rewinding {group} failed: {errors}")
+    return not errors
 
 
 def _rows_per_order(dsn: str, run: str) -> list[tuple[str, int]]:
@@ -673,7 +686,7 @@ def test_run_participant_reconnects_after_losing_its_database_connections(
     )
 
 
-def test_a_result_kafka_rejects_stops_the_participant_before_committing(
+def test_a_result_refused_even_as_a_failure_stops_the_participant_uncommitted(
     kafka_bootstrap: str, admin: AdminClient, postgres_dsn: str
 ) -> None:
     names = Topics(f"t{uuid.uuid4().hex[:10]}")
@@ -713,6 +726,8 @@ def test_a_result_kafka_rejects_stops_the_participant_before_committing(
     thread.join(timeout=DEADLINE_S)
     assert not thread.is_alive(), "the participant kept running after a failed delivery"
     assert len(errors) == 1 and isinstance(errors[0], ResultDeliveryError), errors
+    # The result was refused, then its small substitute too: the error names the cause.
+    assert "MSG_SIZE_TOO_LARGE" in str(errors[0]) and task.activity_id in str(errors[0])
     consumer = Consumer(
         {"bootstrap.servers": kafka_bootstrap, "group.id": f"{names.prefix}.participant.payment"}
     )
@@ -770,3 +785,8 @@ def test_a_result_too_large_for_kafka_is_published_as_a_failure(
     assert isinstance(failed, ActivityResult) and failed.status is ActivityStatus.FAILED
     assert failed.failure is not None and failed.failure.error_type == "ResultTooLarge"
     assert not failed.failure.retryable
+    # The handler's writes committed: the workflow must be able to compensate them.
+    assert failed.failure.effects_committed
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        stored = find_outcome(conn, "bulky", large.activity_id)
+    assert stored is not None and stored.is_completed

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 import psycopg
@@ -28,7 +30,7 @@ from participants.participant import (
     UNKNOWN_ACTIVITY,
     WRONG_PARTICIPANT,
     Outcome,
-    failure_from_exception,
+    handler_failure,
 )
 
 NOW = 1_700_000_000_123
@@ -113,28 +115,91 @@ def test_registry_returns_the_function_unchanged_and_rejects_duplicates() -> Non
 
 
 def test_activity_failure_is_final_by_default_and_named_after_its_class() -> None:
-    assert failure_from_exception(ActivityFailure("no")) == Failure("ActivityFailure", "no", False)
-    assert failure_from_exception(Declined("card")) == Failure("Declined", "card", False)
-    assert failure_from_exception(Busy("later")) == Failure("Busy", "later", True)
+    assert handler_failure(ActivityFailure("no")) == Failure("ActivityFailure", "no", False)
+    assert handler_failure(Declined("card")) == Failure("Declined", "card", False)
+    assert handler_failure(Busy("later")) == Failure("Busy", "later", True)
 
 
 def test_retryable_can_be_set_per_raise() -> None:
-    assert failure_from_exception(Declined("x", retryable=True)).retryable
-    assert not failure_from_exception(Busy("x", retryable=False)).retryable
+    assert handler_failure(Declined("x", retryable=True)).retryable
+    assert not handler_failure(Busy("x", retryable=False)).retryable
     assert Busy.retryable  # the override did not leak into the class
 
 
 def test_other_exceptions_are_transient() -> None:
-    assert failure_from_exception(KeyError("sku")) == Failure("KeyError", "'sku'", True)
-    assert failure_from_exception(RuntimeError()) == Failure("RuntimeError", "RuntimeError", True)
+    assert handler_failure(KeyError("sku")) == Failure("KeyError", "'sku'", True)
+    assert handler_failure(RuntimeError()) == Failure("RuntimeError", "RuntimeError", True)
 
 
 @given(st.text(max_size=5_000))
 def test_failure_messages_are_bounded_and_storable(message: str) -> None:
-    failure = failure_from_exception(ValueError(message))
+    failure = handler_failure(ValueError(message))
     assert len(failure.message) <= 2_000
     assert "\x00" not in failure.message
     assert failure.message
+    failure.message.encode()  # strict UTF-8: what PostgreSQL and Avro accept
+
+
+def test_lone_surrogates_and_nul_are_escaped_not_dropped() -> None:
+    failure = handler_failure(Declined("card \ud800 of \x00 order"))
+    assert failure == Failure("Declined", "card \\ud800 of \\x00 order", False)
+
+
+class _UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+class _FickleFailure(ActivityFailure):
+    @property  # type: ignore[override]
+    def retryable(self) -> bool:
+        raise RuntimeError("cannot decide")
+
+
+def _raises(exc: BaseException) -> Callable[..., Any]:
+    def handler(value: Any, *, ctx: ActivityContext) -> Any:
+        raise exc
+
+    return handler
+
+
+def _raises_async(exc: BaseException) -> Callable[..., Any]:
+    async def handler(value: Any, *, ctx: ActivityContext) -> Any:
+        await asyncio.sleep(0)
+        raise exc
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("exc", "error_type", "message"),
+    [
+        (SystemExit(3), "SystemExit", "3"),
+        (KeyboardInterrupt(), "KeyboardInterrupt", "KeyboardInterrupt"),
+        (asyncio.CancelledError(), "CancelledError", "CancelledError"),
+        (GeneratorExit(), "GeneratorExit", "GeneratorExit"),
+        (_UnprintableError(), "_UnprintableError", "<unprintable _UnprintableError>"),
+        (ValueError("\ud800"), "ValueError", "\\ud800"),
+    ],
+)
+@pytest.mark.parametrize("wrap", [_raises, _raises_async], ids=["sync", "async"])
+def test_whatever_a_handler_raises_is_a_retryable_failure_of_that_task(
+    exc: BaseException,
+    error_type: str,
+    message: str,
+    wrap: Callable[[BaseException], Callable[..., Any]],
+) -> None:
+    svc = Participant("svc")
+    svc.activity("boom")(wrap(exc))
+    outcome = _run(svc, _task("svc", "boom", {}))
+    assert outcome == Outcome.failed(Failure(error_type, message, True), NOW)
+
+
+def test_an_activity_failure_whose_flag_raises_falls_back_to_final() -> None:
+    svc = Participant("svc")
+    svc.activity("fickle")(_raises(_FickleFailure("hm")))
+    outcome = _run(svc, _task("svc", "fickle", {}))
+    assert outcome.failure == Failure("_FickleFailure", "hm", False)
 
 
 # --- running one task --------------------------------------------------------------
@@ -209,14 +274,22 @@ def test_handler_failures_map_to_failed_outcomes() -> None:
     )
 
 
-def test_unknown_activity_is_final_and_logged_at_error(caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_activity_is_retryable_and_logged_at_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Version skew during a deploy: the workflow's RetryPolicy decides, and a later
+    # attempt may reach a replica that registers the activity.
     svc = Participant("svc")
     svc.activity("known")(lambda value, *, ctx: value)
     with caplog.at_level(logging.ERROR, logger="participants.participant"):
         outcome = _run(svc, _task("svc", "teleport", {}))
     assert outcome.failure is not None
-    assert (outcome.failure.error_type, outcome.failure.retryable) == (UNKNOWN_ACTIVITY, False)
+    assert (outcome.failure.error_type, outcome.failure.retryable) == (UNKNOWN_ACTIVITY, True)
     assert "teleport" in outcome.failure.message and "known" in outcome.failure.message
+    garbled = _run(svc, _task("svc", "tele\x00port\ud800", {}))
+    assert garbled.failure is not None and garbled.failure.retryable
+    garbled.failure.message.encode()
+    assert "\x00" not in garbled.failure.message
     assert any(
         "activity=teleport" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records
     )
