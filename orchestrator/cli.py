@@ -139,6 +139,24 @@ def _start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume(args: argparse.Namespace) -> int:
+    from orchestrator.client import WorkflowClient
+    from orchestrator.settings import KafkaSettings
+
+    if bool(args.id) == bool(args.all_stuck):
+        raise ConfigurationError("give either a workflow id or --all-stuck")
+    client = WorkflowClient(KafkaSettings())
+    if args.all_stuck:
+        partitions = client.resume_all_stuck()
+        client.flush()
+        print(f"asked the orchestrators to resume every stuck workflow ({partitions} partitions)")
+    else:
+        client.resume(args.id)
+        client.flush()
+        print(f"asked the orchestrators to resume {args.id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sagaline``."""
     parser = argparse.ArgumentParser(
@@ -176,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--input", default="null", help="JSON input")
     start.add_argument("--id", default=None, help="workflow id (default: a new UUID)")
     start.set_defaults(func=_start)
+
+    resume = sub.add_parser(
+        "resume",
+        help="re-drive a STUCK workflow (or all of them) with the code deployed now",
+        description="Re-drive a STUCK workflow with the code deployed now: its code runs "
+        "again and the inputs held while it was parked are applied in order. Workflows "
+        "that are not stuck are left alone. Orchestrators also do this after every restore.",
+    )
+    resume.add_argument("id", nargs="?", help="the workflow id")
+    resume.add_argument(
+        "--all-stuck", action="store_true", help="every stuck workflow, in every partition"
+    )
+    resume.set_defaults(func=_resume)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Starting workflows from Python: produce a ``StartWorkflow`` to the inbox.
+"""Starting and resuming workflows from Python: produce inbox records.
 
 Any language can do the same: an Avro ``InboxRecord`` in the Confluent wire format,
 keyed by the workflow id (UTF-8), on ``<prefix>.inbox``.
@@ -12,19 +12,20 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from orchestrator.errors import SagalineError
+from orchestrator.errors import ConfigurationError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.payloads import encode_json
-from orchestrator.protocol.records import StartWorkflow
+from orchestrator.protocol.records import InboxBody, ResumeWorkflow, StartWorkflow
 from orchestrator.settings import KafkaSettings
+from orchestrator.transport import produce
 
 
 class StartFailedError(SagalineError):
-    """Kafka did not accept one or more start requests."""
+    """Kafka did not accept one or more start or resume requests."""
 
 
 class WorkflowClient:
-    """Publishes workflow start requests.
+    """Publishes workflow start and resume requests.
 
     Example::
 
@@ -58,26 +59,49 @@ class WorkflowClient:
             workflow_id=wid,
             workflow_type=workflow_type,
             input=encode_json(value),
-            requested_at_ms=int(time.time() * 1000),
+            requested_at_ms=_now_ms(),
         )
-        data = self.codec.encode_inbox(record)
-        while True:
-            try:
-                self._producer.produce(
-                    self.topics.inbox, key=wid.encode(), value=data, on_delivery=self._delivered
-                )
-                break
-            except BufferError:
-                self._producer.poll(0.05)
-        self._producer.poll(0)
+        self._send(record, wid.encode())
         return wid
+
+    def resume(self, workflow_id: str) -> None:
+        """Queue a resume of a STUCK workflow: its code runs again with the code deployed
+        now, then the inputs held while it was parked are applied. Resuming a workflow that
+        is not stuck changes nothing. Call :meth:`flush` to wait."""
+        self._send(ResumeWorkflow(workflow_id, _now_ms()), workflow_id.encode())
+
+    def resume_all_stuck(self) -> int:
+        """Queue a resume of every stuck workflow, one request per inbox partition.
+
+        Returns:
+            The number of partitions asked.
+        """
+        topic = self._producer.list_topics(self.topics.inbox, timeout=30).topics.get(
+            self.topics.inbox
+        )
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise ConfigurationError(f"topic {self.topics.inbox} does not exist")
+        for partition in sorted(topic.partitions):
+            self._send(ResumeWorkflow(None, _now_ms()), None, partition)
+        return len(topic.partitions)
+
+    def _send(self, body: InboxBody, key: bytes | None, partition: int | None = None) -> None:
+        produce(
+            self._producer,
+            self.topics.inbox,
+            key=key,
+            value=self.codec.encode_inbox(body),
+            partition=partition,
+            on_delivery=self._delivered,
+        )
+        self._producer.poll(0)
 
     def _delivered(self, error: KafkaError | None, msg: Message) -> None:
         if error is not None:
             self._errors.append(f"{msg.key()!r}: {error}")
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until every queued start is acknowledged by Kafka.
+        """Wait until every queued request is acknowledged by Kafka.
 
         Raises:
             StartFailedError: some start could not be delivered.
@@ -89,4 +113,8 @@ class WorkflowClient:
             )
         if self._errors:
             errors, self._errors = self._errors, []
-            raise StartFailedError(f"{len(errors)} start(s) failed, first: {errors[0]}")
+            raise StartFailedError(f"{len(errors)} request(s) failed, first: {errors[0]}")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

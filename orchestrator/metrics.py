@@ -67,15 +67,42 @@ BATCH_SIZE = Histogram(
 )
 RESTORE_SECONDS = Histogram(
     "sagaline_restore_duration_seconds",
-    "Time to restore one history partition.",
-    ["partition"],
+    "Time to restore the history partitions of one assignment, all read together "
+    "(observed once per restore, whatever the number of partitions).",
     buckets=_LATENCY_BUCKETS,
 )
 RESTORE_RECORDS = Counter(
     "sagaline_restore_records_total", "History records read while restoring.", ["partition"]
 )
 WORKFLOWS_IN_FLIGHT = Gauge(
-    "sagaline_workflows_in_flight", "Running workflows held in memory.", ["partition"]
+    "sagaline_workflows_in_flight", "Open (running or stuck) workflows held.", ["partition"]
+)
+WORKFLOWS_RETAINED = Gauge(
+    "sagaline_workflows_closed_retained",
+    "Closed workflows still on history, waiting for their retention to end.",
+    ["partition"],
+)
+WORKFLOWS_TOMBSTONED = Counter(
+    "sagaline_workflows_tombstoned_total",
+    "Closed workflows deleted from history after their retention.",
+)
+INPUTS_HELD = Counter(
+    "sagaline_inputs_held_total",
+    "Inbox inputs kept with a parked or unreadable workflow instead of being applied.",
+    ["reason"],
+)
+WORKFLOWS_PARKED = Counter(
+    "sagaline_workflows_parked_total",
+    "Inputs that parked their workflow as STUCK because they could not be applied.",
+    ["reason"],
+)
+OWNERS_FENCED = Counter(
+    "sagaline_previous_owners_fenced_total",
+    "Dead previous owners whose open transaction was aborted at takeover.",
+)
+BUDGET_COMMITS = Counter(
+    "sagaline_transaction_budget_commits_total",
+    "Batches committed early because their transaction reached its time budget.",
 )
 DEAD_LETTERS = Counter(
     "sagaline_dead_letters_total", "Records written to the dead-letter topic.", ["source", "reason"]

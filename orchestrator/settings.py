@@ -113,12 +113,17 @@ class OrchestratorSettings(KafkaSettings):
     @property
     def transactional_id(self) -> str:
         """Stable per instance, so a restart fences its own dangling transaction."""
-        return f"{self.consumer_group}.{self.instance_id}"
+        return transactional_id(self.consumer_group, self.instance_id)
 
     @property
     def consumer_group(self) -> str:
         """The orchestrators' consumer group: one per deployment (topic prefix)."""
         return self.group_id or f"{self.topic_prefix}.orchestrator"
+
+
+def transactional_id(group: str, instance_id: str) -> str:
+    """The transactional id of orchestrator instance ``instance_id`` in ``group``."""
+    return f"{group}.{instance_id}"
 
 
 class ParticipantSettings(KafkaSettings):

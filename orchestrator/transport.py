@@ -71,6 +71,12 @@ def producer_message_max_bytes(max_record_bytes: int) -> int:
     return max(1_000_000, max_record_bytes + 65_536)
 
 
+def dead_letter_max_bytes(max_record_bytes: int) -> int:
+    """The largest dead letter to send: as large as Kafka takes, so that an original that
+    broke sagaline's own ``max_record_bytes`` is still kept whole when Kafka allows it."""
+    return producer_message_max_bytes(max_record_bytes) - 65_536
+
+
 # --- producing -----------------------------------------------------------------------
 
 
@@ -172,7 +178,7 @@ class TopicDirectory:
     """
 
     def __init__(
-        self, client: _Listing, *, recheck_s: float = 5.0, timeout_s: float = 10.0
+        self, client: _Listing, *, recheck_s: float = 1.0, timeout_s: float = 10.0
     ) -> None:
         self._client = client
         self._recheck_s = recheck_s
@@ -205,6 +211,10 @@ class TopicDirectory:
     def forget(self, topic: str) -> None:
         """Look ``topic`` up again next time (a delivery to it failed)."""
         self._known.discard(topic)
+
+    def recheck_missing(self) -> None:
+        """Look every missing topic up again next time (someone may have created it)."""
+        self._missing.clear()
 
 
 # --- group membership ----------------------------------------------------------------
@@ -269,7 +279,33 @@ class DeadLetter:
 def dead_letter(
     msg: Message, *, reason: str, error: str, source: str, max_record_bytes: int
 ) -> DeadLetter:
-    """The dead letter for ``msg``, always small enough to send.
+    """The dead letter for a consumed ``msg``; see :func:`dead_letter_for`."""
+    return dead_letter_for(
+        topic=str(msg.topic()),
+        partition=msg.partition(),
+        offset=msg.offset(),
+        key=msg.key(),
+        value=msg.value(),
+        reason=reason,
+        error=error,
+        source=source,
+        max_record_bytes=max_record_bytes,
+    )
+
+
+def dead_letter_for(
+    *,
+    topic: str,
+    partition: int | None,
+    offset: int | None,
+    key: bytes | None,
+    value: bytes | None,
+    reason: str,
+    error: str,
+    source: str,
+    max_record_bytes: int,
+) -> DeadLetter:
+    """The dead letter of a record read from ``topic``, always small enough to send.
 
     ``reason`` is a short code operators filter on; ``error`` says what was wrong. An
     original too large to copy keeps its headers and loses its value (then its key), with
@@ -279,11 +315,10 @@ def dead_letter(
         (REASON, safe_text(reason, 100).encode()),
         (ERROR, safe_text(error).encode()),
         (SOURCE, safe_text(source, 200).encode()),
-        (TOPIC, safe_text(msg.topic(), 300).encode()),
-        (PARTITION, str(msg.partition()).encode()),
-        (OFFSET, str(msg.offset()).encode()),
+        (TOPIC, safe_text(topic, 300).encode()),
+        (PARTITION, str(partition).encode()),
+        (OFFSET, str(offset).encode()),
     ]
-    key, value = msg.key(), msg.value()
     if record_size(key, value, headers) > max_record_bytes:
         value = None
         headers.append((VALUE_DROPPED, b"true"))

@@ -22,8 +22,10 @@ import psycopg
 from confluent_kafka import Consumer
 
 from orchestrator.client import WorkflowClient
+from orchestrator.errors import RecordDecodeError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.records import WorkflowRecord, WorkflowStatus
+from orchestrator.protocol.topics import HELD_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_APP = "examples.order_saga.workflows:registry"
@@ -115,9 +117,14 @@ class SagalineProcess:
 
 
 def orchestrator_process(
-    env: Mapping[str, str], log_dir: Path, instance: str, **settings: str
+    env: Mapping[str, str],
+    log_dir: Path,
+    instance: str,
+    *,
+    app: str = WORKFLOWS_APP,
+    **settings: str,
 ) -> SagalineProcess:
-    """An orchestrator of the order saga with ``SAGALINE_INSTANCE_ID=instance``."""
+    """An orchestrator of ``app`` (default: the order saga), ``SAGALINE_INSTANCE_ID=instance``."""
     merged = {
         **env,
         "SAGALINE_INSTANCE_ID": instance,
@@ -125,23 +132,31 @@ def orchestrator_process(
     }
     return SagalineProcess(
         f"orchestrator-{instance}",
-        ["orchestrator", WORKFLOWS_APP],
+        ["orchestrator", app],
         merged,
         log_dir / f"orchestrator-{instance}.log",
     )
 
 
 def participant_process(
-    env: Mapping[str, str], log_dir: Path, name: str, **settings: str
+    env: Mapping[str, str],
+    log_dir: Path,
+    name: str,
+    instance: str | None = None,
+    **settings: str,
 ) -> SagalineProcess:
-    """A participant process hosting one example service."""
+    """A participant process hosting one example service.
+
+    ``instance`` sets ``SAGALINE_INSTANCE_ID`` (its static group member id; replicas of one
+    service need distinct ids) and names the process and its log after it; without it the
+    process inherits the id from ``env`` (default: the host name).
+    """
     merged = {**env, **{f"SAGALINE_{k.upper()}": v for k, v in settings.items()}}
-    return SagalineProcess(
-        f"participant-{name}",
-        ["participant", SERVICES[name]],
-        merged,
-        log_dir / f"participant-{name}.log",
-    )
+    label = f"participant-{name}"
+    if instance is not None:
+        merged["SAGALINE_INSTANCE_ID"] = instance
+        label = f"participant-{name}-{instance}"
+    return SagalineProcess(label, ["participant", SERVICES[name]], merged, log_dir / f"{label}.log")
 
 
 @dataclass
@@ -174,7 +189,12 @@ class HistoryWatcher:
         for msg in self._consumer.consume(num_messages=5_000, timeout=timeout_s):
             if msg.error() is not None or msg.value() is None:
                 continue
-            record = self.codec.decode_workflow(msg.value())
+            if (msg.key() or b"").startswith(HELD_PREFIX):
+                continue  # an input held for a parked workflow, not a workflow record
+            try:
+                record = self.codec.decode_workflow(msg.value())
+            except RecordDecodeError:
+                continue  # written by another version; orchestrators hold it untouched
             read += 1
             self.revisions.setdefault(record.workflow_id, []).append(record.revision)
             current = self.latest.get(record.workflow_id)

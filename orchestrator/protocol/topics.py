@@ -101,3 +101,37 @@ def tasks_config() -> dict[str, str]:
 def dlq_config() -> dict[str, str]:
     """Settings of the dead-letter topic: kept a month for operators."""
     return {"cleanup.policy": "delete", "retention.ms": str(30 * 24 * 3_600_000)}
+
+
+# A history key that starts with 0xFF is never a workflow id: no UTF-8 text starts with it.
+HELD_PREFIX: Final = b"\xffheld:"
+_OFFSET_DIGITS: Final = 20
+
+
+def held_key(workflow_id: str, inbox_offset: int) -> bytes:
+    """The history key under which an inbox input held for a parked workflow is kept.
+
+    ``0xFF 'held:' <inbox offset, 20 digits> ':' <workflow id>``; the value is the input's
+    original ``InboxRecord`` bytes. It lives in the workflow's own history partition, is
+    written in the transaction that parks the workflow and tombstoned in the one that
+    applies it, so compaction drops it once it is no longer needed.
+    """
+    return HELD_PREFIX + f"{inbox_offset:0{_OFFSET_DIGITS}d}:".encode() + workflow_id.encode()
+
+
+def parse_held_key(key: bytes) -> tuple[str, int] | None:
+    """``(workflow id, inbox offset)`` of a held-input key, or None for a workflow key.
+
+    Raises:
+        ValueError: the key has the held prefix but not the held layout.
+    """
+    if not key.startswith(HELD_PREFIX):
+        return None
+    start = len(HELD_PREFIX)
+    digits = key[start : start + _OFFSET_DIGITS]
+    if (
+        len(digits) != _OFFSET_DIGITS
+        or key[start + _OFFSET_DIGITS : start + _OFFSET_DIGITS + 1] != b":"
+    ):
+        raise ValueError(f"malformed held-input key {key[:60]!r}")
+    return key[start + _OFFSET_DIGITS + 1 :].decode(), int(digits)

@@ -4,6 +4,12 @@ Invariant: a workflow's state changes only inside a committed transaction that a
 commits the inbox offsets of the inputs that caused the change. Staged changes are
 promoted to memory after the commit and dropped on abort, when the consumer is rewound to
 the last committed offsets. Rules referenced as "EOS n" are in shared/KAFKA_EOS.md.
+
+What one input does is decided in :mod:`orchestrator.runtime.inputs`; this module owns the
+clients, the rebalance protocol, restores, and when a transaction commits: when the inbox
+is drained, when the batch is full, when it has been open ``commit_interval_ms``, and
+always before ``transaction_budget`` of the transaction timeout has passed, however slow
+the inputs are.
 """
 
 from __future__ import annotations
@@ -11,14 +17,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Final
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
-    KafkaError,
     KafkaException,
     Message,
     Producer,
@@ -28,46 +31,30 @@ from confluent_kafka.admin import AdminClient
 
 from orchestrator import metrics
 from orchestrator.admin import check_copartitioned
-from orchestrator.errors import (
-    FatalKafkaError,
-    RecordDecodeError,
-    UnknownWorkflowTypeError,
-)
+from orchestrator.errors import FatalKafkaError, TransactionAbortableError
 from orchestrator.protocol.codec import AvroCodec
-from orchestrator.protocol.partitioning import partition_for
-from orchestrator.protocol.records import ActivityTask, Failure, StartWorkflow, WorkflowStatus
-from orchestrator.replay.engine import Limits, Transition, advance, fail
+from orchestrator.protocol.records import WorkflowStatus
+from orchestrator.protocol.topics import held_key
+from orchestrator.runtime.fencing import fence_previous_owners, offset_metadata
+from orchestrator.runtime.inputs import Batch, InputProcessor, Ref, RetentionHook
 from orchestrator.runtime.restore import restore_partitions
 from orchestrator.runtime.state import WorkflowStore
-from orchestrator.settings import OrchestratorSettings
+from orchestrator.runtime.txn import Transaction
+from orchestrator.settings import OrchestratorSettings, transactional_id
 from orchestrator.transport import (
-    DeadLetter,
-    dead_letter,
+    TopicDirectory,
+    classify_delivery_error,
     heartbeat_interval_ms,
     poll_batch,
+    producer_message_max_bytes,
     session_timeout_ms,
 )
 from orchestrator.workflow import WorkflowRegistry
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-_RETRIES = 10
-
-
-class _Abortable(Exception):  # noqa: N818 - internal control flow, never escapes the loop
-    """The open transaction must be aborted and the batch retried."""
-
-
-@dataclass(slots=True)
-class _Batch:
-    """Inputs consumed since the last commit, and what they produced."""
-
-    opened: float = field(default_factory=time.monotonic)
-    inputs: int = 0
-    offsets: dict[int, int] = field(default_factory=dict)
-    transitions: list[tuple[StartWorkflow | None, Transition]] = field(default_factory=list)
-    dead_letters: int = 0
-    ignored: list[str] = field(default_factory=list)
+_SWEEP_INTERVAL_S: Final = 1.0
+_SWEEP_LIMIT: Final = 1_000
+_REDRIVES_PER_ROUND: Final = 200
 
 
 class Orchestrator:
@@ -83,24 +70,29 @@ class Orchestrator:
         settings: OrchestratorSettings,
         registry: WorkflowRegistry,
         codec: AvroCodec | None = None,
+        *,
+        retention_hook: RetentionHook | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.codec = codec or AvroCodec(max_record_bytes=settings.max_record_bytes)
         self.topics = settings.topics
-        self.limits = Limits(max_events=settings.max_history_events)
-        self.store = WorkflowStore()
-        self._batch = _Batch()
-        self._in_txn = False
+        self.store = WorkflowStore(settings.decoded_cache)
+        self._batch = Batch(opened=time.monotonic())
+        self._carry: list[Message] = []
         self._to_restore: list[int] = []
         self._committed: dict[int, int] = {}
         self._callback_error: BaseException | None = None
         self._idle = True
-        self._partition_count = 0
+        self._aborts_in_a_row = 0
+        self._next_sweep = 0.0
+        self._budget_s = settings.transaction_timeout_ms * settings.transaction_budget / 1000
         common = settings.kafka_common()
-        admin = AdminClient(common)
-        session_ms = session_timeout_ms(settings.session_timeout_ms, admin)
-        self._max_message_bytes = max(1_000_000, settings.max_record_bytes + 65_536)
+        self._kafka_config = common
+        self.admin = AdminClient(common)
+        session_ms = session_timeout_ms(settings.session_timeout_ms, self.admin)
+        self._session_ms = session_ms
+        self._assigned_at: dict[int, float] = {}
         self.consumer = Consumer(
             {
                 **common,
@@ -111,8 +103,9 @@ class Orchestrator:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
-                # Eager range assignment keeps every rebalance a full revoke/assign (EOS 13).
-                "partition.assignment.strategy": "range",
+                # Partitions an instance keeps stay with it, and it keeps processing them,
+                # through every rebalance; only moved partitions are revoked and restored.
+                "partition.assignment.strategy": "cooperative-sticky",
                 "session.timeout.ms": session_ms,
                 "heartbeat.interval.ms": heartbeat_interval_ms(session_ms),
             }
@@ -124,6 +117,11 @@ class Orchestrator:
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                "max.partition.fetch.bytes": 8 << 20,
+                # A restore ends when the position passes the last transaction marker, which
+                # only an (empty) fetch reveals: do not let each of those wait 500 ms.
+                "fetch.wait.max.ms": 10,
                 "client.id": f"sagaline-restore-{settings.instance_id}",
             }
         )
@@ -140,12 +138,23 @@ class Orchestrator:
                 "retry.backoff.ms": 5,
                 "retry.backoff.max.ms": 20,
                 "partitioner": "murmur2_random",
-                # Room for a maximal record plus headers and batch overhead.
-                "message.max.bytes": self._max_message_bytes,
+                "message.max.bytes": producer_message_max_bytes(settings.max_record_bytes),
                 "client.id": f"sagaline-orchestrator-{settings.instance_id}",
             }
         )
-        self.admin = admin
+        self.txn = Transaction(self.producer)
+        self.processor = InputProcessor(
+            codec=self.codec,
+            store=self.store,
+            txn=self.txn,
+            topics=self.topics,
+            directory=TopicDirectory(self.producer),
+            registry=registry,
+            max_events=settings.max_history_events,
+            max_record_bytes=settings.max_record_bytes,
+            partition_count=0,
+            retention_hook=retention_hook,
+        )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -156,16 +165,18 @@ class Orchestrator:
             FatalKafkaError: fenced or fatal Kafka error; nothing uncommitted is kept.
         """
         partitions = check_copartitioned(self.admin, self.topics)
-        self._partition_count = partitions
+        self.processor.partition_count = partitions
         log.info(
-            "orchestrator instance=%s transactional_id=%s partitions=%d types=%s",
+            "orchestrator instance=%s transactional_id=%s partitions=%d session_timeout_ms=%d "
+            "types=%s",
             self.settings.instance_id,
             self.settings.transactional_id,
             partitions,
+            self._session_ms,
             ",".join(sorted(self.registry.names())),
         )
         # Fences a previous incarnation of this instance and aborts its open transaction.
-        self._kafka(lambda: self.producer.init_transactions(30))
+        self.txn.call(lambda: self.producer.init_transactions(30))
         self.consumer.subscribe(
             [self.topics.inbox],
             on_assign=self._on_assign,
@@ -175,6 +186,8 @@ class Orchestrator:
         try:
             while not stop.is_set():
                 self._restore_assigned()
+                self._redrive_queued()
+                self._sweep_retention()
                 self._poll_once()
                 if self._batch_due():
                     self._commit_batch()
@@ -184,26 +197,31 @@ class Orchestrator:
 
     def _close(self) -> None:
         try:
-            if self._in_txn:
-                self.producer.abort_transaction(10)
-        except KafkaException as exc:
+            self.txn.abort()
+        except FatalKafkaError as exc:
             log.warning("abort at shutdown failed: %s", exc)
         # Nothing left to commit when close() fires the revoke callback.
-        self._in_txn = False
-        self._batch = _Batch()
+        self.txn.open = False
+        self._batch = Batch(opened=time.monotonic())
+        self._carry = []
         self.store.discard_staged()
         self.consumer.close()
         self.restorer.close()
-        self.producer.flush(10)
+        try:
+            self.producer.flush(10)
+        except KafkaException as exc:  # a fenced producer refuses even this; nothing is lost
+            log.warning("flush at shutdown failed: %s", exc)
 
-    # --- rebalancing (EOS 7, 9) ---------------------------------------------------------
+    # --- rebalancing (EOS 7, 9, 13) ---------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
-            consumer.assign(partitions)
+            consumer.incremental_assign(partitions)
             # Nothing is consumed from a partition until its history is restored.
             consumer.pause(partitions)
             self._to_restore.extend(tp.partition for tp in partitions)
+            now = time.monotonic()
+            self._assigned_at.update((tp.partition, now) for tp in partitions)
             log.info("assigned partitions=%s", [tp.partition for tp in partitions])
         except BaseException as exc:
             self._callback_error = exc
@@ -217,21 +235,30 @@ class Orchestrator:
         self._forget([tp.partition for tp in partitions], "revoked")
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The lost partitions' new owner reads from the committed offsets; the open
+        # transaction also holds inputs of partitions we keep, which are rewound.
+        self._forget([tp.partition for tp in partitions], "lost")
         try:
-            # Nothing to rewind: the partitions are gone, their new owner reads from the
-            # committed offsets.
-            self._abort("partitions-lost", rewind=False)
+            self._abort("partitions-lost")
         except BaseException as exc:
             self._callback_error = exc
-        self._forget([tp.partition for tp in partitions], "lost")
 
     def _forget(self, partitions: list[int], why: str) -> None:
-        self.store.drop(partitions)
-        for partition in partitions:
+        if not partitions:
+            return
+        gone = set(partitions)
+        self.store.drop(gone)
+        for partition in gone:
             self._committed.pop(partition, None)
             metrics.WORKFLOWS_IN_FLIGHT.labels(str(partition)).set(0)
-        self._to_restore = [p for p in self._to_restore if p not in partitions]
-        log.info("%s partitions=%s", why, partitions)
+            metrics.WORKFLOWS_RETAINED.labels(str(partition)).set(0)
+        self._to_restore = [p for p in self._to_restore if p not in gone]
+        self._carry = [m for m in self._carry if m.partition() not in gone]
+        queue = self.processor.redrive_queue
+        kept = [item for item in queue if item[0] not in gone]
+        queue.clear()
+        queue.extend(kept)
+        log.info("%s partitions=%s", why, sorted(gone))
 
     def _restore_assigned(self) -> None:
         if self._to_restore:
@@ -242,10 +269,23 @@ class Orchestrator:
             return
         partitions, self._to_restore = sorted(set(self._to_restore)), []
         inbox = [TopicPartition(self.topics.inbox, p) for p in partitions]
+        timeout_s = max(30.0, self.settings.transaction_timeout_ms / 1000)
+        fence_previous_owners(
+            self.admin,
+            group=self.settings.consumer_group,
+            topic=self.topics.inbox,
+            partitions=partitions,
+            own_transactional_id=self.settings.transactional_id,
+            transactional_id_of=lambda instance: transactional_id(
+                self.settings.consumer_group, instance
+            ),
+            kafka_config=self._kafka_config,
+            timeout_s=timeout_s,
+        )
         # Committed offsets first: read_committed waits for a previous owner's pending
         # transactional offsets (EOS 11), and once those are resolved its history records
         # are in the log too, so the restore target below cannot miss them.
-        for tp in self.consumer.committed(inbox, timeout=30):
+        for tp in self.consumer.committed(inbox, timeout=timeout_s):
             self._committed[tp.partition] = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
         states = restore_partitions(
             self.restorer,
@@ -253,260 +293,210 @@ class Orchestrator:
             self.codec,
             self.topics.history,
             partitions,
-            deadline_s=max(60.0, 4 * self.settings.transaction_timeout_ms / 1000),
+            stall_s=2 * self.settings.transaction_timeout_ms / 1000 + 30,
+            timeout_s=timeout_s,
         )
         for state in states.values():
             self.store.install(state)
+            # Code deployed since a workflow was parked may now handle it.
+            self.processor.queue_resume_all(state.partition)
         self.consumer.resume(inbox)
+        now = time.monotonic()
+        waited = max(now - self._assigned_at.pop(p, now) for p in partitions)
+        log.info("resumed partitions=%s since_assigned_s=%.3f", partitions, waited)
 
-    # --- processing ---------------------------------------------------------------------
+    # --- processing -------------------------------------------------------------------
+
+    def _redrive_queued(self) -> None:
+        queue = self.processor.redrive_queue
+        done = 0
+        now_ms = int(time.time() * 1000)
+        while queue and done < _REDRIVES_PER_ROUND and not self._over_budget():
+            partition, wid = queue.popleft()
+            if not self.store.owns(partition):
+                continue
+            self._note_activity()
+            self.processor.redrive(partition, wid, self._batch, now_ms)
+            done += 1
+
+    def _sweep_retention(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep or self._over_budget():
+            return
+        self._next_sweep = now + _SWEEP_INTERVAL_S
+        before = self._batch.tombstones
+        self.processor.sweep(
+            int(time.time() * 1000), self.settings.closed_retention_ms, self._batch, _SWEEP_LIMIT
+        )
+        if self._batch.tombstones > before:
+            self._note_activity()
 
     def _poll_once(self) -> None:
-        room = max(1, self.settings.max_batch_records - self._batch.inputs)
-        messages = poll_batch(self.consumer, room, self._poll_timeout())
+        if self._carry:
+            messages, self._carry = self._carry, []
+        else:
+            room = max(1, self.settings.max_batch_records - self._batch.inputs)
+            messages = poll_batch(self.consumer, room, self._poll_timeout())
         self._idle = not messages
+        # Consumed is not processed: an abort must rewind these partitions even if it comes
+        # before their messages' turn.
+        self._batch.consumed.update(p for m in messages if (p := m.partition()) is not None)
         if self._callback_error is not None:
             failed, self._callback_error = self._callback_error, None
             raise FatalKafkaError(f"rebalance callback failed: {failed!r}") from failed
         now_ms = int(time.time() * 1000)
-        for msg in messages:
+        for index, msg in enumerate(messages):
+            if self._over_budget():
+                # Slow inputs must not carry the transaction past its timeout: commit what
+                # is done and take the rest in the next transaction.
+                self._carry = messages[index:]
+                metrics.BUDGET_COMMITS.inc()
+                log.info(
+                    "budget commit after %d inputs, %d carried to the next transaction",
+                    self._batch.inputs,
+                    len(self._carry),
+                )
+                return
             error = msg.error()
             if error is not None:
                 if error.fatal():
                     raise FatalKafkaError(f"consumer: {error}")
                 log.warning("consumer error: %s", error)
                 continue
-            self._process(msg, now_ms)
+            partition = msg.partition()
+            if partition is None or not self.store.owns(partition):
+                # A fetch that raced a revoke; the new owner will read it again.
+                continue
+            self._note_activity()
+            self._batch.inputs += 1
+            self._batch.offsets[partition] = int(msg.offset() or 0) + 1
+            try:
+                self.processor.process(msg, self._batch, now_ms)
+            except TransactionAbortableError as exc:
+                self._abort(str(exc))
+                return
+
+    def _note_activity(self) -> None:
+        if self._batch.inputs == 0 and not self._batch.redrives and not self._batch.tombstones:
+            self._batch.opened = time.monotonic()
 
     def _poll_timeout(self) -> float:
-        if self._batch.inputs == 0:
-            return 0.1
-        # Inputs are waiting to be committed: only take what has already arrived.
-        return 0.0
+        if self._batch.inputs or self.store.staged_count():
+            # Inputs are waiting to be committed: only take what has already arrived.
+            return 0.0
+        return 0.1
+
+    def _over_budget(self) -> bool:
+        opened = time.monotonic() - self._batch.opened if self._pending() else 0.0
+        return max(opened, self.txn.age()) >= self._budget_s
+
+    def _pending(self) -> bool:
+        batch = self._batch
+        return bool(batch.inputs or batch.redrives or batch.tombstones or self.store.staged_count())
 
     def _batch_due(self) -> bool:
-        batch = self._batch
-        if batch.inputs == 0:
+        if not self._pending() and not self.txn.open:
             return False
         # Commit once nothing more is waiting (low latency when idle; batches grow by
-        # themselves under load), when the batch is full, or when it has been open too long.
+        # themselves under load), when the batch is full, when it has been open too long,
+        # or when its transaction has used its share of the timeout.
         return (
-            self._idle
-            or batch.inputs >= self.settings.max_batch_records
-            or time.monotonic() - batch.opened >= self.settings.commit_interval_ms / 1000
+            (self._idle and not self._carry)
+            or self._batch.inputs >= self.settings.max_batch_records
+            or time.monotonic() - self._batch.opened >= self.settings.commit_interval_ms / 1000
+            or self._over_budget()
         )
 
-    def _process(self, msg: Message, now_ms: int) -> None:
-        partition = _partition(msg)
-        if not self.store.owns(partition):
-            # A fetch that raced a revoke; the new owner will read it again.
-            return
-        if self._batch.inputs == 0:
-            self._batch.opened = time.monotonic()
-        self._batch.inputs += 1
-        self._batch.offsets[partition] = int(msg.offset() or 0) + 1
-        try:
-            body = self.codec.decode_inbox(msg.value())
-        except RecordDecodeError as exc:
-            self._reject(msg, exc.reason, str(exc))
-            return
-        key = msg.key()
-        if key is not None and partition != partition_for(key, self._partition_count):
-            self._reject(
-                msg,
-                "wrong-partition",
-                f"workflow {body.workflow_id!r} arrived on partition {partition}, but Kafka's "
-                f"default (murmur2) partitioner puts its key on "
-                f"{partition_for(key, self._partition_count)}; produce with murmur2",
-            )
-            return
-        if key is None or key.decode(errors="replace") != body.workflow_id:
-            self._reject(
-                msg,
-                "key-mismatch",
-                f"record key {key!r} is not the workflow id {body.workflow_id!r}; "
-                "inputs must be keyed by workflow id to reach the owning partition",
-            )
-            return
-        if self.store.quarantined(partition, body.workflow_id):
-            self._reject(
-                msg,
-                "quarantined-workflow",
-                f"the history record of {body.workflow_id!r} could not be read at restore",
-            )
-            return
-        current = self.store.get(partition, body.workflow_id)
-        try:
-            transition = advance(current, body, now_ms, self.registry, self.limits)
-        except UnknownWorkflowTypeError as exc:
-            self._reject(msg, exc.reason, str(exc))
-            return
-        except Exception as exc:
-            # A poison input must not crash-loop the partition (EOS 16): its effects are
-            # dropped (nothing was staged) and the input is parked with the reason.
-            log.exception(
-                "engine failed workflow=%s partition=%d offset=%d",
-                body.workflow_id,
-                partition,
-                msg.offset(),
-            )
-            self._reject(msg, "engine-error", f"{type(exc).__name__}: {exc}")
-            return
-        if transition.ignored is not None:
-            if transition.ignored == "unknown-workflow":
-                self._reject(
-                    msg,
-                    "unknown-workflow",
-                    f"no workflow {body.workflow_id!r} in partition {partition}",
-                )
-            else:
-                self._batch.ignored.append(transition.ignored)
-            return
-        record = transition.record
-        assert record is not None
-        encoded = self.codec.encode_workflow(record)
-        tasks = [(t, self.codec.encode_task(t)) for t in transition.tasks]
-        largest = max([len(encoded), *(len(data) for _, data in tasks)])
-        if largest > self.settings.max_record_bytes:
-            # Kafka would refuse the write and the whole batch with it: end the workflow
-            # at its last good state instead.
-            detail = (
-                f"workflow {body.workflow_id}: a record of {largest} bytes exceeds "
-                f"max_record_bytes ({self.settings.max_record_bytes})"
-            )
-            if current is None:
-                self._reject(msg, "oversized", detail)
-                return
-            record = fail(current, now_ms, Failure("RecordTooLarge", detail))
-            transition = Transition(record)
-            encoded, tasks = self.codec.encode_workflow(record), []
-        self._begin()
-        for task, data in tasks:
-            self._produce(self.topics.tasks(task.participant), task.workflow_id.encode(), data)
-        self.store.stage(partition, record, encoded)
-        start = body if isinstance(body, StartWorkflow) else None
-        self._batch.transitions.append((start, transition))
-
-    def _reject(self, msg: Message, reason: str, error: str) -> None:
-        log.warning(
-            "dead letter reason=%s partition=%d offset=%d error=%s",
-            reason,
-            msg.partition(),
-            msg.offset(),
-            error,
-        )
-        letter: DeadLetter = dead_letter(
-            msg,
-            reason=reason,
-            error=error,
-            source="orchestrator",
-            max_record_bytes=self._max_message_bytes - 65_536,
-        )
-        self._begin()
-        self._produce(self.topics.dlq, letter.key, letter.value, letter.headers)
-        self._batch.dead_letters += 1
-        metrics.DEAD_LETTERS.labels("orchestrator", reason).inc()
-
-    # --- transactions (EOS 1-6) ---------------------------------------------------------
-
-    def _begin(self) -> None:
-        if not self._in_txn:
-            self._kafka(self.producer.begin_transaction)
-            self._in_txn = True
-
-    def _produce(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes | None]] | None = None,
-        partition: int | None = None,
-    ) -> None:
-        kwargs: dict[str, Any] = {"key": key, "value": value}
-        if headers:
-            kwargs["headers"] = headers
-        if partition is not None:
-            kwargs["partition"] = partition
-        while True:
-            try:
-                self.producer.produce(topic, **kwargs)
-                return
-            except BufferError:
-                self.producer.poll(0.05)
+    # --- transactions (EOS 1-8) -------------------------------------------------------
 
     def _commit_batch(self) -> None:
         batch = self._batch
-        if batch.inputs == 0 and not self._in_txn:
+        if not self._pending() and not self.txn.open:
             return
         started = time.monotonic()
+        written: list[str] = []
         try:
-            self._begin()
-            for partition, record, encoded in self.store.staged():
+            for partition, wid, _record, encoded in self.store.staged():
                 # Explicit partition: history p belongs to whoever owns inbox p.
-                self._produce(
+                self.txn.produce(
                     self.topics.history,
-                    record.workflow_id.encode(),
-                    encoded,
+                    key=wid.encode(),
+                    value=encoded,
                     partition=partition,
+                    ref=Ref("workflow", partition, wid),
                 )
-            offsets = [TopicPartition(self.topics.inbox, p, o) for p, o in batch.offsets.items()]
-            if offsets:
-                # Retries must repeat identical arguments (EOS 4).
-                group = self.consumer.consumer_group_metadata()
-                self._kafka(lambda: self.producer.send_offsets_to_transaction(offsets, group, 30))
-            self._kafka(lambda: self.producer.commit_transaction(30))
-        except _Abortable as exc:
+                written.append(wid)
+            for partition, wid, offset, value in self.store.staged_held():
+                self.txn.produce(
+                    self.topics.history,
+                    key=held_key(wid, offset),
+                    value=value,
+                    partition=partition,
+                    ref=Ref("workflow", partition, wid),
+                )
+            metadata = offset_metadata(self.settings.transactional_id)
+            offsets = [
+                TopicPartition(self.topics.inbox, p, o, metadata=metadata)
+                for p, o in sorted(batch.offsets.items())
+            ]
+            self.txn.commit(offsets, self.consumer.consumer_group_metadata)
+        except TransactionAbortableError as exc:
             self._abort(str(exc))
             return
-        self._in_txn = False
+        self._aborts_in_a_row = 0
         metrics.TXN_COMMIT_SECONDS.observe(time.monotonic() - started)
         metrics.BATCH_SIZE.observe(batch.inputs)
         self.store.promote()
         self._committed.update(batch.offsets)
-        self._batch = _Batch()
+        self.processor.forget_poison(self._committed, written)
+        self._batch = Batch(opened=time.monotonic())
         self._record_metrics(batch)
 
-    def _abort(self, reason: str, *, rewind: bool = True) -> None:
+    def _abort(self, reason: str) -> None:
         """Abort the open transaction, drop staged state, rewind to committed offsets."""
-        if self._in_txn:
+        if self.txn.open:
             log.warning("aborting transaction reason=%s", reason)
             metrics.TXN_ABORTS.labels(reason[:60]).inc()
-            self._kafka(lambda: self.producer.abort_transaction(30), abortable_ok=False)
-            self._in_txn = False
+            # The report of the record that doomed the transaction may still be queued (a
+            # later produce learns of the failure first): serve it before it is purged.
+            self.producer.poll(0)
+            self.txn.abort()
+        failures = self.txn.take_failures()
+        blamed = 0
+        for ref, error in failures:
+            verdict = classify_delivery_error(error)
+            if verdict == "fatal":
+                raise FatalKafkaError(f"delivery failed fatally: {error.name()}: {error.str()}")
+            if verdict == "record" and isinstance(ref, Ref):
+                blamed += 1
+                self.processor.mark_poisoned(
+                    ref, f"Kafka refused a record at delivery: {error.name()}: {error.str()}"
+                )
         self.store.discard_staged()
-        for partition in self._batch.offsets if rewind else ():
+        batch = self._batch
+        # Re-drives of the aborted batch are lost with it: do them again.
+        self.processor.redrive_queue.extendleft(reversed(batch.redrives))
+        rewind = set(batch.offsets) | batch.consumed
+        rewind.update(p for m in self._carry if (p := m.partition()) is not None)
+        for partition in sorted(rewind):
             offset = self._committed.get(partition)
             if offset is not None and self.store.owns(partition):
                 self.consumer.seek(TopicPartition(self.topics.inbox, partition, offset))
-        self._batch = _Batch()
+        self._carry = []
+        self._batch = Batch(opened=time.monotonic())
+        if not blamed:
+            # Nothing to change on the retry (a broker or network failure): back off.
+            self._aborts_in_a_row += 1
+            time.sleep(min(0.05 * 2 ** min(self._aborts_in_a_row, 6), 2.0))
 
-    def _kafka(self, call: Callable[[], T], *, abortable_ok: bool = True) -> T:
-        """Run a producer call with the error rules of EOS 4-6."""
-        for attempt in range(_RETRIES):
-            try:
-                return call()
-            except KafkaException as exc:
-                error: KafkaError = exc.args[0]
-                if error.retriable() and attempt < _RETRIES - 1:
-                    log.warning("retrying after %s", error)
-                    time.sleep(min(0.05 * 2**attempt, 1.0))
-                    continue
-                if error.txn_requires_abort() and abortable_ok:
-                    raise _Abortable(error.name()) from exc
-                raise FatalKafkaError(f"{error.name()}: {error.str()}") from exc
-        raise AssertionError("unreachable")
-
-    def _record_metrics(self, batch: _Batch) -> None:
+    def _record_metrics(self, batch: Batch) -> None:
         for reason in batch.ignored:
             metrics.INPUTS_IGNORED.labels(reason).inc()
-        for start, transition in batch.transitions:
-            record = transition.record
-            assert record is not None
+        metrics.WORKFLOWS_TOMBSTONED.inc(batch.tombstones)
+        for started, record, _tasks in batch.changed:
             wtype = record.workflow_type
-            if start is not None:
+            if started:
                 metrics.WORKFLOWS_STARTED.labels(wtype).inc()
-            for task in transition.tasks:
-                metrics.ACTIVITIES_SCHEDULED.labels(_activity_name(task)).inc()
             if record.status is WorkflowStatus.STUCK:
                 metrics.WORKFLOWS_STUCK.labels(wtype).inc()
             elif record.status.terminal and record.closed_at_ms is not None:
@@ -516,14 +506,6 @@ class Orchestrator:
                     (record.closed_at_ms - record.started_at_ms) / 1000
                 )
         for state in self.store.partitions():
-            metrics.WORKFLOWS_IN_FLIGHT.labels(str(state.partition)).set(len(state.running))
-
-
-def _partition(msg: Message) -> int:
-    partition = msg.partition()
-    assert partition is not None, "consumed messages always have a partition"
-    return partition
-
-
-def _activity_name(task: ActivityTask) -> str:
-    return f"{task.participant}.{task.activity}"
+            label = str(state.partition)
+            metrics.WORKFLOWS_IN_FLIGHT.labels(label).set(len(state.open))
+            metrics.WORKFLOWS_RETAINED.labels(label).set(len(state.closed))

@@ -1,54 +1,129 @@
 """In-memory workflow state of the partitions one orchestrator owns, with staging.
 
-Changes of the open transaction live in a staged overlay; they become the committed state
-only after Kafka confirmed the transaction (KAFKA_EOS rule 1), and are dropped on abort.
+Rules of this module:
+- What is held is what was committed. An open workflow is kept as the exact bytes of its
+  last committed history record (decoded on demand, with a bounded cache of decoded
+  records); a closed one only as a marker until retention tombstones it. So memory per
+  idle workflow is about its record's size, and a restore does not decode histories.
+- Changes of the open transaction live in a staged overlay; they become the committed
+  state only after Kafka confirmed the transaction (KAFKA_EOS rule 1), and are dropped on
+  abort.
+- No Kafka, no clock: the loop passes everything in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 
-from orchestrator.protocol.records import WorkflowRecord
+from orchestrator.protocol.records import WorkflowRecord, WorkflowStatus
+
+
+class Presence(Enum):
+    """What a partition knows of a workflow id."""
+
+    ABSENT = "absent"
+    OPEN = "open"
+    CLOSED = "closed"
+    UNWRITABLE = "unwritable"
 
 
 @dataclass(slots=True)
 class PartitionState:
-    """The committed workflows of one partition."""
+    """The committed workflows of one partition.
+
+    Attributes:
+        open: encoded records of workflows that take input (RUNNING or STUCK).
+        stuck: ids among ``open`` whose status is STUCK.
+        closed: closed workflow id -> ``closed_at_ms``, roughly in closing order; kept until
+            retention tombstones them, so late duplicates are still recognised.
+        unwritable: id -> why this code must not write the workflow (its record cannot be
+            read, or has a status newer code wrote); its inputs are held, its record is
+            never overwritten.
+        held: id -> {inbox offset: original inbox bytes} of inputs kept for a parked
+            workflow (history keys from ``protocol.topics.held_key``).
+    """
 
     partition: int
-    workflows: dict[str, WorkflowRecord] = field(default_factory=dict)
-    running: set[str] = field(default_factory=set)
-    quarantined: set[str] = field(default_factory=set)
+    open: dict[str, bytes] = field(default_factory=dict)
+    stuck: set[str] = field(default_factory=set)
+    closed: dict[str, int] = field(default_factory=dict)
+    unwritable: dict[str, str] = field(default_factory=dict)
+    held: dict[str, dict[int, bytes]] = field(default_factory=dict)
     history_records: int = 0
 
-    def put(self, record: WorkflowRecord) -> None:
-        """Store the committed version of a workflow."""
-        self.workflows[record.workflow_id] = record
-        self.quarantined.discard(record.workflow_id)
-        if record.status.terminal:
-            self.running.discard(record.workflow_id)
+    def put(self, workflow_id: str, encoded: bytes, status: WorkflowStatus, closed_at: int) -> None:
+        """Store the committed version of a workflow, given its peeked status.
+
+        ``closed_at`` is used only when ``status`` is terminal.
+        """
+        self.unwritable.pop(workflow_id, None)
+        if status is WorkflowStatus.UNKNOWN:
+            self._forget(workflow_id)
+            self.unwritable[workflow_id] = (
+                "its history record has a status this code does not know (written by newer "
+                "code); it is left as it is and its inputs are held until code that knows "
+                "it owns the partition"
+            )
+        elif status.terminal:
+            self._forget(workflow_id)
+            self.closed[workflow_id] = closed_at
         else:
-            self.running.add(record.workflow_id)
+            self.closed.pop(workflow_id, None)
+            self.open[workflow_id] = encoded
+            if status is WorkflowStatus.STUCK:
+                self.stuck.add(workflow_id)
+            else:
+                self.stuck.discard(workflow_id)
 
     def delete(self, workflow_id: str) -> None:
         """Forget a workflow (its history key was tombstoned)."""
-        self.workflows.pop(workflow_id, None)
-        self.running.discard(workflow_id)
-        self.quarantined.discard(workflow_id)
+        self._forget(workflow_id)
+        self.closed.pop(workflow_id, None)
+        self.unwritable.pop(workflow_id, None)
 
-    def quarantine(self, workflow_id: str) -> None:
-        """Its latest history record is unreadable: hold no state, take no input for it."""
+    def mark_unwritable(self, workflow_id: str, reason: str) -> None:
+        """Its record cannot be read here: hold no state, keep its inputs, never write it."""
         self.delete(workflow_id)
-        self.quarantined.add(workflow_id)
+        self.unwritable[workflow_id] = reason
+
+    def hold(self, workflow_id: str, offset: int, value: bytes) -> None:
+        """Keep an inbox input for a parked workflow."""
+        self.held.setdefault(workflow_id, {})[offset] = value
+
+    def release(self, workflow_id: str, offset: int) -> None:
+        """A held input was applied (its key tombstoned)."""
+        kept = self.held.get(workflow_id)
+        if kept is not None:
+            kept.pop(offset, None)
+            if not kept:
+                del self.held[workflow_id]
+
+    def _forget(self, workflow_id: str) -> None:
+        self.open.pop(workflow_id, None)
+        self.stuck.discard(workflow_id)
+
+
+@dataclass(slots=True)
+class _Staged:
+    partition: int
+    record: WorkflowRecord | None  # None: a tombstone
+    encoded: bytes | None
 
 
 class WorkflowStore:
     """Committed state per owned partition plus the staged changes of the open batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_size: int = 10_000) -> None:
         self._partitions: dict[int, PartitionState] = {}
-        self._staged: dict[str, tuple[int, WorkflowRecord, bytes]] = {}
+        self._staged: dict[str, _Staged] = {}
+        # (partition, workflow id, inbox offset) -> value to hold, or None to release.
+        self._staged_held: dict[tuple[int, str, int], bytes | None] = {}
+        self._cache: dict[str, WorkflowRecord] = {}
+        self._cache_size = cache_size
+
+    # --- ownership --------------------------------------------------------------------
 
     def install(self, state: PartitionState) -> None:
         """Take ownership of a restored partition."""
@@ -58,44 +133,153 @@ class WorkflowStore:
         """Forget partitions we no longer own, staged changes included."""
         gone = set(partitions)
         for partition in gone:
-            self._partitions.pop(partition, None)
-        self._staged = {k: v for k, v in self._staged.items() if v[0] not in gone}
+            state = self._partitions.pop(partition, None)
+            if state is not None:
+                for workflow_id in state.open:
+                    self._cache.pop(workflow_id, None)
+        self._staged = {k: v for k, v in self._staged.items() if v.partition not in gone}
+        self._staged_held = {k: v for k, v in self._staged_held.items() if k[0] not in gone}
 
     def owns(self, partition: int) -> bool:
         """True if the partition is restored and ours."""
         return partition in self._partitions
 
+    def partition(self, partition: int) -> PartitionState:
+        """The committed state of an owned partition."""
+        return self._partitions[partition]
+
     def partitions(self) -> Iterator[PartitionState]:
         """The owned partitions."""
         return iter(self._partitions.values())
 
-    def quarantined(self, partition: int, workflow_id: str) -> bool:
-        """True if the workflow's history could not be read at restore."""
-        return workflow_id in self._partitions[partition].quarantined
+    # --- reading ----------------------------------------------------------------------
 
-    def get(self, partition: int, workflow_id: str) -> WorkflowRecord | None:
-        """The latest version of a workflow: staged if changed in this batch, else committed."""
+    def presence(self, partition: int, workflow_id: str) -> Presence:
+        """What is known of ``workflow_id``, staged changes included."""
         staged = self._staged.get(workflow_id)
         if staged is not None:
-            return staged[1]
-        return self._partitions[partition].workflows.get(workflow_id)
+            if staged.record is None:
+                return Presence.ABSENT
+            return Presence.CLOSED if staged.record.status.terminal else Presence.OPEN
+        state = self._partitions[partition]
+        if workflow_id in state.open:
+            return Presence.OPEN
+        if workflow_id in state.closed:
+            return Presence.CLOSED
+        if workflow_id in state.unwritable:
+            return Presence.UNWRITABLE
+        return Presence.ABSENT
+
+    def staged_record(self, workflow_id: str) -> WorkflowRecord | None:
+        """The record staged in this batch for ``workflow_id``, if any."""
+        staged = self._staged.get(workflow_id)
+        return None if staged is None else staged.record
+
+    def cached(self, workflow_id: str) -> WorkflowRecord | None:
+        """The decoded committed record, if it is in the cache."""
+        return self._cache.get(workflow_id)
+
+    def encoded(self, partition: int, workflow_id: str) -> bytes | None:
+        """The committed bytes of an open workflow."""
+        return self._partitions[partition].open.get(workflow_id)
+
+    def remember(self, workflow_id: str, record: WorkflowRecord) -> None:
+        """Cache a decoded committed record (the oldest entry goes when the cache is full)."""
+        if self._cache_size <= 0:
+            return
+        self._cache.pop(workflow_id, None)
+        if len(self._cache) >= self._cache_size:
+            del self._cache[next(iter(self._cache))]
+        self._cache[workflow_id] = record
+
+    def held(self, partition: int, workflow_id: str) -> list[tuple[int, bytes]]:
+        """Inputs held for ``workflow_id`` (staged ones included), oldest first."""
+        kept = dict(self._partitions[partition].held.get(workflow_id, {}))
+        for (p, wid, offset), value in self._staged_held.items():
+            if p == partition and wid == workflow_id:
+                if value is None:
+                    kept.pop(offset, None)
+                else:
+                    kept[offset] = value
+        return sorted(kept.items())
+
+    def holds_any(self, partition: int, workflow_id: str) -> bool:
+        """True if inputs are held for ``workflow_id``: later ones must wait behind them."""
+        if workflow_id in self._partitions[partition].held:
+            return bool(self.held(partition, workflow_id))
+        return any(
+            p == partition and wid == workflow_id and v is not None
+            for (p, wid, _), v in self._staged_held.items()
+        )
+
+    # --- staging ----------------------------------------------------------------------
 
     def stage(self, partition: int, record: WorkflowRecord, encoded: bytes) -> None:
         """Hold a changed workflow, and its encoded record, until the transaction commits."""
-        self._staged[record.workflow_id] = (partition, record, encoded)
+        self._staged[record.workflow_id] = _Staged(partition, record, encoded)
 
-    def staged(self) -> list[tuple[int, WorkflowRecord, bytes]]:
-        """Changed workflows of the open batch (one entry per workflow: its last version)."""
-        return list(self._staged.values())
+    def stage_tombstone(self, partition: int, workflow_id: str) -> None:
+        """Delete a closed workflow from history when the transaction commits."""
+        self._staged[workflow_id] = _Staged(partition, None, None)
+
+    def unstage(self, workflow_id: str) -> None:
+        """Drop a staged change that turned out to change nothing."""
+        self._staged.pop(workflow_id, None)
+
+    def stage_hold(self, partition: int, workflow_id: str, offset: int, value: bytes) -> None:
+        """Keep an input for a parked workflow when the transaction commits."""
+        self._staged_held[(partition, workflow_id, offset)] = value
+
+    def stage_release(self, partition: int, workflow_id: str, offset: int) -> None:
+        """Tombstone a held input that was applied, when the transaction commits."""
+        self._staged_held[(partition, workflow_id, offset)] = None
+
+    def staged(self) -> list[tuple[int, str, WorkflowRecord | None, bytes | None]]:
+        """Changed workflows of the open batch: (partition, id, record or None, bytes)."""
+        return [(s.partition, wid, s.record, s.encoded) for wid, s in self._staged.items()]
+
+    def staged_held(self) -> list[tuple[int, str, int, bytes | None]]:
+        """Held-input writes (value) and releases (None) of the open batch."""
+        return [(p, wid, offset, v) for (p, wid, offset), v in self._staged_held.items()]
 
     def promote(self) -> None:
         """The transaction committed: staged versions become the committed state."""
-        for partition, record, _ in self._staged.values():
+        for workflow_id, staged in self._staged.items():
+            owner = self._partitions.get(staged.partition)
+            if owner is None:
+                continue
+            record = staged.record
+            if record is None:
+                owner.delete(workflow_id)
+                self._cache.pop(workflow_id, None)
+                continue
+            assert staged.encoded is not None
+            owner.put(
+                workflow_id,
+                staged.encoded,
+                record.status,
+                record.closed_at_ms or record.updated_at_ms,
+            )
+            if record.status.terminal:
+                self._cache.pop(workflow_id, None)
+            else:
+                self.remember(workflow_id, record)
+        for (partition, workflow_id, offset), value in self._staged_held.items():
             owner = self._partitions.get(partition)
-            if owner is not None:
-                owner.put(record)
+            if owner is None:
+                continue
+            if value is None:
+                owner.release(workflow_id, offset)
+            else:
+                owner.hold(workflow_id, offset, value)
         self._staged.clear()
+        self._staged_held.clear()
 
     def discard_staged(self) -> None:
         """The transaction aborted: forget what it staged."""
         self._staged.clear()
+        self._staged_held.clear()
+
+    def staged_count(self) -> int:
+        """How many history writes the open batch holds."""
+        return len(self._staged) + len(self._staged_held)

@@ -18,6 +18,7 @@ from confluent_kafka.admin import AdminClient
 
 from orchestrator.admin import ensure_topics
 from orchestrator.protocol.topics import Topics
+from tests.integration.pipeline import Saga
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTICIPANTS = ("inventory", "payment", "shipping")
@@ -103,3 +104,17 @@ def process_env(kafka_bootstrap: str, topics: Topics, postgres_dsn: str) -> dict
         }
     )
     return env
+
+
+@pytest.fixture
+def saga(
+    process_env: dict[str, str],
+    topics: Topics,
+    kafka_bootstrap: str,
+    postgres_dsn: str,
+    tmp_path: Path,
+) -> Iterator[Saga]:
+    """Processes and observers of one test's pipeline, stopped afterwards."""
+    run = Saga(process_env, topics, kafka_bootstrap, postgres_dsn, tmp_path / "logs")
+    yield run
+    run.close()

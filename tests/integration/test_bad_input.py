@@ -21,6 +21,7 @@ from orchestrator.protocol.records import (
     ActivityTask,
     StartWorkflow,
     WorkflowStatus,
+    activity_id,
 )
 from orchestrator.protocol.topics import Topics
 
@@ -60,7 +61,6 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
         "malformed-null": (b"tombstone-1", None),
         "unknown-schema": (b"unknown-1", struct.pack(">bI", 0, 123_456_789) + valid[5:]),
         "wrong-record-type": (b"w", codec.encode_task(task)),
-        "unknown-workflow-type": (b"nope-1", _start(codec, "nope-1", wtype="no.such.type")),
         "oversized": (b"big-1", _start(codec, "big-1", size=10_000)),
         # Near Kafka's 1 MB: dead-lettered without its value, which would not fit.
         "oversized-huge": (b"huge-1", _start(codec, "huge-1", size=980_000)),
@@ -91,6 +91,8 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
     producer.produce(
         topics.inbox, key=b"wp-1", value=wrong, partition=(partition_for(b"wp-1", 4) + 1) % 4
     )
+    # A type this deployment lacks is kept (STUCK), not dead-lettered: a later deploy runs it.
+    producer.produce(topics.inbox, key=b"nope-1", value=_start(codec, "nope-1", "no.such.type"))
     producer.produce(topics.inbox, key=b"good-1", value=valid)
     producer.produce(topics.inbox, key=b"good-2", value=_start(codec, "good-2"))
     assert producer.flush(30) == 0
@@ -103,7 +105,6 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
         "malformed": 3,
         "unknown-schema": 1,
         "wrong-record-type": 1,
-        "unknown-workflow-type": 1,
         "oversized": 3,
         "key-mismatch": 1,
         "unknown-workflow": 1,
@@ -122,20 +123,29 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
 
     watcher = HistoryWatcher(kafka_bootstrap, topics.history)
     try:
-        _wait(watcher, lambda: {"good-1", "good-2"} <= set(watcher.latest), orchestrator)
+        wanted = {"good-1", "good-2", "nope-1", "grow-1"}
+        _wait(watcher, lambda: wanted <= set(watcher.latest), orchestrator)
         record = watcher.latest["good-1"]
         assert record.status is WorkflowStatus.RUNNING
-        assert set(watcher.latest) == {"good-1", "good-2"}, f"workflows {set(watcher.latest)}"
-        # A result that would grow good-2's record past the limit ends it at its last good
-        # state instead of failing the whole transaction.
+        assert set(watcher.latest) == wanted, f"workflows {set(watcher.latest)}"
+        kept = watcher.latest["nope-1"]
+        assert kept.status is WorkflowStatus.STUCK
+        assert kept.failure is not None and kept.failure.error_type == "UnknownWorkflowType"
+        # The start whose record would not fit is closed FAILED, its input in the DLQ.
+        grown = watcher.latest["grow-1"]
+        assert grown.status is WorkflowStatus.FAILED, grown
+        assert grown.failure is not None and "RecordTooLarge" in grown.failure.error_type
+        # A result that would grow good-2's record past the limit reaches its code as a
+        # failure (the step's effects committed), instead of failing the whole transaction.
         big = encode_json({"blob": "y" * (LIMIT - 200)})
-        result = ActivityResult("good-2", "good-2/0/1", 0, 1, ActivityStatus.COMPLETED, 0, big)
+        aid = activity_id("good-2", 0, 1, watcher.latest["good-2"].run_id)
+        result = ActivityResult("good-2", aid, 0, 1, ActivityStatus.COMPLETED, 0, big)
         producer.produce(topics.inbox, key=b"good-2", value=codec.encode_inbox(result))
         assert producer.flush(30) == 0
         _wait(watcher, lambda: watcher.latest["good-2"].status.terminal, orchestrator)
         failed = watcher.latest["good-2"]
         assert failed.status is WorkflowStatus.FAILED
-        assert failed.failure is not None and failed.failure.error_type == "RecordTooLarge"
+        assert failed.failure is not None and "RecordTooLarge" in failed.failure.error_type
     finally:
         watcher.close()
     assert orchestrator.alive(), orchestrator.tail()

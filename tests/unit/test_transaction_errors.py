@@ -1,4 +1,4 @@
-"""Error paths of the transaction loop (KAFKA_EOS rules 4-6) with autospec'd clients.
+"""Error paths of the transaction loop (KAFKA_EOS rules 4-8) with autospec'd clients.
 
 Crash and timeout paths run against the real broker in tests/integration; these pin what
 the loop does with each class of KafkaError, which a live broker cannot produce on demand.
@@ -6,18 +6,27 @@ the loop does with each class of KafkaError, which a live broker cannot produce 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 from unittest.mock import create_autospec
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from examples.order_saga.workflows import registry
+from orchestrator.errors import TransactionAbortableError
+from orchestrator.protocol.codec import AvroCodec
+from orchestrator.protocol.partitioning import partition_for
 from orchestrator.protocol.payloads import encode_json
-from orchestrator.protocol.records import WorkflowRecord, WorkflowStatus
+from orchestrator.protocol.records import StartWorkflow, WorkflowRecord, WorkflowStatus
+from orchestrator.runtime.fencing import offset_metadata, owner_of
+from orchestrator.runtime.inputs import Ref
 from orchestrator.runtime.loop import FatalKafkaError, Orchestrator
 from orchestrator.runtime.state import PartitionState
 from orchestrator.settings import OrchestratorSettings
+
+CODEC = AvroCodec()
 
 
 @pytest.fixture
@@ -28,6 +37,7 @@ def orch() -> Iterator[Orchestrator]:
         instance_id="u1",
         metrics_port=0,
         session_timeout_ms=6000,
+        transaction_timeout_ms=10_000,
     )
     loop = Orchestrator(settings, registry)
     # Clients are created without connecting; swap them for autospec'd doubles.
@@ -35,22 +45,26 @@ def orch() -> Iterator[Orchestrator]:
     loop.restorer.close()
     loop.consumer = create_autospec(Consumer, instance=True)
     loop.producer = create_autospec(Producer, instance=True)
-    loop.store.install(PartitionState(0))
-    loop._committed[0] = 5
+    loop.txn.producer = loop.producer
+    loop.processor.partition_count = 4
+    loop.processor.directory.exists = lambda topic: True  # type: ignore[method-assign]
+    for partition in (0, 1):
+        loop.store.install(PartitionState(partition))
+        loop._committed[partition] = 5
     yield loop
 
 
-def _stage_one(loop: Orchestrator) -> WorkflowRecord:
-    record = WorkflowRecord("wf-1", "order.process", WorkflowStatus.RUNNING, encode_json({}), 1, 1)
-    loop._in_txn = True
-    loop._batch.inputs = 3
-    loop._batch.offsets[0] = 8
-    loop.store.stage(0, record, loop.codec.encode_workflow(record))
+def _stage_one(loop: Orchestrator, partition: int = 0, wid: str = "wf-1") -> WorkflowRecord:
+    record = WorkflowRecord(wid, "order.process", WorkflowStatus.RUNNING, encode_json({}), 1, 1)
+    loop.txn.open = True
+    loop._batch.inputs += 3
+    loop._batch.offsets[partition] = 8
+    loop.store.stage(partition, record, CODEC.encode_workflow(record))
     return record
 
 
-def _error(**flags: bool) -> KafkaException:
-    return KafkaException(KafkaError(KafkaError._STATE, "injected", **flags))
+def _error(code: int = KafkaError._STATE, **flags: bool) -> KafkaException:
+    return KafkaException(KafkaError(code, "injected", **flags))
 
 
 def test_an_abortable_commit_aborts_drops_staged_state_and_rewinds(orch: Orchestrator) -> None:
@@ -59,9 +73,9 @@ def test_an_abortable_commit_aborts_drops_staged_state_and_rewinds(orch: Orchest
     orch._commit_batch()
     orch.producer.abort_transaction.assert_called_once()
     orch.consumer.seek.assert_called_once_with(TopicPartition("unit.inbox", 0, 5))
-    assert orch.store.get(0, "wf-1") is None, "an aborted change must not reach memory"
     assert orch.store.staged() == []
-    assert not orch._in_txn and orch._batch.inputs == 0
+    assert orch.store.partition(0).open == {}, "an aborted change must not reach memory"
+    assert not orch.txn.open and orch._batch.inputs == 0
     assert orch._committed[0] == 5
 
 
@@ -72,8 +86,12 @@ def test_a_retriable_error_repeats_the_same_call_then_commits(orch: Orchestrator
     first, second = orch.producer.send_offsets_to_transaction.call_args_list
     assert first == second, "a retried send_offsets_to_transaction must repeat its arguments"
     orch.producer.abort_transaction.assert_not_called()
-    assert orch.store.get(0, "wf-1") == record
+    assert orch.store.cached("wf-1") == record
     assert orch._committed[0] == 8
+    offsets = first.args[0]
+    assert [owner_of(tp.metadata) for tp in offsets] == ["unit.orchestrator.u1"], (
+        "committed offsets name their writer, so a successor can fence it"
+    )
 
 
 def test_a_fatal_error_stops_the_loop_with_nothing_promoted(orch: Orchestrator) -> None:
@@ -82,13 +100,95 @@ def test_a_fatal_error_stops_the_loop_with_nothing_promoted(orch: Orchestrator) 
     with pytest.raises(FatalKafkaError):
         orch._commit_batch()
     assert orch._committed[0] == 5
-    assert orch.store.get(0, "wf-1") is not None  # still only staged
-    assert orch.store._partitions[0].workflows == {}
+    assert orch.store.partition(0).open == {}
 
 
-def test_lost_partitions_abort_without_seeking(orch: Orchestrator) -> None:
-    _stage_one(orch)
+def test_lost_partitions_abort_and_rewind_only_the_partitions_kept(orch: Orchestrator) -> None:
+    _stage_one(orch, 0, "wf-0")
+    _stage_one(orch, 1, "wf-1")
     orch._on_lost(orch.consumer, [TopicPartition("unit.inbox", 0)])
     orch.producer.abort_transaction.assert_called_once()
-    orch.consumer.seek.assert_not_called()
-    assert not orch.store.owns(0)
+    orch.consumer.seek.assert_called_once_with(TopicPartition("unit.inbox", 1, 5))
+    assert not orch.store.owns(0) and orch.store.owns(1)
+    assert orch.store.staged() == []
+
+
+def _start(wid: str, partition: int, offset: int) -> Message:
+    value = CODEC.encode_inbox(StartWorkflow(wid, "order.process", encode_json(_order(wid)), 1))
+    return Message(
+        topic="unit.inbox", partition=partition, offset=offset, key=wid.encode(), value=value
+    )
+
+
+def _order(wid: str) -> dict[str, Any]:
+    return {"order_id": wid, "items": [], "total": 1, "card": "visa", "address": "x"}
+
+
+def _wid_on(partition: int) -> str:
+    i = 0
+    while partition_for(f"w-{i}".encode(), 4) != partition:
+        i += 1
+    return f"w-{i}"
+
+
+def test_a_record_refused_at_delivery_parks_its_input_on_the_retry(orch: Orchestrator) -> None:
+    """An asynchronous delivery failure dooms the transaction; the retry must differ."""
+    callbacks: list[tuple[str, Callable[[Any, Any], None]]] = []
+
+    def produce(topic: str, **kwargs: Any) -> None:
+        callbacks.append((topic, kwargs["on_delivery"]))
+
+    def commit(timeout: float) -> None:
+        for topic, report in callbacks:
+            if ".tasks." in topic:
+                report(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"), None)
+        raise _error(txn_requires_abort=True)
+
+    orch.producer.produce.side_effect = produce
+    orch.producer.commit_transaction.side_effect = commit
+    wid = _wid_on(0)
+    message = _start(wid, 0, 5)
+    orch.consumer.consume.side_effect = [[message], [], [message], []]
+    orch._poll_once()
+    orch._commit_batch()
+    assert orch.processor.poison[Ref("input", 0, 5)][0] == 1
+    orch.producer.commit_transaction.side_effect = None
+    callbacks.clear()
+    orch._poll_once()  # the rewound input again
+    orch._commit_batch()
+    parked = orch.store.cached(wid) or CODEC.decode_workflow(orch.store.partition(0).open[wid])
+    assert parked.status is WorkflowStatus.STUCK
+    assert parked.failure is not None and parked.failure.error_type == "UndeliverableRecord"
+    assert not any(".tasks." in topic for topic, _ in callbacks), "no task sent on the retry"
+
+
+def test_a_batch_commits_before_its_time_budget_and_keeps_the_rest(orch: Orchestrator) -> None:
+    messages = [_start(_wid_on(1), 1, 5 + i) for i in range(4)]
+    orch.consumer.consume.side_effect = [messages, []]
+    orch.txn.open = True
+    orch.txn.started = time.monotonic() - orch._budget_s  # the transaction is out of time
+    orch._poll_once()
+    assert orch._carry == messages, "nothing more is processed once the budget is spent"
+    assert orch._batch_due()
+
+
+def test_offset_metadata_round_trips() -> None:
+    assert owner_of(offset_metadata("g.i")) == "g.i"
+    assert owner_of("someone else's") is None and owner_of(None) is None
+
+
+def test_an_abort_mid_poll_rewinds_the_partitions_of_messages_not_processed_yet(
+    orch: Orchestrator,
+) -> None:
+    """Consumed but unprocessed inputs must be read again, not skipped until a restart."""
+    messages = [_start(_wid_on(0), 0, 5), _start(_wid_on(1), 1, 5)]
+    orch.consumer.consume.side_effect = [messages, []]
+    orch.txn.open, orch.txn.started = True, time.monotonic()
+
+    def fail(*args: Any) -> None:
+        raise TransactionAbortableError("injected")
+
+    orch.processor.process = fail  # type: ignore[method-assign]
+    orch._poll_once()
+    seeks = {call.args[0].partition for call in orch.consumer.seek.call_args_list}
+    assert seeks == {0, 1}, seeks

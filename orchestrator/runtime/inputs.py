@@ -1,0 +1,641 @@
+"""What one input does to the open transaction: apply, park, hold or dead-letter it.
+
+Rules of this module:
+- Every inbox input ends in exactly one of: staged changes (a new record and its tasks),
+  an ignored reason, a parked workflow with the input held beside it, or a dead letter.
+  Nothing an input or a workflow's code does may raise out of here; only Kafka-level
+  failures (an abortable or a fatal transaction) propagate to the loop.
+- A workflow's inputs are applied in inbox order: once one is held, the later ones are held
+  behind it, until a resume applies them in order.
+- Nothing is produced for an input until everything it produces has been encoded,
+  size-checked and routed, so a refusal never leaves half an input in a transaction.
+- A record refused by Kafka (synchronously or at delivery) is attributed to what caused it;
+  the loop aborts, and on the retry that input is parked (then dead-lettered, if even the
+  parked record is refused) instead of failing the same way forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import uuid
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from confluent_kafka import Message
+
+from orchestrator import metrics
+from orchestrator.errors import (
+    FatalKafkaError,
+    RecordDecodeError,
+    RecordRejectedError,
+    TransactionAbortableError,
+)
+from orchestrator.protocol.codec import AvroCodec
+from orchestrator.protocol.failures import describe, safe_text
+from orchestrator.protocol.partitioning import partition_for
+from orchestrator.protocol.records import (
+    ActivityResult,
+    Failure,
+    InboxBody,
+    ResumeWorkflow,
+    StartWorkflow,
+    WorkflowRecord,
+    WorkflowStatus,
+)
+from orchestrator.protocol.topics import Topics, held_key
+from orchestrator.replay.engine import Limits, Transition, advance, park
+from orchestrator.runtime.state import Presence, WorkflowStore
+from orchestrator.runtime.txn import Transaction
+from orchestrator.transport import (
+    TopicDirectory,
+    dead_letter_for,
+    dead_letter_max_bytes,
+    record_size,
+)
+from orchestrator.workflow import WorkflowRegistry
+
+log = logging.getLogger(__name__)
+SOURCE: Final = "orchestrator"
+PARK, DEAD_LETTER = 1, 2
+
+
+class RetentionHook(Protocol):
+    """Decides which closed workflows may be tombstoned now that their retention is over.
+
+    The visibility projector plugs in here to archive workflows before their history
+    record disappears; the default releases every one.
+    """
+
+    def release(self, partition: int, workflow_ids: list[str]) -> Collection[str]:
+        """The ids among ``workflow_ids`` that may be deleted from history now."""
+        ...
+
+
+class ReleaseAll:
+    """The default retention hook: nothing to archive first."""
+
+    def release(self, partition: int, workflow_ids: list[str]) -> Collection[str]:
+        """Every id may go."""
+        return workflow_ids
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """What a produced record is attributed to, should Kafka refuse it.
+
+    ``kind`` is ``input`` (an inbox input: ``item`` is its offset), ``dlq`` (the dead
+    letter of that input), ``workflow`` (a workflow's history records: ``item`` is its
+    id) or ``tombstone`` (a retention delete).
+    """
+
+    kind: str
+    partition: int
+    item: int | str
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """An inbox input, fresh from the inbox or held under a history key."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    held: bool = False
+
+    @property
+    def ref(self) -> Ref:
+        """What a record produced for this input is attributed to."""
+        return Ref("input", self.partition, self.offset)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Inputs consumed since the last commit, and what they produced."""
+
+    opened: float
+    inputs: int = 0
+    offsets: dict[int, int] = field(default_factory=dict)
+    consumed: set[int] = field(default_factory=set)
+    changed: list[tuple[bool, WorkflowRecord, int]] = field(default_factory=list)
+    dead_letters: int = 0
+    ignored: list[str] = field(default_factory=list)
+    redrives: list[tuple[int, str]] = field(default_factory=list)
+    tombstones: int = 0
+
+
+class _Unroutable(Exception):  # noqa: N818 - internal control flow, never escapes
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class InputProcessor:
+    """Applies inputs, re-drives, and retention sweeps to the store and the transaction."""
+
+    def __init__(
+        self,
+        *,
+        codec: AvroCodec,
+        store: WorkflowStore,
+        txn: Transaction,
+        topics: Topics,
+        directory: TopicDirectory,
+        registry: WorkflowRegistry,
+        max_events: int,
+        max_record_bytes: int,
+        partition_count: int,
+        retention_hook: RetentionHook | None = None,
+    ) -> None:
+        self.codec = codec
+        self.store = store
+        self.txn = txn
+        self.topics = topics
+        self.directory = directory
+        self.registry = registry
+        self.max_record_bytes = max_record_bytes
+        self.partition_count = partition_count
+        self.retention_hook: RetentionHook = retention_hook or ReleaseAll()
+        self.limits = Limits(
+            max_events=max_events, max_record_bytes=max_record_bytes, measure=self._measure
+        )
+        self.poison: dict[Ref, tuple[int, str]] = {}
+        self.redrive_queue: deque[tuple[int, str]] = deque()
+        self._encoded: dict[int, tuple[WorkflowRecord, bytes]] = {}
+
+    # --- inbox inputs -----------------------------------------------------------------
+
+    def process(self, msg: Message, batch: Batch, now_ms: int) -> None:
+        """Apply one consumed inbox record to the open batch."""
+        partition, offset = msg.partition(), msg.offset()
+        assert partition is not None and offset is not None
+        try:
+            body = self.codec.decode_inbox(msg.value())
+        except RecordDecodeError as exc:
+            self._reject_message(msg, exc.reason, str(exc), batch)
+            return
+        if isinstance(body, ResumeWorkflow) and body.workflow_id is None:
+            queued = self.queue_resume_all(partition)
+            log.info("resume of every stuck workflow partition=%d queued=%d", partition, queued)
+            return
+        wid = body.workflow_id
+        assert wid is not None
+        key = msg.key()
+        if key is not None and partition != partition_for(key, self.partition_count):
+            self._reject_message(
+                msg,
+                "wrong-partition",
+                f"workflow {wid!r} arrived on partition {partition}, but Kafka's default "
+                f"(murmur2) partitioner puts its key on "
+                f"{partition_for(key, self.partition_count)}; produce with murmur2",
+                batch,
+            )
+            return
+        if key is None or key.decode(errors="replace") != wid:
+            self._reject_message(
+                msg,
+                "key-mismatch",
+                f"record key {key!r} is not the workflow id {wid!r}; inputs must be keyed "
+                "by workflow id to reach the owning partition",
+                batch,
+            )
+            return
+        self.apply_input(Input(partition, offset, key, msg.value() or b""), body, batch, now_ms)
+
+    def apply_input(self, item: Input, body: InboxBody, batch: Batch, now_ms: int) -> None:
+        """Route one decoded input for ``body.workflow_id`` (fresh or held)."""
+        partition = item.partition
+        wid = body.workflow_id
+        assert wid is not None
+        level, why = self._poison_level(item.ref, partition, wid)
+        if level >= DEAD_LETTER:
+            self._reject_input(item, "undeliverable", why, batch)
+            return
+        presence = self.store.presence(partition, wid)
+        resume = isinstance(body, ResumeWorkflow)
+        if presence is Presence.CLOSED:
+            batch.ignored.append(
+                "duplicate-start" if isinstance(body, StartWorkflow) else "workflow-closed"
+            )
+            return
+        if presence is Presence.UNWRITABLE:
+            if resume:
+                batch.ignored.append("unreadable")
+                return
+            reason = self.store.partition(partition).unwritable[wid]
+            self._hold(item, wid, f"workflow {wid} is not writable here: {reason}", batch)
+            return
+        if resume:
+            # An operator resumes after fixing something, e.g. creating a missing topic.
+            self.directory.recheck_missing()
+            self.redrive(partition, wid, batch, now_ms)
+            return
+        if not item.held and self.store.holds_any(partition, wid):
+            self._hold(item, wid, "an earlier input of the workflow is held", batch)
+            return
+        current = self._load(partition, wid, presence)
+        if current is None and presence is Presence.OPEN:
+            self._hold(item, wid, "its history record cannot be decoded here", batch)
+            return
+        if level >= PARK:
+            self._park(item, current, body, Failure("UndeliverableRecord", why), batch, now_ms)
+            return
+        self._apply(item, current, body, batch, now_ms)
+
+    # --- re-driving -------------------------------------------------------------------
+
+    def queue_resume_all(self, partition: int) -> int:
+        """Queue a re-drive of every stuck or holding workflow of ``partition``."""
+        state = self.store.partition(partition)
+        wanted = sorted((state.stuck | set(state.held)) - set(state.unwritable))
+        self.directory.recheck_missing()
+        self.redrive_queue.extend((partition, wid) for wid in wanted)
+        return len(wanted)
+
+    def redrive(self, partition: int, wid: str, batch: Batch, now_ms: int) -> None:
+        """Run a stuck workflow's code again, then apply its held inputs in order."""
+        batch.redrives.append((partition, wid))
+        presence = self.store.presence(partition, wid)
+        if presence is not Presence.OPEN:
+            return
+        if self._poison_level(Ref("workflow", partition, wid), partition, wid)[0] >= PARK:
+            return
+        committed = self._load(partition, wid, presence)
+        if committed is None:
+            return
+        current: WorkflowRecord = committed
+        if current.status is WorkflowStatus.STUCK:
+            resume = Input(partition, -1, wid.encode(), b"", held=True)
+            if not self._apply(resume, current, ResumeWorkflow(wid, now_ms), batch, now_ms):
+                return
+            current = self.store.staged_record(wid) or current
+            if current.status is WorkflowStatus.STUCK:
+                self._unstage_if_unchanged(wid, committed)
+                return
+        for offset, value in self.store.held(partition, wid):
+            item = Input(partition, offset, wid.encode(), value, held=True)
+            if current.status.terminal:
+                # A held duplicate or late result of a workflow that has now closed.
+                self.store.stage_release(partition, wid, offset)
+                continue
+            try:
+                body = self.codec.decode_inbox(value)
+            except RecordDecodeError as exc:
+                self._reject_input(item, exc.reason, str(exc), batch)
+                self.store.stage_release(partition, wid, offset)
+                continue
+            level, why = self._poison_level(item.ref, partition, wid)
+            if level >= DEAD_LETTER:
+                self._reject_input(item, "undeliverable", why, batch)
+                self.store.stage_release(partition, wid, offset)
+                continue
+            if level >= PARK:
+                self._park(item, current, body, Failure("UndeliverableRecord", why), batch, now_ms)
+                break
+            if not self._apply(item, current, body, batch, now_ms):
+                break
+            self.store.stage_release(partition, wid, offset)
+            current = self.store.staged_record(wid) or current
+        self._unstage_if_unchanged(wid, committed)
+
+    # --- retention --------------------------------------------------------------------
+
+    def sweep(self, now_ms: int, retention_ms: int, batch: Batch, limit: int) -> None:
+        """Tombstone up to ``limit`` closed workflows whose retention is over."""
+        for state in self.store.partitions():
+            expired: list[str] = []
+            for wid, closed_at in state.closed.items():
+                if closed_at + retention_ms > now_ms or len(expired) >= limit:
+                    break
+                if self.store.staged_record(wid) is None:
+                    expired.append(wid)
+            if not expired:
+                continue
+            for wid in self.retention_hook.release(state.partition, expired):
+                if Ref("tombstone", state.partition, wid) in self.poison:
+                    continue
+                self.store.stage_tombstone(state.partition, wid)
+                batch.tombstones += 1
+
+    # --- applying ---------------------------------------------------------------------
+
+    def _apply(
+        self,
+        item: Input,
+        current: WorkflowRecord | None,
+        body: InboxBody,
+        batch: Batch,
+        now_ms: int,
+    ) -> bool:
+        """Advance the workflow with ``body``; False if it had to be parked instead."""
+        run_id = uuid.uuid4().hex if isinstance(body, StartWorkflow) else ""
+        try:
+            transition = advance(current, body, now_ms, self.registry, self.limits, run_id=run_id)
+        except BaseException as exc:  # the engine itself failed: only this workflow pays
+            log.exception(
+                "engine failed workflow=%s partition=%d offset=%d",
+                safe_text(body.workflow_id, 200),
+                item.partition,
+                item.offset,
+            )
+            failure = Failure(
+                "EngineError",
+                safe_text(f"applying {_describe_input(body, item)} failed: {describe(exc)}"),
+            )
+            return self._park(item, current, body, failure, batch, now_ms)
+        finally:
+            self._encoded.clear()
+        if transition.ignored is not None:
+            if transition.ignored == "unknown-workflow" and not isinstance(body, ResumeWorkflow):
+                self._reject_input(
+                    item,
+                    "unknown-workflow",
+                    f"no workflow {body.workflow_id!r} in partition {item.partition}",
+                    batch,
+                )
+            else:
+                batch.ignored.append(transition.ignored)
+            return True
+        try:
+            planned = self._plan(transition)
+        except _Unroutable as exc:
+            return self._park(item, current, body, exc.failure, batch, now_ms)
+        record, encoded, tasks = planned
+        if isinstance(body, StartWorkflow) and record.input != body.input:
+            # The workflow is recorded as failed without its input, which did not fit; the
+            # dead letter keeps the original for whoever wants to start it again.
+            self._reject_input(item, "oversized", safe_text(record.failure), batch)
+        for topic, data in tasks:
+            self._produce(topic, record.workflow_id.encode(), data, item.ref)
+        self.store.stage(item.partition, record, encoded)
+        batch.changed.append((isinstance(body, StartWorkflow), record, len(tasks)))
+        for task in transition.tasks:
+            metrics.ACTIVITIES_SCHEDULED.labels(f"{task.participant}.{task.activity}").inc()
+        return True
+
+    def _plan(
+        self, transition: Transition
+    ) -> tuple[WorkflowRecord, bytes, list[tuple[str, bytes]]]:
+        """Encode, size-check and route everything a transition writes, or refuse it."""
+        record = transition.record
+        assert record is not None
+        key = record.workflow_id.encode()
+        encoded = self._checked("the workflow's record", key, lambda: self._encode(record))
+        tasks: list[tuple[str, bytes]] = []
+        for task in transition.tasks:
+            topic = self.topics.tasks(task.participant)
+            if not self.topics.valid(topic):
+                raise _Unroutable(
+                    Failure("InvalidTaskTopic", safe_text(f"{topic!r} is not a valid topic name"))
+                )
+            if not self.directory.exists(topic):
+                raise _Unroutable(
+                    Failure(
+                        "MissingTasksTopic",
+                        f"tasks topic {topic} does not exist: create it (sagaline topics "
+                        f"create --participants {task.participant}) and resume the workflow "
+                        f"(sagaline resume {safe_text(record.workflow_id, 200)})",
+                    )
+                )
+            data = self._checked(
+                f"a task for {topic}", key, functools.partial(self.codec.encode_task, task)
+            )
+            tasks.append((topic, data))
+        return record, encoded, tasks
+
+    def _checked(self, what: str, key: bytes, encode: Callable[[], bytes]) -> bytes:
+        """Encode a record to produce, or refuse it if it cannot be encoded or is too large."""
+        try:
+            data = encode()
+        except Exception as exc:
+            raise _Unroutable(
+                Failure("UnencodableRecord", safe_text(f"{what}: {describe(exc)}"))
+            ) from exc
+        size = record_size(key, data)
+        if size > self.max_record_bytes:
+            raise _Unroutable(
+                Failure(
+                    "RecordTooLarge",
+                    f"{what} would be {size} bytes, above max_record_bytes "
+                    f"({self.max_record_bytes})",
+                )
+            )
+        return data
+
+    def _park(
+        self,
+        item: Input,
+        current: WorkflowRecord | None,
+        body: InboxBody,
+        failure: Failure,
+        batch: Batch,
+        now_ms: int,
+    ) -> bool:
+        """Park the workflow as STUCK with ``failure``, keeping the input; always False."""
+        wid = body.workflow_id
+        assert wid is not None
+        if current is None and not isinstance(body, StartWorkflow):
+            self._reject_input(item, "unknown-workflow", failure.message, batch)
+            return False
+        run_id = uuid.uuid4().hex if current is None else ""
+        try:
+            record = park(current, body, failure, now_ms, run_id=run_id)
+            encoded = self.codec.encode_workflow(record)
+        except BaseException as exc:  # cannot even describe the problem: keep the input
+            log.exception("cannot park workflow=%s", safe_text(wid, 200))
+            self._reject_input(item, "unparkable", f"{failure.message}; {describe(exc)}", batch)
+            return False
+        if record_size(wid.encode(), encoded) > self.max_record_bytes:
+            self._reject_input(item, "unparkable", failure.message, batch)
+            return False
+        log.warning(
+            "workflow parked workflow=%s partition=%d offset=%d error_type=%s error=%s",
+            safe_text(wid, 200),
+            item.partition,
+            item.offset,
+            failure.error_type,
+            failure.message,
+        )
+        metrics.WORKFLOWS_PARKED.labels(failure.error_type).inc()
+        self.store.stage(item.partition, record, encoded)
+        batch.changed.append((current is None, record, 0))
+        # A start lives on in the parked record itself; anything else waits beside it.
+        if current is not None and not isinstance(body, ResumeWorkflow):
+            self._hold(item, wid, failure.message, batch)
+        return False
+
+    def _hold(self, item: Input, wid: str, reason: str, batch: Batch) -> None:
+        """Keep the input under a history key of its workflow until a resume applies it."""
+        if item.held or item.offset < 0:
+            return
+        key = held_key(wid, item.offset)
+        if record_size(key, item.value) > self.max_record_bytes:
+            self._reject_input(item, "too-large-to-hold", reason, batch)
+            return
+        self.store.stage_hold(item.partition, wid, item.offset, item.value)
+        metrics.INPUTS_HELD.labels(_reason_code(reason)).inc()
+        log.info(
+            "input held workflow=%s partition=%d offset=%d reason=%s",
+            safe_text(wid, 200),
+            item.partition,
+            item.offset,
+            safe_text(reason, 300),
+        )
+
+    def _unstage_if_unchanged(self, wid: str, committed: WorkflowRecord) -> None:
+        staged = self.store.staged_record(wid)
+        if staged is None:
+            return
+        same = dataclasses.replace(
+            staged, revision=committed.revision, updated_at_ms=committed.updated_at_ms
+        )
+        if same == committed:
+            # A re-drive that parks the workflow again exactly as it was writes nothing.
+            self.store.unstage(wid)
+
+    # --- records ----------------------------------------------------------------------
+
+    def _load(self, partition: int, wid: str, presence: Presence) -> WorkflowRecord | None:
+        """The latest record of an open workflow, or None (absent, or unreadable now)."""
+        if presence is not Presence.OPEN:
+            return None
+        staged = self.store.staged_record(wid)
+        if staged is not None:
+            return staged
+        cached = self.store.cached(wid)
+        if cached is not None:
+            return cached
+        data = self.store.encoded(partition, wid)
+        assert data is not None
+        try:
+            record = self.codec.decode_workflow(data)
+        except RecordDecodeError as exc:
+            self.store.partition(partition).mark_unwritable(
+                wid, f"its history record cannot be decoded here ({safe_text(exc)})"
+            )
+            return None
+        self.store.remember(wid, record)
+        return record
+
+    def _encode(self, record: WorkflowRecord) -> bytes:
+        memo = self._encoded.get(id(record))
+        if memo is not None and memo[0] is record:
+            return memo[1]
+        return self.codec.encode_workflow(record)
+
+    def _measure(self, record: WorkflowRecord) -> int:
+        """The engine's size check; remembers the bytes so the record is encoded once."""
+        data = self.codec.encode_workflow(record)
+        self._encoded[id(record)] = (record, data)
+        return record_size(record.workflow_id.encode(), data)
+
+    # --- Kafka ------------------------------------------------------------------------
+
+    def _produce(self, topic: str, key: bytes, value: bytes, ref: Ref) -> None:
+        try:
+            self.txn.produce(topic, key=key, value=value, ref=ref)
+        except RecordRejectedError as exc:
+            # Part of this input may already be in the transaction: abort it all, and park
+            # the input on the retry.
+            self.mark_poisoned(ref, f"Kafka refused a record for {topic}: {exc}")
+            raise TransactionAbortableError(str(exc)) from exc
+
+    def mark_poisoned(self, ref: Ref, why: str) -> None:
+        """Remember that a record produced for ``ref`` can never be delivered as it was."""
+        level = self.poison.get(ref, (0, ""))[0] + 1
+        self.poison[ref] = (level, safe_text(why))
+        log.warning("record refused ref=%s level=%d why=%s", ref, level, safe_text(why))
+
+    def _poison_level(self, ref: Ref, partition: int, wid: str) -> tuple[int, str]:
+        own = self.poison.get(ref, (0, ""))
+        workflow = self.poison.get(Ref("workflow", partition, wid), (0, ""))
+        return max(own, workflow)
+
+    def forget_poison(self, committed: dict[int, int], written: Iterable[str]) -> None:
+        """Drop marks of inputs now behind the committed offsets, and of workflows whose
+        record was just written."""
+        done = set(written)
+        self.poison = {
+            ref: mark
+            for ref, mark in self.poison.items()
+            if not (
+                (
+                    ref.kind in ("input", "dlq")
+                    and isinstance(ref.item, int)
+                    and ref.item < committed.get(ref.partition, -1)
+                )
+                or (ref.kind == "workflow" and ref.item in done)
+            )
+        }
+
+    def _reject_message(self, msg: Message, reason: str, error: str, batch: Batch) -> None:
+        partition, offset = msg.partition(), msg.offset()
+        assert partition is not None and offset is not None
+        self._reject_input(
+            Input(partition, offset, msg.key(), msg.value() or b""), reason, error, batch
+        )
+
+    def _reject_input(self, item: Input, reason: str, error: str, batch: Batch) -> None:
+        log.warning(
+            "dead letter reason=%s partition=%d offset=%d error=%s",
+            reason,
+            item.partition,
+            item.offset,
+            safe_text(error),
+        )
+        ref = Ref("dlq", item.partition, item.offset)
+        refused, why = self.poison.get(ref, (0, ""))
+        if refused >= DEAD_LETTER:
+            raise FatalKafkaError(
+                f"the dead-letter topic {self.topics.dlq} refuses even a dead letter without "
+                f"key and value ({why}); check that it exists and accepts this producer"
+            )
+        letter = dead_letter_for(
+            topic=self.topics.inbox,
+            partition=item.partition,
+            offset=item.offset,
+            key=item.key,
+            value=item.value or None,
+            reason=reason,
+            error=error,
+            source=SOURCE,
+            # Refused once already: send only the headers, which point at the original.
+            max_record_bytes=dead_letter_max_bytes(self.max_record_bytes) if refused == 0 else 1,
+        )
+        try:
+            self.txn.produce(
+                self.topics.dlq,
+                key=letter.key,
+                value=letter.value,
+                headers=letter.headers,
+                ref=ref,
+            )
+        except RecordRejectedError as exc:
+            self.mark_poisoned(ref, str(exc))
+            raise TransactionAbortableError(str(exc)) from exc
+        batch.dead_letters += 1
+        metrics.DEAD_LETTERS.labels(SOURCE, reason).inc()
+
+
+def _describe_input(body: InboxBody, item: Input) -> str:
+    where = f"inbox partition {item.partition} offset {item.offset}"
+    if isinstance(body, StartWorkflow):
+        return f"the start ({where})"
+    if isinstance(body, ActivityResult):
+        return f"the result of step {body.seq} attempt {body.attempt} ({where})"
+    return "a resume"
+
+
+def _reason_code(reason: str) -> str:
+    """A low-cardinality metric label for why an input is held."""
+    if "earlier input" in reason:
+        return "behind-held-input"
+    if "not writable" in reason:
+        return "unwritable-workflow"
+    if "cannot be decoded" in reason:
+        return "undecodable-record"
+    return "parked"
