@@ -67,21 +67,22 @@ CREATE TABLE IF NOT EXISTS {RESULTS_TABLE} (
 )
 """
 
-_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+_SAVEPOINT = "sagaline_attempt"
 _FIND_SQL = f"""
 SELECT status, result, error_type, message, retryable, created_at
 FROM {RESULTS_TABLE} WHERE participant = %s AND activity_id = %s
 """
+# Sent as one simple query (client-side binding), so the four cost one round trip.
+_CLAIM_SQL = (
+    "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)); "
+    + _FIND_SQL.strip()
+    + f"; SAVEPOINT {_SAVEPOINT}"
+)
 _INSERT_SQL = f"""
 INSERT INTO {RESULTS_TABLE}
     (participant, activity_id, status, result, error_type, message, retryable, created_at)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (participant, activity_id) DO NOTHING
-RETURNING 1
 """
-# Deferred constraints and constraint triggers would otherwise fire at COMMIT, after the
-# savepoint is gone; checked here, a violation is the handler's failure, under the lock.
-_CHECK_DEFERRED_SQL = "SET CONSTRAINTS ALL IMMEDIATE"
 
 
 class InboxUnavailableError(SagalineError):
@@ -178,12 +179,9 @@ def execute_task(
     if invalid is not None:
         return Execution(invalid)
     try:
-        with conn.transaction() as txn:
-            execution = _execute_task_txn(conn, participant, task, now_ms)
-            if execution.duplicate:
-                # A concurrent writer stored this attempt first: our writes must not commit.
-                raise psycopg.Rollback(txn)
+        execution = _execute(conn, participant, task, now_ms)
     except Exception as exc:
+        _end_transaction(conn)
         if _retry_as_is(exc, conn):
             raise
         # The transaction is gone (COMMIT refused, or the handler ended it with SQL):
@@ -223,68 +221,129 @@ def _invalid_id(
     )
 
 
-def _execute_task_txn(
+def _execute(
     conn: psycopg.Connection[Any],
     participant: Participant,
     task: ActivityTask,
     now_ms: Callable[[], int],
 ) -> Execution:
-    # The lock makes a concurrent duplicate wait here instead of running the handler a
-    # second time (its effects outside this database could not be rolled back); the
-    # ON CONFLICT below still guards writers that do not take it.
-    conn.execute(_LOCK_SQL, (f"{participant.name}/{task.activity_id}",))
-    stored = _find_txn(conn, participant.name, task.activity_id)
+    """One attempt in one transaction, in three round trips around the handler's own.
+
+    ``BEGIN; lock; lookup; SAVEPOINT`` go together, then the handler runs, then
+    ``SET CONSTRAINTS ALL IMMEDIATE; INSERT outcome; COMMIT`` (or, for a failure,
+    ``ROLLBACK TO SAVEPOINT; INSERT failure; COMMIT``) go together. The lock makes a
+    concurrent duplicate wait instead of running the handler a second time (its effects
+    outside this database could not be rolled back), and it is held until the outcome,
+    failures included, is committed. Each statement of a batch takes its own snapshot, so
+    the lookup sees what the lock's previous holder committed.
+    """
+    name, activity_id = participant.name, task.activity_id
+    stored = _claim(conn, name, activity_id)
     if stored is not None:
+        conn.execute("ROLLBACK")
         return Execution(stored, duplicate=True)
+    outcome = _safe(participant.run_task(task, conn, now_ms=now_ms))
+    if outcome.is_completed and conn.info.transaction_status is TransactionStatus.INERROR:
+        # The handler caught a database error and returned: nothing it wrote can commit.
+        outcome = Outcome.failed(
+            Failure(
+                ABORTED_TRANSACTION,
+                f"{name}.{safe_text(task.activity, MAX_NAME_CHARS)} returned after a "
+                "database error aborted its transaction; let the error propagate, or use "
+                "ctx.db.transaction() around statements that may fail",
+                True,
+            ),
+            outcome.finished_at_ms,
+        )
+    if outcome.is_completed:
+        try:
+            # Deferred constraints and constraint triggers would otherwise fire at COMMIT,
+            # after the savepoint is gone; checked first, a violation is the handler's
+            # failure, stored under the lock.
+            _store_and_commit(conn, "SET CONSTRAINTS ALL IMMEDIATE", name, activity_id, outcome)
+            return Execution(outcome)
+        except psycopg.errors.UniqueViolation as exc:
+            if not _is_inbox_conflict(exc):
+                outcome = _refusal(participant, task, exc, now_ms())
+            else:
+                return _stored_by_another(conn, name, activity_id)
+        except psycopg.Error as exc:
+            if _retry_as_is(exc, conn):
+                raise
+            outcome = _refusal(participant, task, exc, now_ms())
     try:
-        execution = _attempt_txn(conn, participant, task, now_ms)
-    except Exception as exc:
-        if _retry_as_is(exc, conn):
+        _store_and_commit(conn, f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}", name, activity_id, outcome)
+    except psycopg.errors.UniqueViolation as exc:
+        if not _is_inbox_conflict(exc):
             raise
-        # The savepoint is rolled back, the lock still held: the refusal is this
-        # attempt's one outcome and no duplicate can slip in before it is stored.
-        outcome = _refusal(participant, task, exc, now_ms())
-        execution = Execution(outcome)
-    if execution.outcome.is_completed or execution.duplicate:
-        return execution
-    # A failure is stored outside the savepoint, which took the handler's writes with it.
-    if _insert_txn(conn, participant.name, task.activity_id, execution.outcome):
-        return execution
-    return Execution(_stored_txn(conn, participant.name, task.activity_id), duplicate=True)
-
-
-def _attempt_txn(
-    conn: psycopg.Connection[Any],
-    participant: Participant,
-    task: ActivityTask,
-    now_ms: Callable[[], int],
-) -> Execution:
-    """Run the handler in a savepoint; a completed outcome is stored inside it."""
-    stored: Outcome | None = None
-    with conn.transaction() as attempt:
-        outcome = _safe(participant.run_task(task, conn, now_ms=now_ms))
-        if outcome.is_completed and conn.info.transaction_status is TransactionStatus.INERROR:
-            # The handler caught a database error and returned: nothing it wrote can commit.
-            outcome = Outcome.failed(
-                Failure(
-                    ABORTED_TRANSACTION,
-                    f"{participant.name}.{safe_text(task.activity, MAX_NAME_CHARS)} returned "
-                    "after a database error aborted its transaction; let the error "
-                    "propagate, or use ctx.db.transaction() around statements that may fail",
-                    True,
-                ),
-                outcome.finished_at_ms,
-            )
-        if not outcome.is_completed:
-            raise psycopg.Rollback(attempt)
-        conn.execute(_CHECK_DEFERRED_SQL)
-        if not _insert_txn(conn, participant.name, task.activity_id, outcome):
-            # A writer that does not take the lock stored this attempt first.
-            stored = _stored_txn(conn, participant.name, task.activity_id)
-            raise psycopg.Rollback(attempt)
-    if stored is not None:
-        return Execution(stored, duplicate=True)
+        return _stored_by_another(conn, name, activity_id)
     return Execution(outcome)
+
+
+def _claim(conn: psycopg.Connection[Any], participant: str, activity_id: str) -> Outcome | None:
+    """Begin, take the attempt's lock, look up its outcome, set the savepoint: one trip."""
+    with psycopg.ClientCursor(conn) as cur:
+        cur.execute(_CLAIM_SQL, (f"{participant}/{activity_id}", participant, activity_id))
+        cur.nextset()  # the lock
+        cur.nextset()  # the lookup
+        row = cur.fetchone()
+    return None if row is None else _outcome_of(row)
+
+
+def _store_and_commit(
+    conn: psycopg.Connection[Any],
+    before: str,
+    participant: str,
+    activity_id: str,
+    outcome: Outcome,
+) -> None:
+    """``before``, store ``outcome`` and commit, in one round trip.
+
+    The outcome row has no ON CONFLICT clause: a row another writer stored first fails the
+    INSERT, and with it the COMMIT that follows, rather than committing this attempt's
+    writes beside someone else's outcome.
+    """
+    failure = outcome.failure
+    with psycopg.ClientCursor(conn) as cur:
+        cur.execute(
+            f"{before}; {_INSERT_SQL}; COMMIT",
+            (
+                participant,
+                activity_id,
+                outcome.status.value,
+                None if outcome.result is None else outcome.result.data,
+                None if failure is None else failure.error_type,
+                None if failure is None else failure.message,
+                None if failure is None else failure.retryable,
+                _EPOCH + outcome.finished_at_ms * _MS,
+            ),
+        )
+
+
+def _is_inbox_conflict(exc: psycopg.errors.UniqueViolation) -> bool:
+    return exc.diag.table_name == RESULTS_TABLE
+
+
+def _stored_by_another(
+    conn: psycopg.Connection[Any], participant: str, activity_id: str
+) -> Execution:
+    """A writer that does not take the lock stored this attempt first: drop ours, use its."""
+    conn.execute("ROLLBACK")
+    stored = find_outcome(conn, participant, activity_id)
+    if stored is None:  # the conflicting row was committed, so a fresh statement sees it
+        raise RuntimeError(f"outcome of {participant}/{activity_id} conflicted but is missing")
+    return Execution(stored, duplicate=True)
+
+
+def _end_transaction(conn: psycopg.Connection[Any]) -> None:
+    """Roll back whatever transaction an error left open (a broken connection has none)."""
+    if conn.closed or conn.broken:
+        return
+    if conn.info.transaction_status is not TransactionStatus.IDLE:
+        try:
+            conn.execute("ROLLBACK")
+        except psycopg.Error:
+            log.warning("rollback after an inbox error failed", exc_info=True)
 
 
 def _refusal(
@@ -321,15 +380,19 @@ def _store_refusal(
 ) -> Execution:
     outcome = _refusal(participant, task, exc, now_ms())
     try:
-        with conn.transaction():
-            conn.execute(_LOCK_SQL, (f"{participant.name}/{task.activity_id}",))
-            stored = _find_txn(conn, participant.name, task.activity_id)
-            if stored is not None:
-                return Execution(stored, duplicate=True)
-            if _insert_txn(conn, participant.name, task.activity_id, outcome):
-                return Execution(outcome)
-            return Execution(_stored_txn(conn, participant.name, task.activity_id), duplicate=True)
+        stored = _claim(conn, participant.name, task.activity_id)
+        if stored is not None:
+            conn.execute("ROLLBACK")
+            return Execution(stored, duplicate=True)
+        try:
+            _store_and_commit(conn, "SELECT 1", participant.name, task.activity_id, outcome)
+        except psycopg.errors.UniqueViolation as conflict:
+            if not _is_inbox_conflict(conflict):
+                raise
+            return _stored_by_another(conn, participant.name, task.activity_id)
+        return Execution(outcome)
     except Exception as again:
+        _end_transaction(conn)
         if _retry_as_is(again, conn):
             raise
         # This row holds only validated ids and sagaline's own text: no task can make
@@ -351,20 +414,15 @@ def find_outcome(
 
 def _find_txn(conn: psycopg.Connection[Any], participant: str, activity_id: str) -> Outcome | None:
     row = conn.execute(_FIND_SQL, (participant, activity_id)).fetchone()
-    if row is None:
-        return None
+    return None if row is None else _outcome_of(row)
+
+
+def _outcome_of(row: tuple[Any, ...]) -> Outcome:
     status, result, error_type, message, retryable, created_at = row
     finished_at_ms = (created_at - _EPOCH) // _MS
     if status == ActivityStatus.COMPLETED.value:
         return Outcome.completed(Payload(bytes(result)), finished_at_ms)
     return Outcome.failed(Failure(error_type, message, bool(retryable)), finished_at_ms)
-
-
-def _stored_txn(conn: psycopg.Connection[Any], participant: str, activity_id: str) -> Outcome:
-    stored = _find_txn(conn, participant, activity_id)
-    if stored is None:  # ON CONFLICT saw a committed row, so a fresh statement sees it too
-        raise RuntimeError(f"outcome of {participant}/{activity_id} conflicted but is missing")
-    return stored
 
 
 def _safe(outcome: Outcome) -> Outcome:
@@ -378,25 +436,3 @@ def _safe(outcome: Outcome) -> Outcome:
     if (error_type, message) == (failure.error_type, failure.message):
         return outcome
     return replace(outcome, failure=replace(failure, error_type=error_type, message=message))
-
-
-def _insert_txn(
-    conn: psycopg.Connection[Any], participant: str, activity_id: str, outcome: Outcome
-) -> bool:
-    """Store ``outcome`` (its text already safe); False when another transaction stored one
-    first."""
-    failure = outcome.failure
-    row = conn.execute(
-        _INSERT_SQL,
-        (
-            participant,
-            activity_id,
-            outcome.status.value,
-            None if outcome.result is None else outcome.result.data,
-            None if failure is None else failure.error_type,
-            None if failure is None else failure.message,
-            None if failure is None else failure.retryable,
-            _EPOCH + outcome.finished_at_ms * _MS,
-        ),
-    ).fetchone()
-    return row is not None

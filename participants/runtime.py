@@ -24,9 +24,11 @@ import logging
 import math
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Final
 
+import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from psycopg_pool import ConnectionPool
@@ -55,6 +57,32 @@ _POLL_WAIT_S: Final = 0.1
 _COMMIT_RETRY_S: Final = 1.0
 _DB_RETRY_DELAYS_S: Final = (0.1, 0.5, 1.0, 2.0, 5.0)
 _Offsets = dict[tuple[str, int], int]
+
+
+class _IdleCheck:
+    """The pool's health check, paid only by connections that sat idle.
+
+    A connection in steady use has just proved itself; checking it on every checkout would
+    cost a round trip per task. One idle for longer than ``IDLE_CHECK_S`` (the server may
+    have restarted, a proxy may have dropped it) is pinged before it is handed out, and
+    replaced if that fails. A connection that fails in use is retried in place anyway.
+    """
+
+    IDLE_CHECK_S: Final = 5.0
+
+    def __init__(self) -> None:
+        self._returned: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def used(self, conn: psycopg.Connection[Any]) -> None:
+        """Remember that ``conn`` just worked (call before returning it to the pool)."""
+        self._returned[conn] = time.monotonic()
+
+    def check(self, conn: psycopg.Connection[Any]) -> None:
+        """Pool ``check`` callback: ping a connection that sat idle; raise if it is dead."""
+        if time.monotonic() - self._returned.get(conn, 0.0) > self.IDLE_CHECK_S:
+            ConnectionPool.check_connection(conn)
 
 
 def group_id(settings: ParticipantSettings, participant: str) -> str:
@@ -133,6 +161,7 @@ class _ParticipantLoop:
         pool_log = logging.getLogger("psycopg.pool")
         if pool_log.level == logging.NOTSET:
             pool_log.setLevel(logging.WARNING)
+        self._idle_check = _IdleCheck()
         self.pool: ConnectionPool[Any] = ConnectionPool(
             settings.postgres_dsn.get_secret_value(),
             # One connection per worker thread: a task never waits for another's.
@@ -143,7 +172,9 @@ class _ParticipantLoop:
                 "autocommit": True,
                 "connect_timeout": max(2, math.ceil(settings.db_connect_timeout_s)),
             },
-            check=ConnectionPool.check_connection,
+            # No reset callback: with one, psycopg_pool returns every connection through
+            # a worker thread, two thread hops per task.
+            check=self._idle_check.check,
             timeout=settings.db_connect_timeout_s,
             name=f"participant-{participant.name}",
             open=False,
@@ -315,6 +346,7 @@ class _ParticipantLoop:
             try:
                 with self.pool.connection() as conn:
                     execution = execute_task(conn, self.participant, task)
+                    self._idle_check.used(conn)
                 break
             except Exception as exc:
                 # Everything the task causes is an outcome already; what is left is the

@@ -346,10 +346,10 @@ class InputProcessor:
                 "EngineError",
                 safe_text(f"applying {_describe_input(body, item)} failed: {describe(exc)}"),
             )
-            return self._park(item, current, body, failure, batch, now_ms)
-        finally:
             self._encoded.clear()
+            return self._park(item, current, body, failure, batch, now_ms)
         if transition.ignored is not None:
+            self._encoded.clear()
             if transition.ignored == "unknown-workflow" and not isinstance(body, ResumeWorkflow):
                 self._reject_input(
                     item,
@@ -364,6 +364,9 @@ class InputProcessor:
             planned = self._plan(transition)
         except _Unroutable as exc:
             return self._park(item, current, body, exc.failure, batch, now_ms)
+        finally:
+            # The bytes measured for the engine's size check are the bytes produced.
+            self._encoded.clear()
         record, encoded, tasks = planned
         if isinstance(body, StartWorkflow) and record.input != body.input:
             # The workflow is recorded as failed without its input, which did not fit; the
