@@ -185,6 +185,7 @@ class TopicDirectory:
         self._timeout_s = timeout_s
         self._known: set[str] = set()
         self._missing: dict[str, float] = {}
+        self._limits: dict[str, int | None] = {}
 
     def exists(self, topic: str) -> bool:
         """True if ``topic`` exists with at least one partition."""
@@ -207,6 +208,23 @@ class TopicDirectory:
             return True
         self._missing[topic] = time.monotonic()
         return False
+
+    def max_message_bytes(self, topic: str) -> int | None:
+        """The topic's ``max.message.bytes``, or None if it cannot be read (cached)."""
+        if topic in self._limits:
+            return self._limits[topic]
+        limit: int | None = None
+        describe = getattr(self._client, "describe_configs", None)
+        if describe is not None:
+            resource = ConfigResource(ResourceType.TOPIC, topic)
+            try:
+                config = describe([resource], request_timeout=self._timeout_s)[resource]
+                limit = int(config.result(timeout=self._timeout_s)["max.message.bytes"].value)
+            except Exception as exc:  # unknown is an answer too: the caller blames nobody
+                log.warning("cannot read max.message.bytes topic=%s: %s", topic, safe_text(exc))
+                return None
+        self._limits[topic] = limit
+        return limit
 
     def forget(self, topic: str) -> None:
         """Look ``topic`` up again next time (a delivery to it failed)."""

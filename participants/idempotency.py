@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 RESULTS_TABLE = "sagaline_activity_results"
 ABORTED_TRANSACTION = "AbortedTransaction"
 OUTCOME_NOT_STORED = "OutcomeNotStored"
+TRANSACTION_ENDED = "TransactionEnded"
 INVALID_ACTIVITY_ID = "InvalidActivityId"
 # The primary key's btree refuses entries above ~2.7 kB; stay well below it.
 MAX_ACTIVITY_ID_BYTES = 2_000
@@ -73,8 +74,13 @@ SELECT status, result, error_type, message, retryable, created_at
 FROM {RESULTS_TABLE} WHERE participant = %s AND activity_id = %s
 """
 # Sent as one simple query (client-side binding), so the four cost one round trip.
+# RESET ALL first: a handler's SET (isolation level, search_path) must not leak into the
+# next task's inbox statements. The lookup must see what the lock's previous holder
+# committed, which only READ COMMITTED guarantees (a stricter level would take the
+# snapshot before the lock is granted, whatever the database's default is).
 _CLAIM_SQL = (
-    "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)); "
+    "RESET ALL; BEGIN ISOLATION LEVEL READ COMMITTED; "
+    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0)); "
     + _FIND_SQL.strip()
     + f"; SAVEPOINT {_SAVEPOINT}"
 )
@@ -243,6 +249,21 @@ def _execute(
         conn.execute("ROLLBACK")
         return Execution(stored, duplicate=True)
     outcome = _safe(participant.run_task(task, conn, now_ms=now_ms))
+    if conn.info.transaction_status is TransactionStatus.IDLE:
+        # The handler ran COMMIT or ROLLBACK itself: the lock is gone and its writes may
+        # have committed without an outcome. Nothing can make that exactly once; say so.
+        ended = Outcome.failed(
+            Failure(
+                TRANSACTION_ENDED,
+                f"{name}.{safe_text(task.activity, MAX_NAME_CHARS)} ended the inbox's "
+                "transaction itself (COMMIT or ROLLBACK as SQL): its writes may have "
+                "committed without an outcome; never end ctx.db's transaction",
+                False,
+                effects_committed=True,
+            ),
+            outcome.finished_at_ms,
+        )
+        return _store_fresh(conn, participant, task, ended)
     if outcome.is_completed and conn.info.transaction_status is TransactionStatus.INERROR:
         # The handler caught a database error and returned: nothing it wrote can commit.
         outcome = Outcome.failed(
@@ -284,8 +305,8 @@ def _claim(conn: psycopg.Connection[Any], participant: str, activity_id: str) ->
     """Begin, take the attempt's lock, look up its outcome, set the savepoint: one trip."""
     with psycopg.ClientCursor(conn) as cur:
         cur.execute(_CLAIM_SQL, (f"{participant}/{activity_id}", participant, activity_id))
-        cur.nextset()  # the lock
-        cur.nextset()  # the lookup
+        for _ in range(3):  # past RESET ALL and BEGIN and the lock, to the lookup
+            cur.nextset()
         row = cur.fetchone()
     return None if row is None else _outcome_of(row)
 
@@ -378,7 +399,17 @@ def _store_refusal(
     exc: Exception,
     now_ms: Callable[[], int],
 ) -> Execution:
-    outcome = _refusal(participant, task, exc, now_ms())
+    return _store_fresh(conn, participant, task, _refusal(participant, task, exc, now_ms()), exc)
+
+
+def _store_fresh(
+    conn: psycopg.Connection[Any],
+    participant: Participant,
+    task: ActivityTask,
+    outcome: Outcome,
+    cause: BaseException | None = None,
+) -> Execution:
+    """Store ``outcome`` in a transaction of its own, unless one is stored already."""
     try:
         stored = _claim(conn, participant.name, task.activity_id)
         if stored is not None:
@@ -400,7 +431,7 @@ def _store_refusal(
         raise InboxUnavailableError(
             f"participant {participant.name}: the idempotency inbox ({RESULTS_TABLE}) "
             f"refused a failure row for {safe_text(task.activity_id, 300)}: "
-            f"{describe(again)}; after {describe(exc)}"
+            f"{describe(again)}" + ("" if cause is None else f"; after {describe(cause)}")
         ) from again
 
 
@@ -422,7 +453,10 @@ def _outcome_of(row: tuple[Any, ...]) -> Outcome:
     finished_at_ms = (created_at - _EPOCH) // _MS
     if status == ActivityStatus.COMPLETED.value:
         return Outcome.completed(Payload(bytes(result)), finished_at_ms)
-    return Outcome.failed(Failure(error_type, message, bool(retryable)), finished_at_ms)
+    # Not a column: the only stored failure whose effects may have committed is this one.
+    committed = error_type == TRANSACTION_ENDED
+    failure = Failure(error_type, message, bool(retryable), effects_committed=committed)
+    return Outcome.failed(failure, finished_at_ms)
 
 
 def _safe(outcome: Outcome) -> Outcome:

@@ -44,6 +44,8 @@ from orchestrator.workflow import WorkflowFn, WorkflowRegistry
 
 TOO_LARGE: Final = RecordTooLargeError.ERROR_TYPE
 OVER_HISTORY: Final = HistoryLimitExceededError.ERROR_TYPE
+# Rounds of "replay, reject what does not fit, replay again" one input may take.
+MAX_REJECTION_ROUNDS: Final = 16
 # The payload of a step that was rejected and never sent: nothing was kept.
 EMPTY: Final = Payload(b"", JSON_ENCODING)
 
@@ -123,8 +125,12 @@ class CodeRun:
     ) -> Transition | None:
         base, limits = self.base, self.limits
         events = first
-        # Each round that rejects a step adds two events, so the grace bounds the rounds.
-        for round_number in range(limits.event_budget(Tier.GRACE) // 2 + 2):
+        # Each round that rejects a step adds two events, so the grace bounds the rounds;
+        # so does MAX_REJECTION_ROUNDS, since every round replays and measures the record
+        # and code that keeps scheduling what cannot fit would hold the loop for seconds.
+        rounds = min(limits.event_budget(Tier.GRACE) // 2 + 2, MAX_REJECTION_ROUNDS)
+        too_large = False
+        for round_number in range(rounds):
             result = replay(
                 fn, base.workflow_id, base.workflow_type, input_value, events, base.started_at_ms
             )
@@ -146,10 +152,11 @@ class CodeRun:
                 candidate = self._largest_fit(events, steps, admitted, ordinary_result)
                 if candidate is None:
                     return self._settle(None, TOO_LARGE)
+                too_large = True
             elif admitted == len(steps):
                 return Transition(candidate, self._tasks(candidate))
             events = candidate.events
-        return self._settle(None, OVER_HISTORY)
+        return self._settle(None, TOO_LARGE if too_large else OVER_HISTORY)
 
     def _count_admitted(
         self, events: tuple[HistoryEvent, ...], steps: list[ActivityScheduled]

@@ -7,8 +7,9 @@ Rules of this module:
   failures (an abortable or a fatal transaction) propagate to the loop.
 - A workflow's inputs are applied in inbox order: once one is held, the later ones are held
   behind it, until a resume applies them in order.
-- Nothing is produced for an input until everything it produces has been encoded,
-  size-checked and routed, so a refusal never leaves half an input in a transaction.
+- Nothing is produced while inputs are processed: tasks and dead letters are collected in
+  the batch and produced when it commits (KAFKA_EOS rule 1), so however long a workflow's
+  code runs, it never holds a transaction open.
 - A record refused by Kafka (synchronously or at delivery) is attributed to what caused it;
   the loop aborts, and on the retry that input is parked (then dead-lettered, if even the
   parked record is refused) instead of failing the same way forever.
@@ -31,8 +32,6 @@ from orchestrator import metrics
 from orchestrator.errors import (
     FatalKafkaError,
     RecordDecodeError,
-    RecordRejectedError,
-    TransactionAbortableError,
 )
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.failures import describe, safe_text
@@ -49,7 +48,6 @@ from orchestrator.protocol.records import (
 from orchestrator.protocol.topics import Topics, held_key
 from orchestrator.replay.engine import Limits, Transition, advance, park
 from orchestrator.runtime.state import Presence, WorkflowStore
-from orchestrator.runtime.txn import Transaction
 from orchestrator.transport import (
     TopicDirectory,
     dead_letter_for,
@@ -98,6 +96,17 @@ class Ref:
 
 
 @dataclass(frozen=True, slots=True)
+class Output:
+    """A task or dead letter to produce when the batch commits, and what caused it."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    ref: Ref
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Input:
     """An inbox input, fresh from the inbox or held under a history key."""
 
@@ -109,7 +118,10 @@ class Input:
 
     @property
     def ref(self) -> Ref:
-        """What a record produced for this input is attributed to."""
+        """What a record produced for this input is attributed to; a re-drive (no inbox
+        offset) is its workflow's."""
+        if self.offset < 0:
+            return Ref("workflow", self.partition, (self.key or b"").decode())
         return Ref("input", self.partition, self.offset)
 
 
@@ -126,6 +138,7 @@ class Batch:
     ignored: list[str] = field(default_factory=list)
     redrives: list[tuple[int, str]] = field(default_factory=list)
     tombstones: int = 0
+    outputs: list[Output] = field(default_factory=list)
 
 
 class _Unroutable(Exception):  # noqa: N818 - internal control flow, never escapes
@@ -142,7 +155,6 @@ class InputProcessor:
         *,
         codec: AvroCodec,
         store: WorkflowStore,
-        txn: Transaction,
         topics: Topics,
         directory: TopicDirectory,
         registry: WorkflowRegistry,
@@ -153,7 +165,6 @@ class InputProcessor:
     ) -> None:
         self.codec = codec
         self.store = store
-        self.txn = txn
         self.topics = topics
         self.directory = directory
         self.registry = registry
@@ -230,8 +241,10 @@ class InputProcessor:
             self._hold(item, wid, f"workflow {wid} is not writable here: {reason}", batch)
             return
         if resume:
-            # An operator resumes after fixing something, e.g. creating a missing topic.
+            # An operator resumes after fixing something (creating a missing topic, raising
+            # a topic's size limit): look again, and give a refused workflow another try.
             self.directory.recheck_missing()
+            self.poison.pop(Ref("workflow", partition, wid), None)
             self.redrive(partition, wid, batch, now_ms)
             return
         if not item.held and self.store.holds_any(partition, wid):
@@ -315,7 +328,12 @@ class InputProcessor:
                     expired.append(wid)
             if not expired:
                 continue
-            for wid in self.retention_hook.release(state.partition, expired):
+            try:
+                released = list(self.retention_hook.release(state.partition, expired))
+            except Exception:
+                log.exception("retention hook failed partition=%d", state.partition)
+                continue
+            for wid in released:
                 if Ref("tombstone", state.partition, wid) in self.poison:
                     continue
                 self.store.stage_tombstone(state.partition, wid)
@@ -372,8 +390,8 @@ class InputProcessor:
             # The workflow is recorded as failed without its input, which did not fit; the
             # dead letter keeps the original for whoever wants to start it again.
             self._reject_input(item, "oversized", safe_text(record.failure), batch)
-        for topic, data in tasks:
-            self._produce(topic, record.workflow_id.encode(), data, item.ref)
+        key = record.workflow_id.encode()
+        batch.outputs.extend(Output(topic, key, data, item.ref) for topic, data in tasks)
         self.store.stage(item.partition, record, encoded)
         batch.changed.append((isinstance(body, StartWorkflow), record, len(tasks)))
         for task in transition.tasks:
@@ -538,15 +556,6 @@ class InputProcessor:
 
     # --- Kafka ------------------------------------------------------------------------
 
-    def _produce(self, topic: str, key: bytes, value: bytes, ref: Ref) -> None:
-        try:
-            self.txn.produce(topic, key=key, value=value, ref=ref)
-        except RecordRejectedError as exc:
-            # Part of this input may already be in the transaction: abort it all, and park
-            # the input on the retry.
-            self.mark_poisoned(ref, f"Kafka refused a record for {topic}: {exc}")
-            raise TransactionAbortableError(str(exc)) from exc
-
     def mark_poisoned(self, ref: Ref, why: str) -> None:
         """Remember that a record produced for ``ref`` can never be delivered as it was."""
         level = self.poison.get(ref, (0, ""))[0] + 1
@@ -609,17 +618,9 @@ class InputProcessor:
             # Refused once already: send only the headers, which point at the original.
             max_record_bytes=dead_letter_max_bytes(self.max_record_bytes) if refused == 0 else 1,
         )
-        try:
-            self.txn.produce(
-                self.topics.dlq,
-                key=letter.key,
-                value=letter.value,
-                headers=letter.headers,
-                ref=ref,
-            )
-        except RecordRejectedError as exc:
-            self.mark_poisoned(ref, str(exc))
-            raise TransactionAbortableError(str(exc)) from exc
+        batch.outputs.append(
+            Output(self.topics.dlq, letter.key, letter.value, ref, tuple(letter.headers))
+        )
         batch.dead_letters += 1
         metrics.DEAD_LETTERS.labels(SOURCE, reason).inc()
 

@@ -22,6 +22,7 @@ from typing import Final
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
+    KafkaError,
     KafkaException,
     Message,
     Producer,
@@ -31,7 +32,7 @@ from confluent_kafka.admin import AdminClient
 
 from orchestrator import metrics
 from orchestrator.admin import check_copartitioned
-from orchestrator.errors import FatalKafkaError, TransactionAbortableError
+from orchestrator.errors import FatalKafkaError, RecordRejectedError, TransactionAbortableError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.records import WorkflowStatus
 from orchestrator.protocol.topics import held_key
@@ -39,7 +40,7 @@ from orchestrator.runtime.fencing import fence_previous_owners, offset_metadata
 from orchestrator.runtime.inputs import Batch, InputProcessor, Ref, RetentionHook
 from orchestrator.runtime.restore import restore_partitions
 from orchestrator.runtime.state import WorkflowStore
-from orchestrator.runtime.txn import Transaction
+from orchestrator.runtime.txn import DeliveryFailure, Transaction
 from orchestrator.settings import OrchestratorSettings, transactional_id
 from orchestrator.transport import (
     TopicDirectory,
@@ -143,12 +144,15 @@ class Orchestrator:
             }
         )
         self.txn = Transaction(self.producer)
+        self._directory = TopicDirectory(self.admin)
+        # Topics whose size limit is below what sagaline batches together: their records
+        # are sent one per request (see _abort).
+        self._careful: set[str] = set()
         self.processor = InputProcessor(
             codec=self.codec,
             store=self.store,
-            txn=self.txn,
             topics=self.topics,
-            directory=TopicDirectory(self.producer),
+            directory=self._directory,
             registry=registry,
             max_events=settings.max_history_events,
             max_record_bytes=settings.max_record_bytes,
@@ -416,30 +420,26 @@ class Orchestrator:
         started = time.monotonic()
         written: list[str] = []
         try:
-            for partition, wid, _record, encoded in self.store.staged():
+            # Everything is produced here, at commit: the transaction is open only for as
+            # long as producing and committing take, never while workflow code runs.
+            for out in batch.outputs:
+                self._emit(out.topic, out.key, out.value, out.ref, headers=out.headers)
+            for partition, wid, record, encoded in self.store.staged():
                 # Explicit partition: history p belongs to whoever owns inbox p.
-                self.txn.produce(
+                kind = "workflow" if record is not None else "tombstone"
+                self._emit(
                     self.topics.history,
-                    key=wid.encode(),
-                    value=encoded,
+                    wid.encode(),
+                    encoded,
+                    Ref(kind, partition, wid),
                     partition=partition,
-                    ref=Ref("workflow", partition, wid),
                 )
                 written.append(wid)
             for partition, wid, offset, value in self.store.staged_held():
-                self.txn.produce(
-                    self.topics.history,
-                    key=held_key(wid, offset),
-                    value=value,
-                    partition=partition,
-                    ref=Ref("workflow", partition, wid),
-                )
-            metadata = offset_metadata(self.settings.transactional_id)
-            offsets = [
-                TopicPartition(self.topics.inbox, p, o, metadata=metadata)
-                for p, o in sorted(batch.offsets.items())
-            ]
-            self.txn.commit(offsets, self.consumer.consumer_group_metadata)
+                ref = Ref("workflow", partition, wid)
+                key = held_key(wid, offset)
+                self._emit(self.topics.history, key, value, ref, partition=partition)
+            self.txn.commit(self._offsets(batch), self.consumer.consumer_group_metadata)
         except TransactionAbortableError as exc:
             self._abort(str(exc))
             return
@@ -452,6 +452,44 @@ class Orchestrator:
         self._batch = Batch(opened=time.monotonic())
         self._record_metrics(batch)
 
+    def _emit(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        ref: Ref,
+        *,
+        headers: tuple[tuple[str, bytes | None], ...] = (),
+        partition: int | None = None,
+    ) -> None:
+        try:
+            self.txn.produce(
+                topic, key=key, value=value, ref=ref, headers=headers, partition=partition
+            )
+        except RecordRejectedError as exc:
+            self.processor.mark_poisoned(ref, f"Kafka refused a record for {topic}: {exc}")
+            raise TransactionAbortableError(str(exc)) from exc
+        if topic in self._careful:
+            # Alone in its request, a record is judged by its own size, not its batch's.
+            self.producer.flush(30)
+
+    def _offsets(self, batch: Batch) -> list[TopicPartition]:
+        """Offsets for every owned partition, not only those with new inputs.
+
+        Each carries our transactional id, so whoever takes a partition over knows whom to
+        fence, and each commit is checked against the group's generation, so a zombie that
+        lost its partitions cannot commit anything, not even re-drives or tombstones.
+        """
+        metadata = offset_metadata(self.settings.transactional_id)
+        offsets = []
+        for state in self.store.partitions():
+            partition = state.partition
+            offset = batch.offsets.get(partition, self._committed.get(partition, 0))
+            offsets.append(
+                TopicPartition(self.topics.inbox, partition, max(0, offset), metadata=metadata)
+            )
+        return offsets
+
     def _abort(self, reason: str) -> None:
         """Abort the open transaction, drop staged state, rewind to committed offsets."""
         if self.txn.open:
@@ -463,15 +501,19 @@ class Orchestrator:
             self.txn.abort()
         failures = self.txn.take_failures()
         blamed = 0
-        for ref, error in failures:
+        for failure in failures:
+            error = failure.error
             verdict = classify_delivery_error(error)
             if verdict == "fatal":
                 raise FatalKafkaError(f"delivery failed fatally: {error.name()}: {error.str()}")
-            if verdict == "record" and isinstance(ref, Ref):
-                blamed += 1
-                self.processor.mark_poisoned(
-                    ref, f"Kafka refused a record at delivery: {error.name()}: {error.str()}"
-                )
+            if verdict != "record" or not isinstance(failure.ref, Ref):
+                continue
+            if self._batch_too_large(failure):
+                continue
+            blamed += 1
+            self.processor.mark_poisoned(
+                failure.ref, f"Kafka refused a record at delivery: {error.name()}: {error.str()}"
+            )
         self.store.discard_staged()
         batch = self._batch
         # Re-drives of the aborted batch are lost with it: do them again.
@@ -485,9 +527,37 @@ class Orchestrator:
         self._carry = []
         self._batch = Batch(opened=time.monotonic())
         if not blamed:
-            # Nothing to change on the retry (a broker or network failure): back off.
+            # Nothing to change on the retry (a broker or network failure, or a batch now
+            # sent record by record): back off.
             self._aborts_in_a_row += 1
             time.sleep(min(0.05 * 2 ** min(self._aborts_in_a_row, 6), 2.0))
+
+    def _batch_too_large(self, failure: DeliveryFailure) -> bool:
+        """True when a size refusal was the batch's fault, not this record's.
+
+        A topic checks ``max.message.bytes`` against a whole record batch, so records that
+        fit on their own fail together when librdkafka batches them. Blaming them would park
+        innocent workflows; instead that topic's records are sent one per request from now.
+        """
+        if failure.error.code() not in (
+            KafkaError.MSG_SIZE_TOO_LARGE,
+            KafkaError.RECORD_LIST_TOO_LARGE,
+        ):
+            return False
+        limit = self._directory.max_message_bytes(failure.topic)
+        # Record overhead within a batch, and the batch header, are well under 200 bytes.
+        if limit is None or failure.size + 200 > limit:
+            return False
+        if failure.topic not in self._careful:
+            log.warning(
+                "topic=%s max.message.bytes=%d is below what records are batched to; "
+                "sending its records one per request: raise its limit to at least "
+                "SAGALINE_MAX_RECORD_BYTES + 64 KiB",
+                failure.topic,
+                limit,
+            )
+            self._careful.add(failure.topic)
+        return True
 
     def _record_metrics(self, batch: Batch) -> None:
         for reason in batch.ignored:

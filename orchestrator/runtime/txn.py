@@ -12,17 +12,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from orchestrator.errors import FatalKafkaError, TransactionAbortableError
-from orchestrator.transport import Headers, produce
+from orchestrator.transport import Headers, produce, record_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Ref = Hashable
 _RETRIES: Final = 10
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFailure:
+    """A record Kafka did not take: what caused it, why, where to, and how large it was."""
+
+    ref: Ref
+    error: KafkaError
+    topic: str
+    size: int
 
 
 class Transaction:
@@ -32,7 +43,7 @@ class Transaction:
         self.producer = producer
         self.open = False
         self.started = 0.0
-        self._failures: list[tuple[Ref, KafkaError]] = []
+        self._failures: list[DeliveryFailure] = []
 
     def age(self) -> float:
         """Seconds since the open transaction began (0 when none is open)."""
@@ -74,8 +85,17 @@ class Transaction:
 
     def _reporter(self, ref: Ref) -> Callable[[KafkaError | None, Message], None]:
         def delivered(error: KafkaError | None, msg: Message) -> None:
-            if error is not None:
-                self._failures.append((ref, error))
+            if error is None:
+                return
+            topic, size = "", 0
+            try:
+                raw = msg.headers() or []
+                pairs = raw.items() if isinstance(raw, dict) else raw
+                headers = [(str(k), v if isinstance(v, bytes) else None) for k, v in pairs]
+                topic, size = str(msg.topic()), record_size(msg.key(), msg.value(), headers)
+            except Exception:  # EOS 8: a delivery callback never raises
+                log.warning("cannot size a failed record ref=%s", ref, exc_info=True)
+            self._failures.append(DeliveryFailure(ref, error, topic, size))
 
         return delivered
 
@@ -100,7 +120,7 @@ class Transaction:
             self.call(lambda: self.producer.abort_transaction(30), abortable_ok=False)
             self.open = False
 
-    def take_failures(self) -> list[tuple[Ref, KafkaError]]:
+    def take_failures(self) -> list[DeliveryFailure]:
         """Delivery failures recorded since the last call."""
         failures, self._failures = self._failures, []
         return failures

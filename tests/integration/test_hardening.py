@@ -241,6 +241,32 @@ def test_one_misbehaving_workflow_never_stops_the_others(saga: Saga, admin: Admi
     # The undeliverable task aborted its transaction once; nothing else may.
     assert log.count("aborting transaction") <= 2, log[-3000:]
 
+    # A restart re-drives every parked workflow, and an operator resumes them all again:
+    # the undeliverable one fails once more, is left parked, and nothing else stalls.
+    orchestrator.stop()
+    saga.processes.remove(orchestrator)
+    again = saga.orchestrator("solo", app=APP, max_record_bytes=str(LIMIT))
+    resumed = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "resume", "--all-stuck"],
+        env=saga.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    later = orders_on(0, 10, "after")
+    for order in later:
+        client.start("order.process", order, workflow_id=order["order_id"])
+    client.flush()
+    saga.finish(good + later)
+    for wtype, wid in bad_ids.items():
+        assert status_of(saga, wid) is EXPECTED[wtype][0], (wtype, status_of(saga, wid))
+    assert again.alive(), again.tail()
+    log = again.log_path.read_text(errors="replace")
+    assert log.count("aborting transaction") <= 3, log[-3000:]
+
 
 def test_a_result_for_a_parked_workflow_is_held_then_applied_on_resume(
     saga: Saga, admin: AdminClient
@@ -383,18 +409,20 @@ def test_inputs_for_an_unreadable_record_are_held_and_the_record_is_never_overwr
     saga.finish([order])
 
 
-def test_a_transaction_commits_within_its_budget_however_slow_the_inputs(
+def test_slow_workflow_code_never_holds_a_transaction_past_its_timeout(
     saga: Saga, admin: AdminClient
 ) -> None:
+    """One input slower than the whole transaction timeout, and many slow ones together."""
     create_topic(admin, saga.topics.tasks("audit"))
     client = client_for(saga)
-    ids = ids_on(0, "slow", 30)
-    for wid in ids:
-        client.start("slow.replay", {"ms": 150}, workflow_id=wid)
+    ids = ids_on(0, "slow", 21)
+    for index, wid in enumerate(ids):
+        client.start("slow.replay", {"ms": 4_000 if index == 10 else 150}, workflow_id=wid)
     client.flush()
-    # The inputs wait in one partition, so one poll takes them all: 4.5 s of work whose
-    # transaction opens with the first task. The broker aborts a transaction after 3 s, so
-    # without the budget the instance would be fenced and the batch would repeat forever.
+    # The inputs wait in one partition, so one poll takes them all: 7 s of work, one input
+    # of them 4 s alone, while the broker aborts any transaction open for 3 s. Tasks are
+    # produced at commit, so no transaction is open while code runs, and the budget
+    # commits the batch in parts.
     orchestrator = saga.orchestrator(
         "solo", app=APP, transaction_timeout_ms="3000", commit_interval_ms="200"
     )
@@ -407,8 +435,31 @@ def test_a_transaction_commits_within_its_budget_however_slow_the_inputs(
     wait_until(saga, scheduled, "every slow workflow's step", deadline_s=120)
     assert orchestrator.alive(), orchestrator.tail()
     log = orchestrator.log_path.read_text()
-    assert "aborting transaction" not in log and "Fatal" not in log, log[-3000:]
+    assert "aborting transaction" not in log and "FENCED" not in log, log[-3000:]
     assert "budget commit" in log, "the batch never had to commit early"
+
+
+def test_records_refused_only_as_a_batch_are_sent_one_by_one_not_parked(
+    saga: Saga, admin: AdminClient
+) -> None:
+    """A topic's limit applies to a whole batch: records that fit alone must not pay."""
+    create_topic(admin, saga.topics.tasks("tiny"), **{"max.message.bytes": "4096"})
+    orchestrator = saga.orchestrator("solo", app=APP)
+    client = client_for(saga)
+    ids = ids_on(0, "fits", 6)
+    for wid in ids:
+        client.start("bad.tiny_topic", {"order_id": wid, "pad": 1_300}, workflow_id=wid)
+    client.flush()
+
+    def sent() -> bool:
+        return all(
+            (r := saga.watcher.latest.get(wid)) is not None and len(r.events) == 1 for wid in ids
+        )
+
+    wait_until(saga, sent, "every workflow's task", deadline_s=120)
+    assert all(status_of(saga, wid) is WorkflowStatus.RUNNING for wid in ids)
+    log = orchestrator.log_path.read_text()
+    assert "sending its records one per request" in log, log[-3000:]
 
 
 def test_closed_workflows_leave_after_retention_and_a_reused_id_is_a_new_run(

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg import sql
 
 from orchestrator.admin import ensure_topics
 from orchestrator.protocol import (
@@ -69,7 +70,17 @@ class Guarded:
                 CONSTRAINT guarded_rows_tag_once UNIQUE (tag) DEFERRABLE INITIALLY DEFERRED
             )""",
         )
-        for name in ("echo", "surrogate", "slow_then_fail", "exits", "cancelled", "duplicate_tags"):
+        for name in (
+            "echo",
+            "surrogate",
+            "slow_then_fail",
+            "exits",
+            "cancelled",
+            "duplicate_tags",
+            "commits",
+            "rolls_back",
+            "serializable",
+        ):
             self.participant.activity(name)(getattr(self, name))
         with psycopg.connect(dsn, autocommit=True) as conn:
             ensure_schema(conn, self.participant)
@@ -110,6 +121,23 @@ class Guarded:
         self._write(ctx, tag=7)
         self._write(ctx, tag=7)
         return {"written": 2}
+
+    def commits(self, value: Any, *, ctx: ActivityContext) -> Any:
+        """Ends the inbox's transaction with SQL, which handlers must never do."""
+        self._write(ctx)
+        ctx.db.execute("COMMIT")
+        return "committed behind the inbox's back"
+
+    def rolls_back(self, value: Any, *, ctx: ActivityContext) -> Any:
+        self._write(ctx)
+        ctx.db.execute("ROLLBACK")
+        return "rolled back, then claimed success"
+
+    def serializable(self, value: Any, *, ctx: ActivityContext) -> Any:
+        """Changes a session setting that must not leak into the next task."""
+        ctx.db.execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        self._write(ctx)
+        return "ok"
 
     def task(
         self, activity: str, payload: Payload | None = None, workflow_id: str = ""
@@ -218,9 +246,20 @@ def test_a_base_exception_from_a_handler_is_that_attempts_retryable_failure(
     _assert_one_outcome(guarded, task, first)
 
 
+@pytest.mark.parametrize("isolation", ["", "repeatable read", "serializable"])
 def test_a_concurrent_duplicate_of_a_failing_attempt_runs_the_handler_once(
-    guarded: Guarded,
+    guarded: Guarded, isolation: str
 ) -> None:
+    """Also when the database defaults to a stricter isolation level, under which a lookup
+    would otherwise not see what the lock's previous holder committed."""
+    if isolation:
+        with psycopg.connect(guarded.dsn, autocommit=True) as conn:
+            name = conn.info.dbname
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}").format(
+                    sql.Identifier(name), sql.Literal(isolation)
+                )
+            )
     task = guarded.task("slow_then_fail")
     executions: list[Execution] = []
     errors: list[BaseException] = []
@@ -246,6 +285,30 @@ def test_a_concurrent_duplicate_of_a_failing_attempt_runs_the_handler_once(
     assert executions[0].outcome.failure is not None
     assert executions[0].outcome.failure.error_type == "RuntimeError"
     assert guarded.rows(task) == 0
+
+
+@pytest.mark.parametrize("activity", ["commits", "rolls_back"])
+def test_a_handler_that_ends_the_transaction_is_a_final_failure_whose_effects_may_stand(
+    guarded: Guarded, activity: str
+) -> None:
+    task = guarded.task(activity)
+    first = guarded.execute(task)
+    failure = first.outcome.failure
+    assert failure is not None, first
+    assert failure.error_type == "TransactionEnded" and not failure.retryable
+    assert failure.effects_committed, "the workflow must be told to compensate"
+    again = guarded.execute(task)
+    assert again.duplicate and again.outcome == first.outcome, "one outcome per attempt"
+    assert guarded.calls[activity] == 1
+
+
+def test_a_handler_s_session_settings_do_not_leak_into_the_next_task(guarded: Guarded) -> None:
+    with psycopg.connect(guarded.dsn, autocommit=True) as conn:
+        first = execute_task(conn, guarded.participant, guarded.task("serializable"))
+        second = execute_task(conn, guarded.participant, guarded.task("serializable"))
+        isolation = conn.execute("SHOW transaction_isolation").fetchone()
+    assert first.outcome.is_completed and second.outcome.is_completed
+    assert isolation is not None and isolation[0] == "serializable", "the handler's own SET"
 
 
 # --- outcomes PostgreSQL refuses ---------------------------------------------------------

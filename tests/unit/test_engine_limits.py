@@ -408,3 +408,24 @@ def test_limits_are_validated_where_they_are_given() -> None:
         Limits(max_record_bytes=-1, measure=len)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="measure"):
         Limits(max_record_bytes=1_000)
+
+
+async def _stubborn(ctx: WorkflowContext, value: Any) -> None:
+    """Catches every RecordTooLargeError and schedules the same oversized step again."""
+    while True:
+        try:
+            await ctx.activity("blob.put", "x" * 5_000)
+        except RecordTooLargeError:
+            continue
+
+
+def test_code_that_keeps_scheduling_what_cannot_fit_is_stopped_within_one_input() -> None:
+    measure = _Counted(_payload_bytes)
+    limits = Limits(max_record_bytes=1000, measure=measure)
+    run = WorkflowRun(
+        _registry("stubborn", _stubborn), "stubborn", workflow_id="s-1", limits=limits
+    )
+    run.start(None)
+    # Each round replays and measures; a cap keeps one input from holding the loop.
+    assert measure.calls < 200, measure.calls
+    assert_status(assert_encodable(run.record), WorkflowStatus.FAILED, "RecordTooLarge")

@@ -21,7 +21,7 @@ from orchestrator.protocol.partitioning import partition_for
 from orchestrator.protocol.payloads import encode_json
 from orchestrator.protocol.records import StartWorkflow, WorkflowRecord, WorkflowStatus
 from orchestrator.runtime.fencing import offset_metadata, owner_of
-from orchestrator.runtime.inputs import Ref
+from orchestrator.runtime.inputs import Input, Ref
 from orchestrator.runtime.loop import FatalKafkaError, Orchestrator
 from orchestrator.runtime.state import PartitionState
 from orchestrator.settings import OrchestratorSettings
@@ -48,6 +48,7 @@ def orch() -> Iterator[Orchestrator]:
     loop.txn.producer = loop.producer
     loop.processor.partition_count = 4
     loop.processor.directory.exists = lambda topic: True  # type: ignore[method-assign]
+    loop.processor.directory.max_message_bytes = lambda topic: None  # type: ignore[method-assign]
     for partition in (0, 1):
         loop.store.install(PartitionState(partition))
         loop._committed[partition] = 5
@@ -89,7 +90,10 @@ def test_a_retriable_error_repeats_the_same_call_then_commits(orch: Orchestrator
     assert orch.store.cached("wf-1") == record
     assert orch._committed[0] == 8
     offsets = first.args[0]
-    assert [owner_of(tp.metadata) for tp in offsets] == ["unit.orchestrator.u1"], (
+    assert [(tp.partition, tp.offset) for tp in offsets] == [(0, 8), (1, 5)], (
+        "every owned partition's offset is sent, with or without new inputs"
+    )
+    assert {owner_of(tp.metadata) for tp in offsets} == {"unit.orchestrator.u1"}, (
         "committed offsets name their writer, so a successor can fence it"
     )
 
@@ -141,7 +145,8 @@ def test_a_record_refused_at_delivery_parks_its_input_on_the_retry(orch: Orchest
     def commit(timeout: float) -> None:
         for topic, report in callbacks:
             if ".tasks." in topic:
-                report(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"), None)
+                sent = Message(topic=topic, partition=0, offset=-1, key=b"k", value=b"v" * 9)
+                report(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"), sent)
         raise _error(txn_requires_abort=True)
 
     orch.producer.produce.side_effect = produce
@@ -192,3 +197,34 @@ def test_an_abort_mid_poll_rewinds_the_partitions_of_messages_not_processed_yet(
     orch._poll_once()
     seeks = {call.args[0].partition for call in orch.consumer.seek.call_args_list}
     assert seeks == {0, 1}, seeks
+
+
+def test_a_size_refusal_of_a_record_that_fits_alone_blames_the_batch_not_the_input(
+    orch: Orchestrator,
+) -> None:
+    """A topic checks its limit against whole batches: innocent records fail together."""
+    callbacks: list[tuple[str, Callable[[Any, Any], None]]] = []
+    orch.producer.produce.side_effect = lambda topic, **kw: callbacks.append(
+        (topic, kw["on_delivery"])
+    )
+
+    def commit(timeout: float) -> None:
+        for topic, report in callbacks:
+            if ".tasks." in topic:
+                sent = Message(topic=topic, partition=0, offset=-1, key=b"k", value=b"v" * 500)
+                report(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "batch too large"), sent)
+        raise _error(txn_requires_abort=True)
+
+    orch.producer.commit_transaction.side_effect = commit
+    orch.processor.directory.max_message_bytes = lambda topic: 4096  # type: ignore[method-assign]
+    message = _start(_wid_on(0), 0, 5)
+    orch.consumer.consume.side_effect = [[message], []]
+    orch._poll_once()
+    orch._commit_batch()
+    assert orch.processor.poison == {}, "no input is blamed for its batch's size"
+    assert orch._careful == {"unit.tasks.inventory"}, "the topic's records now go one by one"
+
+
+def test_a_redrive_is_attributed_to_its_workflow() -> None:
+    assert Input(3, -1, b"wf-9", b"", held=True).ref == Ref("workflow", 3, "wf-9")
+    assert Input(3, 17, b"wf-9", b"x").ref == Ref("input", 3, 17)
