@@ -67,7 +67,7 @@ def main() -> int:
     """Run the phases and print one line of medians per phase."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--burst", type=int, default=1_000, help="sagas per burst")
-    parser.add_argument("--rates", default="50,200", help="comma-separated starts per second")
+    parser.add_argument("--rates", default="20,50,200", help="comma-separated starts per second")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of a rate phase")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--partitions", type=int, default=4)

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import Message
+
 from examples.order_saga.harness import (
     HistoryWatcher,
     SagalineProcess,
@@ -126,6 +128,17 @@ def wait_for_log(process: SagalineProcess, text: str, deadline_s: float) -> None
             break
         time.sleep(0.05)  # polling a file; the condition above is what we wait on
     raise AssertionError(f"{process.name} never logged {text!r}:\n{process.tail()}")
+
+
+def header_values(msg: Message) -> dict[str, bytes]:
+    """A consumed record's headers by name; sagaline writes a value for every header."""
+    headers = msg.headers() or []
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    found: dict[str, bytes] = {}
+    for name, value in pairs:
+        assert isinstance(value, bytes), f"header {name!r} has no bytes value: {value!r}"
+        found[name] = value
+    return found
 
 
 def assert_history_sane(record: WorkflowRecord) -> None:

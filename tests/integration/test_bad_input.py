@@ -24,6 +24,7 @@ from orchestrator.protocol.records import (
     activity_id,
 )
 from orchestrator.protocol.topics import Topics
+from tests.integration.pipeline import header_values
 
 pytestmark = pytest.mark.integration
 LIMIT = 4096
@@ -83,8 +84,8 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
         ),
     }
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "partitioner": "murmur2_random"})
-    for key, value in bad.values():
-        producer.produce(topics.inbox, key=key, value=value)
+    for sent_key, sent_value in bad.values():
+        producer.produce(topics.inbox, key=sent_key, value=sent_value)
     # A client with another partitioner: the right key on the wrong partition.
     wrong = _start(codec, "wp-1")
     bad["wrong-partition"] = (b"wp-1", wrong)
@@ -186,7 +187,7 @@ def _read_dead_letters(
         while time.monotonic() < end and len(letters) < count:
             for msg in consumer.consume(100, 0.2):
                 if msg.error() is None:
-                    letters.append((msg.key(), msg.value(), dict(msg.headers() or [])))
+                    letters.append((msg.key(), msg.value(), header_values(msg)))
     finally:
         consumer.close()
     assert len(letters) == count, f"{len(letters)} dead letters, expected {count}\n{process.tail()}"

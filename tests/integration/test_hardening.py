@@ -35,7 +35,7 @@ from orchestrator.protocol.records import (
 )
 from orchestrator.protocol.topics import Topics, parse_held_key
 from orchestrator.settings import KafkaSettings
-from tests.integration.pipeline import Saga
+from tests.integration.pipeline import Saga, header_values
 
 pytestmark = pytest.mark.integration
 
@@ -139,9 +139,9 @@ def dead_letters(bootstrap: str, topics: Topics) -> list[dict[str, bytes]]:
         while time.monotonic() < end:
             msgs = consumer.consume(100, 0.5)
             if any(m.error() is not None for m in msgs):
-                found += [dict(m.headers() or []) for m in msgs if m.error() is None]
+                found += [header_values(m) for m in msgs if m.error() is None]
                 break
-            found += [dict(m.headers() or []) for m in msgs]
+            found += [header_values(m) for m in msgs]
     finally:
         consumer.close()
     return found

@@ -151,8 +151,8 @@ class _UnprintableError(Exception):
 
 
 class _FickleFailure(ActivityFailure):
-    @property  # type: ignore[override]
-    def retryable(self) -> bool:
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
         raise RuntimeError("cannot decide")
 
 

@@ -210,6 +210,7 @@ def test_a_stuck_workflow_resumes_when_the_code_is_fixed() -> None:
     assert_status(run.record, WorkflowStatus.RUNNING)
     assert run.record is not None and run.record.failure is None
     assert run.tasks() == ["pair-1/2/1 p.join"]
+    assert run.last is not None
     assert decode_json(run.last.tasks[0].payload) == ["L", "R"]
     run.complete(2, "joined")
     assert_status(run.record, WorkflowStatus.COMPLETED)

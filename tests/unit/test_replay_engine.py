@@ -79,6 +79,7 @@ def test_order_saga_happy_path_completes_with_its_result(order_run: WorkflowRun)
 
     run.complete(0, {"reservation_id": "r-1"})
     assert run.tasks() == ["order-1/1/1 payment.charge"]
+    assert run.last is not None
     assert decode_json(run.last.tasks[0].payload) == {
         "order_id": "o-1",
         "amount": 4200,
@@ -102,7 +103,7 @@ def test_order_saga_happy_path_completes_with_its_result(order_run: WorkflowRun)
         ],
     )
     record = run.record
-    assert record is not None
+    assert record is not None and record.result is not None
     assert decode_json(record.result) == {"charge_id": "ch-1", "shipment_id": "sh-1"}
     assert record.failure is None
     assert record.closed_at_ms == record.updated_at_ms == run.now_ms
@@ -127,6 +128,7 @@ def test_declined_payment_releases_the_reservation_and_ends_compensated(
     run.fail(1, error_type, retryable=retryable, message="insufficient funds")
 
     assert run.tasks() == ["order-1/2/1 inventory.release comp"]
+    assert run.last is not None
     release = run.last.tasks[0]
     assert release.compensation
     assert decode_json(release.payload) == {"reservation_id": "r-1"}
@@ -167,6 +169,7 @@ def test_retryable_failure_is_retried_with_a_new_activity_id_per_attempt(
         assert run.tasks() == [f"order-1/1/{attempt + 1} payment.charge"], (
             f"workflow order-1: attempt {attempt} failed; history: {run.record}"
         )
+        assert run.last is not None
         retry = run.last.tasks[0]
         assert retry.payload == first.payload
         assert retry.scheduled_at_ms == run.now_ms
@@ -584,7 +587,8 @@ def test_an_activity_error_caught_by_the_code_lets_it_complete() -> None:
     run.fail(0, "Down", retryable=True)
     run.complete(1, "sent")
     assert_status(run.record, WorkflowStatus.COMPLETED)
-    assert run.record is not None and decode_json(run.record.result) == "sent"
+    assert run.record is not None and run.record.result is not None
+    assert decode_json(run.record.result) == "sent"
 
 
 def test_the_workflow_clock_is_the_time_of_the_replayed_input() -> None:
@@ -600,7 +604,7 @@ def test_the_workflow_clock_is_the_time_of_the_replayed_input() -> None:
     run.start()
     started = run.now_ms
     run.complete(0)
-    assert run.record is not None
+    assert run.record is not None and run.record.result is not None
     assert decode_json(run.record.result) == [started / 1000, run.now_ms / 1000]
     assert run.sent[0].scheduled_at_ms == started
 
@@ -663,7 +667,8 @@ def test_gather_schedules_every_branch_at_once_and_returns_in_argument_order(
     run.complete(0, "TEA")
     run.complete(1, "JAM")
     assert_status(run.record, WorkflowStatus.COMPLETED)
-    assert run.record is not None and decode_json(run.record.result) == ["TEA", "JAM", "OAT"]
+    assert run.record is not None and run.record.result is not None
+    assert decode_json(run.record.result) == ["TEA", "JAM", "OAT"]
     assert_history(
         run.record,
         [
@@ -699,7 +704,8 @@ def test_gather_of_nothing_returns_an_empty_list(fan_out: WorkflowRegistry) -> N
     run = WorkflowRun(fan_out, "stock.check-all")
     run.start([])
     assert_status(run.record, WorkflowStatus.COMPLETED)
-    assert run.record is not None and decode_json(run.record.result) == []
+    assert run.record is not None and run.record.result is not None
+    assert decode_json(run.record.result) == []
 
 
 # --- pending_tasks -------------------------------------------------------------------
@@ -726,5 +732,5 @@ def test_pending_tasks_are_the_latest_unsettled_attempts(fan_out: WorkflowRegist
 
 def test_pending_tasks_of_a_fresh_order(order_run: WorkflowRun) -> None:
     order_run.start(ORDER)
-    assert order_run.record is not None
+    assert order_run.record is not None and order_run.last is not None
     assert pending_tasks(order_run.record) == order_run.last.tasks

@@ -242,6 +242,7 @@ def test_closed_workflows_end_in_the_status_their_history_explains(
     done = {e.seq: e for e in record.events if isinstance(e, ActivityCompleted)}
     if record.status is WorkflowStatus.COMPLETED:
         assert not undo, _context(run)
+        assert record.result is not None, _context(run)
         value = decode_json(record.result)
         assert value["first"] == activity_id(run.workflow_id, 0, done[0].attempt)
         assert value["last"] == activity_id(run.workflow_id, 3, done[3].attempt)

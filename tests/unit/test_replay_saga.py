@@ -69,7 +69,7 @@ def test_a_saga_that_succeeds_runs_no_compensation(trips: WorkflowRegistry, kind
     run.complete(3, "paid")
     assert_status(run.record, WorkflowStatus.COMPLETED)
     assert_history(run.record, [*BOOKED, "done 3#1"])
-    assert run.record is not None
+    assert run.record is not None and run.record.result is not None
     assert decode_json(run.record.result) == {
         "car": "car-1",
         "hotel": "hotel-1",
@@ -81,6 +81,7 @@ def test_sequential_compensation_runs_newest_first_one_at_a_time(trips: Workflow
     run = _booked(trips, "sequential")
     run.fail(3, "CardDeclined")
     assert run.tasks() == ["trip-sequential/4/1 flights.cancel comp"]
+    assert run.last is not None
     assert decode_json(run.last.tasks[0].payload) == "flight-1"
     run.complete(4)
     assert run.tasks() == ["trip-sequential/5/1 hotels.cancel comp"]

@@ -9,20 +9,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
-from unittest.mock import create_autospec
+from unittest.mock import NonCallableMagicMock, create_autospec
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from examples.order_saga.workflows import registry
-from orchestrator.errors import TransactionAbortableError
+from orchestrator.errors import FatalKafkaError, TransactionAbortableError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.partitioning import partition_for
 from orchestrator.protocol.payloads import encode_json
 from orchestrator.protocol.records import StartWorkflow, WorkflowRecord, WorkflowStatus
 from orchestrator.runtime.fencing import offset_metadata, owner_of
-from orchestrator.runtime.inputs import Input, Ref
-from orchestrator.runtime.loop import FatalKafkaError, Orchestrator
+from orchestrator.runtime.inputs import Batch, Input, Ref
+from orchestrator.runtime.loop import Orchestrator
 from orchestrator.runtime.state import PartitionState
 from orchestrator.settings import OrchestratorSettings
 
@@ -55,6 +55,12 @@ def orch() -> Iterator[Orchestrator]:
     yield loop
 
 
+def _double(client: object) -> NonCallableMagicMock:
+    """A client the fixture replaced, typed as the autospec'd mock it is."""
+    assert isinstance(client, NonCallableMagicMock), client
+    return client
+
+
 def _stage_one(loop: Orchestrator, partition: int = 0, wid: str = "wf-1") -> WorkflowRecord:
     record = WorkflowRecord(wid, "order.process", WorkflowStatus.RUNNING, encode_json({}), 1, 1)
     loop.txn.open = True
@@ -69,11 +75,12 @@ def _error(code: int = KafkaError._STATE, **flags: bool) -> KafkaException:
 
 
 def test_an_abortable_commit_aborts_drops_staged_state_and_rewinds(orch: Orchestrator) -> None:
+    producer, consumer = _double(orch.producer), _double(orch.consumer)
     _stage_one(orch)
-    orch.producer.commit_transaction.side_effect = _error(txn_requires_abort=True)
+    producer.commit_transaction.side_effect = _error(txn_requires_abort=True)
     orch._commit_batch()
-    orch.producer.abort_transaction.assert_called_once()
-    orch.consumer.seek.assert_called_once_with(TopicPartition("unit.inbox", 0, 5))
+    producer.abort_transaction.assert_called_once()
+    consumer.seek.assert_called_once_with(TopicPartition("unit.inbox", 0, 5))
     assert orch.store.staged() == []
     assert orch.store.partition(0).open == {}, "an aborted change must not reach memory"
     assert not orch.txn.open and orch._batch.inputs == 0
@@ -81,12 +88,13 @@ def test_an_abortable_commit_aborts_drops_staged_state_and_rewinds(orch: Orchest
 
 
 def test_a_retriable_error_repeats_the_same_call_then_commits(orch: Orchestrator) -> None:
+    producer = _double(orch.producer)
     record = _stage_one(orch)
-    orch.producer.send_offsets_to_transaction.side_effect = [_error(retriable=True), None]
+    producer.send_offsets_to_transaction.side_effect = [_error(retriable=True), None]
     orch._commit_batch()
-    first, second = orch.producer.send_offsets_to_transaction.call_args_list
+    first, second = producer.send_offsets_to_transaction.call_args_list
     assert first == second, "a retried send_offsets_to_transaction must repeat its arguments"
-    orch.producer.abort_transaction.assert_not_called()
+    producer.abort_transaction.assert_not_called()
     assert orch.store.cached("wf-1") == record
     assert orch._committed[0] == 8
     offsets = first.args[0]
@@ -100,7 +108,7 @@ def test_a_retriable_error_repeats_the_same_call_then_commits(orch: Orchestrator
 
 def test_a_fatal_error_stops_the_loop_with_nothing_promoted(orch: Orchestrator) -> None:
     _stage_one(orch)
-    orch.producer.commit_transaction.side_effect = _error(fatal=True)
+    _double(orch.producer).commit_transaction.side_effect = _error(fatal=True)
     with pytest.raises(FatalKafkaError):
         orch._commit_batch()
     assert orch._committed[0] == 5
@@ -108,11 +116,12 @@ def test_a_fatal_error_stops_the_loop_with_nothing_promoted(orch: Orchestrator) 
 
 
 def test_lost_partitions_abort_and_rewind_only_the_partitions_kept(orch: Orchestrator) -> None:
+    producer, consumer = _double(orch.producer), _double(orch.consumer)
     _stage_one(orch, 0, "wf-0")
     _stage_one(orch, 1, "wf-1")
     orch._on_lost(orch.consumer, [TopicPartition("unit.inbox", 0)])
-    orch.producer.abort_transaction.assert_called_once()
-    orch.consumer.seek.assert_called_once_with(TopicPartition("unit.inbox", 1, 5))
+    producer.abort_transaction.assert_called_once()
+    consumer.seek.assert_called_once_with(TopicPartition("unit.inbox", 1, 5))
     assert not orch.store.owns(0) and orch.store.owns(1)
     assert orch.store.staged() == []
 
@@ -149,15 +158,16 @@ def test_a_record_refused_at_delivery_parks_its_input_on_the_retry(orch: Orchest
                 report(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"), sent)
         raise _error(txn_requires_abort=True)
 
-    orch.producer.produce.side_effect = produce
-    orch.producer.commit_transaction.side_effect = commit
+    producer, consumer = _double(orch.producer), _double(orch.consumer)
+    producer.produce.side_effect = produce
+    producer.commit_transaction.side_effect = commit
     wid = _wid_on(0)
     message = _start(wid, 0, 5)
-    orch.consumer.consume.side_effect = [[message], [], [message], []]
+    consumer.consume.side_effect = [[message], [], [message], []]
     orch._poll_once()
     orch._commit_batch()
     assert orch.processor.poison[Ref("input", 0, 5)][0] == 1
-    orch.producer.commit_transaction.side_effect = None
+    producer.commit_transaction.side_effect = None
     callbacks.clear()
     orch._poll_once()  # the rewound input again
     orch._commit_batch()
@@ -169,7 +179,7 @@ def test_a_record_refused_at_delivery_parks_its_input_on_the_retry(orch: Orchest
 
 def test_a_batch_commits_before_its_time_budget_and_keeps_the_rest(orch: Orchestrator) -> None:
     messages = [_start(_wid_on(1), 1, 5 + i) for i in range(4)]
-    orch.consumer.consume.side_effect = [messages, []]
+    _double(orch.consumer).consume.side_effect = [messages, []]
     orch.txn.open = True
     orch.txn.started = time.monotonic() - orch._budget_s  # the transaction is out of time
     orch._poll_once()
@@ -186,16 +196,17 @@ def test_an_abort_mid_poll_rewinds_the_partitions_of_messages_not_processed_yet(
     orch: Orchestrator,
 ) -> None:
     """Consumed but unprocessed inputs must be read again, not skipped until a restart."""
+    consumer = _double(orch.consumer)
     messages = [_start(_wid_on(0), 0, 5), _start(_wid_on(1), 1, 5)]
-    orch.consumer.consume.side_effect = [messages, []]
+    consumer.consume.side_effect = [messages, []]
     orch.txn.open, orch.txn.started = True, time.monotonic()
 
-    def fail(*args: Any) -> None:
+    def fail(msg: Message, batch: Batch, now_ms: int) -> None:
         raise TransactionAbortableError("injected")
 
     orch.processor.process = fail  # type: ignore[method-assign]
     orch._poll_once()
-    seeks = {call.args[0].partition for call in orch.consumer.seek.call_args_list}
+    seeks = {call.args[0].partition for call in consumer.seek.call_args_list}
     assert seeks == {0, 1}, seeks
 
 
@@ -203,10 +214,9 @@ def test_a_size_refusal_of_a_record_that_fits_alone_blames_the_batch_not_the_inp
     orch: Orchestrator,
 ) -> None:
     """A topic checks its limit against whole batches: innocent records fail together."""
+    producer, consumer = _double(orch.producer), _double(orch.consumer)
     callbacks: list[tuple[str, Callable[[Any, Any], None]]] = []
-    orch.producer.produce.side_effect = lambda topic, **kw: callbacks.append(
-        (topic, kw["on_delivery"])
-    )
+    producer.produce.side_effect = lambda topic, **kw: callbacks.append((topic, kw["on_delivery"]))
 
     def commit(timeout: float) -> None:
         for topic, report in callbacks:
@@ -215,10 +225,10 @@ def test_a_size_refusal_of_a_record_that_fits_alone_blames_the_batch_not_the_inp
                 report(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "batch too large"), sent)
         raise _error(txn_requires_abort=True)
 
-    orch.producer.commit_transaction.side_effect = commit
+    producer.commit_transaction.side_effect = commit
     orch.processor.directory.max_message_bytes = lambda topic: 4096  # type: ignore[method-assign]
     message = _start(_wid_on(0), 0, 5)
-    orch.consumer.consume.side_effect = [[message], []]
+    consumer.consume.side_effect = [[message], []]
     orch._poll_once()
     orch._commit_batch()
     assert orch.processor.poison == {}, "no input is blamed for its batch's size"
