@@ -9,7 +9,9 @@ starts, which close at once) tell when a partition processes inputs. Sections:
    the restore time the orchestrator logs;
 2. the same with 1,000,000 history records, most of them closed workflows;
 3. resident memory per idle workflow, open and recently closed;
-4. kill -9 of one of two instances under a steady probe flow, and a third instance joining.
+4. kill -9 of one of two instances under a steady probe flow, and a third instance joining;
+5. restore time and memory with 100,000 pending timers (sleeping workflows);
+6. firing lag (fire time minus due time, p50 and p99) with 1,000 timers due per second.
 
 Run on the local stack (``bin/bench state``, or ``python -m bench.state --help``). Nothing
 here asserts a time: the figures are for docs/performance.md, read with the machine's load
@@ -34,12 +36,14 @@ from examples.order_saga.harness import ROOT
 from orchestrator.settings import OrchestratorSettings
 
 from .failover import JoinRun, KillRun, failover
-from .history import RecordFactory, Shape, WriteStats
+from .history import RecordFactory, Shape, WriteStats, write_history
 from .orchestrators import RestoreReport
-from .runs import Bench, StartRun, TopicSet, start_and_restarts
+from .runs import Bench, StartRun, TopicSet, measure_start, start_and_restarts
+from .timers import FireWatcher, percentiles, sleepers
 
 KILL_TARGET_S = 5.0
 IDLE_TARGET_KIB = 2.0
+LAG_TARGET_MS = 50.0
 
 
 # --- printing --------------------------------------------------------------------------
@@ -283,6 +287,81 @@ class Sections:
         kills, joins = failover(self.bench, topics)
         print("\n".join(failover_lines(kills, joins)))
 
+    def timers(self, topics: TopicSet) -> None:
+        """Section 5: restore and memory with pending timers."""
+        n = self.n
+        now = int(time.time() * 1000)
+        # Due in a day: nothing fires while the section runs.
+        fire_times = (now + 86_400_000 + i for i in range(n))
+        stats = write_history(
+            self.bench.bootstrap,
+            topics.topics.history,
+            self.bench.partitions,
+            sleepers(self.bench.codec, f"{topics.name}", fire_times, now - 600_000),
+        )
+        topics.written += stats.records
+        print(
+            f"\n5. Restore of {n:,} sleeping workflows (one pending durable timer each, due in a "
+            f"day; {stats.bytes // max(1, stats.records)} B per record): {written(stats)}",
+            flush=True,
+        )
+        first, again = start_and_restarts(self.bench, topics, "bench-a")
+        print("\n".join(restore_table(first, again, *self._empties())))
+        print(memory_line(f"{n:,} pending timers", again, self._empties()[1], n))
+
+    def lag(self, topics: TopicSet) -> None:
+        """Section 6: firing lag at a steady rate of due timers."""
+        rate: int = self.args.timer_rate
+        seconds: int = self.args.timer_seconds
+        count = rate * seconds
+        lead_ms = 20_000  # writing, starting and restoring come first
+        first_due = int(time.time() * 1000) + lead_ms
+        fire_times = (first_due + i * 1000 // rate for i in range(count))
+        stats = write_history(
+            self.bench.bootstrap,
+            topics.topics.history,
+            self.bench.partitions,
+            sleepers(self.bench.codec, topics.name, fire_times, first_due - lead_ms),
+        )
+        topics.written += stats.records
+        print(
+            f"\n6. Firing lag: {count:,} sleeping workflows whose timers fall due at {rate:,}/s "
+            f"for {seconds} s, each firing a transition that closes its workflow; "
+            f"{written(stats)}",
+            flush=True,
+        )
+        watcher = FireWatcher(self.bench.bootstrap, topics.topics.history, self.bench.partitions)
+        process = self.bench.process(topics, "bench-a")
+        try:
+            started = measure_start(self.bench, topics, process)
+            spare_s = (first_due - time.time() * 1000) / 1000
+            if spare_s < 0:
+                self.bench.notes.append(
+                    f"section 6: the orchestrator was ready {-spare_s:.1f} s after the first "
+                    "timer was due; its lag includes the start"
+                )
+            end = time.monotonic() + lead_ms / 1000 + seconds + self.bench.deadline_s
+            while len(watcher.done) < count and time.monotonic() < end:
+                watcher.poll(0.2)
+        finally:
+            self.bench.stop(process)
+            watcher.close()
+        if len(watcher.done) < count:
+            raise RuntimeError(f"only {len(watcher.done):,} of {count:,} timers fired")
+        print(
+            f"  ready {started.ready_s:.2f} s after the start, {spare_s:.1f} s before the first "
+            "timer was due"
+        )
+        for label, lags in (
+            ("TimerFired.at_ms - due", watcher.fired_lag_ms),
+            ("committed record read - due", watcher.seen_lag_ms),
+        ):
+            p50, p99, top = percentiles(lags)
+            print(
+                f"  {label:<30} p50 {p50:6.1f} ms   p99 {p99:6.1f} ms   max {top:7.1f} ms   "
+                f"{against(p99, LAG_TARGET_MS, 'ms (p99)')}"
+            )
+
 
 def failover_lines(kills: list[KillRun], joins: list[JoinRun]) -> list[str]:
     """Section 4's figures."""
@@ -314,7 +393,7 @@ def failover_lines(kills: list[KillRun], joins: list[JoinRun]) -> list[str]:
     return lines
 
 
-SECTIONS = ("restore", "million", "memory", "failover")
+SECTIONS = ("restore", "million", "memory", "failover", "timers", "lag")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -322,8 +401,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only",
         default=",".join(SECTIONS),
-        help="comma-separated sections: restore (1), million (2), memory (3), failover (4)",
+        help=(
+            "comma-separated sections: restore (1), million (2), memory (3), failover (4), "
+            "timers (5), lag (6)"
+        ),
     )
+    parser.add_argument("--timer-rate", type=int, default=1_000, help="timers due per second")
+    parser.add_argument("--timer-seconds", type=int, default=20, help="seconds of due timers")
     parser.add_argument("--partitions", type=int, default=12)
     parser.add_argument("--workflows", type=int, default=100_000, help="open (and closed) count")
     parser.add_argument("--million", type=int, default=1_000_000, help="records of section 2")
@@ -361,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = Sections(bench, args)
     # (topic set, what it runs, the topic sets it needs); memory needs section 1's runs.
     plan: list[tuple[str, Callable[[TopicSet], None], set[str]]] = []
-    if wanted & {"restore", "million", "memory"}:
+    if wanted & {"restore", "million", "memory", "timers"}:
         plan.append(("empty", sections.empty_history, set()))
     if wanted & {"restore", "memory"}:
         plan.append(("open", sections.restore, {"empty"}))
@@ -371,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("closed", sections.memory, {"empty", "open"}))
     if "failover" in wanted:
         plan.append(("failover", sections.failover, set()))
+    if "timers" in wanted:
+        plan.append(("timers", sections.timers, {"empty"}))
+    if "lag" in wanted:
+        plan.append(("lag", sections.lag, set()))
     began = time.monotonic()
     print(
         f"orchestrator state benchmark: one orchestrator process per instance, participants "

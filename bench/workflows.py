@@ -25,3 +25,13 @@ registry.workflow(ORDER_TYPE)(process_order)
 async def probe(ctx: WorkflowContext, value: Any) -> Any:
     """Return the input unchanged: no activity, so the workflow closes when it starts."""
     return value
+
+
+SLEEPER_TYPE: Final = "bench.sleeper"
+
+
+@registry.workflow(SLEEPER_TYPE)
+async def sleeper(ctx: WorkflowContext, value: Any) -> Any:
+    """Sleep until ``value["at_ms"]`` (a durable timer), then close: one timer, no activity."""
+    await ctx.sleep_until(value["at_ms"] / 1000)
+    return None

@@ -12,11 +12,14 @@ from orchestrator.errors import (
     SagalineError,
     UnknownWorkflowTypeError,
     WorkflowDefinitionError,
+    WorkflowTimeoutError,
 )
-from orchestrator.saga import Saga
+from orchestrator.saga import COMPENSATION_RETRY, Saga
 from orchestrator.workflow import (
+    DEFAULT_RETRY,
     ActivityHandle,
     RetryPolicy,
+    TimerHandle,
     WorkflowContext,
     WorkflowRegistry,
     default_registry,
@@ -24,6 +27,8 @@ from orchestrator.workflow import (
 )
 
 __all__ = [
+    "COMPENSATION_RETRY",
+    "DEFAULT_RETRY",
     "ActivityError",
     "ActivityHandle",
     "ConfigurationError",
@@ -33,10 +38,12 @@ __all__ = [
     "RetryPolicy",
     "Saga",
     "SagalineError",
+    "TimerHandle",
     "UnknownWorkflowTypeError",
     "WorkflowContext",
     "WorkflowDefinitionError",
     "WorkflowRegistry",
+    "WorkflowTimeoutError",
     "default_registry",
     "workflow",
 ]

@@ -112,6 +112,21 @@ class NonDeterminismError(SagalineError):
     """
 
 
+class WorkflowTimeoutError(SagalineError):
+    """What a workflow awaited with ``.with_timeout(seconds)`` did not settle in time.
+
+    Raised at that ``await`` inside workflow code; an ordinary ``Exception`` (not an
+    ``ActivityError``), so an uncaught one fails the workflow and a ``Saga`` compensates.
+    The activity that did not finish is *not* cancelled: it may still run and commit its
+    effects; its outcome is recorded when it arrives, and the code may still await it.
+    """
+
+    def __init__(self, what: str, seconds: float) -> None:
+        super().__init__(f"{what} did not finish within {seconds:g} s")
+        self.what = what
+        self.seconds = seconds
+
+
 class UnknownWorkflowTypeError(SagalineError):
     """A start request names a workflow type that no registered function handles."""
 

@@ -107,6 +107,20 @@ BUDGET_COMMITS = Counter(
 DEAD_LETTERS = Counter(
     "sagaline_dead_letters_total", "Records written to the dead-letter topic.", ["source", "reason"]
 )
+WAKES = Counter(
+    "sagaline_workflow_wakes_total",
+    "Workflows woken because a timer, a retry's backoff or an activity timeout fell due.",
+)
+WAKE_LAG_SECONDS = Histogram(
+    "sagaline_workflow_wake_lag_seconds",
+    "How late a workflow was woken: the time it was processed minus the time it was due.",
+    buckets=_LATENCY_BUCKETS,
+)
+PENDING_WAKES = Gauge(
+    "sagaline_workflows_waiting_on_time",
+    "Running workflows with a timer, a backoff or a timeout pending, per owned partition.",
+    ["partition"],
+)
 
 # --- participants -------------------------------------------------------------------
 ACTIVITY_SECONDS = Histogram(
@@ -124,6 +138,31 @@ ACTIVITY_DUPLICATES = Counter(
     "sagaline_activity_duplicates_total",
     "Redelivered tasks answered from the idempotency inbox.",
     ["activity"],
+)
+ACTIVITY_TIMEOUTS = Counter(
+    "sagaline_activity_timeouts_total",
+    "Attempts that reached their deadline (timeout: StartToCloseTimeout or "
+    "ScheduleToCloseTimeout); action: cancelled (an async handler cut off), not_run (the "
+    "deadline had passed when the task was picked up), late (a sync handler that finished "
+    "after it; its outcome is kept).",
+    ["activity", "timeout", "action"],
+)
+ACTIVITY_HEARTBEATS = Counter(
+    "sagaline_activity_heartbeats_total",
+    "Heartbeats participants published to the inbox (after throttling).",
+    ["activity"],
+)
+PARTICIPANT_IN_FLIGHT = Gauge(
+    "sagaline_participant_tasks_in_flight",
+    "Tasks taken from Kafka and not answered yet: queued, running, or waiting for their "
+    "result's acknowledgement (bounded by SAGALINE_MAX_IN_FLIGHT).",
+    ["participant"],
+)
+PARTICIPANT_WORKERS_ABANDONED = Counter(
+    "sagaline_participant_workers_abandoned_total",
+    "Worker threads written off because their task ran past its deadline; each is replaced "
+    "by a new thread while fewer than SAGALINE_CONCURRENCY are written off.",
+    ["participant"],
 )
 
 

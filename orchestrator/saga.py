@@ -15,7 +15,12 @@ from orchestrator.workflow import (
     _type_name,
 )
 
-COMPENSATION_RETRY = RetryPolicy(max_attempts=10)
+COMPENSATION_RETRY = RetryPolicy(
+    max_attempts=30, initial_interval=1, backoff_coefficient=2, maximum_interval=600
+)
+"""The default policy of compensations: patient, because an undo must not give up on a
+short outage. 30 attempts, 1 s, 2 s, 4 s ... apart, at most 10 minutes apart: about 3.5
+hours of retries (12,423 s of waiting) before a compensation fails for good."""
 
 
 class Saga:

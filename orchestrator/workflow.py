@@ -1,9 +1,12 @@
 """What users program against: the ``@workflow`` decorator, the registry and the context.
 
 A workflow is a plain ``async def f(ctx, input)``. It must be deterministic: all I/O goes
-through ``ctx.activity`` (run by a participant, recorded in history), and it awaits only
-what ``ctx`` hands out. The engine replays the function from its history whenever the
-workflow advances, so the same history must always lead to the same calls.
+through ``ctx.activity`` (run by a participant, recorded in history), all waiting through
+``ctx.sleep`` / ``ctx.sleep_until`` (durable timers, recorded too), and it awaits only what
+``ctx`` hands out: handles, ``ctx.gather``, ``ctx.first`` and their ``with_timeout``. The
+engine replays the function from its history whenever the workflow advances, so the same
+history must always lead to the same calls. Time in a workflow is ``ctx.now()``, the time
+of the input being replayed, never the machine's clock.
 
 An ``Exception`` out of the function fails the workflow (``COMPENSATED`` or
 ``COMPENSATION_FAILED`` when compensations ran). What shows the code itself is wrong parks
@@ -17,33 +20,52 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+import itertools
+import math
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, TypeVar, cast
+from datetime import datetime, timedelta
+from typing import Any, Final, Generic, Protocol, TypeVar, cast
 
-from orchestrator.errors import ConfigurationError
+from orchestrator.errors import ConfigurationError, WorkflowTimeoutError
 from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
 from orchestrator.protocol.topics import activity_name_problem
 
 WorkflowFn = Callable[["WorkflowContext", Any], Coroutine[Any, Any, Any]]
 F = TypeVar("F", bound=WorkflowFn)
+T = TypeVar("T")
+H = TypeVar("H", bound="CommandHandle")
 
 # Attempts travel as an Avro int.
 MAX_ATTEMPTS: Final = 2**31 - 1
+# The longest interval, timeout or sleep: 100 years keeps every time in the record a long.
+MAX_DURATION_S: Final = 100 * 365 * 24 * 3600
+# The latest instant ctx.sleep_until takes: 9999-12-31T23:59:59Z.
+MAX_EPOCH_S: Final = 253_402_300_799
+# Temporal's default: the maximum interval is 100 times the initial one.
+DEFAULT_MAXIMUM_FACTOR: Final = 100
 
 
 @dataclass(frozen=True, slots=True, init=False)
 class RetryPolicy:
-    """How often the orchestrator re-sends an activity whose attempt failed.
+    """How often, and how patiently, the orchestrator re-sends an activity whose attempt failed.
 
-    Only failures the participant marks retryable are retried, and never those whose
-    error type is listed in ``non_retryable_error_types``. Each attempt gets its own
-    activity id. Backoff between attempts arrives with durable timers.
+    Only failures the participant marks retryable are retried (timeouts too), and never
+    those whose error type is listed in ``non_retryable_error_types``. Each attempt gets
+    its own activity id. Between attempts the workflow waits on a durable timer: the
+    interval before attempt ``n + 1`` is ``min(initial_interval * backoff_coefficient **
+    (n - 1), maximum_interval)``, unless the participant's failure asks for a longer wait
+    (``retry_after_ms``), which replaces it. An interval of 0 retries at once.
 
     Args:
         max_attempts: attempts in all, 1 to 2**31 - 1 (1 means no retry).
         non_retryable_error_types: error types (a participant's ``ActivityFailure``
             class names) never retried: any iterable of str except a str itself.
+        initial_interval: seconds (int, float or timedelta) before the second attempt,
+            0 to 100 years.
+        backoff_coefficient: how much each interval grows, a finite number >= 1.
+        maximum_interval: the longest interval (seconds or timedelta), at least
+            ``initial_interval``; None means 100 times ``initial_interval``.
 
     Raises:
         ConfigurationError: an argument of the wrong type or out of range, e.g.
@@ -56,14 +78,61 @@ class RetryPolicy:
 
     max_attempts: int
     non_retryable_error_types: tuple[str, ...]
+    initial_interval: float
+    backoff_coefficient: float
+    maximum_interval: float
 
     def __init__(
-        self, max_attempts: int = 3, non_retryable_error_types: Iterable[str] = ()
+        self,
+        max_attempts: int = 3,
+        non_retryable_error_types: Iterable[str] = (),
+        initial_interval: float | timedelta = 1.0,
+        backoff_coefficient: float = 2.0,
+        maximum_interval: float | timedelta | None = None,
     ) -> None:
         object.__setattr__(self, "max_attempts", _checked_attempts(max_attempts))
         object.__setattr__(
             self, "non_retryable_error_types", _checked_error_types(non_retryable_error_types)
         )
+        initial = _checked_seconds(initial_interval, "RetryPolicy.initial_interval")
+        object.__setattr__(self, "initial_interval", initial)
+        object.__setattr__(self, "backoff_coefficient", _checked_coefficient(backoff_coefficient))
+        if maximum_interval is None:
+            maximum = min(initial * DEFAULT_MAXIMUM_FACTOR, float(MAX_DURATION_S))
+        else:
+            maximum = _checked_seconds(maximum_interval, "RetryPolicy.maximum_interval")
+            if maximum < initial:
+                raise ConfigurationError(
+                    f"RetryPolicy.maximum_interval ({maximum:g} s) must be at least "
+                    f"initial_interval ({initial:g} s)"
+                )
+        object.__setattr__(self, "maximum_interval", maximum)
+
+    def interval(self, failed_attempts: int) -> float:
+        """Seconds the policy waits before the next attempt after ``failed_attempts`` (>= 1)."""
+        return (
+            backoff_ms(
+                _ms(self.initial_interval),
+                self.backoff_coefficient,
+                _ms(self.maximum_interval),
+                failed_attempts,
+            )
+            / 1000.0
+        )
+
+
+def backoff_ms(initial_ms: int, coefficient: float, maximum_ms: int, failed_attempts: int) -> int:
+    """Milliseconds to wait before attempt ``failed_attempts + 1``:
+    ``min(initial * coefficient ** (failed_attempts - 1), maximum)``, for any count (no
+    float overflow) and any recorded values (a v2 record's zeros mean "at once")."""
+    if initial_ms <= 0 or maximum_ms <= 0:
+        return 0
+    exponent = max(failed_attempts - 1, 0)
+    if exponent == 0 or not coefficient > 1.0:  # NaN from a damaged record too
+        return min(initial_ms, maximum_ms)
+    if exponent * math.log(coefficient) >= math.log(maximum_ms / initial_ms):
+        return maximum_ms
+    return min(round(initial_ms * coefficient**exponent), maximum_ms)
 
 
 def _checked_attempts(value: object) -> int:
@@ -110,6 +179,76 @@ def _checked_error_types(value: object) -> tuple[str, ...]:
     return tuple(checked)
 
 
+def _checked_number(value: object, what: str) -> float:
+    """``value`` as a plain finite float, for an int or float argument (not a bool)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigurationError(f"{what} must be an int or float, got {_type_name(value)}")
+    try:
+        # The base class's conversion: a subclass's __float__ could do anything.
+        number = float.__float__(value) if isinstance(value, float) else int.__float__(value)
+    except OverflowError as exc:  # an int too large for a float
+        raise ConfigurationError(
+            f"{what} must be a finite number, got {_type_name(value)}"
+        ) from exc
+    if not math.isfinite(number):
+        raise ConfigurationError(f"{what} must be a finite number, got {number!r}")
+    return number
+
+
+def _checked_seconds(value: object, what: str) -> float:
+    """A duration in seconds, 0 to 100 years, from seconds (int or float) or a timedelta."""
+    if isinstance(value, timedelta):
+        seconds = timedelta.total_seconds(value)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = _checked_number(value, what)
+    else:
+        raise ConfigurationError(
+            f"{what} must be seconds (an int or float) or a timedelta, got {_type_name(value)}"
+        )
+    if not 0 <= seconds <= MAX_DURATION_S:
+        raise ConfigurationError(
+            f"{what} must be between 0 and {MAX_DURATION_S} seconds (100 years), got {seconds:g}"
+        )
+    return seconds
+
+
+def _checked_coefficient(value: object) -> float:
+    coefficient = _checked_number(value, "RetryPolicy.backoff_coefficient")
+    if coefficient < 1.0:
+        raise ConfigurationError(
+            f"RetryPolicy.backoff_coefficient must be at least 1.0, got {coefficient:g}"
+        )
+    return coefficient
+
+
+def _checked_timeout(value: object, what: str) -> int | None:
+    """Milliseconds of an optional timeout: None, or more than 0 and at most 100 years."""
+    if value is None:
+        return None
+    milliseconds = _ms(_checked_seconds(value, what))
+    if milliseconds < 1:
+        raise ConfigurationError(f"{what} must be at least 0.001 seconds, got {value!r}")
+    return milliseconds
+
+
+def _epoch_of(moment: datetime, what: str) -> float:
+    try:
+        aware = moment.utcoffset() is not None
+        epoch = datetime.timestamp(moment) if aware else None
+    except Exception as exc:  # a tzinfo is user code
+        raise ConfigurationError(f"{what}: the datetime has no usable time zone") from exc
+    if epoch is None:
+        raise ConfigurationError(
+            f"{what} takes a timezone-aware datetime, got a naive one; "
+            "write datetime(..., tzinfo=timezone.utc)"
+        )
+    return epoch
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
 def _type_name(value: object) -> str:
     try:
         return safe_text(type(value).__qualname__, MAX_NAME_CHARS)
@@ -118,69 +257,253 @@ def _type_name(value: object) -> str:
 
 
 DEFAULT_RETRY = RetryPolicy()
+"""3 attempts, 1 s before the second, 2 s before the third (at most 100 s)."""
 
 
-class ActivityHandle:
+@dataclass(frozen=True, slots=True)
+class ActivityTimeouts:
+    """An activity's timeouts in milliseconds; None: no such timeout."""
+
+    schedule_to_close_ms: int | None = None
+    start_to_close_ms: int | None = None
+    heartbeat_timeout_ms: int | None = None
+
+
+NO_TIMEOUTS: Final = ActivityTimeouts()
+
+# Settling order of every handle, so races replay the way they first ran (only the order
+# of the handles of one replay is ever compared).
+_SETTLED: Final = itertools.count()
+
+
+class Waitable(Generic[T]):
+    """Something workflow code may ``await``: a handle from ``ctx``, ``ctx.gather``,
+    ``ctx.first`` or ``with_timeout``. Nothing else may be awaited in a workflow."""
+
+    __slots__ = ("_scheduler",)
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def _settled_order(self) -> int | None:
+        """When this settled (comparable within one replay), or None while it waits."""
+        raise NotImplementedError
+
+    def _blocker(self) -> CommandHandle:
+        """A handle that has not settled, yielded to the engine while waiting."""
+        raise NotImplementedError
+
+    def _outcome(self) -> T:
+        """The value (or raise the error) once settled."""
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        raise NotImplementedError
+
+    def __await__(self) -> Generator[CommandHandle, None, T]:
+        while self._settled_order() is None:
+            yield self._blocker()
+        return self._outcome()
+
+    def with_timeout(self, seconds: float | timedelta) -> Timeout[T]:
+        """Await this, but for at most ``seconds`` (int, float or timedelta).
+
+        A durable timer starts now (it takes the next step number); awaiting the result
+        returns this awaitable's outcome if it settles first, else raises
+        :class:`~orchestrator.errors.WorkflowTimeoutError`. If it settles first, the timer
+        is cancelled and never wakes the workflow. A timed-out activity is *not*
+        cancelled: it may still run and commit; await its handle again to see its outcome.
+
+        Raises:
+            ConfigurationError: ``seconds`` is not 0 to 100 years (the workflow is parked
+                as ``STUCK``).
+        """
+        try:
+            delay = _checked_seconds(seconds, f"{self._describe()}.with_timeout(seconds)")
+        except ConfigurationError as exc:
+            self._scheduler.misuse(str(exc))
+            raise
+        timer = self._scheduler.timer(self._scheduler.now_ms() + _ms(delay))
+        return Timeout(self._scheduler, self, timer, delay)
+
+
+class CommandHandle(Waitable[Any]):
+    """One recorded command (an activity or a timer); ``await`` it for its outcome."""
+
+    __slots__ = ("_done", "_error", "_order", "_value", "seq")
+
+    def __init__(self, scheduler: Scheduler, seq: int) -> None:
+        super().__init__(scheduler)
+        self.seq = seq
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._order: int | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the final outcome is known."""
+        return self._done
+
+    def resolve(self, value: Any) -> None:
+        """Engine use: the command completed with ``value``."""
+        self._done, self._value, self._order = True, value, next(_SETTLED)
+
+    def reject(self, error: BaseException) -> None:
+        """Engine use: the command failed for good with ``error``."""
+        self._done, self._error, self._order = True, error, next(_SETTLED)
+
+    def _settled_order(self) -> int | None:
+        return self._order
+
+    def _blocker(self) -> CommandHandle:
+        return self
+
+    def _outcome(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class ActivityHandle(CommandHandle):
     """An activity that has been scheduled; ``await`` it for its result.
 
     Scheduling happens when ``ctx.activity`` is called, not when the handle is awaited,
     so several handles can be created first and awaited together with ``ctx.gather``.
     """
 
-    __slots__ = ("_done", "_error", "_value", "name", "seq")
+    __slots__ = ("name",)
 
-    def __init__(self, seq: int, name: str) -> None:
-        self.seq = seq
+    def __init__(self, scheduler: Scheduler, seq: int, name: str) -> None:
+        super().__init__(scheduler, seq)
         self.name = name
-        self._done = False
-        self._value: Any = None
-        self._error: BaseException | None = None
 
-    @property
-    def done(self) -> bool:
-        """True once the activity's final outcome is known."""
-        return self._done
-
-    def resolve(self, value: Any) -> None:
-        """Engine use: the activity completed with ``value``."""
-        self._done, self._value = True, value
-
-    def reject(self, error: BaseException) -> None:
-        """Engine use: the activity failed for good with ``error``."""
-        self._done, self._error = True, error
-
-    def __await__(self) -> Generator[ActivityHandle, None, Any]:
-        while not self._done:
-            yield self
-        if self._error is not None:
-            raise self._error
-        return self._value
+    def _describe(self) -> str:
+        return f"activity {self.name!r} (step {self.seq})"
 
 
-class _Gather:
+class TimerHandle(CommandHandle):
+    """A durable timer from ``ctx.sleep`` or ``ctx.sleep_until``; ``await`` it (None).
+
+    The timer starts when it is created, not when it is awaited, so it can be raced
+    (``ctx.first``) or gathered with activities.
+    """
+
+    __slots__ = ("fire_at_ms",)
+
+    def __init__(self, scheduler: Scheduler, seq: int, fire_at_ms: int) -> None:
+        super().__init__(scheduler, seq)
+        self.fire_at_ms = fire_at_ms
+
+    def _describe(self) -> str:
+        return f"timer (step {self.seq})"
+
+
+class Gather(Waitable[list[Any]]):
+    """``ctx.gather``: every handle's outcome, in argument order."""
+
     __slots__ = ("_handles",)
 
-    def __init__(self, handles: tuple[ActivityHandle, ...]) -> None:
+    def __init__(self, scheduler: Scheduler, handles: tuple[CommandHandle, ...]) -> None:
+        super().__init__(scheduler)
         self._handles = handles
 
-    def __await__(self) -> Generator[ActivityHandle, None, list[Any]]:
-        # Wait for every branch before raising, so a compensation sees which ones finished.
-        for handle in self._handles:
-            while not handle.done:
-                yield handle
-        results: list[Any] = []
-        for handle in self._handles:
-            results.append((yield from handle.__await__()))
-        return results
+    def _settled_order(self) -> int | None:
+        orders = [h._settled_order() for h in self._handles]
+        if any(order is None for order in orders):
+            return None
+        return max((order for order in orders if order is not None), default=-1)
+
+    def _blocker(self) -> CommandHandle:
+        return next(h for h in self._handles if h._settled_order() is None)
+
+    def _outcome(self) -> list[Any]:
+        # Every branch has settled before this raises, so a compensation sees which finished.
+        return [handle._outcome() for handle in self._handles]
+
+    def _describe(self) -> str:
+        return f"ctx.gather of {len(self._handles)}"
+
+
+class First(Waitable[H]):
+    """``ctx.first``: the handle that settled first, in history order."""
+
+    __slots__ = ("_handles",)
+
+    def __init__(self, scheduler: Scheduler, handles: tuple[H, ...]) -> None:
+        super().__init__(scheduler)
+        self._handles = handles
+
+    def _settled_order(self) -> int | None:
+        orders = [o for o in (h._settled_order() for h in self._handles) if o is not None]
+        return min(orders, default=None)
+
+    def _blocker(self) -> CommandHandle:
+        return self._handles[0]
+
+    def _outcome(self) -> H:
+        return min(
+            (h for h in self._handles if h._settled_order() is not None),
+            key=lambda h: cast(int, h._settled_order()),
+        )
+
+    def _describe(self) -> str:
+        return f"ctx.first of {len(self._handles)}"
+
+
+class Timeout(Waitable[T]):
+    """``awaitable.with_timeout(seconds)``: its outcome, or WorkflowTimeoutError."""
+
+    __slots__ = ("_inner", "_seconds", "_timer")
+
+    def __init__(
+        self, scheduler: Scheduler, inner: Waitable[T], timer: TimerHandle, seconds: float
+    ) -> None:
+        super().__init__(scheduler)
+        self._inner = inner
+        self._timer = timer
+        self._seconds = seconds
+
+    def _settled_order(self) -> int | None:
+        orders = [
+            o for o in (self._inner._settled_order(), self._timer._settled_order()) if o is not None
+        ]
+        return min(orders, default=None)
+
+    def _blocker(self) -> CommandHandle:
+        return self._inner._blocker()
+
+    def _outcome(self) -> T:
+        inner, timer = self._inner._settled_order(), self._timer._settled_order()
+        if inner is not None and (timer is None or inner < timer):
+            self._scheduler.cancel(self._timer)
+            return self._inner._outcome()
+        raise WorkflowTimeoutError(self._inner._describe(), self._seconds)
+
+    def _describe(self) -> str:
+        return self._inner._describe()
 
 
 class Scheduler(Protocol):
     """The engine side of a context: turns calls into recorded commands."""
 
     def schedule(
-        self, name: str, value: Any, retry: RetryPolicy, compensation: bool
+        self,
+        name: str,
+        value: Any,
+        retry: RetryPolicy,
+        compensation: bool,
+        timeouts: ActivityTimeouts,
     ) -> ActivityHandle:
         """Record (or match, on replay) one activity call and return its handle."""
+        ...
+
+    def timer(self, fire_at_ms: int) -> TimerHandle:
+        """Record (or match, on replay) one durable timer and return its handle."""
+        ...
+
+    def cancel(self, timer: TimerHandle) -> None:
+        """The code no longer waits for ``timer``: it must never fire (no-op once fired)."""
         ...
 
     def now_ms(self) -> int:
@@ -209,6 +532,9 @@ class WorkflowContext:
         *,
         retry: RetryPolicy | None = None,
         compensation: bool = False,
+        schedule_to_close: float | timedelta | None = None,
+        start_to_close: float | timedelta | None = None,
+        heartbeat_timeout: float | timedelta | None = None,
     ) -> ActivityHandle:
         """Schedule activity ``name`` ('<participant>.<activity>') with a JSON value.
 
@@ -216,9 +542,19 @@ class WorkflowContext:
             name: participant and activity, e.g. ``"payment.charge"``; the participant
                 part becomes part of a topic name (letters, digits, '_' and '-').
             value: the single argument the participant's handler receives.
-            retry: attempts and non-retryable error types; default 3 attempts.
+            retry: attempts, backoff and non-retryable error types; default
+                ``DEFAULT_RETRY`` (3 attempts, 1 s then 2 s apart).
             compensation: mark this step as undoing an earlier one, so a workflow that
                 then fails ends ``COMPENSATED`` rather than ``FAILED``.
+            schedule_to_close: seconds (or timedelta) for the whole step, every attempt
+                and every wait between them; when it passes the step fails for good
+                (``ScheduleToCloseTimeout``), and no retry is started that could not
+                begin before it.
+            start_to_close: seconds one attempt may run from the participant's start
+                report; then the attempt fails (``StartToCloseTimeout``, retryable).
+            heartbeat_timeout: seconds a started attempt may go without a heartbeat;
+                then it fails (``HeartbeatTimeout``, retryable). The last heartbeat's
+                details are handed to the next attempt.
 
         Returns:
             A handle; ``await`` it for the handler's return value. It raises
@@ -228,8 +564,9 @@ class WorkflowContext:
             when the step ran and its writes committed (compensate it).
 
         Raises:
-            ConfigurationError: an invalid name, ``retry`` or ``compensation``. The code is
-                wrong, so the workflow is parked as ``STUCK`` even if the code catches this.
+            ConfigurationError: an invalid name, ``retry``, ``compensation`` or timeout.
+                The code is wrong, so the workflow is parked as ``STUCK`` even if the code
+                catches this.
         """
         problem = _name_problem(name)
         if problem is not None:
@@ -244,30 +581,112 @@ class WorkflowContext:
                 f"ctx.activity({_shown(name)}, compensation=...) takes a bool, got "
                 f"{_type_name(compensation)}"
             )
+        timeouts = NO_TIMEOUTS
+        if (
+            schedule_to_close is not None
+            or start_to_close is not None
+            or heartbeat_timeout is not None
+        ):
+            try:
+                timeouts = ActivityTimeouts(
+                    _checked_timeout(
+                        schedule_to_close, f"ctx.activity({_shown(name)}, schedule_to_close=...)"
+                    ),
+                    _checked_timeout(
+                        start_to_close, f"ctx.activity({_shown(name)}, start_to_close=...)"
+                    ),
+                    _checked_timeout(
+                        heartbeat_timeout, f"ctx.activity({_shown(name)}, heartbeat_timeout=...)"
+                    ),
+                )
+            except ConfigurationError as exc:
+                raise self._misuse(str(exc)) from None
         # A plain str copy: a str subclass must not reach the record or the comparisons.
         plain = str.__str__(name)
-        return self._scheduler.schedule(plain, value, retry or DEFAULT_RETRY, compensation)
+        return self._scheduler.schedule(
+            plain, value, retry or DEFAULT_RETRY, compensation, timeouts
+        )
 
-    def gather(self, *handles: ActivityHandle) -> Awaitable[list[Any]]:
-        """Await several scheduled activities; results in argument order.
+    def sleep(self, seconds: float | timedelta) -> TimerHandle:
+        """A durable timer that fires ``seconds`` (int, float or timedelta) from now.
+
+        ``await ctx.sleep(60)`` suspends the workflow for a minute; nothing runs and
+        nothing is held in memory meanwhile, and the wait survives restarts. The timer
+        starts at this call, so the handle can also be raced or gathered.
+
+        Raises:
+            ConfigurationError: ``seconds`` is not 0 to 100 years (the workflow is parked
+                as ``STUCK``).
+        """
+        try:
+            delay = _checked_seconds(seconds, "ctx.sleep(seconds)")
+        except ConfigurationError as exc:
+            raise self._misuse(str(exc)) from None
+        return self._scheduler.timer(self._scheduler.now_ms() + _ms(delay))
+
+    def sleep_until(self, epoch_seconds: float | datetime) -> TimerHandle:
+        """A durable timer that fires at ``epoch_seconds`` (seconds since the epoch, or a
+        timezone-aware datetime); a time already past fires at the next wake-up.
+
+        Raises:
+            ConfigurationError: not a finite time from 1970 to the year 9999, or a naive
+                datetime (the workflow is parked as ``STUCK``).
+        """
+        what = "ctx.sleep_until(epoch_seconds)"
+        try:
+            if isinstance(epoch_seconds, datetime):
+                epoch = _epoch_of(epoch_seconds, what)
+            else:
+                epoch = _checked_number(epoch_seconds, what)
+            if not 0 <= epoch <= MAX_EPOCH_S:
+                raise ConfigurationError(
+                    f"{what} must be between 0 and {MAX_EPOCH_S} (the year 9999), got {epoch:g}"
+                )
+        except ConfigurationError as exc:
+            raise self._misuse(str(exc)) from None
+        return self._scheduler.timer(int(epoch * 1000))
+
+    def gather(self, *handles: CommandHandle) -> Gather:
+        """Await several activities and timers; results in argument order (None for a
+        timer).
 
         Waits for all of them; if any failed, raises the first failure (argument order)
         once the rest have finished.
 
         Raises:
-            ConfigurationError: an argument is not a handle from ``ctx.activity`` (the
-                workflow is parked as ``STUCK``).
+            ConfigurationError: an argument is not a handle from ``ctx.activity``,
+                ``ctx.sleep`` or ``ctx.sleep_until`` (the workflow is parked as ``STUCK``).
         """
-        for handle in handles:
-            if type(handle) is not ActivityHandle:
-                raise self._misuse(
-                    f"ctx.gather takes handles returned by ctx.activity, got {_type_name(handle)}"
-                )
-        return _Gather(tuple(handles))
+        return Gather(self._scheduler, self._handles("ctx.gather", handles))
+
+    def first(self, *handles: H) -> First[H]:
+        """Await whichever of ``handles`` settles first; returns that handle.
+
+        "First" is history order, so a replay returns the same handle. Failed handles
+        count: ``await`` the returned handle for its value or error. The others keep
+        running (an activity is not cancelled; a timer still fires).
+
+        Raises:
+            ConfigurationError: no handles, or one that is not a handle from
+                ``ctx.activity``, ``ctx.sleep`` or ``ctx.sleep_until`` (the workflow is
+                parked as ``STUCK``).
+        """
+        if not handles:
+            raise self._misuse("ctx.first() needs at least one handle; it would wait forever")
+        return First(self._scheduler, self._handles("ctx.first", handles))
 
     def now(self) -> float:
         """Deterministic time (seconds since the epoch) of the input being replayed."""
         return self._scheduler.now_ms() / 1000.0
+
+    def _handles(self, call: str, handles: tuple[H, ...]) -> tuple[H, ...]:
+        for handle in handles:
+            if type(handle) not in (ActivityHandle, TimerHandle):
+                raise self._misuse(
+                    f"{call} takes handles returned by ctx.activity, ctx.sleep or "
+                    f"ctx.sleep_until, got {_type_name(handle)}"
+                )
+        return tuple(handles)
 
     def _misuse(self, message: str) -> ConfigurationError:
         """Tell the engine first, so code that catches the error cannot hide the bug."""

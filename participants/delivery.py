@@ -8,7 +8,11 @@ answered once by a small substitute failure, so the workflow learns of it and ca
 compensate; a record that cannot be answered that way stops the participant, because the
 offsets of its batch must never be committed past an unacknowledged result. Nothing here
 raises from a delivery callback (EOS 8): failures are collected and judged in
-:meth:`Publisher.confirm`.
+:meth:`Publisher.handle_failures` (or :meth:`Publisher.confirm`), on the loop thread.
+
+Start reports and heartbeats are best effort: published once, a failed delivery logged and
+dropped (the orchestrator tolerates missing and duplicate ones); they never stop the
+participant unless the producer itself failed for good.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import dataclasses
 import functools
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Final
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -31,7 +36,14 @@ from orchestrator.errors import (
 )
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.failures import safe_text
-from orchestrator.protocol.records import ActivityResult, ActivityStatus, Failure
+from orchestrator.protocol.payloads import PayloadEncodingError
+from orchestrator.protocol.records import (
+    ActivityHeartbeat,
+    ActivityResult,
+    ActivityStarted,
+    ActivityStatus,
+    Failure,
+)
 from orchestrator.protocol.topics import Topics
 from orchestrator.transport import classify_delivery_error, dead_letter, produce, record_size
 
@@ -53,8 +65,11 @@ class Outgoing:
     """One record on its way to Kafka, with what it answers.
 
     Attributes:
-        result: the activity result it carries; None for a dead letter.
+        result: the activity result it carries; None for a dead letter or a report.
         substitute: True when it already stands in for a record Kafka refused.
+        best_effort: a start report or heartbeat: sent once, a failure logged and dropped.
+        on_acked: called once Kafka acknowledged it (or the substitute standing in for it),
+            from whichever thread polls the producer.
     """
 
     topic: str
@@ -63,6 +78,8 @@ class Outgoing:
     headers: tuple[tuple[str, bytes | None], ...] = ()
     result: ActivityResult | None = None
     substitute: bool = False
+    best_effort: bool = False
+    on_acked: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -119,15 +136,46 @@ def _replacing(record: Outgoing, failure: Failure, codec: AvroCodec) -> Outgoing
         record.result, status=ActivityStatus.FAILED, result=None, failure=failure
     )
     return Outgoing(
-        record.topic, record.key, codec.encode_inbox(smaller), result=smaller, substitute=True
+        record.topic,
+        record.key,
+        codec.encode_inbox(smaller),
+        result=smaller,
+        substitute=True,
+        on_acked=record.on_acked,
     )
 
 
-class Publisher:
-    """Sends a participant's records and waits until Kafka acknowledged them.
+def report_record(
+    report: ActivityStarted | ActivityHeartbeat,
+    topics: Topics,
+    codec: AvroCodec,
+    max_record_bytes: int,
+) -> Outgoing:
+    """The inbox record of a start report or heartbeat, keyed like results (by workflow).
 
-    Used from one thread (the participant's loop): delivery callbacks run inside its
-    ``produce``/``flush`` calls, so the collected failures need no lock.
+    Raises:
+        PayloadEncodingError: the record would be larger than ``max_record_bytes``
+            (heartbeat details too large).
+    """
+    record = Outgoing(
+        topics.inbox, report.workflow_id.encode(), codec.encode_inbox(report), best_effort=True
+    )
+    if record.size > max_record_bytes:
+        raise PayloadEncodingError(
+            f"{type(report).__name__} of activity {safe_text(report.activity_id, 300)} would "
+            f"be {record.size} bytes with its key, above the limit of {max_record_bytes}; "
+            "keep heartbeat details small (a cursor or a count, not the data)"
+        )
+    return record
+
+
+class Publisher:
+    """Sends a participant's records and learns which ones Kafka acknowledged.
+
+    The ``send_*`` methods may be called from any thread (workers publish their results as
+    they finish). Delivery callbacks run in whichever thread polls the producer; failures
+    are collected under a lock and judged by :meth:`handle_failures` (or :meth:`confirm`),
+    which only the participant's loop thread calls.
     """
 
     def __init__(
@@ -145,13 +193,37 @@ class Publisher:
         self._codec = codec
         self._max_record_bytes = max_record_bytes
         self._source = f"participant:{participant}"
+        self._lock = threading.Lock()
         self._failures: list[tuple[Outgoing, KafkaError]] = []
 
-    def send_result(self, result: ActivityResult) -> None:
-        """Queue the record answering ``result`` (or its ``ResultTooLarge`` substitute)."""
-        self._send(result_record(result, self._topics, self._codec, self._max_record_bytes))
+    def send_result(
+        self, result: ActivityResult, *, on_acked: Callable[[], None] | None = None
+    ) -> None:
+        """Queue the record answering ``result`` (or its ``ResultTooLarge`` substitute);
+        ``on_acked`` runs once Kafka acknowledged it."""
+        record = result_record(result, self._topics, self._codec, self._max_record_bytes)
+        self._send(dataclasses.replace(record, on_acked=on_acked))
 
-    def send_dead_letter(self, msg: Message, *, reason: str, error: str) -> None:
+    def report(self, report: ActivityStarted | ActivityHeartbeat) -> Outgoing:
+        """The record of a start report or heartbeat, checked against the size limit.
+
+        Raises:
+            PayloadEncodingError: too large (see :func:`report_record`).
+        """
+        return report_record(report, self._topics, self._codec, self._max_record_bytes)
+
+    def send_report(self, record: Outgoing) -> None:
+        """Queue a record from :meth:`report`, best effort: never resent, never substituted."""
+        self._send(record)
+
+    def send_dead_letter(
+        self,
+        msg: Message,
+        *,
+        reason: str,
+        error: str,
+        on_acked: Callable[[], None] | None = None,
+    ) -> None:
         """Queue ``msg`` for the DLQ topic, with why in its headers."""
         letter = dead_letter(
             msg,
@@ -160,8 +232,32 @@ class Publisher:
             source=self._source,
             max_record_bytes=self._max_record_bytes,
         )
-        self._send(Outgoing(self._topics.dlq, letter.key, letter.value, tuple(letter.headers)))
+        self._send(
+            Outgoing(
+                self._topics.dlq,
+                letter.key,
+                letter.value,
+                tuple(letter.headers),
+                on_acked=on_acked,
+            )
+        )
         metrics.DEAD_LETTERS.labels(self._source, reason).inc()
+
+    def poll(self, timeout_s: float = 0.0) -> int:
+        """Serve delivery callbacks, waiting up to ``timeout_s`` for the first one."""
+        served: int = self._producer.poll(timeout_s)
+        return served
+
+    def handle_failures(self) -> None:
+        """Send again, or substitute, what failed delivery so far (loop thread only).
+
+        Raises:
+            ResultDeliveryError: as :meth:`confirm`.
+        """
+        with self._lock:
+            failures, self._failures = self._failures, []
+        for outgoing, error in failures:
+            self._redeliver(outgoing, error)
 
     def confirm(self, stop: threading.Event) -> bool:
         """Wait until Kafka acknowledged everything queued; False if ``stop`` is set first.
@@ -176,7 +272,8 @@ class Publisher:
         """
         while True:
             remaining = self._producer.flush(_FLUSH_SLICE_S)
-            failures, self._failures = self._failures, []
+            with self._lock:
+                failures, self._failures = self._failures, []
             for outgoing, error in failures:
                 self._redeliver(outgoing, error)
             if remaining == 0 and not failures:
@@ -200,6 +297,9 @@ class Publisher:
                 on_delivery=functools.partial(self._delivered, outgoing),
             )
         except RecordRejectedError as exc:
+            if outgoing.best_effort:
+                self._drop(outgoing, f"{exc.reason}: {exc}")
+                return
             self._send(self._substitute(outgoing, f"{exc.reason}: {exc}"))
         except (FatalKafkaError, TransactionAbortableError) as exc:
             raise ResultDeliveryError(
@@ -209,11 +309,25 @@ class Publisher:
 
     def _delivered(self, outgoing: Outgoing, error: KafkaError | None, _msg: Message) -> None:
         if error is not None:
-            self._failures.append((outgoing, error))
+            with self._lock:
+                self._failures.append((outgoing, error))
+        elif outgoing.on_acked is not None:
+            outgoing.on_acked()
+
+    def _drop(self, outgoing: Outgoing, cause: str) -> None:
+        log.warning(
+            "report not delivered, dropped participant=%s topic=%s error=%s",
+            self._participant,
+            outgoing.topic,
+            safe_text(cause, 500),
+        )
 
     def _redeliver(self, outgoing: Outgoing, error: KafkaError) -> None:
         cause = f"{error.name()}: {error.str()}"
         verdict = classify_delivery_error(error)
+        if outgoing.best_effort and verdict != "fatal":
+            self._drop(outgoing, cause)
+            return
         if verdict == "fatal":
             raise ResultDeliveryError(
                 f"participant {self._participant}: the producer failed for good delivering "

@@ -37,7 +37,7 @@ from orchestrator import metrics
 from orchestrator.errors import SagalineError
 from orchestrator.protocol.failures import MAX_NAME_CHARS, describe, safe_text
 from orchestrator.protocol.records import ActivityStatus, ActivityTask, Failure, Payload
-from participants.participant import Outcome, Participant, wall_clock_ms
+from participants.participant import AttemptReporter, Outcome, Participant, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,22 @@ CREATE TABLE IF NOT EXISTS {RESULTS_TABLE} (
     message text,
     retryable boolean,
     created_at timestamptz NOT NULL DEFAULT now(),
+    retry_after_ms bigint,
     PRIMARY KEY (participant, activity_id)
 )
+"""
+# Columns added after the table's first release, created by ensure_schema where missing.
+# Checked first: ALTER TABLE would wait for every open attempt (its lock conflicts with
+# theirs), a hung handler's included, even when the column exists.
+_ADDED_COLUMNS = (("retry_after_ms", "bigint"),)
+_HAS_COLUMN_SQL = """
+SELECT 1 FROM pg_attribute
+WHERE attrelid = to_regclass(%s) AND attname = %s AND NOT attisdropped
 """
 
 _SAVEPOINT = "sagaline_attempt"
 _FIND_SQL = f"""
-SELECT status, result, error_type, message, retryable, created_at
+SELECT status, result, error_type, message, retryable, created_at, retry_after_ms
 FROM {RESULTS_TABLE} WHERE participant = %s AND activity_id = %s
 """
 # Sent as one simple query (client-side binding), so the four cost one round trip.
@@ -86,8 +95,9 @@ _CLAIM_SQL = (
 )
 _INSERT_SQL = f"""
 INSERT INTO {RESULTS_TABLE}
-    (participant, activity_id, status, result, error_type, message, retryable, created_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+    (participant, activity_id, status, result, error_type, message, retryable, created_at,
+     retry_after_ms)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 
 
@@ -148,6 +158,9 @@ def ensure_schema(conn: psycopg.Connection[Any], participant: Participant) -> No
 def _ensure_schema_txn(conn: psycopg.Connection[Any], participant: Participant) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
     conn.execute(SCHEMA_SQL)
+    for column, kind in _ADDED_COLUMNS:
+        if conn.execute(_HAS_COLUMN_SQL, (RESULTS_TABLE, column)).fetchone() is None:
+            conn.execute(f"ALTER TABLE {RESULTS_TABLE} ADD COLUMN IF NOT EXISTS {column} {kind}")
     if participant.setup_sql.strip():
         conn.execute(participant.setup_sql)
 
@@ -158,6 +171,7 @@ def execute_task(
     task: ActivityTask,
     *,
     now_ms: Callable[[], int] = wall_clock_ms,
+    reporter: AttemptReporter | None = None,
 ) -> Execution:
     """Run ``task`` at most once to completion: its writes and its outcome commit together.
 
@@ -179,13 +193,15 @@ def execute_task(
         conn: an autocommit connection with no transaction open.
         participant: whose handler runs, and whose inbox rows are read and written.
         task: the attempt to run.
-        now_ms: clock for the outcome's finish time.
+        now_ms: clock for the outcome's finish time and the attempt's deadline.
+        reporter: told when the handler starts (not for an outcome found stored) and of
+            its heartbeats; see :meth:`Participant.run_task`.
     """
     invalid = _invalid_id(participant, task, now_ms)
     if invalid is not None:
         return Execution(invalid)
     try:
-        execution = _execute(conn, participant, task, now_ms)
+        execution = _execute(conn, participant, task, now_ms, reporter)
     except Exception as exc:
         _end_transaction(conn)
         if _retry_as_is(exc, conn):
@@ -232,6 +248,7 @@ def _execute(
     participant: Participant,
     task: ActivityTask,
     now_ms: Callable[[], int],
+    reporter: AttemptReporter | None = None,
 ) -> Execution:
     """One attempt in one transaction, in three round trips around the handler's own.
 
@@ -248,7 +265,7 @@ def _execute(
     if stored is not None:
         conn.execute("ROLLBACK")
         return Execution(stored, duplicate=True)
-    outcome = _safe(participant.run_task(task, conn, now_ms=now_ms))
+    outcome = _safe(participant.run_task(task, conn, now_ms=now_ms, reporter=reporter))
     if conn.info.transaction_status is TransactionStatus.IDLE:
         # The handler ran COMMIT or ROLLBACK itself: the lock is gone and its writes may
         # have committed without an outcome. Nothing can make that exactly once; say so.
@@ -337,6 +354,7 @@ def _store_and_commit(
                 None if failure is None else failure.message,
                 None if failure is None else failure.retryable,
                 _EPOCH + outcome.finished_at_ms * _MS,
+                None if failure is None else failure.retry_after_ms,
             ),
         )
 
@@ -449,13 +467,19 @@ def _find_txn(conn: psycopg.Connection[Any], participant: str, activity_id: str)
 
 
 def _outcome_of(row: tuple[Any, ...]) -> Outcome:
-    status, result, error_type, message, retryable, created_at = row
+    status, result, error_type, message, retryable, created_at, after_ms = row
     finished_at_ms = (created_at - _EPOCH) // _MS
     if status == ActivityStatus.COMPLETED.value:
         return Outcome.completed(Payload(bytes(result)), finished_at_ms)
     # Not a column: the only stored failure whose effects may have committed is this one.
     committed = error_type == TRANSACTION_ENDED
-    failure = Failure(error_type, message, bool(retryable), effects_committed=committed)
+    failure = Failure(
+        error_type,
+        message,
+        bool(retryable),
+        effects_committed=committed,
+        retry_after_ms=None if after_ms is None else int(after_ms),
+    )
     return Outcome.failed(failure, finished_at_ms)
 
 

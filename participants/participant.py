@@ -9,11 +9,13 @@ Time comes in through a ``now_ms`` argument so the mapping is testable without a
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import inspect
 import logging
+import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 import psycopg
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_ACTIVITY = "UnknownActivity"
 WRONG_PARTICIPANT = "WrongParticipant"
+START_TO_CLOSE_TIMEOUT = "StartToCloseTimeout"
+SCHEDULE_TO_CLOSE_TIMEOUT = "ScheduleToCloseTimeout"
+TIMEOUT_ERROR_TYPES = frozenset({START_TO_CLOSE_TIMEOUT, SCHEDULE_TO_CLOSE_TIMEOUT})
 
 
 def wall_clock_ms() -> int:
@@ -60,11 +65,122 @@ class ActivityFailure(Exception):  # noqa: N818 - users raise it as a business o
     """
 
     retryable: bool = False
+    retry_after: float | dt.timedelta | None = None
 
-    def __init__(self, message: str = "", *, retryable: bool | None = None) -> None:
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        retryable: bool | None = None,
+        retry_after: float | dt.timedelta | None = None,
+    ) -> None:
         super().__init__(message)
         if retryable is not None:
             self.retryable = retryable
+        if retry_after is not None:
+            self.retry_after = retry_after
+        # Validated here, so a bad value fails at the raise, naming itself.
+        self.retry_after_ms: int | None = retry_after_ms(self.retry_after)
+
+
+def retry_after_ms(value: object) -> int | None:
+    """``value`` (seconds as int/float, or a timedelta) in whole milliseconds, rounded up.
+
+    Raises:
+        TypeError: not a number of seconds nor a timedelta (a bool is refused too).
+        ValueError: negative, NaN or infinite.
+    """
+    if value is None:
+        return None
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(
+            f"retry_after must be seconds (int or float) or a datetime.timedelta, "
+            f"not {type(value).__name__}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"retry_after must be finite and at least 0 seconds, not {value!r}")
+    return math.ceil(seconds * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When an attempt must be over, and which timeout that is.
+
+    Attributes:
+        at_ms: epoch milliseconds.
+        error_type: ``StartToCloseTimeout`` or ``ScheduleToCloseTimeout``.
+        limit_ms: the timeout's length, for messages (start-to-close, or the time the
+            schedule-to-close deadline left when the attempt started).
+    """
+
+    at_ms: int
+    error_type: str
+    limit_ms: int
+
+    def failure(self, task: ActivityTask, *, ran: bool) -> Failure:
+        """The retryable failure that answers an attempt past this deadline."""
+        name = safe_text(f"{task.participant}.{task.activity}", MAX_NAME_CHARS)
+        what = (
+            "start-to-close timeout"
+            if self.error_type == START_TO_CLOSE_TIMEOUT
+            else "schedule-to-close deadline"
+        )
+        if ran:
+            detail = (
+                f"was cancelled at its {what} ({self.limit_ms} ms); its writes were rolled back"
+            )
+        else:
+            detail = f"was not run: its {what} had passed when the participant picked it up"
+        return Failure(
+            self.error_type,
+            safe_text(f"activity {name} {safe_text(task.activity_id, 300)} {detail}"),
+            True,
+        )
+
+
+def attempt_deadline(task: ActivityTask, started_at_ms: int) -> Deadline | None:
+    """min(``task.deadline_ms``, start + ``task.start_to_close_ms``); None when neither is set.
+
+    On a tie the schedule-to-close deadline wins: another attempt could not finish in time
+    either.
+    """
+    candidates: list[Deadline] = []
+    if task.deadline_ms is not None:
+        candidates.append(
+            Deadline(
+                task.deadline_ms,
+                SCHEDULE_TO_CLOSE_TIMEOUT,
+                max(0, task.deadline_ms - started_at_ms),
+            )
+        )
+    if task.start_to_close_ms is not None:
+        candidates.append(
+            Deadline(
+                started_at_ms + task.start_to_close_ms,
+                START_TO_CLOSE_TIMEOUT,
+                task.start_to_close_ms,
+            )
+        )
+    if not candidates:
+        return None
+    return min(candidates, key=lambda d: (d.at_ms, d.error_type != SCHEDULE_TO_CLOSE_TIMEOUT))
+
+
+class AttemptReporter(Protocol):
+    """Where a running attempt reports to (the runtime publishes to the inbox).
+
+    Both methods are called from the thread that runs the attempt and must not raise.
+    """
+
+    def started(self, started_at_ms: int, deadline: Deadline | None) -> None:
+        """The handler is about to run (not called for an attempt answered without it)."""
+
+    def heartbeat(self, details: Payload | None) -> None:
+        """The handler called ``ctx.heartbeat``; ``details`` already JSON-encoded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +201,15 @@ class ActivityContext:
         activity: the activity's name, e.g. ``"charge"``.
         seq: the step's position in the workflow; the same for every attempt.
         workflow_type: the workflow's registered type, e.g. ``"order.process"``.
+        deadline: when this attempt must be over (epoch seconds): the earlier of the
+            step's schedule-to-close deadline and this attempt's start plus its
+            start-to-close timeout; None when neither is set. An async handler still
+            running then is cancelled; a sync one cannot be, and its late outcome is
+            kept but the workflow has already moved on.
+        heartbeat_details: the details the step's last heartbeat reported (from an
+            earlier attempt), decoded from JSON: where to resume; None if there were none.
+        heartbeat_timeout: seconds without a heartbeat after which the workflow gives up
+            on this attempt; None when the step expects no heartbeats.
     """
 
     db: psycopg.Connection[Any]
@@ -96,6 +221,39 @@ class ActivityContext:
     activity: str
     seq: int = 0
     workflow_type: str = ""
+    deadline: float | None = None
+    heartbeat_details: Any = None
+    heartbeat_timeout: float | None = None
+    reporter: AttemptReporter | None = field(default=None, repr=False, compare=False)
+
+    def heartbeat(self, details: Any = None) -> None:
+        """Tell the workflow this attempt is alive, with its progress so far.
+
+        ``details`` must be JSON-serialisable; the latest details reach the workflow and
+        are handed to the next attempt as ``ctx.heartbeat_details``. Calls are cheap: at
+        most one heartbeat per third of the heartbeat timeout (at least 1 s apart) is
+        published, and the latest details are sent when that window ends. Without
+        ``details`` the latest details given before (by this attempt or an earlier one)
+        are kept. Callable from any thread, from sync and async handlers.
+
+        Raises:
+            PayloadEncodingError: ``details`` is not JSON-serialisable.
+        """
+        payload: Payload | None = None
+        if details is not None:
+            try:
+                payload = encode_json(details)
+            except PayloadEncodingError as exc:
+                raise PayloadEncodingError(
+                    f"heartbeat details of activity {self.activity_id} must be "
+                    f"JSON-serialisable: {exc}"
+                ) from exc
+        if self.reporter is not None:
+            self.reporter.heartbeat(payload)
+
+    def time_left(self) -> float | None:
+        """Seconds until :attr:`deadline` (negative once past); None without a deadline."""
+        return None if self.deadline is None else self.deadline - time.time()
 
 
 class ActivityHandler(Protocol):
@@ -153,7 +311,8 @@ class Outcome:
 def handler_failure(exc: BaseException) -> Failure:
     """Map what a handler raised to a :class:`Failure`; never raises.
 
-    An :class:`ActivityFailure` keeps its own ``retryable`` flag. Anything else is
+    An :class:`ActivityFailure` keeps its own ``retryable`` flag and, when retryable, its
+    ``retry_after`` (as ``Failure.retry_after_ms``). Anything else is
     transient, so retryable: an ``Exception`` (a database error, a bug, a timeout talking
     to another service) and a ``BaseException`` alike. A handler's ``SystemExit``,
     ``KeyboardInterrupt``, ``GeneratorExit`` or ``asyncio.CancelledError`` cannot be told
@@ -162,12 +321,23 @@ def handler_failure(exc: BaseException) -> Failure:
     Text is made safe for UTF-8, Avro and PostgreSQL: lone surrogates and NUL are escaped.
     """
     retryable = True
+    after: int | None = None
     if isinstance(exc, ActivityFailure):
         try:
             retryable = bool(exc.retryable)
         except BaseException:  # a property that raises: fall back to the class's default
             retryable = bool(ActivityFailure.retryable)
-    return failure_from_exception(exc, retryable=retryable)
+        try:
+            # A subclass whose __init__ skipped ours has only the class's retry_after.
+            after = getattr(exc, "retry_after_ms", None) or retry_after_ms(exc.retry_after)
+        except BaseException:  # a property that raises, an invalid class value: no hint
+            after = None
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            after = None
+    failure = failure_from_exception(exc, retryable=retryable)
+    if retryable and after is not None:
+        failure = replace(failure, retry_after_ms=after)
+    return failure
 
 
 class Participant:
@@ -253,12 +423,18 @@ class Participant:
         db: psycopg.Connection[Any],
         *,
         now_ms: Callable[[], int] = wall_clock_ms,
+        reporter: AttemptReporter | None = None,
     ) -> Outcome:
         """Run the handler for ``task`` once and map its return or exception to an outcome.
 
         Never raises for what the handler does. ``db`` is handed to the handler as
         ``ctx.db``; transaction control belongs to the caller
-        (:func:`participants.idempotency.execute_task`).
+        (:func:`participants.idempotency.execute_task`). The attempt's deadline
+        (:func:`attempt_deadline`) counts from now: a task whose schedule-to-close deadline
+        has passed is answered with a retryable ``ScheduleToCloseTimeout`` without running
+        the handler, and an async handler still running at the deadline is cancelled and
+        answered with a retryable ``StartToCloseTimeout`` (or ``ScheduleToCloseTimeout``).
+        ``reporter`` hears of the start, just before the handler runs, and of heartbeats.
         """
         if task.participant != self._name:
             return Outcome.failed(
@@ -280,6 +456,19 @@ class Participant:
         except PayloadEncodingError as exc:
             # The same bytes will arrive on every attempt: retrying cannot help.
             return Outcome.failed(failure_from_exception(exc, retryable=False), now_ms())
+        started_at_ms = now_ms()
+        deadline = attempt_deadline(task, started_at_ms)
+        if deadline is not None and deadline.at_ms <= started_at_ms:
+            log.warning(
+                "activity not run, deadline passed participant=%s activity=%s activity_id=%s "
+                "error_type=%s overdue_ms=%d",
+                self._name,
+                task.activity,
+                task.activity_id,
+                deadline.error_type,
+                started_at_ms - deadline.at_ms,
+            )
+            return Outcome.failed(deadline.failure(task, ran=False), started_at_ms)
         ctx = ActivityContext(
             db=db,
             activity_id=task.activity_id,
@@ -290,12 +479,31 @@ class Participant:
             activity=task.activity,
             seq=task.seq,
             workflow_type=task.workflow_type,
+            deadline=None if deadline is None else deadline.at_ms / 1000,
+            heartbeat_details=self._previous_details(task),
+            heartbeat_timeout=(
+                None if task.heartbeat_timeout_ms is None else task.heartbeat_timeout_ms / 1000
+            ),
+            reporter=reporter,
         )
+        if reporter is not None:
+            reporter.started(started_at_ms, deadline)
         try:
             returned = handler(value, ctx=ctx)
             if inspect.iscoroutine(returned):
-                returned = asyncio.run(returned)
+                returned = _run_until(returned, deadline, now_ms)
             payload = encode_json(returned)
+        except _DeadlineExceededError:
+            assert deadline is not None
+            log.warning(
+                "activity cancelled at its deadline participant=%s activity=%s "
+                "activity_id=%s error_type=%s",
+                self._name,
+                task.activity,
+                task.activity_id,
+                deadline.error_type,
+            )
+            return Outcome.failed(deadline.failure(task, ran=True), now_ms())
         except ActivityFailure as exc:
             failure = handler_failure(exc)
             log.info(
@@ -323,6 +531,21 @@ class Participant:
             return Outcome.failed(failure, now_ms())
         return Outcome.completed(payload, now_ms())
 
+    def _previous_details(self, task: ActivityTask) -> Any:
+        if task.heartbeat_details is None:
+            return None
+        try:
+            return decode_json(task.heartbeat_details)
+        except PayloadEncodingError as exc:
+            log.warning(
+                "heartbeat details unreadable, handing the handler None participant=%s "
+                "activity_id=%s error=%s",
+                self._name,
+                safe_text(task.activity_id, 300),
+                exc,
+            )
+            return None
+
     def _unknown_activity(self, task: ActivityTask, finished_at_ms: int) -> Outcome:
         # Version skew during a deploy: an older replica gets a task for an activity only
         # the newer code registers. Retryable, so the workflow's RetryPolicy decides, and
@@ -347,3 +570,34 @@ class Participant:
             ),
             finished_at_ms,
         )
+
+
+class _DeadlineExceededError(Exception):
+    """An async handler was cancelled at its attempt's deadline."""
+
+
+def _run_until(
+    coro: Coroutine[Any, Any, Any], deadline: Deadline | None, now_ms: Callable[[], int]
+) -> Any:
+    """Run ``coro`` in a fresh event loop, cancelled at ``deadline``.
+
+    Raises:
+        _DeadlineExceededError: the deadline came first, whether the handler let the
+            cancellation through or swallowed it and returned.
+    """
+    timeout_s = None if deadline is None else max(0.0, (deadline.at_ms - now_ms()) / 1000)
+
+    async def bounded() -> Any:
+        scope = asyncio.timeout(timeout_s)
+        try:
+            async with scope:
+                returned = await coro
+        except BaseException:
+            if scope.expired():
+                raise _DeadlineExceededError from None
+            raise
+        if scope.expired():
+            raise _DeadlineExceededError
+        return returned
+
+    return asyncio.run(bounded())

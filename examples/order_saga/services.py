@@ -191,8 +191,18 @@ def charge(value: Any, *, ctx: ActivityContext) -> dict[str, Any]:
 
 @payment.activity("refund")
 def refund(value: Any, *, ctx: ActivityContext) -> dict[str, Any]:
-    """Refund a charge; refunding a refunded charge changes nothing."""
-    charge_id = _text(_object(value, "the refund request"), "charge_id")
+    """Refund a charge (``charge_id``), or every charge of an order (``order_id``: what a
+    saga that gave up on a charge sends); refunding twice changes nothing."""
+    request = _object(value, "the refund request")
+    if "charge_id" not in request:
+        order_id = _text(request, "order_id")
+        rows = ctx.db.execute(
+            "UPDATE payments SET status = 'refunded' WHERE order_id = %s AND status <> "
+            "'refunded' RETURNING charge_id",
+            (order_id,),
+        ).fetchall()
+        return {"order_id": order_id, "refunded": sorted(row[0] for row in rows)}
+    charge_id = _text(request, "charge_id")
     row = ctx.db.execute(
         "SELECT status FROM payments WHERE charge_id = %s FOR UPDATE", (charge_id,)
     ).fetchone()

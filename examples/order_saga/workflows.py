@@ -1,4 +1,5 @@
-"""Order processing: reserve stock, charge, ship; undo the reservation if payment fails."""
+"""Order processing: reserve stock, charge, ship; undo the reservation if payment fails
+(and refund the order when the charge was given up on, since it may have gone through)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,16 @@ async def process_order(ctx: WorkflowContext, order: dict[str, Any]) -> dict[str
             "payment.charge",
             {"order_id": order["order_id"], "amount": order["total"], "card": order["card"]},
             retry=RetryPolicy(max_attempts=5, non_retryable_error_types=("PaymentDeclined",)),
+            # A charge not done a minute after it was first sent (every attempt and wait
+            # included) is given up, and the reservation released.
+            schedule_to_close=60,
         )
-    except ActivityError:
+    except ActivityError as failure:
+        if failure.error_type == "ScheduleToCloseTimeout":
+            # Given up is not undone: an attempt may still have charged the card (a
+            # deadline stops waiting, not the payment network), so refund whatever this
+            # order was charged; with no charge, the refund changes nothing.
+            await ctx.activity("payment.refund", {"order_id": order["order_id"]}, compensation=True)
         await ctx.activity("inventory.release", reservation, compensation=True)
         raise
     shipment = await ctx.activity(

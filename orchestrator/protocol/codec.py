@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import fastavro
 import fastavro.schema
@@ -35,16 +35,23 @@ from orchestrator.errors import (
 from orchestrator.protocol.records import (
     ActivityCompleted,
     ActivityFailed,
+    ActivityHeartbeat,
     ActivityResult,
     ActivityScheduled,
+    ActivityStarted,
     ActivityStatus,
     ActivityTask,
+    AttemptHeartbeat,
+    AttemptStarted,
     Failure,
     HistoryEvent,
     InboxBody,
     Payload,
     ResumeWorkflow,
     StartWorkflow,
+    TimerCancelled,
+    TimerFired,
+    TimerStarted,
     WorkflowRecord,
     WorkflowStatus,
 )
@@ -59,6 +66,8 @@ SCHEMA_ORDER: Final = (
     "StartWorkflow",
     "ActivityResult",
     "ResumeWorkflow",
+    "ActivityStarted",
+    "ActivityHeartbeat",
     "InboxRecord",
     "ActivityTask",
     "WorkflowRecord",
@@ -109,6 +118,14 @@ def _inline(schema: Any, named: Mapping[str, Any], seen: set[str]) -> Any:
     elif not isinstance(kind, str) or kind not in ("enum", "fixed"):
         out["type"] = _inline(kind, named, seen)
     return out
+
+
+class WorkflowHead(NamedTuple):
+    """What a restore needs of a workflow record, read without decoding its history."""
+
+    status: WorkflowStatus
+    closed_at_ms: int | None
+    wake_at_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,16 +186,28 @@ class AvroCodec:
             else WorkflowStatus.UNKNOWN
             for symbol in status_field["type"]["symbols"]
         )
+        # The newest archived version, for records that need nothing newer (see _writer_for).
+        self._previous: dict[str, _Writer] = {}
         archive = directory / "archive"
         if archive.is_dir():
-            for version_dir in sorted(p for p in archive.iterdir() if p.is_dir()):
-                for name, parsed in _load_dir(version_dir).items():
+            for version_dir in sorted(
+                (p for p in archive.iterdir() if p.is_dir()), key=_version_order
+            ):
+                versions = _load_dir(version_dir)
+                for name, parsed in versions.items():
                     old = _Writer(name, schema_id(parsed), parsed)
                     self._by_id.setdefault(old.schema_id, old)
+                    self._previous[name] = self._by_id[old.schema_id]
 
     def schema_id_of(self, name: str) -> int:
         """The id the current version of schema ``name`` (e.g. ``io.sagaline.InboxRecord``) has."""
         return self._writers[name].schema_id
+
+    def previous_schema_id_of(self, name: str) -> int:
+        """The id records of ``name`` that use nothing the current version added are
+        written with (the newest archived version), so processes one version behind read
+        them during a rolling deploy; the current id when nothing is archived."""
+        return self._writer_for(name, needs_current=False).schema_id
 
     def writer_schema(self, name: str) -> Any:
         """The current parsed schema of ``name``, for tools that encode by hand."""
@@ -186,7 +215,17 @@ class AvroCodec:
 
     def encode_raw(self, name: str, datum: Mapping[str, Any]) -> bytes:
         """Encode an Avro datum (dict form) with the current schema ``name``."""
-        writer = self._writers[name]
+        return self._encode(self._writers[name], datum)
+
+    def _writer_for(self, name: str, needs_current: bool) -> _Writer:
+        """The schema to write ``name`` with: the previous version when the record uses
+        nothing the current one added, so processes not yet upgraded in a rolling deploy
+        still read it; the current one otherwise."""
+        if needs_current:
+            return self._writers[name]
+        return self._previous.get(name, self._writers[name])
+
+    def _encode(self, writer: _Writer, datum: Mapping[str, Any]) -> bytes:
         buf = io.BytesIO()
         buf.write(HEADER.pack(MAGIC, writer.schema_id))
         fastavro.schemaless_writer(buf, writer.parsed, datum)
@@ -250,15 +289,19 @@ class AvroCodec:
     # --- typed helpers -------------------------------------------------------------
 
     def encode_inbox(self, body: InboxBody) -> bytes:
-        """Encode an inbox input (start, activity result, resume) as an ``InboxRecord``."""
+        """Encode an inbox input (start, result, resume, start report, heartbeat)."""
         branch: tuple[str, dict[str, Any]]
         if isinstance(body, StartWorkflow):
             branch = (NS + "StartWorkflow", _start_to_avro(body))
         elif isinstance(body, ActivityResult):
             branch = (NS + "ActivityResult", _result_to_avro(body))
-        else:
+        elif isinstance(body, ResumeWorkflow):
             branch = (NS + "ResumeWorkflow", _resume_to_avro(body))
-        return self.encode_raw(INBOX, {"body": branch})
+        elif isinstance(body, ActivityStarted):
+            branch = (NS + "ActivityStarted", _started_to_avro(body))
+        else:
+            branch = (NS + "ActivityHeartbeat", _heartbeat_to_avro(body))
+        return self._encode(self._writer_for(INBOX, _inbox_needs_current(body)), {"body": branch})
 
     def decode_inbox(self, data: bytes | None) -> InboxBody:
         """Decode an ``InboxRecord`` value into its body."""
@@ -271,7 +314,7 @@ class AvroCodec:
 
     def encode_task(self, task: ActivityTask) -> bytes:
         """Encode an ``ActivityTask``."""
-        return self.encode_raw(TASK, _task_to_avro(task))
+        return self._encode(self._writer_for(TASK, _task_needs_current(task)), _task_to_avro(task))
 
     def decode_task(self, data: bytes | None) -> ActivityTask:
         """Decode an ``ActivityTask``."""
@@ -285,12 +328,13 @@ class AvroCodec:
         """Decode a ``WorkflowRecord`` from the history topic."""
         return _workflow_from_avro(self.decode_raw(data, WORKFLOW))
 
-    def peek_workflow(self, data: bytes) -> tuple[WorkflowStatus, int | None]:
-        """The status and closing time of an encoded ``WorkflowRecord``, cheaply.
+    def peek_workflow(self, data: bytes) -> WorkflowHead:
+        """The status, closing time and wake time of an encoded ``WorkflowRecord``, cheaply.
 
-        A record in the current schema is read only up to its fourth field (status and
-        ``closed_at_ms`` come first for this purpose), so a restore need not decode whole
-        histories; records of archived versions are decoded in full.
+        A record in the current schema is read only up to its sixth field (status,
+        ``closed_at_ms``, ``run_id`` and ``wake_at_ms`` come first for this purpose), so a
+        restore need not decode whole histories; records of archived versions are decoded
+        in full.
 
         Raises:
             RecordDecodeError: as :meth:`decode_raw` would for these bytes' header.
@@ -301,7 +345,7 @@ class AvroCodec:
         writer = self._by_id.get(sid) if magic == MAGIC else None
         if writer is None or writer is not self._writers[WORKFLOW]:
             record = self.decode_workflow(data)
-            return record.status, record.closed_at_ms
+            return WorkflowHead(record.status, record.closed_at_ms, record.wake_at_ms)
         try:
             pos = HEADER.size
             for _ in range(2):  # workflow_id, workflow_type
@@ -309,11 +353,13 @@ class AvroCodec:
                 pos += length
             index, pos = _read_long(data, pos)
             status = self._statuses[index]
-            branch, pos = _read_long(data, pos)
-            closed_at_ms = _read_long(data, pos)[0] if branch == 1 else None
+            closed_at_ms, pos = _read_optional_long(data, pos)
+            length, pos = _read_long(data, pos)  # run_id
+            pos += length
+            wake_at_ms, pos = _read_optional_long(data, pos)
         except IndexError as exc:
             raise MalformedRecordError("truncated WorkflowRecord head") from exc
-        return status, closed_at_ms
+        return WorkflowHead(status, closed_at_ms, wake_at_ms)
 
 
 def _read_long(data: bytes, pos: int) -> tuple[int, int]:
@@ -328,6 +374,43 @@ def _read_long(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise IndexError("varint longer than 10 bytes")
+
+
+def _version_order(directory: Path) -> tuple[int, str]:
+    """``v10`` after ``v9``."""
+    digits = directory.name.removeprefix("v")
+    return (int(digits), "") if digits.isdigit() else (-1, directory.name)
+
+
+def _inbox_needs_current(body: InboxBody) -> bool:
+    """True when ``body`` uses what protocol v3 added to the inbox (archive/v2 lacks it)."""
+    if isinstance(body, ActivityStarted | ActivityHeartbeat):
+        return True
+    return (
+        isinstance(body, ActivityResult)
+        and body.failure is not None
+        and body.failure.retry_after_ms is not None
+    )
+
+
+def _task_needs_current(task: ActivityTask) -> bool:
+    """True when ``task`` uses what protocol v3 added to tasks (archive/v2 lacks it)."""
+    return (
+        task.start_to_close_ms is not None
+        or task.heartbeat_timeout_ms is not None
+        or task.heartbeat_details is not None
+        or task.report_start
+    )
+
+
+def _read_optional_long(data: bytes, pos: int) -> tuple[int | None, int]:
+    """A ``["null", "long"]`` union at ``pos``; returns it and the next position."""
+    branch, pos = _read_long(data, pos)
+    if branch == 0:
+        return None, pos
+    if branch != 1:
+        raise IndexError(f"union branch {branch} of a nullable long")
+    return _read_long(data, pos)
 
 
 # --- dict <-> value conversions (explicit: they are on the hot path) ---------------
@@ -345,12 +428,17 @@ def _opt_payload(d: Mapping[str, Any] | None) -> Payload | None:
     return None if d is None else _payload_from_avro(d)
 
 
+def _opt_payload_to_avro(p: Payload | None) -> dict[str, Any] | None:
+    return None if p is None else _payload_to_avro(p)
+
+
 def _failure_to_avro(f: Failure) -> dict[str, Any]:
     return {
         "error_type": f.error_type,
         "message": f.message,
         "retryable": f.retryable,
         "effects_committed": f.effects_committed,
+        "retry_after_ms": f.retry_after_ms,
     }
 
 
@@ -360,6 +448,7 @@ def _failure_from_avro(d: Mapping[str, Any]) -> Failure:
         message=d["message"],
         retryable=d["retryable"],
         effects_committed=d["effects_committed"],
+        retry_after_ms=d["retry_after_ms"],
     )
 
 
@@ -419,10 +508,54 @@ def _resume_from_avro(d: Mapping[str, Any]) -> ResumeWorkflow:
     return ResumeWorkflow(workflow_id=d["workflow_id"], requested_at_ms=d["requested_at_ms"])
 
 
+def _started_to_avro(s: ActivityStarted) -> dict[str, Any]:
+    return {
+        "workflow_id": s.workflow_id,
+        "activity_id": s.activity_id,
+        "seq": s.seq,
+        "attempt": s.attempt,
+        "started_at_ms": s.started_at_ms,
+    }
+
+
+def _started_from_avro(d: Mapping[str, Any]) -> ActivityStarted:
+    return ActivityStarted(
+        workflow_id=d["workflow_id"],
+        activity_id=d["activity_id"],
+        seq=d["seq"],
+        attempt=d["attempt"],
+        started_at_ms=d["started_at_ms"],
+    )
+
+
+def _heartbeat_to_avro(h: ActivityHeartbeat) -> dict[str, Any]:
+    return {
+        "workflow_id": h.workflow_id,
+        "activity_id": h.activity_id,
+        "seq": h.seq,
+        "attempt": h.attempt,
+        "details": None if h.details is None else _payload_to_avro(h.details),
+        "at_ms": h.at_ms,
+    }
+
+
+def _heartbeat_from_avro(d: Mapping[str, Any]) -> ActivityHeartbeat:
+    return ActivityHeartbeat(
+        workflow_id=d["workflow_id"],
+        activity_id=d["activity_id"],
+        seq=d["seq"],
+        attempt=d["attempt"],
+        at_ms=d["at_ms"],
+        details=_opt_payload(d["details"]),
+    )
+
+
 _INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
     NS + "StartWorkflow": _start_from_avro,
     NS + "ActivityResult": _result_from_avro,
     NS + "ResumeWorkflow": _resume_from_avro,
+    NS + "ActivityStarted": _started_from_avro,
+    NS + "ActivityHeartbeat": _heartbeat_from_avro,
 }
 
 
@@ -439,6 +572,10 @@ def _task_to_avro(t: ActivityTask) -> dict[str, Any]:
         "compensation": t.compensation,
         "scheduled_at_ms": t.scheduled_at_ms,
         "deadline_ms": t.deadline_ms,
+        "start_to_close_ms": t.start_to_close_ms,
+        "heartbeat_timeout_ms": t.heartbeat_timeout_ms,
+        "heartbeat_details": _opt_payload_to_avro(t.heartbeat_details),
+        "report_start": t.report_start,
     }
 
 
@@ -455,6 +592,10 @@ def _task_from_avro(d: Mapping[str, Any]) -> ActivityTask:
         compensation=d["compensation"],
         scheduled_at_ms=d["scheduled_at_ms"],
         deadline_ms=d["deadline_ms"],
+        start_to_close_ms=d["start_to_close_ms"],
+        heartbeat_timeout_ms=d["heartbeat_timeout_ms"],
+        heartbeat_details=_opt_payload(d["heartbeat_details"]),
+        report_start=d["report_start"],
     )
 
 
@@ -470,6 +611,13 @@ def _event_to_avro(e: HistoryEvent) -> tuple[str, dict[str, Any]]:
                 "compensation": e.compensation,
                 "max_attempts": e.max_attempts,
                 "non_retryable": list(e.non_retryable),
+                "initial_interval_ms": e.initial_interval_ms,
+                "backoff_coefficient": e.backoff_coefficient,
+                "maximum_interval_ms": e.maximum_interval_ms,
+                "schedule_to_close_ms": e.schedule_to_close_ms,
+                "start_to_close_ms": e.start_to_close_ms,
+                "heartbeat_timeout_ms": e.heartbeat_timeout_ms,
+                "backoff_ms": e.backoff_ms,
                 "at_ms": e.at_ms,
             },
         )
@@ -483,15 +631,37 @@ def _event_to_avro(e: HistoryEvent) -> tuple[str, dict[str, Any]]:
                 "at_ms": e.at_ms,
             },
         )
-    return (
-        NS + "ActivityFailed",
-        {
-            "seq": e.seq,
-            "attempt": e.attempt,
-            "failure": _failure_to_avro(e.failure),
-            "at_ms": e.at_ms,
-        },
-    )
+    if isinstance(e, ActivityFailed):
+        return (
+            NS + "ActivityFailed",
+            {
+                "seq": e.seq,
+                "attempt": e.attempt,
+                "failure": _failure_to_avro(e.failure),
+                "at_ms": e.at_ms,
+                "retry_at_ms": e.retry_at_ms,
+            },
+        )
+    if isinstance(e, AttemptStarted):
+        return (NS + "AttemptStarted", {"seq": e.seq, "attempt": e.attempt, "at_ms": e.at_ms})
+    if isinstance(e, AttemptHeartbeat):
+        return (
+            NS + "AttemptHeartbeat",
+            {
+                "seq": e.seq,
+                "attempt": e.attempt,
+                "details": _opt_payload_to_avro(e.details),
+                "at_ms": e.at_ms,
+            },
+        )
+    if isinstance(e, TimerStarted):
+        return (
+            NS + "TimerStarted",
+            {"seq": e.seq, "fire_at_ms": e.fire_at_ms, "at_ms": e.at_ms},
+        )
+    if isinstance(e, TimerFired):
+        return (NS + "TimerFired", {"seq": e.seq, "at_ms": e.at_ms})
+    return (NS + "TimerCancelled", {"seq": e.seq, "at_ms": e.at_ms})
 
 
 def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
@@ -506,6 +676,13 @@ def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
             compensation=d["compensation"],
             max_attempts=d["max_attempts"],
             non_retryable=tuple(d["non_retryable"]),
+            initial_interval_ms=d["initial_interval_ms"],
+            backoff_coefficient=d["backoff_coefficient"],
+            maximum_interval_ms=d["maximum_interval_ms"],
+            schedule_to_close_ms=d["schedule_to_close_ms"],
+            start_to_close_ms=d["start_to_close_ms"],
+            heartbeat_timeout_ms=d["heartbeat_timeout_ms"],
+            backoff_ms=d["backoff_ms"],
         )
     if name == NS + "ActivityCompleted":
         return ActivityCompleted(
@@ -520,7 +697,20 @@ def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
             attempt=d["attempt"],
             failure=_failure_from_avro(d["failure"]),
             at_ms=d["at_ms"],
+            retry_at_ms=d["retry_at_ms"],
         )
+    if name == NS + "AttemptStarted":
+        return AttemptStarted(seq=d["seq"], attempt=d["attempt"], at_ms=d["at_ms"])
+    if name == NS + "AttemptHeartbeat":
+        return AttemptHeartbeat(
+            seq=d["seq"], attempt=d["attempt"], at_ms=d["at_ms"], details=_opt_payload(d["details"])
+        )
+    if name == NS + "TimerStarted":
+        return TimerStarted(seq=d["seq"], fire_at_ms=d["fire_at_ms"], at_ms=d["at_ms"])
+    if name == NS + "TimerFired":
+        return TimerFired(seq=d["seq"], at_ms=d["at_ms"])
+    if name == NS + "TimerCancelled":
+        return TimerCancelled(seq=d["seq"], at_ms=d["at_ms"])
     raise WrongRecordTypeError(f"history event {name} is not handled by this version")
 
 
@@ -531,6 +721,7 @@ def _workflow_to_avro(r: WorkflowRecord) -> dict[str, Any]:
         "status": r.status.value,
         "closed_at_ms": r.closed_at_ms,
         "run_id": r.run_id,
+        "wake_at_ms": r.wake_at_ms,
         "input": _payload_to_avro(r.input),
         "events": [_event_to_avro(e) for e in r.events],
         "result": None if r.result is None else _payload_to_avro(r.result),
@@ -555,4 +746,5 @@ def _workflow_from_avro(d: Mapping[str, Any]) -> WorkflowRecord:
         failure=_opt_failure(d["failure"]),
         closed_at_ms=d["closed_at_ms"],
         run_id=d["run_id"],
+        wake_at_ms=d["wake_at_ms"],
     )

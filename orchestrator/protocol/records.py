@@ -48,12 +48,17 @@ class Payload:
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """Why an activity or workflow failed."""
+    """Why an activity or workflow failed.
+
+    ``retry_after_ms``: the participant asks that the next attempt wait at least this long
+    (a rate-limited API); it overrides the retry policy's next interval.
+    """
 
     error_type: str
     message: str
     retryable: bool = False
     effects_committed: bool = False
+    retry_after_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +97,48 @@ class ResumeWorkflow:
     requested_at_ms: int
 
 
-InboxBody = StartWorkflow | ActivityResult | ResumeWorkflow
+@dataclass(frozen=True, slots=True)
+class ActivityStarted:
+    """Inbox input: a participant began running one activity attempt.
+
+    Sent only for tasks with ``report_start`` (a start-to-close or heartbeat timeout), so
+    those timeouts count from the real start.
+    """
+
+    workflow_id: str
+    activity_id: str
+    seq: int
+    attempt: int
+    started_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityHeartbeat:
+    """Inbox input: a running attempt is alive; ``details`` is its progress so far.
+
+    The last details are kept with the workflow and handed to the next attempt.
+    """
+
+    workflow_id: str
+    activity_id: str
+    seq: int
+    attempt: int
+    at_ms: int
+    details: Payload | None = None
+
+
+InboxBody = StartWorkflow | ActivityResult | ResumeWorkflow | ActivityStarted | ActivityHeartbeat
+
+
+@dataclass(frozen=True, slots=True)
+class WakeUp:
+    """Internal input, never on the wire: the workflow's ``wake_at_ms`` has come.
+
+    The orchestrator feeds it from its timer index inside the same transaction as inbox
+    inputs; the engine fires every timer, retry and timeout that is due.
+    """
+
+    workflow_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +156,20 @@ class ActivityTask:
     scheduled_at_ms: int
     compensation: bool = False
     deadline_ms: int | None = None
+    start_to_close_ms: int | None = None
+    heartbeat_timeout_ms: int | None = None
+    heartbeat_details: Payload | None = None
+    report_start: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class ActivityScheduled:
-    """History event: attempt ``attempt`` of step ``seq`` was sent to a participant."""
+    """History event: attempt ``attempt`` of step ``seq`` was sent to a participant.
+
+    Every attempt carries the step's retry policy and timeouts (milliseconds; None means
+    no such timeout), so retries and timeouts are decided from the record alone.
+    ``backoff_ms`` is how long the engine waited after the previous attempt failed.
+    """
 
     seq: int
     attempt: int
@@ -124,6 +179,13 @@ class ActivityScheduled:
     compensation: bool = False
     max_attempts: int = 1
     non_retryable: tuple[str, ...] = ()
+    initial_interval_ms: int = 0
+    backoff_coefficient: float = 2.0
+    maximum_interval_ms: int = 0
+    schedule_to_close_ms: int | None = None
+    start_to_close_ms: int | None = None
+    heartbeat_timeout_ms: int | None = None
+    backoff_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,15 +200,76 @@ class ActivityCompleted:
 
 @dataclass(frozen=True, slots=True)
 class ActivityFailed:
-    """History event: attempt ``attempt`` of step ``seq`` failed."""
+    """History event: attempt ``attempt`` of step ``seq`` failed.
+
+    ``retry_at_ms`` set: another attempt is due then (a durable backoff timer); the
+    failure is final only when it is None.
+    """
 
     seq: int
     attempt: int
     failure: Failure
     at_ms: int
+    retry_at_ms: int | None = None
 
 
-HistoryEvent = ActivityScheduled | ActivityCompleted | ActivityFailed
+@dataclass(frozen=True, slots=True)
+class AttemptStarted:
+    """History event: the participant began attempt ``attempt`` of step ``seq``."""
+
+    seq: int
+    attempt: int
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptHeartbeat:
+    """History event: the latest heartbeat of attempt ``attempt`` of step ``seq``.
+
+    Only the latest heartbeat of a step is kept: a new one replaces it.
+    """
+
+    seq: int
+    attempt: int
+    at_ms: int
+    details: Payload | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerStarted:
+    """History event: command ``seq`` is a durable timer that fires at ``fire_at_ms``."""
+
+    seq: int
+    fire_at_ms: int
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    """History event: timer ``seq`` fired (``at_ms`` is when, at or after it was due)."""
+
+    seq: int
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimerCancelled:
+    """History event: the code no longer needs timer ``seq`` (e.g. a timeout not reached)."""
+
+    seq: int
+    at_ms: int
+
+
+HistoryEvent = (
+    ActivityScheduled
+    | ActivityCompleted
+    | ActivityFailed
+    | AttemptStarted
+    | AttemptHeartbeat
+    | TimerStarted
+    | TimerFired
+    | TimerCancelled
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +288,7 @@ class WorkflowRecord:
     failure: Failure | None = None
     closed_at_ms: int | None = None
     run_id: str = ""
+    wake_at_ms: int | None = None
 
 
 def activity_id(workflow_id: str, seq: int, attempt: int, run_id: str = "") -> str:

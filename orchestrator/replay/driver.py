@@ -3,11 +3,19 @@
 Rules of this module:
 - It knows the workflow function, the history events and nothing else: no Kafka, no
   clock, no randomness. Time is the ``at_ms`` of the recorded events.
-- Every ``ctx.activity`` call gets the next sequence number. A call whose number is in
-  history must match the recorded name; a call beyond the recorded steps is new. A
-  recorded step the code no longer reaches is non-determinism too.
-- Recorded outcomes are delivered in history order, running the code between them, so a
-  race between steps replays the way it first ran.
+- Every command (``ctx.activity``, a timer from ``ctx.sleep``, ``ctx.sleep_until`` or
+  ``with_timeout``) gets the next sequence number. History keeps one table of commands
+  keyed by number, each of a kind (an activity's first ``ActivityScheduled``, a
+  ``TimerStarted``); a call whose number is in history must be of the recorded kind and,
+  for an activity, have the recorded name (a timer's time is not compared: it may be
+  computed). A call beyond the table is new; a recorded command the code no longer
+  reaches is non-determinism too. A new kind of command (a signal, a child workflow) is
+  a new entry in ``_KINDS``, and a new method that claims a number and matches it.
+- Recorded outcomes (completions, final failures, fired timers) are delivered in history
+  order, running the code between them and with ``ctx.now()`` at each event's time, so
+  a race between steps (``ctx.first``, ``with_timeout``) replays the way it first ran. A
+  cancelled timer never delivers anything. Cancelling a timer that neither fired nor was
+  cancelled in history is a new ``TimerCancelled``.
 - Workflow code can do anything; nothing it does escapes from here. An ordinary
   ``Exception`` out of the function is the workflow's own failure. What shows that the
   code is wrong is a *problem* that parks the workflow: non-determinism, a BaseException
@@ -20,9 +28,10 @@ Rules of this module:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import types
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -36,12 +45,16 @@ from orchestrator.errors import (
 from orchestrator.protocol.failures import MAX_NAME_CHARS, describe, safe_text
 from orchestrator.protocol.payloads import PayloadEncodingError, decode_json, encode_json
 from orchestrator.protocol.records import (
+    JSON_ENCODING,
     ActivityCompleted,
     ActivityFailed,
     ActivityScheduled,
     Failure,
     HistoryEvent,
     Payload,
+    TimerCancelled,
+    TimerFired,
+    TimerStarted,
 )
 from orchestrator.replay.guard import (
     ADVICE,
@@ -51,7 +64,15 @@ from orchestrator.replay.guard import (
     describe_await,
     installed,
 )
-from orchestrator.workflow import ActivityHandle, RetryPolicy, WorkflowContext, WorkflowFn
+from orchestrator.workflow import (
+    ActivityHandle,
+    ActivityTimeouts,
+    CommandHandle,
+    RetryPolicy,
+    TimerHandle,
+    WorkflowContext,
+    WorkflowFn,
+)
 
 NONDETERMINISM: Final = "NonDeterminismError"
 DEFINITION: Final = "WorkflowDefinitionError"
@@ -64,17 +85,69 @@ _FAILURES: Final[dict[str, type[ActivityError]]] = {
     HistoryLimitExceededError.ERROR_TYPE: HistoryLimitExceededError,
 }
 
+# The payload of a call before it is known to be new (a replayed call is never encoded).
+_UNENCODED: Final = Payload(b"", JSON_ENCODING)
+
+Command = ActivityScheduled | TimerStarted
+"""What a ``ctx`` call records: an activity step (its first attempt) or a timer."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """One kind of command: which of its events records it, how messages name it, and
+    what of a recorded command a replayed call must repeat."""
+
+    records: Callable[[Any], bool]
+    describe: Callable[[Any], str]
+    label: Callable[[Any], str]
+    same: Callable[[Any, Any], bool]
+
+
+_KINDS: Final[dict[type[Command], _Kind]] = {
+    ActivityScheduled: _Kind(
+        records=lambda e: e.attempt == 1,  # later attempts are retries of the same command
+        describe=lambda e: _describe(e.name, e.compensation),
+        label=lambda e: repr(e.name),
+        same=lambda recorded, call: (
+            recorded.name == call.name and recorded.compensation == call.compensation
+        ),
+    ),
+    TimerStarted: _Kind(
+        records=lambda e: True,
+        describe=lambda e: "a timer",
+        label=lambda e: "a timer",
+        same=lambda recorded, call: True,  # its time may be computed: only the kind counts
+    ),
+}
+
+
+def command_of(event: HistoryEvent) -> Command | None:
+    """``event`` if it records a command, keyed by its ``seq`` (later attempts do not)."""
+    kind = _KINDS.get(type(event))  # type: ignore[arg-type]
+    if kind is None or not kind.records(event):
+        return None
+    assert isinstance(event, ActivityScheduled | TimerStarted)
+    return event
+
+
+def describe_command(command: Command) -> str:
+    """How messages name a command: ``activity 'p.x'``, ``compensation 'p.y'``, ``a timer``."""
+    return _KINDS[type(command)].describe(command)
+
 
 @dataclass(slots=True)
 class ReplayResult:
     """What running the code over its history produced.
 
-    ``problem`` set: the code is wrong; park the workflow with it (``new_steps`` is empty).
-    Else ``finished`` with ``error`` (the workflow failed) or ``value`` and its ``payload``
-    (``payload_error`` when the value is not JSON), or still waiting with ``new_steps``.
+    ``problem`` set: the code is wrong; park the workflow with it (``new_steps`` and
+    ``cancels`` are empty). Else ``finished`` with ``error`` (the workflow failed) or
+    ``value`` and its ``payload`` (``payload_error`` when the value is not JSON), or still
+    waiting; ``new_steps`` are the new commands in order, ``cancels`` the timers the code
+    no longer waits for.
     """
 
-    new_steps: list[ActivityScheduled] = field(default_factory=list)
+    new_steps: list[Command] = field(default_factory=list)
+    cancels: list[TimerCancelled] = field(default_factory=list)
     finished: bool = False
     value: Any = None
     payload: Payload | None = None
@@ -84,15 +157,20 @@ class ReplayResult:
 
 
 def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
-    """The events that settle a step: completions, and failures with no retry after them."""
+    """The events that settle a command, in history order: completions, fired timers, and
+    failures with no retry after them and none waiting (``retry_at_ms`` None)."""
     retried = {
         (e.seq, e.attempt - 1) for e in events if isinstance(e, ActivityScheduled) and e.attempt > 1
     }
     return [
         e
         for e in events
-        if isinstance(e, ActivityCompleted)
-        or (isinstance(e, ActivityFailed) and (e.seq, e.attempt) not in retried)
+        if isinstance(e, ActivityCompleted | TimerFired)
+        or (
+            isinstance(e, ActivityFailed)
+            and e.retry_at_ms is None
+            and (e.seq, e.attempt) not in retried
+        )
     ]
 
 
@@ -100,36 +178,73 @@ class _Replayer:
     """Implements the context's scheduler during one replay."""
 
     def __init__(self, events: tuple[HistoryEvent, ...], started_at_ms: int) -> None:
-        self.recorded: dict[int, ActivityScheduled] = {}
+        self.recorded: dict[int, Command] = {}
+        # Timers that fired or were cancelled in history: cancelling them adds nothing.
+        self.closed_timers: set[int] = set()
         for event in events:
-            if isinstance(event, ActivityScheduled) and event.attempt == 1:
-                self.recorded[event.seq] = event
-        self.handles: dict[int, ActivityHandle] = {}
-        self.new_steps: list[ActivityScheduled] = []
+            command = command_of(event)
+            if command is not None:
+                self.recorded[command.seq] = command
+            elif isinstance(event, TimerFired | TimerCancelled):
+                self.closed_timers.add(event.seq)
+        self.handles: dict[int, CommandHandle] = {}
+        self.new_steps: list[Command] = []
+        self.cancels: list[TimerCancelled] = []
         self.next_seq = 0
         self.closing = False
         self.clock_ms = started_at_ms
         self.problem: Failure | None = None
 
+    def _take_seq(self) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
+
+    def _match(self, call: Command) -> Command | None:
+        """What history recorded under ``call.seq``, checked against the call: the same
+        kind, and the same in what that kind compares."""
+        recorded = self.recorded.get(call.seq)
+        if recorded is not None and (
+            type(recorded) is not type(call) or not _KINDS[type(call)].same(recorded, call)
+        ):
+            self.flag(
+                NONDETERMINISM,
+                f"step {call.seq} is {describe_command(call)} in the code but "
+                f"{describe_command(recorded)} in history",
+            )
+        return recorded
+
     def schedule(
-        self, name: str, value: Any, retry: RetryPolicy, compensation: bool
+        self,
+        name: str,
+        value: Any,
+        retry: RetryPolicy,
+        compensation: bool,
+        timeouts: ActivityTimeouts,
     ) -> ActivityHandle:
         if self.closing or self.problem is not None:
             # finally blocks run while the engine closes a blocked coroutine, and nothing a
             # parked workflow asks for is kept: not real steps.
-            return ActivityHandle(-1, name)
-        seq = self.next_seq
-        self.next_seq += 1
-        handle = ActivityHandle(seq, name)
-        self.handles[seq] = handle
-        recorded = self.recorded.get(seq)
-        if recorded is not None:
-            if recorded.name != name or recorded.compensation != compensation:
-                self.flag(
-                    NONDETERMINISM,
-                    f"step {seq} is {_describe(name, compensation)} in the code but "
-                    f"{_describe(recorded.name, recorded.compensation)} in history",
-                )
+            return ActivityHandle(self, -1, name)
+        call = ActivityScheduled(
+            seq=self._take_seq(),
+            attempt=1,
+            name=name,
+            payload=_UNENCODED,  # encoded only if the step is new
+            at_ms=self.clock_ms,
+            compensation=compensation,
+            max_attempts=retry.max_attempts,
+            non_retryable=retry.non_retryable_error_types,
+            initial_interval_ms=round(retry.initial_interval * 1000),
+            backoff_coefficient=retry.backoff_coefficient,
+            maximum_interval_ms=round(retry.maximum_interval * 1000),
+            schedule_to_close_ms=timeouts.schedule_to_close_ms,
+            start_to_close_ms=timeouts.start_to_close_ms,
+            heartbeat_timeout_ms=timeouts.heartbeat_timeout_ms,
+        )
+        handle = ActivityHandle(self, call.seq, name)
+        self.handles[call.seq] = handle
+        if self._match(call) is not None:
             return handle
         try:
             payload = encode_json(value)
@@ -140,19 +255,29 @@ class _Replayer:
                 else PayloadEncodingError(f"value is not JSON-serialisable: {describe(exc)}")
             )
             return handle
-        self.new_steps.append(
-            ActivityScheduled(
-                seq=seq,
-                attempt=1,
-                name=name,
-                payload=payload,
-                at_ms=self.clock_ms,
-                compensation=compensation,
-                max_attempts=retry.max_attempts,
-                non_retryable=retry.non_retryable_error_types,
-            )
-        )
+        self.new_steps.append(dataclasses.replace(call, payload=payload))
         return handle
+
+    def timer(self, fire_at_ms: int) -> TimerHandle:
+        if self.closing or self.problem is not None:
+            return TimerHandle(self, -1, fire_at_ms)
+        call = TimerStarted(self._take_seq(), fire_at_ms, self.clock_ms)
+        recorded = self._match(call)
+        if isinstance(recorded, TimerStarted):
+            call = recorded  # history's time wins on replay
+        handle = TimerHandle(self, call.seq, call.fire_at_ms)
+        self.handles[call.seq] = handle
+        if recorded is None:
+            self.new_steps.append(call)
+        return handle
+
+    def cancel(self, timer: TimerHandle) -> None:
+        if self.closing or self.problem is not None or self.handles.get(timer.seq) is not timer:
+            return
+        if timer.seq in self.closed_timers or timer.done:
+            return
+        self.closed_timers.add(timer.seq)
+        self.cancels.append(TimerCancelled(timer.seq, self.clock_ms))
 
     def now_ms(self) -> int:
         return self.clock_ms
@@ -215,15 +340,20 @@ def replay(
             seq = missing[0]
             replayer.note(
                 NONDETERMINISM,
-                f"history holds step {seq} ({replayer.recorded[seq].name!r}) "
+                f"history holds step {seq} ({_recorded_name(replayer.recorded[seq])}) "
                 "that the code no longer schedules",
             )
     if replayer.problem is not None:
         outcome.problem = replayer.problem
-        outcome.new_steps = []
+        outcome.new_steps, outcome.cancels = [], []
         return outcome
     outcome.new_steps = list(replayer.new_steps)
+    outcome.cancels = list(replayer.cancels)
     return outcome
+
+
+def _recorded_name(command: Command) -> str:
+    return _KINDS[type(command)].label(command)
 
 
 def _create(
@@ -252,14 +382,24 @@ def _drive(
             return
         handle = replayer.handles.get(event.seq)
         if handle is None:
-            name = replayer.recorded[event.seq].name if event.seq in replayer.recorded else "?"
+            recorded = replayer.recorded.get(event.seq)
+            name = "'?'" if recorded is None else _recorded_name(recorded)
             replayer.flag(
                 NONDETERMINISM,
-                f"history settles step {event.seq} ({name!r}) before the code schedules it",
+                f"history settles step {event.seq} ({name}) before the code schedules it",
             )
             return
         replayer.clock_ms = event.at_ms
-        if isinstance(event, ActivityCompleted):
+        if isinstance(event, TimerFired) != isinstance(handle, TimerHandle):
+            replayer.flag(
+                NONDETERMINISM,
+                f"history settles step {event.seq} as a {type(event).__name__}, but it is "
+                f"{handle._describe()} in the code",
+            )
+            return
+        if isinstance(event, TimerFired):
+            handle.resolve(None)
+        elif isinstance(event, ActivityCompleted):
             try:
                 handle.resolve(decode_json(event.result))
             except Exception as exc:  # not JSON, or nested past the recursion limit
@@ -269,7 +409,7 @@ def _drive(
                     else PayloadEncodingError(f"result is not readable JSON: {describe(exc)}")
                 )
         else:
-            assert isinstance(event, ActivityFailed)
+            assert isinstance(event, ActivityFailed) and isinstance(handle, ActivityHandle)
             failure = event.failure
             error = _FAILURES.get(failure.error_type, ActivityError)
             handle.reject(
@@ -298,7 +438,7 @@ def _step(coro: Coroutine[Any, Any, Any], replayer: _Replayer, outcome: ReplayRe
         else:
             replayer.flag(DEFINITION, problem)
         return
-    if type(yielded) is not ActivityHandle:
+    if type(yielded) not in (ActivityHandle, TimerHandle):
         replayer.flag(DEFINITION, describe_await(coro, yielded))
 
 
@@ -361,4 +501,4 @@ def _encode_result(outcome: ReplayResult, replayer: _Replayer) -> None:
             replayer.flag(DEFINITION, problem)
 
 
-__all__ = ["ADVICE", "ReplayResult", "final_outcomes", "replay"]
+__all__ = ["ADVICE", "Command", "ReplayResult", "command_of", "final_outcomes", "replay"]

@@ -8,9 +8,16 @@ Rules of this module:
 - A record whose status this code does not know was written by newer code: it is never
   overwritten, whatever the input.
 - Retries are decided here from the policy recorded with the step, never by code replay,
-  so a retry needs no user code at all.
+  so a retry needs no user code at all. A retry after a backoff waits as
+  ``ActivityFailed.retry_at_ms`` (the failure is not final, so the code does not run);
+  the ``WakeUp`` that comes at that time sends the next attempt.
+- ``WakeUp`` (the shell's timer index says ``wake_at_ms`` has come) fires everything due
+  at ``now_ms`` in due-time order, in one transition: timers, retries, timeouts of running
+  attempts; then the code runs once if any of them settled a command.
+- Start reports and heartbeats only update the record; the code does not run.
 - Every text that reaches a record from outside (participants, workflow code, the shell)
   goes through ``safe_text`` first, so every record this module returns can be encoded.
+- Every record returned has ``wake_at_ms == next_wake(record)`` (``transition.revise``).
 """
 
 from __future__ import annotations
@@ -22,22 +29,38 @@ from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
 from orchestrator.protocol.records import (
     ActivityCompleted,
     ActivityFailed,
+    ActivityHeartbeat,
     ActivityResult,
     ActivityScheduled,
+    ActivityStarted,
     ActivityStatus,
     ActivityTask,
+    AttemptHeartbeat,
+    AttemptStarted,
     Failure,
     HistoryEvent,
     InboxBody,
     ResumeWorkflow,
     StartWorkflow,
+    TimerFired,
+    WakeUp,
     WorkflowRecord,
     WorkflowStatus,
     activity_id,
 )
 from orchestrator.replay.limits import Limits, Tier, reserved_events
+from orchestrator.replay.timing import (
+    RETRY,
+    TIMEOUTS,
+    TIMER,
+    StepState,
+    dues,
+    next_wake,
+    scan,
+    timeout_failure,
+)
 from orchestrator.replay.transition import CodeRun, Transition, close, revise, task_for
-from orchestrator.workflow import WorkflowRegistry
+from orchestrator.workflow import MAX_DURATION_S, WorkflowRegistry, backoff_ms
 
 # Why an input changed nothing (Transition.ignored).
 DUPLICATE_START: Final = "duplicate-start"
@@ -50,13 +73,40 @@ DUPLICATE_RESULT: Final = "duplicate-result"
 NOT_STUCK: Final = "not-stuck"
 STILL_STUCK: Final = "still-stuck"
 UNKNOWN_INPUT: Final = "unknown-input"
+LATE_RESULT: Final = "late-result"
+"""A result for an attempt that already timed out (the engine recorded the timeout)."""
+NOTHING_DUE: Final = "nothing-due"
+"""A WakeUp with nothing due (early, or the record changed since), or for a STUCK record."""
+ALREADY_STARTED: Final = "already-started"
+"""A start report for an attempt whose start is already recorded."""
+OVER_LIMIT: Final = "over-limit"
+"""A start report or heartbeat the record has no room for (events or bytes)."""
+
+IGNORED_REASONS: Final = (
+    DUPLICATE_START,
+    UNKNOWN_WORKFLOW,
+    WORKFLOW_CLOSED,
+    UNKNOWN_STATUS,
+    STALE_ATTEMPT,
+    ACTIVITY_ID_MISMATCH,
+    DUPLICATE_RESULT,
+    NOT_STUCK,
+    STILL_STUCK,
+    UNKNOWN_INPUT,
+    LATE_RESULT,
+    NOTHING_DUE,
+    ALREADY_STARTED,
+    OVER_LIMIT,
+)
+# A participant's retry_after_ms beyond this is taken as this (100 years).
+MAX_RETRY_AFTER_MS: Final = MAX_DURATION_S * 1000
 
 DEFAULT_LIMITS: Final = Limits()
 
 
 def advance(
     record: WorkflowRecord | None,
-    body: InboxBody,
+    body: InboxBody | WakeUp,
     now_ms: int,
     registry: WorkflowRegistry,
     limits: Limits = DEFAULT_LIMITS,
@@ -67,17 +117,21 @@ def advance(
 
     Args:
         record: the workflow's current state, or None if it does not exist (yet).
-        body: a start request, an activity result or a resume request.
-        now_ms: the orchestrator's clock, recorded in new events.
+        body: a start request, an activity result, a start report, a heartbeat, a resume
+            request, or a ``WakeUp`` (the shell's timer index: ``record.wake_at_ms`` has
+            come; see ``next_wake``).
+        now_ms: the orchestrator's clock, recorded in new events; a WakeUp fires what is
+            due at it.
         registry: the workflow functions to replay.
         limits: size bounds.
         run_id: the run id a start gives the new record; every activity id of the run
             carries it. Unused by other inputs.
 
     Returns:
-        The new record and the tasks to send, or ``ignored`` with the reason. A start
-        of a type the registry lacks is kept as a STUCK record (resumed once a deploy
-        registers the type).
+        The new record and the tasks to send, or ``ignored`` with the reason (one of
+        ``IGNORED_REASONS``). A start of a type the registry lacks is kept as a STUCK
+        record (resumed once a deploy registers the type). The new record's
+        ``wake_at_ms`` says when to feed it the next ``WakeUp`` (None: never).
     """
     if record is not None and record.status is WorkflowStatus.UNKNOWN:
         return Transition(None, ignored=UNKNOWN_STATUS)
@@ -85,6 +139,10 @@ def advance(
         return _start(record, body, now_ms, registry, limits, run_id)
     if isinstance(body, ActivityResult):
         return _apply_result(record, body, now_ms, registry, limits)
+    if isinstance(body, WakeUp):
+        return _wake(record, now_ms, registry, limits)
+    if isinstance(body, ActivityStarted | ActivityHeartbeat):
+        return _apply_report(record, body, now_ms, limits)
     if isinstance(body, ResumeWorkflow):
         return _resume(record, now_ms, registry, limits)
     return Transition(None, ignored=UNKNOWN_INPUT)
@@ -145,6 +203,23 @@ def _latest_attempt(events: tuple[HistoryEvent, ...], seq: int) -> ActivitySched
     return None
 
 
+def _outcome_of(
+    events: tuple[HistoryEvent, ...], seq: int, attempt: int
+) -> ActivityCompleted | ActivityFailed | None:
+    for event in reversed(events):
+        if (
+            isinstance(event, ActivityCompleted | ActivityFailed)
+            and event.seq == seq
+            and event.attempt == attempt
+        ):
+            return event
+    return None
+
+
+def _timed_out(outcome: ActivityCompleted | ActivityFailed | None) -> bool:
+    return isinstance(outcome, ActivityFailed) and outcome.failure.error_type in TIMEOUTS
+
+
 def _apply_result(
     record: WorkflowRecord | None,
     result: ActivityResult,
@@ -157,24 +232,26 @@ def _apply_result(
     if record.status.terminal:
         return Transition(None, ignored=WORKFLOW_CLOSED)
     step = _latest_attempt(record.events, result.seq)
-    if step is None or step.attempt != result.attempt:
-        return Transition(None, ignored=STALE_ATTEMPT)
     expected = activity_id(record.workflow_id, result.seq, result.attempt, record.run_id)
+    if step is None or step.attempt != result.attempt:
+        if (
+            step is not None
+            and result.activity_id == expected
+            and _timed_out(_outcome_of(record.events, result.seq, result.attempt))
+        ):
+            return Transition(None, ignored=LATE_RESULT)
+        return Transition(None, ignored=STALE_ATTEMPT)
     if result.activity_id != expected:
         return Transition(None, ignored=ACTIVITY_ID_MISMATCH)
-    for event in reversed(record.events):
-        if (
-            isinstance(event, ActivityCompleted | ActivityFailed)
-            and event.seq == result.seq
-            and event.attempt == result.attempt
-        ):
-            return Transition(None, ignored=DUPLICATE_RESULT)
+    recorded = _outcome_of(record.events, result.seq, result.attempt)
+    if recorded is not None:
+        return Transition(None, ignored=LATE_RESULT if _timed_out(recorded) else DUPLICATE_RESULT)
     outcome = _outcome(result, now_ms)
-    if isinstance(outcome, ActivityFailed) and _should_retry(step, outcome.failure):
-        retried = _retry(record, step, outcome, now_ms, limits)
-        if retried is not None:
-            return retried
-        # The retry does not fit the limits: the failure is final.
+    if isinstance(outcome, ActivityFailed):
+        waiting = _after_failure(record, step, outcome, now_ms, limits)
+        if waiting is not None:
+            return waiting
+        # Not retried (the policy, the deadline or the limits): the failure is final.
     return CodeRun(record, now_ms, registry, limits, outcome=outcome, step=step).transition()
 
 
@@ -200,6 +277,78 @@ def _should_retry(step: ActivityScheduled, failure: Failure) -> bool:
     )
 
 
+def _retry_interval(
+    events: tuple[HistoryEvent, ...], step: ActivityScheduled, failure: Failure, now_ms: int
+) -> int | None:
+    """Milliseconds until the next attempt of ``step`` after ``failure``, or None if the
+    failure is final: not retryable by the policy, or the next attempt could not begin
+    before the step's schedule-to-close deadline."""
+    if not _should_retry(step, failure):
+        return None
+    if failure.retry_after_ms is not None:
+        interval = failure.retry_after_ms
+    else:
+        interval = backoff_ms(
+            step.initial_interval_ms,
+            step.backoff_coefficient,
+            step.maximum_interval_ms,
+            step.attempt,
+        )
+    if step.schedule_to_close_ms is not None:
+        first = _first_attempt(events, step)
+        if now_ms + interval >= first.at_ms + step.schedule_to_close_ms:
+            return None
+    return interval
+
+
+def _first_attempt(events: tuple[HistoryEvent, ...], step: ActivityScheduled) -> ActivityScheduled:
+    for event in events:
+        if isinstance(event, ActivityScheduled) and event.seq == step.seq:
+            return event
+    return step
+
+
+def _next_attempt(step: ActivityScheduled, now_ms: int, waited_ms: int) -> ActivityScheduled:
+    """The attempt after ``step``, sent at ``now_ms`` after a backoff of ``waited_ms``."""
+    return dataclasses.replace(step, attempt=step.attempt + 1, at_ms=now_ms, backoff_ms=waited_ms)
+
+
+def _tier(step: ActivityScheduled) -> Tier:
+    return Tier.GRACE if step.compensation else Tier.NORMAL
+
+
+def _room(events: tuple[HistoryEvent, ...], tier: Tier, limits: Limits) -> bool:
+    """Whether ``events`` keep what they reserve within the event budget of ``tier``."""
+    return reserved_events(events) <= limits.event_budget(tier)
+
+
+def _after_failure(
+    record: WorkflowRecord,
+    step: ActivityScheduled,
+    failed: ActivityFailed,
+    now_ms: int,
+    limits: Limits,
+) -> Transition | None:
+    """The record once ``failed`` is recorded and its retry sent or scheduled; None if
+    the failure is final (the policy, the deadline, or no room for the retry)."""
+    interval = _retry_interval(record.events, step, failed.failure, now_ms)
+    if interval is None:
+        return None
+    if interval <= 0:
+        return _retry(record, step, failed, now_ms, limits)
+    pending = dataclasses.replace(failed, retry_at_ms=now_ms + interval)
+    events = (*record.events, pending)
+    tier = _tier(step)
+    if not _room(events, tier, limits):
+        return None
+    # The retry is measured now, so it still fits when it is sent (unless other steps
+    # fill the record meanwhile: then the failure becomes final at the wake-up).
+    later = _next_attempt(step, now_ms + interval, interval)
+    if not limits.fits(revise(record, now_ms, events=(*events, later)), tier):
+        return None
+    return Transition(revise(record, now_ms, events=events))
+
+
 def _retry(
     record: WorkflowRecord,
     step: ActivityScheduled,
@@ -207,20 +356,190 @@ def _retry(
     now_ms: int,
     limits: Limits,
 ) -> Transition | None:
-    events = (*record.events, failed)
-    tier = Tier.GRACE if step.compensation else Tier.NORMAL
-    if reserved_events(events) + 2 > limits.event_budget(tier):
+    retry = _next_attempt(step, now_ms, 0)
+    events = (*record.events, failed, retry)
+    tier = _tier(step)
+    if not _room(events, tier, limits):
         return None
-    retry = dataclasses.replace(step, attempt=step.attempt + 1, at_ms=now_ms)
-    updated = revise(record, now_ms, events=(*events, retry))
+    updated = revise(record, now_ms, events=events)
     if not limits.fits(updated, tier):
         return None
     return Transition(updated, tasks=(task_for(updated, retry),))
 
 
+# --- durable time ------------------------------------------------------------------
+
+
+def _wake(
+    record: WorkflowRecord | None, now_ms: int, registry: WorkflowRegistry, limits: Limits
+) -> Transition:
+    """Fire everything due at ``now_ms``, earliest first, then run the code once if a
+    command settled (a timer fired, a step failed for good)."""
+    if record is None:
+        return Transition(None, ignored=UNKNOWN_WORKFLOW)
+    if record.status.terminal:
+        return Transition(None, ignored=WORKFLOW_CLOSED)
+    if record.status is not WorkflowStatus.RUNNING:
+        return Transition(None, ignored=NOTHING_DUE)
+    state = scan(record.events)
+    due = [d for d in dues(state) if d.at_ms <= now_ms]
+    if not due:
+        return Transition(None, ignored=NOTHING_DUE)
+    wake = _Wake(record, now_ms, limits)
+    for item in due:
+        if item.kind == TIMER:
+            wake.add(TimerFired(item.seq, now_ms))
+            wake.settled = True
+        elif item.kind == RETRY:
+            wake.retry(state.steps[item.seq])
+        else:
+            wake.time_out(state.steps[item.seq], item.kind)
+    if not wake.settled:
+        updated = revise(record, now_ms, events=wake.events)
+        return Transition(updated, wake.tasks(updated))
+    base = dataclasses.replace(record, events=wake.events)
+    ran = CodeRun(base, now_ms, registry, limits).transition()
+    assert ran.record is not None  # a code run always leaves a record
+    return Transition(ran.record, (*wake.tasks(ran.record), *ran.tasks))
+
+
+class _Wake:
+    """The events one WakeUp adds, in order, and the attempts it sends."""
+
+    def __init__(self, record: WorkflowRecord, now_ms: int, limits: Limits) -> None:
+        self.record = record
+        self.now_ms = now_ms
+        self.limits = limits
+        self.events: tuple[HistoryEvent, ...] = record.events
+        self.sent: list[ActivityScheduled] = []
+        self.settled = False
+
+    def add(self, *events: HistoryEvent) -> None:
+        self.events = (*self.events, *events)
+
+    def fits(self, events: tuple[HistoryEvent, ...], tier: Tier) -> bool:
+        return _room(events, tier, self.limits) and self.limits.fits(
+            revise(self.record, self.now_ms, events=events), tier
+        )
+
+    def retry(self, step: StepState) -> None:
+        """Send the attempt a backoff was waiting for; if it no longer fits (other steps
+        filled the record meanwhile), the failure becomes final, now."""
+        failed = step.outcome
+        assert isinstance(failed, ActivityFailed) and failed.retry_at_ms is not None
+        attempt = _next_attempt(step.latest, self.now_ms, failed.retry_at_ms - failed.at_ms)
+        events = (*self.events, attempt)
+        if self.fits(events, _tier(step.latest)):
+            self.events = events
+            self.sent.append(attempt)
+            return
+        # Delivered now, so it moves to now in history: replay sees it where the code did.
+        final = dataclasses.replace(failed, at_ms=self.now_ms, retry_at_ms=None)
+        self.events = (*(e for e in self.events if e is not failed), final)
+        self.settled = True
+
+    def time_out(self, step: StepState, kind: str) -> None:
+        """Fail the running attempt with its timeout, then decide its retry as for any
+        failure."""
+        latest = step.latest
+        failed = ActivityFailed(
+            latest.seq, latest.attempt, timeout_failure(step, kind), self.now_ms
+        )
+        tier = _tier(latest)
+        interval = _retry_interval(self.events, latest, failed.failure, self.now_ms)
+        if interval is not None and interval <= 0:
+            attempt = _next_attempt(latest, self.now_ms, 0)
+            events = (*self.events, failed, attempt)
+            if self.fits(events, tier):
+                self.events = events
+                self.sent.append(attempt)
+                return
+        elif interval is not None:
+            # As for a participant's failure: the retry is measured now, sent when due.
+            pending = dataclasses.replace(failed, retry_at_ms=self.now_ms + interval)
+            later = _next_attempt(latest, self.now_ms + interval, interval)
+            if self.fits((*self.events, pending, later), tier):
+                self.add(pending)
+                return
+        self.add(failed)
+        self.settled = True
+
+    def tasks(self, record: WorkflowRecord) -> tuple[ActivityTask, ...]:
+        """Tasks for the attempts this wake-up sent that ``record`` still holds."""
+        held = {(e.seq, e.attempt) for e in record.events if isinstance(e, ActivityScheduled)}
+        state = scan(record.events)
+        return tuple(task_for(record, a, state) for a in self.sent if (a.seq, a.attempt) in held)
+
+
+# --- start reports and heartbeats --------------------------------------------------
+
+
+def _apply_report(
+    record: WorkflowRecord | None,
+    report: ActivityStarted | ActivityHeartbeat,
+    now_ms: int,
+    limits: Limits,
+) -> Transition:
+    """Record that the latest attempt of a step started, or is alive (its details kept);
+    anything else is stale. The code does not run."""
+    if record is None:
+        return Transition(None, ignored=UNKNOWN_WORKFLOW)
+    if record.status.terminal:
+        return Transition(None, ignored=WORKFLOW_CLOSED)
+    step = _latest_attempt(record.events, report.seq)
+    if step is None or step.attempt != report.attempt:
+        return Transition(None, ignored=STALE_ATTEMPT)
+    expected = activity_id(record.workflow_id, report.seq, report.attempt, record.run_id)
+    if report.activity_id != expected:
+        return Transition(None, ignored=ACTIVITY_ID_MISMATCH)
+    if _outcome_of(record.events, report.seq, report.attempt) is not None:
+        return Transition(None, ignored=STALE_ATTEMPT)
+    if isinstance(report, ActivityStarted):
+        for event in record.events:
+            if (
+                isinstance(event, AttemptStarted)
+                and event.seq == report.seq
+                and event.attempt == report.attempt
+            ):
+                return Transition(None, ignored=ALREADY_STARTED)
+        # The participant's clock, but never before the attempt was sent nor after now.
+        at_ms = min(max(report.started_at_ms, step.at_ms), now_ms)
+        events = (*record.events, AttemptStarted(report.seq, report.attempt, at_ms))
+        # A few bytes that timeouts count from: the grace, like the failures they cause.
+        return _reported(record, events, now_ms, Tier.GRACE, limits)
+    # One heartbeat event per step: the new one replaces the last.
+    kept = tuple(
+        e for e in record.events if not (isinstance(e, AttemptHeartbeat) and e.seq == report.seq)
+    )
+    beat = AttemptHeartbeat(report.seq, report.attempt, now_ms, report.details)
+    if report.details is not None:
+        with_details = _reported(record, (*kept, beat), now_ms, _tier(step), limits)
+        if with_details.changed:
+            return with_details
+        # Too large with its details: keep the heartbeat, drop the details.
+        beat = dataclasses.replace(beat, details=None)
+    return _reported(record, (*kept, beat), now_ms, Tier.GRACE, limits)
+
+
+def _reported(
+    record: WorkflowRecord,
+    events: tuple[HistoryEvent, ...],
+    now_ms: int,
+    tier: Tier,
+    limits: Limits,
+) -> Transition:
+    # A reserved event always has room; one that was not reserved needs it.
+    if reserved_events(events) > max(reserved_events(record.events), limits.event_budget(tier)):
+        return Transition(None, ignored=OVER_LIMIT)
+    updated = revise(record, now_ms, events=events)
+    if not limits.fits(updated, tier):
+        return Transition(None, ignored=OVER_LIMIT)
+    return Transition(updated)
+
+
 def park(
     record: WorkflowRecord | None,
-    body: InboxBody,
+    body: InboxBody | WakeUp,
     failure: Failure,
     now_ms: int,
     *,
@@ -237,7 +556,8 @@ def park(
 
     Returns:
         ``record`` (or a new record made from the start, with its input and no events),
-        status STUCK with ``failure``, one revision later. Always encodable.
+        status STUCK with ``failure``, one revision later, ``wake_at_ms`` None (a stuck
+        workflow does not wake; its resume recomputes it). Always encodable.
 
     Raises:
         ValueError: ``record`` is None and ``body`` is not a start: there is no workflow
@@ -258,20 +578,15 @@ def fail(record: WorkflowRecord, now_ms: int, failure: Failure) -> WorkflowRecor
 
 
 def pending_tasks(record: WorkflowRecord) -> tuple[ActivityTask, ...]:
-    """Tasks of an open workflow whose latest attempt has no outcome yet.
+    """Tasks of an open workflow whose latest attempt was sent and has no outcome yet.
 
+    A retry waiting for its backoff is not pending (its attempt is sent at the WakeUp).
     None for a closed workflow, nor for one whose status this code does not know.
     """
     if record.status.terminal or record.status is WorkflowStatus.UNKNOWN:
         return ()
-    latest: dict[int, ActivityScheduled] = {}
-    settled: set[tuple[int, int]] = set()
-    for event in record.events:
-        if isinstance(event, ActivityScheduled):
-            latest[event.seq] = event
-        else:
-            settled.add((event.seq, event.attempt))
-    return tuple(task_for(record, s) for s in latest.values() if (s.seq, s.attempt) not in settled)
+    state = scan(record.events)
+    return tuple(task_for(record, s.latest, state) for s in state.steps.values() if s.running)
 
 
 def _safe_failure(failure: Failure) -> Failure:
@@ -280,7 +595,15 @@ def _safe_failure(failure: Failure) -> Failure:
         safe_text(failure.message),
         retryable=failure.retryable is True,
         effects_committed=failure.effects_committed is True,
+        retry_after_ms=_retry_after(failure.retry_after_ms),
     )
+
+
+def _retry_after(value: object) -> int | None:
+    """A participant's requested wait: a plain int of 0 to 100 years, else none."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return None
+    return min(int.__index__(value), MAX_RETRY_AFTER_MS)
 
 
 def _encodable(text: str) -> str:
@@ -293,4 +616,13 @@ def _encodable(text: str) -> str:
 
 
 # The shell imports these from here; they live beside the code that uses them most.
-__all__ = ["Limits", "Transition", "advance", "fail", "park", "pending_tasks"]
+__all__ = [
+    "IGNORED_REASONS",
+    "Limits",
+    "Transition",
+    "advance",
+    "fail",
+    "next_wake",
+    "park",
+    "pending_tasks",
+]

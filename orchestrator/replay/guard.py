@@ -25,8 +25,9 @@ from typing import Any, Final, NoReturn, cast
 from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
 
 ADVICE: Final = (
-    "a workflow may await only what ctx hands out (ctx.activity, ctx.gather); "
-    "do asyncio and other I/O inside an activity"
+    "a workflow may await only what ctx hands out (ctx.activity, ctx.sleep, ctx.gather, "
+    "ctx.first, with_timeout); wait with ctx.sleep, and do asyncio and other I/O inside an "
+    "activity"
 )
 _MAX_DEPTH: Final = 200
 

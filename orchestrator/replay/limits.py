@@ -7,8 +7,11 @@ Rules of this module:
   budget. Compensations and the failure events that report a limit may use a *grace*
   above it, so a workflow that hits a limit can still undo what it did. The last bytes
   are kept for the record that closes or parks the workflow, so that one always fits.
-- A step counts for two events as soon as it is scheduled (its outcome is reserved), so
-  recording an outcome never needs room that is not there.
+- Every event a command may still add is reserved as soon as it is recorded, so recording
+  it later never needs room that is not there: an attempt counts two events (scheduled and
+  its outcome) plus its start report when a timeout counts from it; a step with a
+  heartbeat timeout one more (its single heartbeat event); a retry waiting for its
+  backoff the next attempt's events; a timer two (started, then fired or cancelled).
 """
 
 from __future__ import annotations
@@ -19,7 +22,19 @@ from dataclasses import dataclass
 from typing import Final
 
 from orchestrator.errors import ConfigurationError
-from orchestrator.protocol.records import ActivityScheduled, HistoryEvent, WorkflowRecord
+from orchestrator.protocol.records import (
+    ActivityCompleted,
+    ActivityFailed,
+    ActivityScheduled,
+    AttemptHeartbeat,
+    AttemptStarted,
+    HistoryEvent,
+    TimerCancelled,
+    TimerFired,
+    TimerStarted,
+    WorkflowRecord,
+)
+from orchestrator.replay.timing import report_start
 
 MIN_EVENT_GRACE: Final = 20
 # Bytes kept for the closing record: a failure of at most ~2,000 characters and the fields
@@ -44,8 +59,10 @@ class Limits:
 
     Args:
         max_events: history events a workflow's ordinary steps may use (each step counts
-            two: scheduled and its outcome, each retry two more). Compensations and limit
-            failures get ``event_grace`` more.
+            two: scheduled and its outcome, each retry two more, one more per attempt for
+            its start report when it has a start-to-close or heartbeat timeout, and one
+            for its heartbeat with a heartbeat timeout). Compensations, timers (two each)
+            and limit failures get ``event_grace`` more.
         max_record_bytes: the size a record may never exceed (with its key), or None to
             check no size. Ordinary steps may fill it up to ``byte_budget(Tier.NORMAL)``.
         measure: the encoded size of a record including its key; pure. Required with
@@ -109,14 +126,49 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def attempt_events(step: ActivityScheduled) -> int:
+    """Events one attempt of ``step`` may add: scheduled, its outcome, its start report."""
+    return 2 + report_start(step)
+
+
+def command_events(command: ActivityScheduled | TimerStarted) -> int:
+    """Events a new command reserves: a step's first attempt (and its heartbeat), or a
+    timer's start and its firing or cancellation."""
+    if isinstance(command, TimerStarted):
+        return 2
+    return attempt_events(command) + (command.heartbeat_timeout_ms is not None)
+
+
 def reserved_events(events: tuple[HistoryEvent, ...]) -> int:
-    """Events in history plus one outcome for each step whose latest attempt is running."""
-    latest: dict[int, int] = {}
-    settled: set[tuple[int, int]] = set()
+    """Events in history plus every event its open commands may still add (see above)."""
+    latest: dict[int, ActivityScheduled] = {}
+    outcomes: dict[tuple[int, int], ActivityCompleted | ActivityFailed] = {}
+    started: set[tuple[int, int]] = set()
+    beating: set[int] = set()
+    timers: set[int] = set()
+    closed: set[int] = set()
     for event in events:
         if isinstance(event, ActivityScheduled):
-            latest[event.seq] = event.attempt
+            if event.seq not in latest or event.attempt >= latest[event.seq].attempt:
+                latest[event.seq] = event
+        elif isinstance(event, ActivityCompleted | ActivityFailed):
+            outcomes[(event.seq, event.attempt)] = event
+        elif isinstance(event, AttemptStarted):
+            started.add((event.seq, event.attempt))
+        elif isinstance(event, AttemptHeartbeat):
+            beating.add(event.seq)
+        elif isinstance(event, TimerStarted):
+            timers.add(event.seq)
+        elif isinstance(event, TimerFired | TimerCancelled):
+            closed.add(event.seq)
+    reserved = len(events) + len(timers - closed)
+    for seq, step in latest.items():
+        outcome = outcomes.get((seq, step.attempt))
+        if outcome is None:  # running: its outcome, maybe its start report
+            reserved += 1 + (report_start(step) and (seq, step.attempt) not in started)
+        elif isinstance(outcome, ActivityFailed) and outcome.retry_at_ms is not None:
+            reserved += attempt_events(step)  # the retry waiting for its backoff
         else:
-            settled.add((event.seq, event.attempt))
-    running = sum(1 for seq, attempt in latest.items() if (seq, attempt) not in settled)
-    return len(events) + running
+            continue  # settled for good: it adds nothing more
+        reserved += step.heartbeat_timeout_ms is not None and seq not in beating
+    return reserved

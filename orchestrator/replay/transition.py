@@ -12,8 +12,15 @@ Rules of this module:
   its last good state: the input's event kept, nothing the code asked for after it.
 - The steps the code asks for between two inputs are admitted in order while they fit;
   the first that does not fit, and every later one of the same round, is rejected.
+- Timers are tiny and use the grace. A timer cannot be rejected (it has no failure to
+  report), so one that does not fit even the grace closes the workflow ``FAILED`` at its
+  last good state; timers after a rejected step are left out of that round and asked
+  for again by the next one.
 - What the code asked for is kept only if it runs: a parked workflow keeps the input's
-  event and nothing its code did; a closed one drops the steps it never awaited.
+  event and nothing its code did; a closed one drops the steps it never awaited and the
+  timers it started last.
+- Every record returned carries ``wake_at_ms = timing.next_wake(record)`` (set by
+  ``revise``, which every record passes through).
 """
 
 from __future__ import annotations
@@ -34,12 +41,16 @@ from orchestrator.protocol.records import (
     Failure,
     HistoryEvent,
     Payload,
+    TimerCancelled,
+    TimerFired,
+    TimerStarted,
     WorkflowRecord,
     WorkflowStatus,
     activity_id,
 )
-from orchestrator.replay.driver import final_outcomes, replay
-from orchestrator.replay.limits import Limits, Tier, reserved_events
+from orchestrator.replay.driver import Command, final_outcomes, replay
+from orchestrator.replay.limits import Limits, Tier, command_events, reserved_events
+from orchestrator.replay.timing import TimeState, next_wake, report_start, scan
 from orchestrator.workflow import WorkflowFn, WorkflowRegistry
 
 TOO_LARGE: Final = RecordTooLargeError.ERROR_TYPE
@@ -138,19 +149,27 @@ class CodeRun:
                 stuck = self._record(first, WorkflowStatus.STUCK, failure=result.problem)
                 return self._settle(stuck)
             if result.finished:
-                return self._finish(events, result.error, result.payload, result.payload_error)
-            steps = result.new_steps
+                # Cancels of timers already in history are kept; new steps die unsent.
+                timers = {e.seq for e in events if isinstance(e, TimerStarted)}
+                cancels = [c for c in result.cancels if c.seq in timers]
+                return self._finish(
+                    (*events, *cancels), result.error, result.payload, result.payload_error
+                )
+            steps, cancels = result.new_steps, result.cancels
             admitted = self._count_admitted(events, steps)
             if admitted is None:
                 return self._settle(None, OVER_HISTORY)
             # The input's result was checked with the first round; later rounds add steps.
             ordinary_result = round_number == 0 and self._settles_normal_step()
-            candidate = self._fitting(events, steps, admitted, admitted, ordinary_result)
+            candidate = self._fitting(events, steps, cancels, admitted, admitted, ordinary_result)
             if candidate is None:
                 if self._result_too_large():
                     return None
-                candidate = self._largest_fit(events, steps, admitted, ordinary_result)
-                if candidate is None:
+                kept, candidate = self._largest_fit(
+                    events, steps, cancels, admitted, ordinary_result
+                )
+                if candidate is None or isinstance(steps[kept], TimerStarted):
+                    # A timer that does not fit cannot be reported to the code.
                     return self._settle(None, TOO_LARGE)
                 too_large = True
             elif admitted == len(steps):
@@ -158,21 +177,21 @@ class CodeRun:
             events = candidate.events
         return self._settle(None, TOO_LARGE if too_large else OVER_HISTORY)
 
-    def _count_admitted(
-        self, events: tuple[HistoryEvent, ...], steps: list[ActivityScheduled]
-    ) -> int | None:
+    def _count_admitted(self, events: tuple[HistoryEvent, ...], steps: list[Command]) -> int | None:
         """How many of ``steps`` fit the event budgets in order; None if even the
-        rejections of the rest do not fit."""
+        rejections of the rest do not fit, or the first that does not fit is a timer."""
         limits = self.limits
         reserved = reserved_events(events)
         admitted = 0
         for step in steps:
-            tier = Tier.GRACE if step.compensation else Tier.NORMAL
-            if reserved + 2 > limits.event_budget(tier):
+            cost = command_events(step)
+            if reserved + cost > limits.event_budget(_tier(step)):
                 break
-            reserved += 2
+            reserved += cost
             admitted += 1
-        rejected = len(steps) - admitted
+        if admitted < len(steps) and isinstance(steps[admitted], TimerStarted):
+            return None
+        rejected = sum(isinstance(s, ActivityScheduled) for s in steps[admitted:])
         if reserved + 2 * rejected > limits.event_budget(Tier.GRACE):
             return None
         return admitted
@@ -180,26 +199,29 @@ class CodeRun:
     def _largest_fit(
         self,
         events: tuple[HistoryEvent, ...],
-        steps: list[ActivityScheduled],
+        steps: list[Command],
+        cancels: list[TimerCancelled],
         admitted: int,
         ordinary_result: bool,
-    ) -> WorkflowRecord | None:
-        """The record with the longest prefix of ``steps`` (below ``admitted``, which did
-        not fit) and the rest rejected that fits; a binary search, so few measures."""
+    ) -> tuple[int, WorkflowRecord | None]:
+        """The longest prefix of ``steps`` (below ``admitted``, which did not fit) whose
+        record, with the rest rejected, fits, and that record; a binary search, so few
+        measures."""
         low, high, best = -1, admitted, None
         while high - low > 1:
             middle = (low + high) // 2
-            candidate = self._fitting(events, steps, middle, admitted, ordinary_result)
+            candidate = self._fitting(events, steps, cancels, middle, admitted, ordinary_result)
             if candidate is not None:
                 low, best = middle, candidate
             else:
                 high = middle
-        return best
+        return max(low, 0), best
 
     def _fitting(
         self,
         events: tuple[HistoryEvent, ...],
-        steps: list[ActivityScheduled],
+        steps: list[Command],
+        cancels: list[TimerCancelled],
         kept: int,
         counted: int,
         ordinary_result: bool,
@@ -208,17 +230,17 @@ class CodeRun:
         each part fits its budget: everything up to the last ordinary step (or up to the
         input's ordinary result) the normal budget, the whole record the grace. One
         measure when the record ends with an ordinary step, two otherwise."""
-        candidate = self._with_steps(events, steps, kept, counted)
+        candidate = self._with_steps(events, steps, cancels, kept, counted)
         limits = self.limits
-        ordinary = [i for i in range(kept) if not steps[i].compensation]
+        ordinary = [i for i in range(kept) if _tier(steps[i]) is Tier.NORMAL]
         if ordinary:
-            if ordinary[-1] == len(steps) - 1:  # nothing after it: one budget covers all
+            if ordinary[-1] == len(steps) - 1 and not cancels:  # one budget covers all
                 return candidate if limits.fits(candidate, Tier.NORMAL) else None
             prefix = self._record((*events, *steps[: ordinary[-1] + 1]), WorkflowStatus.RUNNING)
             if not limits.fits(prefix, Tier.NORMAL):
                 return None
         elif ordinary_result:
-            if not steps:
+            if not steps and not cancels:
                 return candidate if limits.fits(candidate, Tier.NORMAL) else None
             if not self._first_fits():
                 return None
@@ -227,15 +249,22 @@ class CodeRun:
     def _with_steps(
         self,
         events: tuple[HistoryEvent, ...],
-        steps: list[ActivityScheduled],
+        steps: list[Command],
+        cancels: list[TimerCancelled],
         kept: int,
         counted: int,
     ) -> WorkflowRecord:
         """RUNNING with ``steps[:kept]`` scheduled; the rest rejected, those from
-        ``counted`` on for the event limit, the others for size."""
+        ``counted`` on for the event limit, the others for size. Timers in the rest are
+        left out (and their cancels): the next round asks for them again."""
         added: list[HistoryEvent] = list(steps[:kept])
+        left_out: set[int] = set()
         for index, step in enumerate(steps[kept:], start=kept):
+            if isinstance(step, TimerStarted):
+                left_out.add(step.seq)
+                continue
             added.extend(self._rejection(step, TOO_LARGE if index < counted else OVER_HISTORY))
+        added.extend(c for c in cancels if c.seq not in left_out)
         return self._record((*events, *added), WorkflowStatus.RUNNING, failure=None)
 
     def _rejection(self, step: ActivityScheduled, error_type: str) -> list[HistoryEvent]:
@@ -392,25 +421,41 @@ class CodeRun:
     def _tasks(self, record: WorkflowRecord) -> tuple[ActivityTask, ...]:
         """Tasks for the steps this input scheduled that were not rejected."""
         settled = _settled(record.events)
+        state = scan(record.events)
         return tuple(
-            task_for(record, e)
+            task_for(record, e, state)
             for e in self._added(record.events)
             if isinstance(e, ActivityScheduled) and (e.seq, e.attempt) not in settled
         )
 
     def _without_unsent(self, events: tuple[HistoryEvent, ...]) -> tuple[HistoryEvent, ...]:
-        """Steps scheduled by this input but never awaited die with the workflow."""
+        """Steps scheduled by this input but never awaited die with the workflow, and so
+        do the timers it started (they could only fire after the end)."""
         settled = _settled(events)
-        added = tuple(
-            e
-            for e in self._added(events)
-            if not isinstance(e, ActivityScheduled) or (e.seq, e.attempt) in settled
-        )
+        fired = {e.seq for e in events if isinstance(e, TimerFired)}
+        dropped: set[int] = set()
+        added: list[HistoryEvent] = []
+        for event in self._added(events):
+            if isinstance(event, ActivityScheduled) and (event.seq, event.attempt) not in settled:
+                continue
+            if isinstance(event, TimerStarted) and event.seq not in fired:
+                dropped.add(event.seq)
+                continue
+            if isinstance(event, TimerCancelled) and event.seq in dropped:
+                continue
+            added.append(event)
         return (*self.base.events, *added)
 
 
+def _tier(command: Command) -> Tier:
+    """Ordinary steps use the normal budget; compensations and timers the grace."""
+    if isinstance(command, ActivityScheduled) and not command.compensation:
+        return Tier.NORMAL
+    return Tier.GRACE
+
+
 def _settled(events: tuple[HistoryEvent, ...]) -> set[tuple[int, int]]:
-    return {(e.seq, e.attempt) for e in events if not isinstance(e, ActivityScheduled)}
+    return {(e.seq, e.attempt) for e in events if isinstance(e, ActivityCompleted | ActivityFailed)}
 
 
 def _failed_status(events: tuple[HistoryEvent, ...]) -> WorkflowStatus:
@@ -425,10 +470,12 @@ def _failed_status(events: tuple[HistoryEvent, ...]) -> WorkflowStatus:
 
 
 def revise(record: WorkflowRecord, now_ms: int, **changes: Any) -> WorkflowRecord:
-    """``record`` with ``changes``, one revision later, updated at ``now_ms``."""
-    return dataclasses.replace(
+    """``record`` with ``changes``, one revision later, updated at ``now_ms``, and its
+    ``wake_at_ms`` recomputed (None unless RUNNING), so no path can forget it."""
+    revised = dataclasses.replace(
         record, revision=record.revision + 1, updated_at_ms=now_ms, **changes
     )
+    return dataclasses.replace(revised, wake_at_ms=next_wake(revised))
 
 
 def close(
@@ -438,9 +485,20 @@ def close(
     return revise(record, now_ms, status=status, closed_at_ms=now_ms, **changes)
 
 
-def task_for(record: WorkflowRecord, step: ActivityScheduled) -> ActivityTask:
-    """The task that sends ``step`` to its participant; the activity id carries the run id."""
+def task_for(
+    record: WorkflowRecord, step: ActivityScheduled, state: TimeState | None = None
+) -> ActivityTask:
+    """The task that sends ``step`` to its participant; the activity id carries the run id.
+
+    ``deadline_ms`` is the step's schedule-to-close deadline (from its first attempt);
+    the step's last heartbeat details, of any attempt, go with it so a new attempt can
+    resume. ``state`` is ``scan(record.events)`` if the caller has it.
+    """
     participant, _, activity = step.name.partition(".")
+    info = (state or scan(record.events)).steps.get(step.seq)
+    first_at = step.at_ms if info is None else info.first.at_ms
+    heartbeat = None if info is None else info.heartbeat
+    limit = step.schedule_to_close_ms
     return ActivityTask(
         workflow_id=record.workflow_id,
         workflow_type=record.workflow_type,
@@ -452,4 +510,9 @@ def task_for(record: WorkflowRecord, step: ActivityScheduled) -> ActivityTask:
         payload=step.payload,
         scheduled_at_ms=step.at_ms,
         compensation=step.compensation,
+        deadline_ms=None if limit is None else first_at + limit,
+        start_to_close_ms=step.start_to_close_ms,
+        heartbeat_timeout_ms=step.heartbeat_timeout_ms,
+        heartbeat_details=None if heartbeat is None else heartbeat.details,
+        report_start=report_start(step),
     )

@@ -37,11 +37,14 @@ from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.failures import describe, safe_text
 from orchestrator.protocol.partitioning import partition_for
 from orchestrator.protocol.records import (
+    ActivityHeartbeat,
     ActivityResult,
+    ActivityStarted,
     Failure,
     InboxBody,
     ResumeWorkflow,
     StartWorkflow,
+    WakeUp,
     WorkflowRecord,
     WorkflowStatus,
 )
@@ -59,6 +62,8 @@ from orchestrator.workflow import WorkflowRegistry
 log = logging.getLogger(__name__)
 SOURCE: Final = "orchestrator"
 PARK, DEAD_LETTER = 1, 2
+# When a wake found nothing due, look again this much later.
+_RECHECK_MS: Final = 1_000
 
 
 class RetentionHook(Protocol):
@@ -138,6 +143,7 @@ class Batch:
     ignored: list[str] = field(default_factory=list)
     redrives: list[tuple[int, str]] = field(default_factory=list)
     tombstones: int = 0
+    wakes: int = 0
     outputs: list[Output] = field(default_factory=list)
 
 
@@ -228,6 +234,13 @@ class InputProcessor:
             return
         presence = self.store.presence(partition, wid)
         resume = isinstance(body, ResumeWorkflow)
+        if isinstance(body, ActivityStarted | ActivityHeartbeat) and self._not_timing(
+            partition, wid, presence
+        ):
+            # Start reports and heartbeats only feed timeouts, which a parked, holding or
+            # closed workflow does not run: nothing to keep.
+            batch.ignored.append("not-running")
+            return
         if presence is Presence.CLOSED:
             batch.ignored.append(
                 "duplicate-start" if isinstance(body, StartWorkflow) else "workflow-closed"
@@ -258,6 +271,49 @@ class InputProcessor:
             self._park(item, current, body, Failure("UndeliverableRecord", why), batch, now_ms)
             return
         self._apply(item, current, body, batch, now_ms)
+
+    # --- timers ---------------------------------------------------------------------
+
+    def _not_timing(self, partition: int, wid: str, presence: Presence) -> bool:
+        if presence is not Presence.OPEN or self.store.holds_any(partition, wid):
+            return True
+        staged = self.store.staged_record(wid)
+        if staged is not None:
+            return staged.status is not WorkflowStatus.RUNNING
+        return wid in self.store.partition(partition).stuck
+
+    def wake(self, partition: int, wid: str, batch: Batch, now_ms: int) -> None:
+        """Fire what is due for a running workflow whose wake time has come.
+
+        A workflow that is parked, holds inputs or cannot be written here does not wake
+        (its record has no wake time; a resume recomputes it). A wake that finds nothing
+        due (the index and the record disagree) is looked at again a second later.
+        """
+        batch.wakes += 1
+        presence = self.store.presence(partition, wid)
+        current = None
+        if (
+            presence is Presence.OPEN
+            and not self.store.holds_any(partition, wid)
+            and self._poison_level(Ref("workflow", partition, wid), partition, wid)[0] < PARK
+        ):
+            current = self._load(partition, wid, presence)
+        if current is None or current.status is not WorkflowStatus.RUNNING:
+            # Not a running workflow here: out of the index until its record is written.
+            self.store.partition(partition).wake.pop(wid, None)
+            return
+        item = Input(partition, -1, wid.encode(), b"", held=True)
+        ignored = len(batch.ignored)
+        self._apply(item, current, WakeUp(wid), batch, now_ms)
+        if len(batch.ignored) > ignored and self.store.staged_record(wid) is None:
+            log.warning(
+                "timer index and record disagree workflow=%s partition=%d wake_at=%s now=%d",
+                safe_text(wid, 200),
+                partition,
+                current.wake_at_ms,
+                now_ms,
+            )
+            self.store.partition(partition).set_wake(wid, now_ms + _RECHECK_MS)
 
     # --- re-driving -------------------------------------------------------------------
 
@@ -345,7 +401,7 @@ class InputProcessor:
         self,
         item: Input,
         current: WorkflowRecord | None,
-        body: InboxBody,
+        body: InboxBody | WakeUp,
         batch: Batch,
         now_ms: int,
     ) -> bool:
@@ -451,7 +507,7 @@ class InputProcessor:
         self,
         item: Input,
         current: WorkflowRecord | None,
-        body: InboxBody,
+        body: InboxBody | WakeUp,
         failure: Failure,
         batch: Batch,
         now_ms: int,
@@ -625,8 +681,10 @@ class InputProcessor:
         metrics.DEAD_LETTERS.labels(SOURCE, reason).inc()
 
 
-def _describe_input(body: InboxBody, item: Input) -> str:
+def _describe_input(body: InboxBody | WakeUp, item: Input) -> str:
     where = f"inbox partition {item.partition} offset {item.offset}"
+    if isinstance(body, WakeUp):
+        return "its timers, retries and timeouts that were due"
     if isinstance(body, StartWorkflow):
         return f"the start ({where})"
     if isinstance(body, ActivityResult):

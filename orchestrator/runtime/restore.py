@@ -7,7 +7,7 @@ quick handovers. Records are read until ``position() >= target``; never by compa
 last record's offset, since transaction markers and compaction leave gaps.
 
 Restore is cheap per record: a workflow record is kept as its bytes, and only its status
-and closing time are read (``AvroCodec.peek_workflow``); whole records are decoded when an
+closing time and wake time are read (``AvroCodec.peek_workflow``); whole records are decoded when an
 input for the workflow arrives. There is no fixed deadline: a restore fails only when no
 partition has moved for ``stall_s`` (a dead writer's transaction is normally fenced before
 the restore starts, see ``fencing``, or aborted by the broker at its timeout).
@@ -219,7 +219,7 @@ def _apply(msg: Message, codec: AvroCodec, states: dict[int, PartitionState]) ->
         state.delete(workflow_id)
         return
     try:
-        status, closed_at = codec.peek_workflow(value)
+        head = codec.peek_workflow(value)
     except RecordDecodeError as exc:
         # We wrote these ourselves; a bad one means newer code (a schema this version
         # lacks), a foreign writer, or code rolled back past a schema change. An older
@@ -238,4 +238,4 @@ def _apply(msg: Message, codec: AvroCodec, states: dict[int, PartitionState]) ->
             safe_text(exc),
         )
         return
-    state.put(workflow_id, value, status, 0 if closed_at is None else closed_at)
+    state.put(workflow_id, value, head.status, head.closed_at_ms or 0, head.wake_at_ms)

@@ -8,11 +8,15 @@ Rules of this module:
 - Changes of the open transaction live in a staged overlay; they become the committed
   state only after Kafka confirmed the transaction (KAFKA_EOS rule 1), and are dropped on
   abort.
+- Each partition keeps an index of when its running workflows next need to wake (a timer,
+  a retry's backoff, a timeout), from the records' ``wake_at_ms``; restore rebuilds it from
+  the peeked head of each record, and only committed records are in it.
 - No Kafka, no clock: the loop passes everything in.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -43,6 +47,8 @@ class PartitionState:
             never overwritten.
         held: id -> {inbox offset: original inbox bytes} of inputs kept for a parked
             workflow (history keys from ``protocol.topics.held_key``).
+        wake: running workflow id -> when it next needs to wake (epoch ms); ``due`` takes
+            them in time order from a heap whose outdated entries are skipped.
     """
 
     partition: int
@@ -52,11 +58,22 @@ class PartitionState:
     unwritable: dict[str, str] = field(default_factory=dict)
     held: dict[str, dict[int, bytes]] = field(default_factory=dict)
     history_records: int = 0
+    wake: dict[str, int] = field(default_factory=dict)
+    _timers: list[tuple[int, str]] = field(default_factory=list)
+    _firing: dict[str, int] = field(default_factory=dict)
 
-    def put(self, workflow_id: str, encoded: bytes, status: WorkflowStatus, closed_at: int) -> None:
-        """Store the committed version of a workflow, given its peeked status.
+    def put(
+        self,
+        workflow_id: str,
+        encoded: bytes,
+        status: WorkflowStatus,
+        closed_at: int,
+        wake_at: int | None = None,
+    ) -> None:
+        """Store the committed version of a workflow, given its peeked head.
 
-        ``closed_at`` is used only when ``status`` is terminal.
+        ``closed_at`` is used only when ``status`` is terminal, ``wake_at`` only when it
+        is RUNNING.
         """
         self.unwritable.pop(workflow_id, None)
         if status is WorkflowStatus.UNKNOWN:
@@ -76,6 +93,49 @@ class PartitionState:
                 self.stuck.add(workflow_id)
             else:
                 self.stuck.discard(workflow_id)
+            if wake_at is None or status is not WorkflowStatus.RUNNING:
+                self.wake.pop(workflow_id, None)
+            else:
+                self.set_wake(workflow_id, wake_at)
+
+    def set_wake(self, workflow_id: str, wake_at: int) -> None:
+        """Index ``workflow_id`` to wake at ``wake_at`` (replacing its earlier time)."""
+        if self.wake.get(workflow_id) == wake_at:
+            return
+        self._firing.pop(workflow_id, None)
+        self.wake[workflow_id] = wake_at
+        heapq.heappush(self._timers, (wake_at, workflow_id))
+        if len(self._timers) > 2 * len(self.wake) + 1024:
+            # Outdated entries pile up when wake times keep moving (heartbeats): rebuild.
+            self._timers = [(at, wid) for wid, at in self.wake.items()]
+            heapq.heapify(self._timers)
+
+    def due(self, now_ms: int, limit: int) -> list[str]:
+        """Up to ``limit`` workflows whose wake time is at or before ``now_ms``, earliest
+        first. They leave the index until ``settle``, so one batch wakes each once."""
+        timers = self._timers
+        found: list[str] = []
+        while timers and len(found) < limit and timers[0][0] <= now_ms:
+            at, wid = heapq.heappop(timers)
+            if self.wake.get(wid) == at and wid not in self._firing:
+                self._firing[wid] = at
+                found.append(wid)
+        return found
+
+    def settle(self) -> None:
+        """The batch committed or aborted: workflows it woke whose wake time did not move
+        (the wake was lost with an abort, or changed nothing) go back in the index."""
+        for wid, at in self._firing.items():
+            if self.wake.get(wid) == at:
+                heapq.heappush(self._timers, (at, wid))
+        self._firing.clear()
+
+    def next_wake(self) -> int | None:
+        """The earliest wake time indexed, or None."""
+        timers = self._timers
+        while timers and self.wake.get(timers[0][1]) != timers[0][0]:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
 
     def delete(self, workflow_id: str) -> None:
         """Forget a workflow (its history key was tombstoned)."""
@@ -103,6 +163,7 @@ class PartitionState:
     def _forget(self, workflow_id: str) -> None:
         self.open.pop(workflow_id, None)
         self.stuck.discard(workflow_id)
+        self.wake.pop(workflow_id, None)
 
 
 @dataclass(slots=True)
@@ -244,6 +305,11 @@ class WorkflowStore:
 
     def promote(self) -> None:
         """The transaction committed: staged versions become the committed state."""
+        self._promote()
+        for state in self._partitions.values():
+            state.settle()
+
+    def _promote(self) -> None:
         for workflow_id, staged in self._staged.items():
             owner = self._partitions.get(staged.partition)
             if owner is None:
@@ -259,6 +325,7 @@ class WorkflowStore:
                 staged.encoded,
                 record.status,
                 record.closed_at_ms or record.updated_at_ms,
+                record.wake_at_ms,
             )
             if record.status.terminal:
                 self._cache.pop(workflow_id, None)
@@ -276,9 +343,16 @@ class WorkflowStore:
         self._staged_held.clear()
 
     def discard_staged(self) -> None:
-        """The transaction aborted: forget what it staged."""
+        """The transaction aborted: forget what it staged; what it woke wakes again."""
         self._staged.clear()
         self._staged_held.clear()
+        for state in self._partitions.values():
+            state.settle()
+
+    def next_wake(self) -> int | None:
+        """The earliest wake time of any owned partition, or None."""
+        times = [t for s in self._partitions.values() if (t := s.next_wake()) is not None]
+        return min(times, default=None)
 
     def staged_count(self) -> int:
         """How many history writes the open batch holds."""

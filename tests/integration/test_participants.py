@@ -377,6 +377,15 @@ def test_payment_and_shipping(postgres_dsn: str) -> None:
     )
     missing = svc.run(services.payment, "refund", {"charge_id": "ch-nope"})
     assert missing.failure is not None and missing.failure.error_type == "ChargeNotFound"
+    # A saga that gave up on a charge refunds by order: every charge of it, once.
+    late = _value(
+        svc.run(services.payment, "charge", {"order_id": "o-2", "amount": 50, "card": "4242"})
+    )
+    by_order = _value(svc.run(services.payment, "refund", {"order_id": "o-2"}))
+    assert by_order == {"order_id": "o-2", "refunded": [late["charge_id"]]}
+    assert _value(svc.run(services.payment, "refund", {"order_id": "o-2"}))["refunded"] == []
+    nothing = _value(svc.run(services.payment, "refund", {"order_id": "o-never-charged"}))
+    assert nothing["refunded"] == []
     shipment = _value(
         svc.run(services.shipping, "schedule", {"order_id": "o-1", "address": "1 Main St"})
     )

@@ -17,21 +17,30 @@ from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.payloads import encode_json
 from orchestrator.protocol.records import (
     ActivityCompleted,
+    ActivityFailed,
+    ActivityHeartbeat,
     ActivityResult,
     ActivityScheduled,
+    ActivityStarted,
     ActivityStatus,
     ActivityTask,
+    AttemptHeartbeat,
+    AttemptStarted,
     Failure,
     HistoryEvent,
     InboxBody,
     Payload,
     ResumeWorkflow,
     StartWorkflow,
+    TimerCancelled,
+    TimerFired,
+    TimerStarted,
+    WakeUp,
     WorkflowRecord,
     WorkflowStatus,
     activity_id,
 )
-from orchestrator.replay import Limits, Transition, advance
+from orchestrator.replay import Limits, Transition, advance, next_wake
 from orchestrator.workflow import WorkflowRegistry
 
 # Replay is pure and fast; a deadline would only turn a slow CI machine into flakes.
@@ -71,14 +80,29 @@ def event_line(event: HistoryEvent) -> str:
     """One history event in the notation the replay tests compare against.
 
     ``sched 0#1 inventory.reserve``, ``sched 2#1 inventory.release comp``, ``done 0#1``,
-    ``fail 1#1 PaymentDeclined``: step number, ``#`` attempt, then what happened.
+    ``fail 1#1 PaymentDeclined``: step number, ``#`` attempt, then what happened. A
+    failure waiting to be retried shows the backoff: ``fail 1#1 Busy retry+1000``.
+    Durable time: ``timer 3 +5000`` (fires 5 s after it started), ``fired 3``,
+    ``cancel 3``, ``started 0#1``, ``beat 0#1``.
     """
     if isinstance(event, ActivityScheduled):
         suffix = " comp" if event.compensation else ""
         return f"sched {event.seq}#{event.attempt} {event.name}{suffix}"
     if isinstance(event, ActivityCompleted):
         return f"done {event.seq}#{event.attempt}"
-    return f"fail {event.seq}#{event.attempt} {event.failure.error_type}"
+    if isinstance(event, ActivityFailed):
+        retry = "" if event.retry_at_ms is None else f" retry+{event.retry_at_ms - event.at_ms}"
+        return f"fail {event.seq}#{event.attempt} {event.failure.error_type}{retry}"
+    if isinstance(event, TimerStarted):
+        return f"timer {event.seq} +{event.fire_at_ms - event.at_ms}"
+    if isinstance(event, TimerFired):
+        return f"fired {event.seq}"
+    if isinstance(event, TimerCancelled):
+        return f"cancel {event.seq}"
+    if isinstance(event, AttemptStarted):
+        return f"started {event.seq}#{event.attempt}"
+    assert isinstance(event, AttemptHeartbeat)
+    return f"beat {event.seq}#{event.attempt}"
 
 
 def history_lines(events: Iterable[HistoryEvent]) -> list[str]:
@@ -165,10 +189,12 @@ def failed(
 class WorkflowRun:
     """One workflow driven through :func:`advance`, as the orchestrator shell would.
 
-    Every input moves the clock by ``STEP_MS``. ``registry`` may be swapped between inputs
-    to model a deploy of changed workflow code. ``run_id`` is what the shell would give
-    the start (empty: activity ids in the format before run ids). With ``check_codec``,
-    every new record must survive the Avro round trip unchanged.
+    Every input moves the clock by ``STEP_MS``; ``wake`` moves it to the record's wake
+    time instead, as the shell's timer index would. ``registry`` may be swapped between
+    inputs to model a deploy of changed workflow code. ``run_id`` is what the shell would
+    give the start (empty: activity ids in the format before run ids). With
+    ``check_codec``, every new record must survive the Avro round trip unchanged. Every
+    new record must have ``wake_at_ms == next_wake(record)``.
     """
 
     def __init__(
@@ -191,11 +217,12 @@ class WorkflowRun:
         self.record: WorkflowRecord | None = None
         self.last: Transition | None = None
         self.sent: list[ActivityTask] = []
-        self.inputs: list[tuple[InboxBody, int]] = []
+        self.inputs: list[tuple[InboxBody | WakeUp, int]] = []
         self.transitions: list[Transition] = []
 
-    def send(self, body: InboxBody) -> Transition:
-        self.now_ms += STEP_MS
+    def send(self, body: InboxBody | WakeUp, *, at_ms: int | None = None) -> Transition:
+        """Apply ``body`` one step later, or at ``at_ms`` (never earlier than now)."""
+        self.now_ms = self.now_ms + STEP_MS if at_ms is None else max(self.now_ms, at_ms)
         self.inputs.append((body, self.now_ms))
         transition = advance(
             self.record, body, self.now_ms, self.registry, self.limits, run_id=self.run_id
@@ -203,6 +230,11 @@ class WorkflowRun:
         if transition.record is not None:
             if self.check_codec:
                 assert_encodable(transition.record)
+            assert transition.record.wake_at_ms == next_wake(transition.record), (
+                f"workflow {self.workflow_id}: wake_at_ms {transition.record.wake_at_ms} is "
+                f"not next_wake {next_wake(transition.record)}; history: "
+                f"{history_lines(transition.record.events)}"
+            )
             self.record = transition.record
         self.sent.extend(transition.tasks)
         self.transitions.append(transition)
@@ -215,6 +247,55 @@ class WorkflowRun:
 
     def resume(self) -> Transition:
         return self.send(ResumeWorkflow(self.workflow_id, self.now_ms))
+
+    def wake(self, at_ms: int | None = None) -> Transition:
+        """A WakeUp at ``at_ms``, by default at the record's ``wake_at_ms``."""
+        assert self.record is not None, f"workflow {self.workflow_id} has no record yet"
+        if at_ms is None:
+            at_ms = self.record.wake_at_ms
+            assert at_ms is not None, (
+                f"workflow {self.workflow_id} has nothing to wake for; "
+                f"history: {history_lines(self.record.events)}"
+            )
+        return self.send(WakeUp(self.workflow_id), at_ms=at_ms)
+
+    def fail_and_retry(self, seq: int, error_type: str = "Busy", **kwargs: Any) -> Transition:
+        """A retryable failure of step ``seq``, then the WakeUp that sends its retry."""
+        self.fail(seq, error_type, retryable=True, **kwargs)
+        assert self.record is not None
+        failed = self.record.events[-1]
+        assert isinstance(failed, ActivityFailed) and failed.retry_at_ms is not None, (
+            f"workflow {self.workflow_id}: expected a retry waiting for its backoff; "
+            f"history: {history_lines(self.record.events)}"
+        )
+        return self.wake()
+
+    def started(
+        self, seq: int, *, attempt: int | None = None, at_ms: int | None = None
+    ) -> Transition:
+        attempt = self.attempt_of(seq) if attempt is None else attempt
+        return self.send(
+            ActivityStarted(
+                self.workflow_id,
+                activity_id(self.workflow_id, seq, attempt, self.run_id),
+                seq,
+                attempt,
+                self.now_ms + STEP_MS if at_ms is None else at_ms,  # when it is applied
+            )
+        )
+
+    def heartbeat(self, seq: int, details: Any = None, *, attempt: int | None = None) -> Transition:
+        attempt = self.attempt_of(seq) if attempt is None else attempt
+        return self.send(
+            ActivityHeartbeat(
+                self.workflow_id,
+                activity_id(self.workflow_id, seq, attempt, self.run_id),
+                seq,
+                attempt,
+                self.now_ms + STEP_MS,
+                None if details is None else encode_json(details),
+            )
+        )
 
     def attempt_of(self, seq: int) -> int:
         """The latest attempt of step ``seq`` in the current record."""

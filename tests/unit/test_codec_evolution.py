@@ -25,6 +25,7 @@ from orchestrator.protocol.codec import (
     TASK,
     WORKFLOW,
     AvroCodec,
+    _task_to_avro,
     default_schema_dir,
     schema_id,
 )
@@ -68,6 +69,7 @@ ORIGINAL = {
 } | {TASK, WORKFLOW}
 V0 = _parse_dir(ARCHIVE / "v0")
 V1 = _parse_dir(ARCHIVE / "v1")
+V2 = _parse_dir(ARCHIVE / "v2")
 CURRENT = _parse_dir(default_schema_dir())
 PAYLOAD = {"encoding": "json/plain", "data": b'{"total":42}'}
 
@@ -80,11 +82,20 @@ def test_every_archived_version_is_complete_and_parses_on_its_own(version: str) 
 
 @pytest.mark.parametrize(
     ("version", "name"),
-    [("v0", INBOX), ("v0", TASK), ("v0", WORKFLOW), ("v1", INBOX), ("v1", WORKFLOW)],
+    [
+        ("v0", INBOX),
+        ("v0", TASK),
+        ("v0", WORKFLOW),
+        ("v1", INBOX),
+        ("v1", WORKFLOW),
+        ("v2", INBOX),
+        ("v2", TASK),
+        ("v2", WORKFLOW),
+    ],
 )
 def test_an_old_version_has_its_own_id_which_the_codec_knows(version: str, name: str) -> None:
     """The version differs from today in a field of the record or of a record it refers to."""
-    old = schema_id({"v0": V0, "v1": V1}[version][name])
+    old = schema_id({"v0": V0, "v1": V1, "v2": V2}[version][name])
     assert old != CODEC.schema_id_of(name), (
         f"{name}: {version} and the current schema share id {old}, so its records would be read "
         "as if written with the current schema"
@@ -307,7 +318,7 @@ def test_an_old_participant_can_read_a_current_task() -> None:
         compensation=True,
         deadline_ms=90,
     )
-    data = CODEC.encode_task(task)
+    data = CODEC.encode_with(CODEC.writer_schema(TASK), _task_to_avro(task))
     body = io.BytesIO(data[5:])
     old = fastavro.schemaless_reader(body, CODEC.writer_schema(TASK), V0[TASK])
     assert old == {
@@ -323,9 +334,9 @@ def test_an_old_participant_can_read_a_current_task() -> None:
     }
 
 
-def test_v1_tasks_are_todays_tasks() -> None:
+def test_v1_tasks_are_v2_tasks() -> None:
     """v2 left ActivityTask alone, so participants of v1 read tasks of v2 orchestrators."""
-    assert schema_id(V1[TASK]) == CODEC.schema_id_of(TASK)
+    assert schema_id(V1[TASK]) == schema_id(V2[TASK])
 
 
 def _v1_order(status: str, closed_at_ms: int | None) -> dict[str, Any]:
@@ -364,9 +375,9 @@ def test_peek_reads_status_and_closing_time_of_old_and_current_records(
     status: str, closed_at_ms: int | None
 ) -> None:
     old = CODEC.encode_with(V1[WORKFLOW], _v1_order(status, closed_at_ms))
-    assert CODEC.peek_workflow(old) == (WorkflowStatus(status), closed_at_ms)
+    assert CODEC.peek_workflow(old) == (WorkflowStatus(status), closed_at_ms, None)
     current = CODEC.encode_workflow(CODEC.decode_workflow(old))
-    assert CODEC.peek_workflow(current) == (WorkflowStatus(status), closed_at_ms)
+    assert CODEC.peek_workflow(current) == (WorkflowStatus(status), closed_at_ms, None)
 
 
 def test_v1_failures_read_as_without_committed_effects() -> None:

@@ -31,6 +31,7 @@ from orchestrator import (
 )
 from orchestrator.protocol.payloads import decode_json
 from orchestrator.protocol.records import (
+    ActivityCompleted,
     ActivityFailed,
     ActivityScheduled,
     Payload,
@@ -55,7 +56,7 @@ def _payload_bytes(record: WorkflowRecord) -> int:
     for event in record.events:
         if isinstance(event, ActivityScheduled):
             size += len(event.payload.data)
-        elif not isinstance(event, ActivityFailed):
+        elif isinstance(event, ActivityCompleted):
             size += len(event.result.data)
     return size
 
@@ -239,8 +240,9 @@ def test_a_retry_that_would_exceed_max_events_is_not_taken() -> None:
 
     run = WorkflowRun(_registry("t", flow), "t", limits=Limits(max_events=6))
     run.start()
-    for _ in range(3):
-        run.fail(0, "Busy", retryable=True)
+    run.fail_and_retry(0)
+    run.fail_and_retry(0)
+    run.fail(0, "Busy", retryable=True)  # a third retry would need events 7 and 8
     record = assert_encodable(run.record)
     assert_status(record, WorkflowStatus.COMPLETED)
     assert record.result is not None and decode_json(record.result) == ["Busy", 3]
@@ -332,7 +334,7 @@ def test_a_retry_that_would_make_the_record_too_large_is_not_taken() -> None:
 
     run = WorkflowRun(_registry("t", flow), "t", limits=BYTES)
     run.start()
-    run.fail(0, "Busy", retryable=True)  # attempt 2: 604 bytes, fits 775
+    run.fail_and_retry(0)  # attempt 2: 604 bytes, fits 775
     assert run.tasks() == ["wf-1/0/2 p.send"]
     run.fail(0, "Busy", retryable=True)  # attempt 3 would be 906 bytes: final
     record = assert_encodable(run.record)
@@ -393,10 +395,10 @@ def test_measure_is_called_once_per_transition_unless_a_limit_is_hit() -> None:
     )
     run.start({"items": 1, "release": 1, "card": 1})
     run.complete(0, "RES")
-    run.fail(1, "Busy", retryable=True)
+    run.fail_and_retry(1)  # the failure (with its retry measured), then the WakeUp
     run.complete(1, "CHARGED")
     assert_status(run.record, WorkflowStatus.COMPLETED)
-    assert counted.calls == len(run.transitions) == 4
+    assert counted.calls == len(run.transitions) == 5
 
 
 def test_limits_are_validated_where_they_are_given() -> None:

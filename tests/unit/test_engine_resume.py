@@ -275,7 +275,7 @@ def test_every_activity_id_of_a_run_carries_its_run_id() -> None:
     run = WorkflowRun(_registry(process_order), "order.process", workflow_id="o-6", run_id="a1")
     run.start(ORDER)
     run.complete(0, {"reservation_id": "r"})
-    run.fail(1, "GatewayTimeout", retryable=True)
+    run.fail_and_retry(1, "GatewayTimeout")
     assert run.record is not None and run.record.run_id == "a1"
     assert task_lines(pending_tasks(run.record)) == ["o-6/a1/1/2 payment.charge"]
     assert [t.activity_id for t in run.sent] == ["o-6/a1/0/1", "o-6/a1/1/1", "o-6/a1/1/2"]

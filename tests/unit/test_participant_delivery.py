@@ -29,6 +29,7 @@ from orchestrator.transport import record_size
 from participants.delivery import (
     RESULT_REJECTED,
     RESULT_TOO_LARGE,
+    Outgoing,
     Publisher,
     ResultDeliveryError,
     result_record,
@@ -112,7 +113,7 @@ class _Producer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes | None]] = []
         self.refuse_next: list[KafkaException] = []
-        self.fail_next: list[KafkaError] = []
+        self.fail_next: list[KafkaError | None] = []
         self._queued: list[tuple[Callable[..., None], KafkaError | None]] = []
         self.stuck = False
 
@@ -215,6 +216,70 @@ def test_confirm_gives_up_waiting_when_stopping() -> None:
     stop = threading.Event()
     stop.set()
     assert not publisher.confirm(stop)
+
+
+def test_acknowledgement_callbacks_run_once_per_answered_task_substitutes_included() -> None:
+    producer = _Producer()
+    producer.fail_next += [None, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)]
+    publisher = _publisher(producer)
+    acked: list[str] = []
+    publisher.send_result(_result("order-1"), on_acked=lambda: acked.append("order-1"))
+    publisher.send_result(_result("order-2"), on_acked=lambda: acked.append("order-2"))
+    assert acked == []
+    publisher.poll(0)
+    assert acked == ["order-1"], "order-2's delivery failed: not answered yet"
+    publisher.handle_failures()  # order-2 is replaced by a small failure
+    publisher.poll(0)
+    assert acked == ["order-1", "order-2"]
+    assert _failure_of(producer.sent[-1][2]).error_type == RESULT_REJECTED
+
+
+def test_a_report_that_fails_delivery_is_dropped_not_sent_again_nor_substituted() -> None:
+    producer = _Producer()
+    producer.fail_next += [
+        KafkaError(KafkaError._MSG_TIMED_OUT),
+        KafkaError(KafkaError.MSG_SIZE_TOO_LARGE),
+    ]
+    producer.refuse_next.append(KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)))
+    publisher = _publisher(producer)
+    report = Outgoing(TOPICS.inbox, b"order-1", b"report", best_effort=True)
+    publisher.send_report(report)  # refused by the client: dropped at once
+    publisher.send_report(report)  # transient failure: dropped
+    publisher.send_report(report)  # refused by the broker: dropped
+    assert publisher.confirm(threading.Event())
+    assert len(producer.sent) == 2, producer.sent
+
+
+def test_a_fatal_producer_error_stops_the_participant_even_for_a_report() -> None:
+    producer = _Producer()
+    producer.fail_next.append(KafkaError(KafkaError._FATAL, "fenced", fatal=True))
+    publisher = _publisher(producer)
+    publisher.send_report(Outgoing(TOPICS.inbox, b"k", b"v", best_effort=True))
+    publisher.poll(0)
+    with pytest.raises(ResultDeliveryError, match="failed for good"):
+        publisher.handle_failures()
+
+
+def test_results_can_be_sent_from_many_threads_at_once() -> None:
+    producer = _Producer()
+    publisher = _publisher(producer)
+    acked: list[int] = []
+    lock = threading.Lock()
+
+    def ack(n: int) -> None:
+        with lock:
+            acked.append(n)
+
+    def send(n: int) -> None:
+        publisher.send_result(_result(f"order-{n}"), on_acked=lambda: ack(n))
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert publisher.confirm(threading.Event())
+    assert sorted(acked) == list(range(20)) and len(producer.sent) == 20
 
 
 # --- group membership and clients --------------------------------------------------------

@@ -166,6 +166,11 @@ def test_retryable_failure_is_retried_with_a_new_activity_id_per_attempt(
     first = run.sent[-1]
     for attempt in range(1, 5):
         run.fail(1, "GatewayTimeout", retryable=True)
+        # The default backoff: 1 s, 2 s, 4 s, 8 s; nothing is sent until the WakeUp.
+        backoff = 1000 * 2 ** (attempt - 1)
+        assert run.tasks() == [] and run.record is not None
+        assert run.record.wake_at_ms == run.now_ms + backoff
+        run.wake()
         assert run.tasks() == [f"order-1/1/{attempt + 1} payment.charge"], (
             f"workflow order-1: attempt {attempt} failed; history: {run.record}"
         )
@@ -185,13 +190,13 @@ def test_retryable_failure_is_retried_with_a_new_activity_id_per_attempt(
             "sched 0#1 inventory.reserve",
             "done 0#1",
             "sched 1#1 payment.charge",
-            "fail 1#1 GatewayTimeout",
+            "fail 1#1 GatewayTimeout retry+1000",
             "sched 1#2 payment.charge",
-            "fail 1#2 GatewayTimeout",
+            "fail 1#2 GatewayTimeout retry+2000",
             "sched 1#3 payment.charge",
-            "fail 1#3 GatewayTimeout",
+            "fail 1#3 GatewayTimeout retry+4000",
             "sched 1#4 payment.charge",
-            "fail 1#4 GatewayTimeout",
+            "fail 1#4 GatewayTimeout retry+8000",
             "sched 1#5 payment.charge",
             "fail 1#5 GatewayTimeout",
             "sched 2#1 inventory.release comp",
@@ -208,7 +213,7 @@ def test_a_retry_carries_the_policy_recorded_with_the_step(order_run: WorkflowRu
     run = order_run
     run.start(ORDER)
     run.complete(0, {"reservation_id": "r-1"})
-    run.fail(1, "GatewayTimeout", retryable=True)
+    run.fail_and_retry(1, "GatewayTimeout")
     assert run.record is not None
     charges = [
         e
@@ -247,11 +252,15 @@ def test_default_policy_makes_three_attempts() -> None:
 
     run = WorkflowRun(registry, "t.default")
     run.start()
-    run.fail(0, "Flaky", retryable=True)
-    run.fail(0, "Flaky", retryable=True)
+    run.fail_and_retry(0, "Flaky")
+    run.fail_and_retry(0, "Flaky")
     run.fail(0, "Flaky", retryable=True)
     assert_status(run.record, WorkflowStatus.FAILED, "ActivityError")
     assert [t.activity_id for t in run.sent] == ["wf-1/0/1", "wf-1/0/2", "wf-1/0/3"]
+    # 1 s before the second attempt, 2 s before the third.
+    assert run.record is not None
+    retries = [e for e in run.record.events if isinstance(e, ActivityScheduled) and e.attempt > 1]
+    assert [e.backoff_ms for e in retries] == [1000, 2000]
 
 
 # --- inputs that change nothing ------------------------------------------------------
@@ -308,7 +317,7 @@ def test_result_of_a_superseded_attempt_is_stale(order_run: WorkflowRun) -> None
     run = order_run
     run.start(ORDER)
     run.complete(0, {"reservation_id": "r-1"})
-    run.fail(1, "GatewayTimeout", retryable=True)
+    run.fail_and_retry(1, "GatewayTimeout")
     _ignored(run, completed("order-1", 1, 1, {"charge_id": "late"}, 9), "stale-attempt")
     # An attempt that was never sent, and a step that does not exist.
     _ignored(run, completed("order-1", 1, 3, {"charge_id": "future"}, 9), "stale-attempt")
@@ -404,6 +413,8 @@ def test_a_retry_needs_no_workflow_code(order_run: WorkflowRun) -> None:
     run.start(ORDER)
     run.registry = WorkflowRegistry()
     run.fail(0, "Busy", retryable=True)
+    assert run.tasks() == [] and run.record is not None and run.record.wake_at_ms is not None
+    run.wake()  # the retry's WakeUp needs no code either
     assert run.tasks() == ["order-1/0/2 inventory.reserve"]
     assert_status(run.record, WorkflowStatus.RUNNING)
 
@@ -583,7 +594,7 @@ def test_an_activity_error_caught_by_the_code_lets_it_complete() -> None:
 
     run = WorkflowRun(registry, "t.fallback")
     run.start()
-    run.fail(0, "Down", retryable=True)
+    run.fail_and_retry(0, "Down")
     run.fail(0, "Down", retryable=True)
     run.complete(1, "sent")
     assert_status(run.record, WorkflowStatus.COMPLETED)
@@ -690,6 +701,9 @@ def test_gather_raises_only_after_every_branch_settles(fan_out: WorkflowRegistry
     run.complete(1, "JAM")
     assert_status(run.record, WorkflowStatus.RUNNING)
     run.fail(0, "Early", retryable=True)  # retried: not settled yet
+    assert run.tasks() == []
+    assert_status(run.record, WorkflowStatus.RUNNING)
+    run.wake()
     assert run.tasks() == ["wf-1/0/2 stock.check"]
     assert_status(run.record, WorkflowStatus.RUNNING)
     run.fail(0, "Early", retryable=True)
@@ -719,6 +733,10 @@ def test_pending_tasks_are_the_latest_unsettled_attempts(fan_out: WorkflowRegist
 
     run.complete(1, "JAM")
     run.fail(0, "Busy", retryable=True)
+    assert run.record is not None
+    # A retry waiting for its backoff is not pending: it is sent at the WakeUp.
+    assert task_lines(pending_tasks(run.record)) == ["wf-1/2/1 stock.check"]
+    run.wake()
     assert run.record is not None
     assert task_lines(pending_tasks(run.record)) == ["wf-1/0/2 stock.check", "wf-1/2/1 stock.check"]
     retry = run.sent[-1]

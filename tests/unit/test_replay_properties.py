@@ -2,7 +2,9 @@
 
 A workflow with a sequential step, a parallel pair with a compensation, and a final step
 receives a random sequence of outcomes (complete, retryable failure, failure of a
-non-retryable type, final failure) and of re-delivered old inputs. Whatever the sequence,
+non-retryable type, final failure), of wake-ups (at the record's wake time, or too early)
+and of re-delivered old inputs. A move finding nothing in flight while a retry waits for
+its backoff wakes the workflow instead. Whatever the sequence,
 the engine must be a function of its inputs, keep attempts and ids in order, survive the
 Avro round trip of every record, and stop changing once the workflow is closed.
 """
@@ -20,9 +22,11 @@ from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.payloads import decode_json
 from orchestrator.protocol.records import (
     ActivityCompleted,
+    ActivityFailed,
     ActivityScheduled,
     ActivityTask,
     StartWorkflow,
+    WakeUp,
     WorkflowRecord,
     WorkflowStatus,
     activity_id,
@@ -55,7 +59,7 @@ async def steps(ctx: WorkflowContext, _: Any) -> Any:
 
 
 # Completions are drawn most often, so that many runs get past the parallel pair.
-KINDS = ("complete",) * 5 + ("retryable",) * 2 + ("fatal", "final", "redeliver")
+KINDS = ("complete",) * 5 + ("retryable",) * 2 + ("fatal", "final", "redeliver", "wake")
 moves = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 1_000)), max_size=30)
 # Enough runs that every ending (and retries inside the parallel pair) shows up often.
 MANY = settings(max_examples=300)
@@ -72,6 +76,12 @@ def _play(plan: list[tuple[str, int]]) -> WorkflowRun:
             run.send(run.inputs[pick % len(run.inputs)][0])
             continue
         in_flight = pending_tasks(record) if record.status is WorkflowStatus.RUNNING else ()
+        if kind == "wake" and (pick % 2 or record.wake_at_ms is None):
+            run.send(WakeUp(run.workflow_id))  # usually too early: nothing due
+            continue
+        if kind == "wake" or (not in_flight and record.wake_at_ms is not None):
+            run.wake()
+            continue
         target = (in_flight or tuple(run.sent))[pick % len(in_flight or run.sent)]
         wid, seq, attempt = run.workflow_id, target.seq, target.attempt
         if kind == "complete":
@@ -177,7 +187,11 @@ def test_running_workflows_wait_for_exactly_the_unsettled_tasks(
     assert record is not None
     if record.status is not WorkflowStatus.RUNNING:
         return
-    settled = {(e.seq, e.attempt) for e in record.events if not isinstance(e, ActivityScheduled)}
+    settled = {
+        (e.seq, e.attempt)
+        for e in record.events
+        if isinstance(e, ActivityCompleted | ActivityFailed)
+    }
     outstanding: list[ActivityTask] = [t for t in run.sent if (t.seq, t.attempt) not in settled]
     assert sorted(task_lines(pending_tasks(record))) == sorted(task_lines(outstanding)), _context(
         run

@@ -162,9 +162,17 @@ def test_a_compensation_that_fails_for_good_ends_compensation_failed(
 ) -> None:
     run = _booked(trips, "sequential")
     run.fail(3, "CardDeclined")
+    waited = 0
     for attempt in range(1, COMPENSATION_RETRY.max_attempts):
         run.fail(4, "AirlineDown", retryable=True)
+        # Patient: 1 s, 2 s, 4 s ... doubling up to 10 minutes between attempts.
+        backoff = 1000 * min(2 ** (attempt - 1), 600)
+        assert run.tasks() == [] and run.record is not None
+        assert run.record.wake_at_ms == run.now_ms + backoff
+        waited += backoff
+        run.wake()
         assert run.tasks() == [f"trip-sequential/4/{attempt + 1} flights.cancel comp"]
+    assert waited == 12_423_000, "about 3.5 hours of retries"
     run.fail(4, "AirlineDown", retryable=True)
     # The older steps are still undone, newest first, before the saga gives up.
     assert run.tasks() == ["trip-sequential/5/1 hotels.cancel comp"]

@@ -23,8 +23,14 @@ def _record(wid: str, status: WorkflowStatus = WorkflowStatus.RUNNING) -> Workfl
 
 
 def _put(state: PartitionState, record: WorkflowRecord) -> None:
-    status, closed_at = CODEC.peek_workflow(CODEC.encode_workflow(record))
-    state.put(record.workflow_id, CODEC.encode_workflow(record), status, closed_at or 0)
+    head = CODEC.peek_workflow(CODEC.encode_workflow(record))
+    state.put(
+        record.workflow_id,
+        CODEC.encode_workflow(record),
+        head.status,
+        head.closed_at_ms or 0,
+        head.wake_at_ms,
+    )
 
 
 def test_an_open_workflow_is_kept_as_its_committed_bytes() -> None:
@@ -139,3 +145,71 @@ def test_dropping_a_partition_drops_its_staged_changes() -> None:
     assert [s[1] for s in store.staged()] == ["b"]
     assert [h[1] for h in store.staged_held()] == ["b"]
     assert not store.owns(0) and store.owns(1)
+
+
+# --- the timer index ----------------------------------------------------------------
+
+
+def _timed(
+    wid: str, wake_at: int | None, status: WorkflowStatus = WorkflowStatus.RUNNING
+) -> WorkflowRecord:
+    return dataclasses.replace(_record(wid, status), wake_at_ms=wake_at)
+
+
+def test_due_workflows_come_earliest_first_and_only_once_per_batch() -> None:
+    state = PartitionState(0)
+    for wid, at in (("c", 30), ("a", 10), ("b", 20), ("later", 99)):
+        _put(state, _timed(wid, at))
+    assert state.next_wake() == 10
+    assert state.due(25, limit=10) == ["a", "b"]
+    assert state.due(25, limit=10) == []  # woken in this batch: not again
+    assert state.due(40, limit=1) == ["c"]
+    assert state.next_wake() == 99
+
+
+def test_an_aborted_or_idle_wake_is_due_again_after_settle() -> None:
+    state = PartitionState(0)
+    _put(state, _timed("a", 10))
+    assert state.due(10, limit=5) == ["a"]
+    state.settle()  # the batch aborted, or the wake wrote nothing
+    assert state.due(10, limit=5) == ["a"]
+
+
+def test_a_committed_record_moves_or_removes_its_wake_time() -> None:
+    store = WorkflowStore()
+    store.install(PartitionState(0))
+    state = store.partition(0)
+    _put(state, _timed("a", 10))
+    _put(state, _timed("b", 10))
+    assert state.due(10, limit=5) == ["a", "b"]
+    moved, closed = _timed("a", 500), _timed("b", None, WorkflowStatus.COMPLETED)
+    store.stage(0, moved, CODEC.encode_workflow(moved))
+    store.stage(0, closed, CODEC.encode_workflow(closed))
+    store.promote()
+    assert state.wake == {"a": 500}
+    assert state.due(499, limit=5) == []
+    assert store.next_wake() == 500
+    assert state.due(500, limit=5) == ["a"]
+
+
+def test_a_parked_workflow_has_no_wake_time_even_if_its_record_had_one() -> None:
+    state = PartitionState(0)
+    _put(state, _timed("a", 10, WorkflowStatus.STUCK))
+    assert state.wake == {} and state.next_wake() is None
+
+
+def test_moving_a_wake_time_during_a_batch_makes_it_due_again_later() -> None:
+    state = PartitionState(0)
+    _put(state, _timed("a", 10))
+    assert state.due(10, limit=5) == ["a"]
+    state.set_wake("a", 1_010)  # the wake found nothing due: look again later
+    assert state.due(1_000, limit=5) == []
+    assert state.due(1_010, limit=5) == ["a"]
+
+
+def test_the_index_stays_small_when_wake_times_keep_moving() -> None:
+    state = PartitionState(0)
+    for at in range(5_000):
+        state.set_wake("a", at)
+    assert len(state._timers) <= 2 * len(state.wake) + 1_025
+    assert state.due(10_000, limit=5) == ["a"]
