@@ -44,6 +44,7 @@ MAX_DURATION_S: Final = 100 * 365 * 24 * 3600
 MAX_EPOCH_S: Final = 253_402_300_799
 # Temporal's default: the maximum interval is 100 times the initial one.
 DEFAULT_MAXIMUM_FACTOR: Final = 100
+_DEFAULT_MAXIMUM_S: Final = min(1.0 * DEFAULT_MAXIMUM_FACTOR, float(MAX_DURATION_S))
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -94,6 +95,18 @@ class RetryPolicy:
         object.__setattr__(
             self, "non_retryable_error_types", _checked_error_types(non_retryable_error_types)
         )
+        if (
+            type(initial_interval) is float
+            and initial_interval == 1.0
+            and type(backoff_coefficient) is float
+            and backoff_coefficient == 2.0
+            and maximum_interval is None
+        ):
+            # The defaults, checked once: workflow code builds its policies on every replay.
+            object.__setattr__(self, "initial_interval", 1.0)
+            object.__setattr__(self, "backoff_coefficient", 2.0)
+            object.__setattr__(self, "maximum_interval", _DEFAULT_MAXIMUM_S)
+            return
         initial = _checked_seconds(initial_interval, "RetryPolicy.initial_interval")
         object.__setattr__(self, "initial_interval", initial)
         object.__setattr__(self, "backoff_coefficient", _checked_coefficient(backoff_coefficient))
@@ -219,6 +232,51 @@ def _checked_coefficient(value: object) -> float:
             f"RetryPolicy.backoff_coefficient must be at least 1.0, got {coefficient:g}"
         )
     return coefficient
+
+
+MIN_HEARTBEAT_TIMEOUT_MS: Final = 1_000
+
+
+def _activity_timeouts(
+    name: str, schedule_to_close: object, start_to_close: object, heartbeat_timeout: object
+) -> ActivityTimeouts:
+    """The checked timeouts of one ``ctx.activity`` call.
+
+    Every replay makes the same calls again, so results are cached, keyed with the
+    values' types too (``True == 1``, and a bool is refused where an int is not).
+    """
+    values = (schedule_to_close, start_to_close, heartbeat_timeout)
+    try:
+        return _cached_timeouts(name, tuple(type(v) for v in values), values)
+    except TypeError:  # an unhashable value: check it without the cache
+        return _timeouts_of(name, values)
+
+
+@functools.lru_cache(maxsize=1_024)
+def _cached_timeouts(
+    name: str, _types: tuple[type, ...], values: tuple[object, object, object]
+) -> ActivityTimeouts:
+    return _timeouts_of(name, values)
+
+
+def _timeouts_of(name: str, values: tuple[object, object, object]) -> ActivityTimeouts:
+    schedule_to_close, start_to_close, heartbeat_timeout = values
+    shown = _shown(name)
+    heartbeat_ms = _checked_timeout(
+        heartbeat_timeout, f"ctx.activity({shown}, heartbeat_timeout=...)"
+    )
+    if heartbeat_ms is not None and heartbeat_ms < MIN_HEARTBEAT_TIMEOUT_MS:
+        # Participants heartbeat at most every third of it; below a second the messages
+        # would cost more than the step, and clock jitter would time attempts out.
+        raise ConfigurationError(
+            f"ctx.activity({shown}, heartbeat_timeout=...) must be at least 1 second, "
+            f"got {heartbeat_ms / 1000:g}"
+        )
+    return ActivityTimeouts(
+        _checked_timeout(schedule_to_close, f"ctx.activity({shown}, schedule_to_close=...)"),
+        _checked_timeout(start_to_close, f"ctx.activity({shown}, start_to_close=...)"),
+        heartbeat_ms,
+    )
 
 
 def _checked_timeout(value: object, what: str) -> int | None:
@@ -588,16 +646,8 @@ class WorkflowContext:
             or heartbeat_timeout is not None
         ):
             try:
-                timeouts = ActivityTimeouts(
-                    _checked_timeout(
-                        schedule_to_close, f"ctx.activity({_shown(name)}, schedule_to_close=...)"
-                    ),
-                    _checked_timeout(
-                        start_to_close, f"ctx.activity({_shown(name)}, start_to_close=...)"
-                    ),
-                    _checked_timeout(
-                        heartbeat_timeout, f"ctx.activity({_shown(name)}, heartbeat_timeout=...)"
-                    ),
+                timeouts = _activity_timeouts(
+                    name, schedule_to_close, start_to_close, heartbeat_timeout
                 )
             except ConfigurationError as exc:
                 raise self._misuse(str(exc)) from None

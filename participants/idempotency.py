@@ -150,9 +150,35 @@ def _retry_as_is(exc: BaseException, conn: psycopg.Connection[Any]) -> bool:
 
 
 def ensure_schema(conn: psycopg.Connection[Any], participant: Participant) -> None:
-    """Create the idempotency table and run the participant's ``setup_sql``, in one transaction."""
-    with conn.transaction():
-        _ensure_schema_txn(conn, participant)
+    """Create the idempotency table and run the participant's ``setup_sql``, in one transaction.
+
+    Adding a column waits for the table's lock at most ``_ALTER_LOCK_TIMEOUT`` at a time:
+    while it waits, every other attempt's lookup would queue behind it (an older replica's
+    hung handler can hold the table for as long as it hangs). It tries again a few times,
+    then gives up with the reason.
+    """
+    for attempt in range(1, _ALTER_ATTEMPTS + 1):
+        try:
+            with conn.transaction():
+                _ensure_schema_txn(conn, participant)
+            return
+        except psycopg.errors.LockNotAvailable as exc:
+            if attempt == _ALTER_ATTEMPTS:
+                raise RuntimeError(
+                    f"participant {participant.name}: could not add a column to "
+                    f"{RESULTS_TABLE} within {_ALTER_ATTEMPTS} tries of "
+                    f"{_ALTER_LOCK_TIMEOUT}: long-running attempts hold the table (older "
+                    "replicas' hung handlers?); stop them or retry the deploy"
+                ) from exc
+            log.warning(
+                "idempotency table busy, adding its columns again participant=%s try=%d",
+                participant.name,
+                attempt,
+            )
+
+
+_ALTER_LOCK_TIMEOUT = "2s"
+_ALTER_ATTEMPTS = 10
 
 
 def _ensure_schema_txn(conn: psycopg.Connection[Any], participant: Participant) -> None:
@@ -160,6 +186,7 @@ def _ensure_schema_txn(conn: psycopg.Connection[Any], participant: Participant) 
     conn.execute(SCHEMA_SQL)
     for column, kind in _ADDED_COLUMNS:
         if conn.execute(_HAS_COLUMN_SQL, (RESULTS_TABLE, column)).fetchone() is None:
+            conn.execute(f"SET LOCAL lock_timeout = '{_ALTER_LOCK_TIMEOUT}'")
             conn.execute(f"ALTER TABLE {RESULTS_TABLE} ADD COLUMN IF NOT EXISTS {column} {kind}")
     if participant.setup_sql.strip():
         conn.execute(participant.setup_sql)

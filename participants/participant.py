@@ -35,6 +35,8 @@ from orchestrator.protocol.topics import ACTIVITY_NAME, PARTICIPANT_NAME
 log = logging.getLogger(__name__)
 
 UNKNOWN_ACTIVITY = "UnknownActivity"
+# How the failure that replaces a sync handler's outcome past its deadline begins its detail.
+LATE_RETURN = "returned after its"
 WRONG_PARTICIPANT = "WrongParticipant"
 START_TO_CLOSE_TIMEOUT = "StartToCloseTimeout"
 SCHEDULE_TO_CLOSE_TIMEOUT = "ScheduleToCloseTimeout"
@@ -121,15 +123,23 @@ class Deadline:
     error_type: str
     limit_ms: int
 
-    def failure(self, task: ActivityTask, *, ran: bool) -> Failure:
-        """The retryable failure that answers an attempt past this deadline."""
+    def failure(self, task: ActivityTask, *, ran: bool, late: bool = False) -> Failure:
+        """The retryable failure that answers an attempt past this deadline.
+
+        ``late``: a sync handler returned after it (it could not be cancelled).
+        """
         name = safe_text(f"{task.participant}.{task.activity}", MAX_NAME_CHARS)
         what = (
             "start-to-close timeout"
             if self.error_type == START_TO_CLOSE_TIMEOUT
             else "schedule-to-close deadline"
         )
-        if ran:
+        if late:
+            detail = (
+                f"{LATE_RETURN} {what} ({self.limit_ms} ms); its outcome was replaced by "
+                "this failure and its writes were rolled back"
+            )
+        elif ran:
             detail = (
                 f"was cancelled at its {what} ({self.limit_ms} ms); its writes were rolled back"
             )
@@ -204,8 +214,9 @@ class ActivityContext:
         deadline: when this attempt must be over (epoch seconds): the earlier of the
             step's schedule-to-close deadline and this attempt's start plus its
             start-to-close timeout; None when neither is set. An async handler still
-            running then is cancelled; a sync one cannot be, and its late outcome is
-            kept but the workflow has already moved on.
+            running then is cancelled; a sync one cannot be: when it returns past the
+            deadline its writes are rolled back and the stored outcome is the timeout
+            failure (the workflow has moved on, and a retry would repeat the writes).
         heartbeat_details: the details the step's last heartbeat reported (from an
             earlier attempt), decoded from JSON: where to resume; None if there were none.
         heartbeat_timeout: seconds without a heartbeat after which the workflow gives up
@@ -529,7 +540,22 @@ class Participant:
                 exc_info=True,
             )
             return Outcome.failed(failure, now_ms())
-        return Outcome.completed(payload, now_ms())
+        finished_ms = now_ms()
+        if deadline is not None and finished_ms > deadline.at_ms:
+            # A sync handler cannot be cancelled. Its writes must not commit now: the
+            # workflow has timed the attempt out and retries it under a new activity id
+            # (or gives the step up), so they would happen twice, or never be undone.
+            log.warning(
+                "activity returned past its deadline, writes rolled back participant=%s "
+                "activity=%s activity_id=%s error_type=%s late_ms=%d",
+                self._name,
+                task.activity,
+                task.activity_id,
+                deadline.error_type,
+                finished_ms - deadline.at_ms,
+            )
+            return Outcome.failed(deadline.failure(task, ran=True, late=True), finished_ms)
+        return Outcome.completed(payload, finished_ms)
 
     def _previous_details(self, task: ActivityTask) -> Any:
         if task.heartbeat_details is None:

@@ -16,7 +16,8 @@ flight (:mod:`participants.flow`), so a hung handler holds back only its own par
 commit: the tasks after it run and are answered. A worker whose task is still running past
 its deadline (a sync handler cannot be cancelled) is written off and replaced, at most
 ``SAGALINE_CONCURRENCY`` at a time, so hung handlers do not take the participant's capacity
-away; its late outcome is still stored and published when it ends.
+away; when it ends, its writes are rolled back and the timeout failure is stored and
+published instead of its outcome.
 
 A handler's exceptions, and outcomes PostgreSQL refuses, become failed results. Only
 connection-level database errors (PostgreSQL down, restarting, failing over) are retried in
@@ -72,6 +73,7 @@ from participants.delivery import Outgoing, Publisher, ResultDeliveryError
 from participants.flow import InFlightGate, OffsetTracker, Throttle, Ticket
 from participants.idempotency import ensure_schema, execute_task, is_connection_level
 from participants.participant import (
+    LATE_RETURN,
     TIMEOUT_ERROR_TYPES,
     Deadline,
     Participant,
@@ -102,7 +104,7 @@ _HOUSEKEEPING_S: Final = 0.05
 # A worker still busy this long after its task's deadline is written off. Async handlers
 # are cancelled at the deadline and answer within it; this is for the ones that cannot be.
 WRITE_OFF_GRACE_MS: Final = 1_000
-HEARTBEAT_MIN_INTERVAL_S: Final = 1.0
+HEARTBEAT_MIN_INTERVAL_S: Final = 0.25
 # A task without a heartbeat timeout still hands its details to the next attempt; nothing
 # waits on them, so they are sent at most this often.
 DETAILS_ONLY_INTERVAL_S: Final = 10.0
@@ -134,7 +136,8 @@ def max_in_flight(settings: ParticipantSettings) -> int:
 
 def heartbeat_interval_s(task: ActivityTask) -> float:
     """Shortest time between two published heartbeats of one attempt: a third of its
-    heartbeat timeout, at least 1 s; ``DETAILS_ONLY_INTERVAL_S`` without a timeout."""
+    heartbeat timeout (at least 1 s, so at least a third of a second apart);
+    ``DETAILS_ONLY_INTERVAL_S`` without a timeout."""
     if task.heartbeat_timeout_ms is None:
         return DETAILS_ONLY_INTERVAL_S
     return max(task.heartbeat_timeout_ms / 3000, HEARTBEAT_MIN_INTERVAL_S)
@@ -886,7 +889,10 @@ class _ParticipantLoop:
         if duplicate:
             return False
         if failure is not None and failure.error_type in TIMEOUT_ERROR_TYPES:
-            action = "cancelled" if reports.ran else "not_run"
+            if LATE_RETURN in failure.message:
+                action = "late"
+            else:
+                action = "cancelled" if reports.ran else "not_run"
             metrics.ACTIVITY_TIMEOUTS.labels(label, failure.error_type, action).inc()
             return False
         deadline = reports.deadline

@@ -28,7 +28,6 @@ Rules of this module:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import types
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -255,7 +254,9 @@ class _Replayer:
                 else PayloadEncodingError(f"value is not JSON-serialisable: {describe(exc)}")
             )
             return handle
-        self.new_steps.append(dataclasses.replace(call, payload=payload))
+        # ``call`` is fresh and nobody else holds it: fill in its payload in place.
+        object.__setattr__(call, "payload", payload)
+        self.new_steps.append(call)
         return handle
 
     def timer(self, fire_at_ms: int) -> TimerHandle:

@@ -56,6 +56,7 @@ from orchestrator.replay.timing import (
     StepState,
     dues,
     next_wake,
+    report_start,
     scan,
     timeout_failure,
 )
@@ -511,14 +512,24 @@ def _apply_report(
     kept = tuple(
         e for e in record.events if not (isinstance(e, AttemptHeartbeat) and e.seq == report.seq)
     )
+    if report_start(step) and not any(
+        isinstance(e, AttemptStarted) and e.seq == report.seq and e.attempt == report.attempt
+        for e in kept
+    ):
+        # Its start report was lost (best effort) or dropped: the attempt is running, so
+        # its timeouts count from now rather than never.
+        kept = (*kept, AttemptStarted(report.seq, report.attempt, max(step.at_ms, now_ms)))
     beat = AttemptHeartbeat(report.seq, report.attempt, now_ms, report.details)
+    # A step with a heartbeat timeout reserved its heartbeat event; any other step's
+    # heartbeats (details only) must not eat into the grace kept for compensations.
+    tier = Tier.GRACE if step.heartbeat_timeout_ms is not None else _tier(step)
     if report.details is not None:
         with_details = _reported(record, (*kept, beat), now_ms, _tier(step), limits)
         if with_details.changed:
             return with_details
         # Too large with its details: keep the heartbeat, drop the details.
         beat = dataclasses.replace(beat, details=None)
-    return _reported(record, (*kept, beat), now_ms, Tier.GRACE, limits)
+    return _reported(record, (*kept, beat), now_ms, tier, limits)
 
 
 def _reported(

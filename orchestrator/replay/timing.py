@@ -112,8 +112,25 @@ class TimeState:
     timers: dict[int, TimerStarted] = field(default_factory=dict)
 
 
-def scan(events: Iterable[HistoryEvent]) -> TimeState:
-    """The steps and open timers of ``events``, in one pass."""
+def scan(events: tuple[HistoryEvent, ...]) -> TimeState:
+    """The steps and open timers of ``events``, in one pass.
+
+    One transition asks this of the same events several times (its wake time, its tasks):
+    the last answer is kept for the same tuple. Callers only read the state.
+    """
+    memo = _LAST_SCAN[0]
+    if memo is not None and memo[0] is events:
+        return memo[1]
+    state = _scan(events)
+    _LAST_SCAN[0] = (events, state)
+    return state
+
+
+# The events of the last scan (held, so their id cannot be reused) and its result.
+_LAST_SCAN: Final[list[tuple[tuple[HistoryEvent, ...], TimeState] | None]] = [None]
+
+
+def _scan(events: Iterable[HistoryEvent]) -> TimeState:
     state = TimeState()
     steps = state.steps
     outcomes: dict[tuple[int, int], ActivityCompleted | ActivityFailed] = {}

@@ -475,7 +475,10 @@ def revise(record: WorkflowRecord, now_ms: int, **changes: Any) -> WorkflowRecor
     revised = dataclasses.replace(
         record, revision=record.revision + 1, updated_at_ms=now_ms, **changes
     )
-    return dataclasses.replace(revised, wake_at_ms=next_wake(revised))
+    # Set on the fresh, not yet shared record: a second replace would copy every field
+    # again, on every transition.
+    object.__setattr__(revised, "wake_at_ms", next_wake(revised))
+    return revised
 
 
 def close(

@@ -292,17 +292,24 @@ class InputProcessor:
         batch.wakes += 1
         presence = self.store.presence(partition, wid)
         current = None
-        if (
-            presence is Presence.OPEN
-            and not self.store.holds_any(partition, wid)
-            and self._poison_level(Ref("workflow", partition, wid), partition, wid)[0] < PARK
-        ):
+        if presence is Presence.OPEN and not self.store.holds_any(partition, wid):
             current = self._load(partition, wid, presence)
         if current is None or current.status is not WorkflowStatus.RUNNING:
-            # Not a running workflow here: out of the index until its record is written.
-            self.store.partition(partition).wake.pop(wid, None)
+            if self.store.staged_record(wid) is None:
+                # Not a running workflow here: out of the index until its record is
+                # written. (A change staged in this batch re-indexes it when it commits,
+                # or the wake is due again if the batch aborts.)
+                self.store.partition(partition).wake.pop(wid, None)
             return
         item = Input(partition, -1, wid.encode(), b"", held=True)
+        level, why = self._poison_level(item.ref, partition, wid)
+        if level >= PARK:
+            # What this wake wrote was refused by Kafka: park the workflow with the reason,
+            # as an inbox input would be, so a resume (after the fix) wakes it again.
+            self._park(
+                item, current, WakeUp(wid), Failure("UndeliverableRecord", why), batch, now_ms
+            )
+            return
         ignored = len(batch.ignored)
         self._apply(item, current, WakeUp(wid), batch, now_ms)
         if len(batch.ignored) > ignored and self.store.staged_record(wid) is None:

@@ -195,6 +195,9 @@ class Orchestrator:
                 self._restore_assigned()
                 self._redrive_queued()
                 self._sweep_retention()
+                # Timers first, with a share of the batch of their own: a backlog of inbox
+                # input must not hold back the timers, backoffs and timeouts that fall due.
+                self._fire_timers()
                 self._poll_once()
                 self._fire_timers()
                 if self._batch_due():
@@ -395,8 +398,12 @@ class Orchestrator:
         if self._carry:
             return  # a budget commit is under way; wake in the next transaction
         now_ms = int(time.time() * 1000)
+        batch = self._batch
         for state in self.store.partitions():
-            room = self.settings.max_batch_records - self._batch.inputs - self._batch.wakes
+            # Wakes may take the batch's free room, and at least half of it even when
+            # inbox input fills the rest.
+            limit = self.settings.max_batch_records
+            room = max(limit - batch.inputs, (limit + 1) // 2) - batch.wakes
             if room <= 0 or self._over_budget():
                 return
             for wid in state.due(now_ms, room):

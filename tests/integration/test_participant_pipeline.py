@@ -331,7 +331,7 @@ def test_an_async_handler_past_start_to_close_is_cancelled_and_its_writes_rolled
     assert [type(b) for b in inbox.of(expired.workflow_id)] == [ActivityResult], "no start"
 
 
-def test_a_sync_handler_past_its_deadline_is_written_off_and_its_late_outcome_kept(
+def test_a_sync_handler_past_its_deadline_is_written_off_and_its_writes_rolled_back(
     kafka_bootstrap: str, pipe_topics: Topics, pipe: Pipe, inbox: Inbox
 ) -> None:
     slow = _task("late_sync", start_to_close_ms=300)
@@ -365,12 +365,15 @@ def test_a_sync_handler_past_its_deadline_is_written_off_and_its_late_outcome_ke
             pipe_topics.tasks(NAME),
             "every task committed once the late one ended",
         )
+    # The orchestrator has timed the attempt out and retries it under a new id: the late
+    # handler's writes must not stand, and its outcome is the timeout.
     result = inbox.result(slow)
-    assert result.status is ActivityStatus.COMPLETED and result.result is not None
-    assert decode_json(result.result) == {"late": True}
+    assert result.status is ActivityStatus.FAILED and result.failure is not None
+    assert (result.failure.error_type, result.failure.retryable) == ("StartToCloseTimeout", True)
+    assert "rolled back" in result.failure.message
     stored = pipe.stored(slow)
-    assert stored is not None and stored.is_completed, "stored, so a redelivery gets it"
-    assert pipe.rows(slow) == 1, "a sync handler cannot be cancelled: its writes stand"
+    assert stored is not None and not stored.is_completed, "stored, so a redelivery gets it"
+    assert pipe.rows(slow) == 0, "the late handler's writes were rolled back"
     assert _metric("sagaline_activity_timeouts_total", late_label) == late_before + 1
 
 

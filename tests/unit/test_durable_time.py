@@ -567,10 +567,14 @@ def test_a_heartbeat_timeout_runs_from_the_last_heartbeat_and_details_reach_the_
     run = _run(flow)
     run.start()
     assert run.sent[0].report_start and run.sent[0].heartbeat_timeout_ms == 10_000
-    run.heartbeat(0, {"done": 1})  # before the start report: no timeout runs yet
-    assert _record(run).wake_at_ms is None
-    run.started(0)
-    assert _record(run).wake_at_ms == run.now_ms + 10_000
+    # A heartbeat before any start report (lost, best effort) starts the attempt's clock:
+    # without it the timeout would never run.
+    run.heartbeat(0, {"done": 1})
+    first_due = _record(run).wake_at_ms
+    assert first_due == run.now_ms + 10_000
+    assert_history(_record(run), ["sched 0#1 p.long", "started 0#1", "beat 0#1"])
+    assert run.started(0).ignored == "already-started"  # the late start report: nothing
+    assert _record(run).wake_at_ms == first_due
     run.heartbeat(0, {"done": 3})
     run.heartbeat(0, {"done": 5})
     record = _record(run)
@@ -1029,3 +1033,44 @@ def test_timer_handles_are_exported_and_awaitable_only_through_ctx() -> None:
     run.wake()
     assert seen[-1].done and seen[-1] is not seen[0], "each replay makes its own handles"
     assert_status(run.record, WorkflowStatus.COMPLETED)
+
+
+def test_heartbeats_of_steps_without_a_heartbeat_timeout_leave_the_grace_to_compensations() -> None:
+    """Such heartbeats were never reserved: once the normal budget is used, they are
+    dropped (``over-limit``) rather than taking the room the compensations need."""
+    steps = 10
+
+    async def flow(ctx: WorkflowContext, _: Any) -> Any:
+        handles = [ctx.activity(f"p.a{i}") for i in range(steps)]
+        try:
+            await ctx.gather(*handles)
+            raise RuntimeError("undo everything")
+        except RuntimeError:
+            undo = [ctx.activity(f"p.undo{i}", compensation=True) for i in range(steps)]
+            await ctx.gather(*undo)
+            raise
+
+    run = _run(flow, limits=Limits(max_events=20))
+    run.start()
+    ignored = [run.heartbeat(i, {"page": i}).ignored for i in range(steps)]
+    assert ignored == ["over-limit"] * steps, "the normal budget is full of reserved outcomes"
+    for i in range(steps):
+        run.complete(i, i)
+    record = _record(run)
+    undo = [e for e in record.events if isinstance(e, ActivityScheduled) and e.compensation]
+    assert len(undo) == steps, "every compensation was scheduled"
+
+
+def test_a_heartbeat_timeout_under_a_second_parks_the_workflow() -> None:
+    """Participants heartbeat at most every third of the timeout: below a second every
+    attempt would time out."""
+
+    async def flow(ctx: WorkflowContext, _: Any) -> Any:
+        return await ctx.activity("p.long", heartbeat_timeout=0.5)
+
+    run = _run(flow)
+    run.start()
+    record = _record(run)
+    assert record.status is WorkflowStatus.STUCK and record.failure is not None
+    assert "heartbeat_timeout" in record.failure.message
+    assert "at least 1 second" in record.failure.message

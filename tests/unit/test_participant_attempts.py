@@ -213,12 +213,24 @@ def test_the_handler_sees_its_deadline_and_the_reporter_hears_the_start_first() 
     assert reporter.starts == [(10_000, Deadline(15_000, START_TO_CLOSE_TIMEOUT, 5_000))]
 
 
-def test_a_sync_handler_past_its_deadline_keeps_its_outcome() -> None:
+def test_a_sync_handler_past_its_deadline_is_answered_by_the_timeout() -> None:
+    """Its writes roll back with a failed outcome: the workflow retries under a new id."""
     calls = Calls()
     clock = iter([1_000, 99_000])  # started, finished: long past start + 500 ms
     task = _task("sync", start_to_close_ms=500)
     outcome = _participant(calls).run_task(task, NO_DB, now_ms=lambda: next(clock))
-    assert outcome.is_completed and outcome.finished_at_ms == 99_000
+    assert calls.ran == ["sync"]
+    assert outcome.failure is not None and outcome.finished_at_ms == 99_000
+    assert (outcome.failure.error_type, outcome.failure.retryable) == (START_TO_CLOSE_TIMEOUT, True)
+    assert "rolled back" in outcome.failure.message
+
+
+def test_a_sync_handler_that_returns_on_its_deadline_keeps_its_outcome() -> None:
+    calls = Calls()
+    clock = iter([1_000, 1_500])  # exactly start + 500 ms: in time
+    task = _task("sync", start_to_close_ms=500)
+    outcome = _participant(calls).run_task(task, NO_DB, now_ms=lambda: next(clock))
+    assert outcome.is_completed and outcome.finished_at_ms == 1_500
 
 
 @pytest.mark.parametrize("activity", ["hangs_async", "swallows_cancel"])
