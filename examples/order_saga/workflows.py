@@ -21,9 +21,9 @@ async def process_order(ctx: WorkflowContext, order: dict[str, Any]) -> dict[str
             "payment.charge",
             {"order_id": order["order_id"], "amount": order["total"], "card": order["card"]},
             retry=RetryPolicy(max_attempts=5, non_retryable_error_types=("PaymentDeclined",)),
-            # A charge not done a minute after it was first sent (every attempt and wait
-            # included) is given up, and the reservation released.
-            schedule_to_close=60,
+            # An order may carry a payment deadline: a charge not done that many seconds
+            # after it was first sent (every attempt and wait included) is given up.
+            schedule_to_close=order.get("payment_deadline_s"),
         )
     except ActivityError as failure:
         if failure.error_type == "ScheduleToCloseTimeout":

@@ -22,7 +22,9 @@ readonly REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 START_TIMEOUT=${SAGALINE_KAFKA_START_TIMEOUT:-90}
 STOP_TIMEOUT=${SAGALINE_KAFKA_STOP_TIMEOUT:-30}
 # Kept small: tests may run the 3-broker cluster next to the single node on 2 cores.
-KAFKA_HEAP_OPTS=${SAGALINE_KAFKA_HEAP_OPTS:--Xms128m -Xmx512m}
+# 1 GiB: a local broker that has seen many test and benchmark runs holds thousands of
+# partitions, and 512 MiB ran out of heap after a day of them.
+KAFKA_HEAP_OPTS=${SAGALINE_KAFKA_HEAP_OPTS:--Xms128m -Xmx1g}
 
 log() { printf 'kafka: %s\n' "$*" >&2; }
 die() { printf 'kafka: ERROR: %s\n' "$*" >&2; exit 1; }

@@ -98,3 +98,15 @@ def test_the_example_charge_has_a_deadline_but_no_start_reports(tester: Workflow
     assert charge.schedule_to_close_ms == 60_000
     assert charge.start_to_close_ms is None and charge.heartbeat_timeout_ms is None
     assert run.steps == 4, "the start and three answers: no start report, no wake-up"
+
+
+def test_an_order_without_a_payment_deadline_charges_without_one(tester: WorkflowTester) -> None:
+    """The demo's and the benchmark's orders carry none: no timer, no wake-up."""
+    order = {k: v for k, v in ORDER.items() if k != "payment_deadline_s"}
+    run = tester.run("order.process", order)
+    assert run.status is WorkflowStatus.COMPLETED, run
+    (charge,) = [
+        e for e in run.history if isinstance(e, ActivityScheduled) and e.name == "payment.charge"
+    ]
+    assert charge.schedule_to_close_ms is None
+    assert all(r is None for r in [run.record.wake_at_ms])

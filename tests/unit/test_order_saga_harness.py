@@ -17,6 +17,7 @@ ORDER = {
     "total": 1_200,
     "card": "visa-4242",
     "address": "1 Harbour Rd",
+    "payment_deadline_s": 60,  # give the charge up a minute after it was first sent
 }
 RESERVATION = {"reservation_id": "res-1", "order_id": "o-1"}
 
