@@ -194,7 +194,38 @@ def _resume(
     ):
         # Re-driving after every restore must write nothing while the code is unchanged.
         return Transition(None, ignored=STILL_STUCK)
+    if again is not None and again.status is WorkflowStatus.RUNNING:
+        return Transition(_heartbeats_from(again, now_ms), transition.tasks)
     return transition
+
+
+def _heartbeats_from(record: WorkflowRecord, now_ms: int) -> WorkflowRecord:
+    """``record`` with the heartbeat clock of every running attempt restarted at ``now_ms``.
+
+    While the workflow was parked its heartbeats were not kept (they only feed timeouts,
+    which a parked workflow does not run): counting from the last one kept would time a
+    live attempt out the moment the workflow resumes, and start a second one beside it.
+    """
+    refreshed: list[HistoryEvent] = []
+    for step in scan(record.events).steps.values():
+        latest = step.latest
+        if latest.heartbeat_timeout_ms is None or step.outcome is not None or step.started is None:
+            continue
+        last = step.heartbeat
+        same_attempt = last is not None and last.attempt == latest.attempt
+        details = last.details if last is not None else None
+        if not same_attempt or last is None or last.at_ms < now_ms:
+            refreshed.append(AttemptHeartbeat(latest.seq, latest.attempt, now_ms, details))
+    if not refreshed:
+        return record
+    seqs = {beat.seq for beat in refreshed}
+    kept = tuple(
+        e for e in record.events if not (isinstance(e, AttemptHeartbeat) and e.seq in seqs)
+    )
+    events = (*kept, *refreshed)
+    updated = dataclasses.replace(record, events=events)
+    object.__setattr__(updated, "wake_at_ms", next_wake(updated))
+    return updated
 
 
 def _latest_attempt(events: tuple[HistoryEvent, ...], seq: int) -> ActivityScheduled | None:

@@ -1074,3 +1074,26 @@ def test_a_heartbeat_timeout_under_a_second_parks_the_workflow() -> None:
     assert record.status is WorkflowStatus.STUCK and record.failure is not None
     assert "heartbeat_timeout" in record.failure.message
     assert "at least 1 second" in record.failure.message
+
+
+def test_a_resume_restarts_the_heartbeat_clock_of_a_running_attempt() -> None:
+    """Heartbeats are not kept while a workflow is parked: counting from the last one kept
+    would time the live attempt out at once and start a second one beside it."""
+
+    async def flow(ctx: WorkflowContext, _: Any) -> Any:
+        return await ctx.activity("p.long", retry=NOW, heartbeat_timeout=10)
+
+    run = _run(flow)
+    run.start()
+    run.started(0)
+    run.heartbeat(0, {"done": 2})
+    record = _record(run)
+    parked = park(record, WakeUp("wf-1"), Failure("EngineError", "boom"), run.now_ms, run_id="")
+    later = run.now_ms + 60_000  # parked for a minute, long past the heartbeat deadline
+    resumed = advance(parked, ResumeWorkflow("wf-1", later), later, run.registry)
+    assert resumed.record is not None and resumed.record.status is WorkflowStatus.RUNNING
+    assert resumed.record.wake_at_ms == later + 10_000, "counts from the resume"
+    beats = [e for e in resumed.record.events if isinstance(e, AttemptHeartbeat)]
+    assert [(b.at_ms, b.details) for b in beats] == [(later, encode_json({"done": 2}))]
+    assert resumed.tasks == (), "the running attempt is not sent again"
+    assert next_wake(resumed.record) == resumed.record.wake_at_ms
