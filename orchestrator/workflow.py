@@ -391,12 +391,21 @@ class CommandHandle(Waitable[Any]):
     __slots__ = ("_done", "_error", "_order", "_value", "seq")
 
     def __init__(self, scheduler: Scheduler, seq: int) -> None:
-        super().__init__(scheduler)
+        # No super().__init__: every step of every replay makes a handle.
+        self._scheduler = scheduler
         self.seq = seq
         self._done = False
         self._value: Any = None
         self._error: BaseException | None = None
         self._order: int | None = None
+
+    def __await__(self) -> Generator[CommandHandle, None, Any]:
+        # Waitable.__await__ without its method calls: the path every await takes.
+        while self._order is None:
+            yield self
+        if self._error is not None:
+            raise self._error
+        return self._value
 
     @property
     def done(self) -> bool:

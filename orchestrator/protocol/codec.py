@@ -55,6 +55,7 @@ from orchestrator.protocol.records import (
     WorkflowRecord,
     WorkflowStatus,
 )
+from orchestrator.protocol.splice import MIN_EVENTS, SplicingWriter
 
 MAGIC: Final = 0
 HEADER: Final = struct.Struct(">bI")
@@ -137,9 +138,17 @@ class _Writer:
 
 def _load_dir(directory: Path) -> dict[str, Any]:
     """Parse one directory's schemas into fully named, parsed fastavro schemas."""
+    return _parse_dir(directory)[0]
+
+
+def _parse_dir(directory: Path, until: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parsed schemas of one directory and the named types they define, stopping
+    before schema ``until`` (a short name) if given."""
     named: dict[str, Any] = {}
     parsed: dict[str, Any] = {}
     for short in SCHEMA_ORDER:
+        if short == until:
+            break
         path = directory / f"{NS}{short}.avsc"
         if not path.exists():
             continue
@@ -148,7 +157,27 @@ def _load_dir(directory: Path) -> dict[str, Any]:
             parsed[NS + short] = fastavro.parse_schema(raw, named_schemas=named)
         except (ValueError, fastavro.schema.SchemaParseException) as exc:
             raise ConfigurationError(f"cannot parse Avro schema {path}: {exc}") from exc
-    return parsed
+    return parsed, named
+
+
+def _splicing_writer(directory: Path) -> SplicingWriter | None:
+    """The writer that encodes workflow records without re-encoding known events."""
+    _, named = _parse_dir(directory, until="WorkflowRecord")
+    raw = json.loads((directory / f"{WORKFLOW}.avsc").read_text())
+    try:
+        writer = SplicingWriter.build(raw, named, _event_to_avro)
+    except (ValueError, fastavro.schema.SchemaParseException):
+        return None  # whole records are encoded instead
+    if writer is None or (writer.head_fields, writer.tail_fields) != _SPLICED_FIELDS:
+        return None
+    return writer
+
+
+# The fields _workflow_head and _workflow_tail fill, in the schema's order.
+_SPLICED_FIELDS: Final = (
+    ("workflow_id", "workflow_type", "status", "closed_at_ms", "run_id", "wake_at_ms", "input"),
+    ("result", "failure", "started_at_ms", "updated_at_ms", "revision"),
+)
 
 
 class AvroCodec:
@@ -161,7 +190,15 @@ class AvroCodec:
         assert codec.decode_inbox(data) == StartWorkflow(...)
     """
 
-    def __init__(self, schema_dir: Path | None = None, *, max_record_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        schema_dir: Path | None = None,
+        *,
+        max_record_bytes: int = 1 << 20,
+        splice_from: int = MIN_EVENTS,
+    ) -> None:
+        """``splice_from``: workflow records with at least this many events are encoded
+        reusing their known events' bytes (``orchestrator.protocol.splice``)."""
         directory = schema_dir or default_schema_dir()
         current = _load_dir(directory)
         missing = [s for s in SCHEMA_ORDER if NS + s not in current]
@@ -172,6 +209,8 @@ class AvroCodec:
             )
         self.max_record_bytes = max_record_bytes
         self._current = current
+        self._splice = _splicing_writer(directory)
+        self._splice_from = splice_from
         self._writers: dict[str, _Writer] = {}
         self._by_id: dict[int, _Writer] = {}
         for name, parsed in current.items():
@@ -328,6 +367,18 @@ class AvroCodec:
 
     def encode_workflow(self, record: WorkflowRecord) -> bytes:
         """Encode a ``WorkflowRecord`` for the history topic."""
+        splice = self._splice
+        if splice is None or len(record.events) < self._splice_from:
+            return self.encode_raw(WORKFLOW, _workflow_to_avro(record))
+        writer = self._writers[WORKFLOW]
+        buf = io.BytesIO()
+        buf.write(HEADER.pack(MAGIC, writer.schema_id))
+        splice.write(buf, _workflow_head(record), record.events, _workflow_tail(record))
+        return buf.getvalue()
+
+    def encode_workflow_whole(self, record: WorkflowRecord) -> bytes:
+        """``encode_workflow`` through fastavro in one piece (the reference the spliced
+        encoding is tested against)."""
         return self.encode_raw(WORKFLOW, _workflow_to_avro(record))
 
     def decode_workflow(self, data: bytes | None) -> WorkflowRecord:
@@ -722,6 +773,15 @@ def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
 
 def _workflow_to_avro(r: WorkflowRecord) -> dict[str, Any]:
     return {
+        **_workflow_head(r),
+        "events": [_event_to_avro(e) for e in r.events],
+        **_workflow_tail(r),
+    }
+
+
+def _workflow_head(r: WorkflowRecord) -> dict[str, Any]:
+    """The fields before ``events``."""
+    return {
         "workflow_id": r.workflow_id,
         "workflow_type": r.workflow_type,
         "status": r.status.value,
@@ -729,7 +789,12 @@ def _workflow_to_avro(r: WorkflowRecord) -> dict[str, Any]:
         "run_id": r.run_id,
         "wake_at_ms": r.wake_at_ms,
         "input": _payload_to_avro(r.input),
-        "events": [_event_to_avro(e) for e in r.events],
+    }
+
+
+def _workflow_tail(r: WorkflowRecord) -> dict[str, Any]:
+    """The fields after ``events``."""
+    return {
         "result": None if r.result is None else _payload_to_avro(r.result),
         "failure": None if r.failure is None else _failure_to_avro(r.failure),
         "started_at_ms": r.started_at_ms,

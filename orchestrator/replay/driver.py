@@ -107,6 +107,7 @@ _KINDS: Final[dict[type[Command], _Kind]] = {
         records=lambda e: e.attempt == 1,  # later attempts are retries of the same command
         describe=lambda e: _describe(e.name, e.compensation),
         label=lambda e: repr(e.name),
+        # _Replayer.schedule repeats this test before it builds the call: keep both alike.
         same=lambda recorded, call: (
             recorded.name == call.name and recorded.compensation == call.compensation
         ),
@@ -225,8 +226,20 @@ class _Replayer:
             # finally blocks run while the engine closes a blocked coroutine, and nothing a
             # parked workflow asks for is kept: not real steps.
             return ActivityHandle(self, -1, name)
+        seq = self._take_seq()
+        recorded = self.recorded.get(seq)
+        if (
+            type(recorded) is ActivityScheduled
+            and recorded.name == name
+            and recorded.compensation == compensation
+        ):
+            # Replaying a recorded step (what most calls are): the full comparison below
+            # would build the whole event just to find it the same.
+            handle = ActivityHandle(self, seq, name)
+            self.handles[seq] = handle
+            return handle
         call = ActivityScheduled(
-            seq=self._take_seq(),
+            seq=seq,
             attempt=1,
             name=name,
             payload=_UNENCODED,  # encoded only if the step is new

@@ -66,8 +66,10 @@ class Limits:
         max_record_bytes: the size a record may never exceed (with its key), or None to
             check no size. Ordinary steps may fill it up to ``byte_budget(Tier.NORMAL)``.
         measure: the encoded size of a record including its key; pure. Required with
-            ``max_record_bytes``. Called about once per transition; more only when a
-            limit is hit.
+            ``max_record_bytes``. Called only for records whose ``bound`` reaches their
+            budget (for every checked record without a ``bound``).
+        bound: optional, pure and cheap: a size never below ``measure``'s for the same
+            record. A record whose bound is within its budget fits unmeasured.
 
     Raises:
         ConfigurationError: a bound of the wrong type or out of range.
@@ -76,6 +78,7 @@ class Limits:
     max_events: int = 1_000
     max_record_bytes: int | None = None
     measure: Callable[[WorkflowRecord], int] | None = None
+    bound: Callable[[WorkflowRecord], int] | None = None
 
     def __post_init__(self) -> None:
         if not _positive_int(self.max_events):
@@ -115,9 +118,12 @@ class Limits:
         return grace - limit // 10
 
     def fits(self, record: WorkflowRecord, tier: Tier) -> bool:
-        """True if ``record`` is within the byte budget of ``tier`` (one ``measure`` call)."""
+        """True if ``record`` is within the byte budget of ``tier``: its ``bound`` is, or
+        else its ``measure``."""
         budget = self.byte_budget(tier)
         if budget is None or self.measure is None:
+            return True
+        if self.bound is not None and self.bound(record) <= budget:
             return True
         return self.measure(record) <= budget
 

@@ -195,7 +195,26 @@ def next_wake(record: WorkflowRecord) -> int | None:
     timeout due; None for a workflow that is not RUNNING or has nothing to wait for."""
     if record.status is not WorkflowStatus.RUNNING:
         return None
-    return min((d.at_ms for d in dues(scan(record.events))), default=None)
+    return _earliest(scan(record.events))
+
+
+def _earliest(state: TimeState) -> int | None:
+    """``min(d.at_ms for d in dues(state))`` without building and sorting the dues: every
+    transition asks it."""
+    best: int | None = None
+    for timer in state.timers.values():
+        if best is None or timer.fire_at_ms < best:
+            best = timer.fire_at_ms
+    for step in state.steps.values():
+        outcome = step.outcome
+        if outcome is None:
+            timeout = step.timeout()
+            at = None if timeout is None else timeout[0]
+        else:
+            at = outcome.retry_at_ms if isinstance(outcome, ActivityFailed) else None
+        if at is not None and (best is None or at < best):
+            best = at
+    return best
 
 
 def timeout_failure(step: StepState, kind: str) -> Failure:

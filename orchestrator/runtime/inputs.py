@@ -48,6 +48,7 @@ from orchestrator.protocol.records import (
     WorkflowRecord,
     WorkflowStatus,
 )
+from orchestrator.protocol.sizes import record_bound
 from orchestrator.protocol.topics import Topics, held_key
 from orchestrator.replay.engine import Limits, Transition, advance, park
 from orchestrator.runtime.state import Presence, WorkflowStore
@@ -178,7 +179,10 @@ class InputProcessor:
         self.partition_count = partition_count
         self.retention_hook: RetentionHook = retention_hook or ReleaseAll()
         self.limits = Limits(
-            max_events=max_events, max_record_bytes=max_record_bytes, measure=self._measure
+            max_events=max_events,
+            max_record_bytes=max_record_bytes,
+            measure=self._measure,
+            bound=record_bound,
         )
         self.poison: dict[Ref, tuple[int, str]] = {}
         self.redrive_queue: deque[tuple[int, str]] = deque()

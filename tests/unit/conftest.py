@@ -40,7 +40,9 @@ from orchestrator.protocol.records import (
     WorkflowStatus,
     activity_id,
 )
+from orchestrator.protocol.sizes import workflow_bound
 from orchestrator.replay import Limits, Transition, advance, next_wake
+from orchestrator.replay.timing import dues, scan
 from orchestrator.workflow import WorkflowRegistry
 
 # Replay is pure and fast; a deadline would only turn a slow CI machine into flakes.
@@ -53,6 +55,8 @@ T0 = 1_700_000_000_000
 DEFAULT_LIMITS = Limits()
 STEP_MS = 1_000
 CODEC = AvroCodec()
+# Splices every record, however short, so the engine tests check the spliced encoding.
+SPLICING = AvroCodec(splice_from=0)
 
 
 def encoded_size(record: WorkflowRecord) -> int:
@@ -68,6 +72,14 @@ def assert_encodable(record: WorkflowRecord | None) -> WorkflowRecord:
     except Exception as exc:
         message = f"workflow {record.workflow_id!r}: record does not encode: {exc!r}"
         raise AssertionError(message) from exc
+    assert workflow_bound(record) >= len(data), (
+        f"workflow {record.workflow_id!r}: size bound {workflow_bound(record)} is below the "
+        f"encoded size {len(data)}"
+    )
+    # The spliced encoding (known events' bytes reused) is byte for byte fastavro's.
+    assert SPLICING.encode_workflow(record) == CODEC.encode_workflow_whole(record), (
+        f"workflow {record.workflow_id!r}: spliced encoding differs from fastavro's"
+    )
     decoded = CODEC.decode_workflow(data)
     assert decoded == record, (
         f"workflow {record.workflow_id!r}: decoded record differs\n"
@@ -235,6 +247,10 @@ class WorkflowRun:
                 f"not next_wake {next_wake(transition.record)}; history: "
                 f"{history_lines(transition.record.events)}"
             )
+            if transition.record.status is WorkflowStatus.RUNNING:
+                # next_wake's shortcut agrees with the full list of what comes due.
+                due = dues(scan(transition.record.events))
+                assert transition.record.wake_at_ms == (due[0].at_ms if due else None)
             self.record = transition.record
         self.sent.extend(transition.tasks)
         self.transitions.append(transition)
