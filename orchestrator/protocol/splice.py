@@ -25,9 +25,11 @@ import fastavro
 
 from orchestrator.protocol.records import HistoryEvent
 
-# Event tuples whose encoding is kept; past this the cache starts again (about one entry
-# per workflow that moved recently; a dropped entry only costs one encoding in full).
+# Event tuples whose encoding is kept, and their bytes; past either the cache starts again
+# (an entry is replaced when a tuple extending it is encoded, so there is about one per
+# workflow that moved recently; a dropped entry only costs one encoding in full).
 MAX_CACHED_TUPLES: Final = 8_192
+MAX_CACHED_BYTES: Final = 64 << 20
 # How many events back from the end a transition's new events are looked for.
 LOOKBACK: Final = 16
 # Below this many events a record is encoded in one piece: three encoder calls (head,
@@ -71,6 +73,7 @@ class SplicingWriter:
         # id(last event) -> (events, their encoded items); the tuple is held, so the ids of
         # its events are not reused while the entry lives.
         self._cache: dict[int, tuple[tuple[HistoryEvent, ...], bytes]] = {}
+        self._cached_bytes = 0
 
     @classmethod
     def build(
@@ -153,10 +156,31 @@ class SplicingWriter:
         if known == count:
             return data
         data += self._encode_items(events[known:])
-        if len(self._cache) >= MAX_CACHED_TUPLES:
+        if known:
+            # Superseded by the longer tuple: a workflow keeps one entry, not one per length.
+            self._drop(id(events[known - 1]))
+        self._drop(id(events[-1]))
+        if len(data) > MAX_CACHED_BYTES:
+            return data
+        if (
+            len(self._cache) >= MAX_CACHED_TUPLES
+            or self._cached_bytes + len(data) > MAX_CACHED_BYTES
+        ):
             self._cache.clear()
+            self._cached_bytes = 0
         self._cache[id(events[-1])] = (events, data)
+        self._cached_bytes += len(data)
         return data
+
+    def _drop(self, key: int) -> None:
+        entry = self._cache.pop(key, None)
+        if entry is not None:
+            self._cached_bytes -= len(entry[1])
+
+    @property
+    def cached(self) -> tuple[int, int]:
+        """Entries and bytes the cache holds (for tests and metrics)."""
+        return len(self._cache), self._cached_bytes
 
     def _encode_items(self, events: tuple[HistoryEvent, ...]) -> bytes:
         out = io.BytesIO()

@@ -115,3 +115,26 @@ def test_a_codec_without_splicing_still_encodes_whole_records() -> None:
     expected = codec.encode_workflow(record)
     codec._splice = None
     assert codec.encode_workflow(record) == expected
+
+
+def test_a_growing_workflow_keeps_one_cache_entry() -> None:
+    codec = AvroCodec(splice_from=0)
+    assert codec._splice is not None
+    record = dataclasses.replace(_record(), events=())
+    for step in _steps(300):
+        record = dataclasses.replace(record, events=(*record.events, step))
+        assert codec.encode_workflow(record) == codec.encode_workflow_whole(record)
+    entries, size = codec._splice.cached
+    assert entries == 1
+    # Only the last tuple's items: a few hundred bytes per event, not the sum of every length.
+    assert size < len(codec.encode_workflow_whole(record))
+
+
+def test_the_cache_is_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(splice, "MAX_CACHED_BYTES", 2_000)
+    codec = AvroCodec(splice_from=0)
+    assert codec._splice is not None
+    for index in range(50):
+        record = dataclasses.replace(_record(), workflow_id=f"wf-{index}", events=_steps(5))
+        assert codec.encode_workflow(record) == codec.encode_workflow_whole(record)
+        assert codec._splice.cached[1] <= 2_000
