@@ -84,7 +84,7 @@ def main() -> int:
     )
     log_dir = ROOT / ".stack" / "bench" / run_id
     processes, _ports = start_pipeline(base_env(bootstrap, dsn, topics.prefix), log_dir)
-    watcher = HistoryWatcher(bootstrap, topics.history)
+    watcher = HistoryWatcher(bootstrap, topics.history, terminal_only=True)
     client = WorkflowClient(KafkaSettings(kafka_bootstrap=bootstrap, topic_prefix=topics.prefix))
     try:
         _phase(client, watcher, 20, 0, "warmup")

@@ -6,7 +6,28 @@ Each process serves ``/metrics`` with :func:`serve`. Names follow Prometheus con
 
 from __future__ import annotations
 
+from typing import Any, Final, TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+# prometheus_client's labels() validates and locks on every call, a few microseconds that
+# the orchestrator's loop would pay per input; children are never removed, so they can be
+# kept (label values come from a deploy's names and partitions: few, but bounded anyway).
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+MAX_CACHED_CHILDREN: Final = 10_000
+
+
+def child(metric: M, *labels: str) -> M:
+    """``metric.labels(*labels)``, looked up once."""
+    key = (id(metric), labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        if len(_CHILDREN) >= MAX_CACHED_CHILDREN:
+            _CHILDREN.clear()
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
+
 
 _LATENCY_BUCKETS = (
     0.001,

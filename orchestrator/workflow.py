@@ -163,6 +163,10 @@ def _checked_attempts(value: object) -> int:
 
 
 def _checked_error_types(value: object) -> tuple[str, ...]:
+    if type(value) is tuple and all(
+        type(i) is str and len(i) <= MAX_NAME_CHARS and _plain_error_type(i) for i in value
+    ):
+        return value  # what workflow code writes on every replay, checked once per name
     if isinstance(value, str):
         raise ConfigurationError(
             "RetryPolicy.non_retryable_error_types must be a sequence of error types, got "
@@ -190,6 +194,11 @@ def _checked_error_types(value: object) -> tuple[str, ...]:
             )
         checked.append(str.__str__(item))
     return tuple(checked)
+
+
+@functools.lru_cache(maxsize=4_096)
+def _plain_error_type(item: str) -> bool:
+    return bool(item) and safe_text(item, MAX_NAME_CHARS) == item
 
 
 def _checked_number(value: object, what: str) -> float:

@@ -207,12 +207,12 @@ def producer_config(settings: ParticipantSettings, participant: str) -> dict[str
         "client.id": f"sagaline-participant-{participant}",
         "enable.idempotence": True,
         "acks": "all",
-        # Each worker publishes its result as its task ends: waiting to fill a batch would
-        # add to every step's latency. With one request in flight per broker, the results
-        # that end while it is on its way share the next one instead of each taking its
-        # own (the old loop got that batching from flushing once per batch of tasks).
-        "linger.ms": 0,
-        "max.in.flight.requests.per.connection": 1,
+        # Each worker publishes its result as its task ends. Under load, linger lets the
+        # results that end together share a produce request (with none, a burst of 2,000
+        # order sagas cost the broker 1.34 ms of CPU per saga against 1.12 ms with 2 ms);
+        # a result that nothing would join is pushed out at once (send_result(push=True)),
+        # so a quiet participant pays no linger. 5 ms measured no better than 2.
+        "linger.ms": 2,
         "partitioner": "murmur2_random",  # EOS 15: same partition as a Java producer
         # The size rule is ours (record_size against max_record_bytes); never let the
         # client refuse first with a smaller default.
@@ -877,6 +877,9 @@ class _ParticipantLoop:
         self.publisher.send_result(
             execution.outcome.result_for(task),
             on_acked=functools.partial(self.tracker.finish, job.ticket),
+            # Alone (this task is all that is in flight), the result is sent at once; with
+            # others running it lingers, to share a request with theirs.
+            push=self.tracker.in_flight <= 1,
         )
 
     @staticmethod

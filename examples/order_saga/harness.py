@@ -161,11 +161,17 @@ def participant_process(
 
 @dataclass
 class HistoryWatcher:
-    """Follows the history topic (read_committed) and keeps each workflow's latest record."""
+    """Follows the history topic (read_committed) and keeps each workflow's latest record.
+
+    With ``terminal_only`` it decodes only records of finished workflows (a benchmark's
+    load generator shares the machine with what it measures, and needs nothing else);
+    ``revisions`` then lists only those.
+    """
 
     bootstrap: str
     topic: str
     codec: AvroCodec = field(default_factory=AvroCodec)
+    terminal_only: bool = False
     latest: dict[str, WorkflowRecord] = field(default_factory=dict)
     revisions: dict[str, list[int]] = field(default_factory=dict)
     _consumer: Consumer | None = None
@@ -192,7 +198,10 @@ class HistoryWatcher:
             if (msg.key() or b"").startswith(HELD_PREFIX):
                 continue  # an input held for a parked workflow, not a workflow record
             try:
-                record = self.codec.decode_workflow(msg.value())
+                value = msg.value() or b""
+                if self.terminal_only and not self.codec.peek_workflow(value)[0].terminal:
+                    continue
+                record = self.codec.decode_workflow(value)
             except RecordDecodeError:
                 continue  # written by another version; orchestrators hold it untouched
             read += 1

@@ -32,6 +32,7 @@ from orchestrator.errors import (
     UnknownSchemaError,
     WrongRecordTypeError,
 )
+from orchestrator.protocol.avrowrite import UnsupportedSchemaError, Write, compile_writer
 from orchestrator.protocol.records import (
     ActivityCompleted,
     ActivityFailed,
@@ -58,6 +59,13 @@ from orchestrator.protocol.records import (
 from orchestrator.protocol.splice import MIN_EVENTS, SplicingWriter
 
 MAGIC: Final = 0
+# Enum lookups by value and .value itself go through slow enum machinery (Python 3.11);
+# every record read or written converts its statuses (an unknown symbol still goes to the
+# enum, which raises as before).
+_ACTIVITY_STATUSES: Final = {s.value: s for s in ActivityStatus}
+_ACTIVITY_SYMBOLS: Final = {s: s.value for s in ActivityStatus}
+_WORKFLOW_STATUSES: Final = {s.value: s for s in WorkflowStatus}
+_STATUS_SYMBOLS: Final = {s: s.value for s in WorkflowStatus}
 HEADER: Final = struct.Struct(">bI")
 NS: Final = "io.sagaline."
 # Shared types come first: the top-level schemas refer to them by name.
@@ -134,6 +142,15 @@ class _Writer:
     name: str
     schema_id: int
     parsed: Any
+    # The schema compiled by avrowrite (None: fastavro writes it).
+    write: Write | None = None
+
+
+def _compiled(parsed: Any) -> Write | None:
+    try:
+        return compile_writer(parsed, parsed.get("__named_schemas", {}))
+    except UnsupportedSchemaError:
+        return None
 
 
 def _load_dir(directory: Path) -> dict[str, Any]:
@@ -214,7 +231,7 @@ class AvroCodec:
         self._writers: dict[str, _Writer] = {}
         self._by_id: dict[int, _Writer] = {}
         for name, parsed in current.items():
-            writer = _Writer(name, schema_id(parsed), parsed)
+            writer = _Writer(name, schema_id(parsed), parsed, _compiled(parsed))
             self._writers[name] = writer
             self._by_id[writer.schema_id] = writer
         status_field = next(f for f in current[WORKFLOW]["fields"] if f["name"] == "status")
@@ -234,7 +251,7 @@ class AvroCodec:
             ):
                 versions = _load_dir(version_dir)
                 for name, parsed in versions.items():
-                    old = _Writer(name, schema_id(parsed), parsed)
+                    old = _Writer(name, schema_id(parsed), parsed, _compiled(parsed))
                     self._by_id.setdefault(old.schema_id, old)
                     self._previous[name] = self._by_id[old.schema_id]
 
@@ -265,6 +282,10 @@ class AvroCodec:
         return self._previous.get(name, self._writers[name])
 
     def _encode(self, writer: _Writer, datum: Mapping[str, Any]) -> bytes:
+        if writer.write is not None:
+            out = bytearray(HEADER.pack(MAGIC, writer.schema_id))
+            writer.write(out, datum)
+            return bytes(out)
         buf = io.BytesIO()
         buf.write(HEADER.pack(MAGIC, writer.schema_id))
         fastavro.schemaless_writer(buf, writer.parsed, datum)
@@ -370,16 +391,18 @@ class AvroCodec:
         splice = self._splice
         if splice is None or len(record.events) < self._splice_from:
             return self.encode_raw(WORKFLOW, _workflow_to_avro(record))
-        writer = self._writers[WORKFLOW]
-        buf = io.BytesIO()
-        buf.write(HEADER.pack(MAGIC, writer.schema_id))
-        splice.write(buf, _workflow_head(record), record.events, _workflow_tail(record))
-        return buf.getvalue()
+        out = bytearray(HEADER.pack(MAGIC, self._writers[WORKFLOW].schema_id))
+        splice.write(out, _workflow_head(record), record.events, _workflow_tail(record))
+        return bytes(out)
 
     def encode_workflow_whole(self, record: WorkflowRecord) -> bytes:
         """``encode_workflow`` through fastavro in one piece (the reference the spliced
-        encoding is tested against)."""
-        return self.encode_raw(WORKFLOW, _workflow_to_avro(record))
+        and compiled encodings are tested against)."""
+        writer = self._writers[WORKFLOW]
+        buf = io.BytesIO()
+        buf.write(HEADER.pack(MAGIC, writer.schema_id))
+        fastavro.schemaless_writer(buf, writer.parsed, _workflow_to_avro(record))
+        return buf.getvalue()
 
     def decode_workflow(self, data: bytes | None) -> WorkflowRecord:
         """Decode a ``WorkflowRecord`` from the history topic."""
@@ -537,7 +560,7 @@ def _result_to_avro(r: ActivityResult) -> dict[str, Any]:
         "activity_id": r.activity_id,
         "seq": r.seq,
         "attempt": r.attempt,
-        "status": r.status.value,
+        "status": _ACTIVITY_SYMBOLS[r.status],
         "result": None if r.result is None else _payload_to_avro(r.result),
         "failure": None if r.failure is None else _failure_to_avro(r.failure),
         "finished_at_ms": r.finished_at_ms,
@@ -550,7 +573,7 @@ def _result_from_avro(d: Mapping[str, Any]) -> ActivityResult:
         activity_id=d["activity_id"],
         seq=d["seq"],
         attempt=d["attempt"],
-        status=ActivityStatus(d["status"]),
+        status=_ACTIVITY_STATUSES.get(d["status"]) or ActivityStatus(d["status"]),
         finished_at_ms=d["finished_at_ms"],
         result=_opt_payload(d["result"]),
         failure=_opt_failure(d["failure"]),
@@ -784,7 +807,7 @@ def _workflow_head(r: WorkflowRecord) -> dict[str, Any]:
     return {
         "workflow_id": r.workflow_id,
         "workflow_type": r.workflow_type,
-        "status": r.status.value,
+        "status": _STATUS_SYMBOLS[r.status],
         "closed_at_ms": r.closed_at_ms,
         "run_id": r.run_id,
         "wake_at_ms": r.wake_at_ms,
@@ -807,7 +830,7 @@ def _workflow_from_avro(d: Mapping[str, Any]) -> WorkflowRecord:
     return WorkflowRecord(
         workflow_id=d["workflow_id"],
         workflow_type=d["workflow_type"],
-        status=WorkflowStatus(d["status"]),
+        status=_WORKFLOW_STATUSES.get(d["status"]) or WorkflowStatus(d["status"]),
         input=_payload_from_avro(d["input"]),
         started_at_ms=d["started_at_ms"],
         updated_at_ms=d["updated_at_ms"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Final
 
 JSON_ENCODING = "json/plain"
 
@@ -28,7 +29,14 @@ class WorkflowStatus(enum.Enum):
     @property
     def terminal(self) -> bool:
         """True once the workflow will take no further input."""
-        return self not in (WorkflowStatus.RUNNING, WorkflowStatus.STUCK, WorkflowStatus.UNKNOWN)
+        return self not in _OPEN_STATUSES
+
+
+# A module-level set: member lookups through the enum class are slow, and the loop asks
+# this of every record it handles.
+_OPEN_STATUSES: Final = frozenset(
+    (WorkflowStatus.RUNNING, WorkflowStatus.STUCK, WorkflowStatus.UNKNOWN)
+)
 
 
 class ActivityStatus(enum.Enum):

@@ -82,12 +82,17 @@ class StepState:
 
     def timeout(self) -> tuple[int, str] | None:
         """The running attempt's earliest timeout: (due at, error type), or None."""
-        if not self.running:
-            return None
+        latest = self.latest
+        if self.outcome is not None or (
+            latest.schedule_to_close_ms is None
+            and latest.start_to_close_ms is None
+            and latest.heartbeat_timeout_ms is None
+        ):
+            return None  # most steps: no timeouts at all
         due: list[tuple[int, int, str]] = []
         if self.deadline_ms is not None:
             due.append((self.deadline_ms, _RANK[SCHEDULE_TO_CLOSE], SCHEDULE_TO_CLOSE))
-        latest, started = self.latest, self.started
+        started = self.started
         if started is not None:
             if latest.start_to_close_ms is not None:
                 at = started.at_ms + latest.start_to_close_ms
@@ -137,22 +142,24 @@ def _scan(events: Iterable[HistoryEvent]) -> TimeState:
     started: dict[tuple[int, int], AttemptStarted] = {}
     heartbeats: dict[int, AttemptHeartbeat] = {}
     closed: set[int] = set()
+    # Event classes are final: comparing types is the cheapest dispatch, and every
+    # transition scans its whole history.
     for event in events:
-        if isinstance(event, ActivityScheduled):
+        if type(event) is ActivityScheduled:
             step = steps.get(event.seq)
             if step is None:
                 steps[event.seq] = StepState(event, event)
             elif event.attempt >= step.latest.attempt:
                 step.latest = event
-        elif isinstance(event, ActivityCompleted | ActivityFailed):
+        elif type(event) is ActivityCompleted or type(event) is ActivityFailed:
             outcomes[(event.seq, event.attempt)] = event
-        elif isinstance(event, AttemptStarted):
+        elif type(event) is AttemptStarted:
             started[(event.seq, event.attempt)] = event
-        elif isinstance(event, AttemptHeartbeat):
+        elif type(event) is AttemptHeartbeat:
             heartbeats[event.seq] = event
-        elif isinstance(event, TimerStarted):
+        elif type(event) is TimerStarted:
             state.timers[event.seq] = event
-        elif isinstance(event, TimerFired | TimerCancelled):
+        elif type(event) is TimerFired or type(event) is TimerCancelled:
             closed.add(event.seq)
     for seq, step in steps.items():
         key = (seq, step.latest.attempt)

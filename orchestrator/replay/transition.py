@@ -469,12 +469,21 @@ def _failed_status(events: tuple[HistoryEvent, ...]) -> WorkflowStatus:
     return WorkflowStatus.COMPENSATION_FAILED
 
 
+_RECORD_FIELDS: Final = tuple(f.name for f in dataclasses.fields(WorkflowRecord) if f.init)
+
+
 def revise(record: WorkflowRecord, now_ms: int, **changes: Any) -> WorkflowRecord:
     """``record`` with ``changes``, one revision later, updated at ``now_ms``, and its
     ``wake_at_ms`` recomputed (None unless RUNNING), so no path can forget it."""
-    revised = dataclasses.replace(
-        record, revision=record.revision + 1, updated_at_ms=now_ms, **changes
-    )
+    if "revision" in changes or "updated_at_ms" in changes:
+        raise TypeError("revise() sets revision and updated_at_ms itself")
+    for name in _RECORD_FIELDS:
+        if name not in changes:
+            changes[name] = getattr(record, name)
+    changes["revision"] = record.revision + 1
+    changes["updated_at_ms"] = now_ms
+    # What dataclasses.replace does, without looking the fields up on every transition.
+    revised = WorkflowRecord(**changes)
     # Set on the fresh, not yet shared record: a second replace would copy every field
     # again, on every transition.
     object.__setattr__(revised, "wake_at_ms", next_wake(revised))

@@ -462,7 +462,7 @@ class InputProcessor:
         self.store.stage(item.partition, record, encoded)
         batch.changed.append((isinstance(body, StartWorkflow), record, len(tasks)))
         for task in transition.tasks:
-            metrics.ACTIVITIES_SCHEDULED.labels(f"{task.participant}.{task.activity}").inc()
+            metrics.child(metrics.ACTIVITIES_SCHEDULED, f"{task.participant}.{task.activity}").inc()
         return True
 
     def _plan(

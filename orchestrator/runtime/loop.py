@@ -602,22 +602,22 @@ class Orchestrator:
 
     def _record_metrics(self, batch: Batch) -> None:
         for reason in batch.ignored:
-            metrics.INPUTS_IGNORED.labels(reason).inc()
+            metrics.child(metrics.INPUTS_IGNORED, reason).inc()
         metrics.WORKFLOWS_TOMBSTONED.inc(batch.tombstones)
         for started, record, _tasks in batch.changed:
             wtype = record.workflow_type
             if started:
-                metrics.WORKFLOWS_STARTED.labels(wtype).inc()
+                metrics.child(metrics.WORKFLOWS_STARTED, wtype).inc()
             if record.status is WorkflowStatus.STUCK:
-                metrics.WORKFLOWS_STUCK.labels(wtype).inc()
+                metrics.child(metrics.WORKFLOWS_STUCK, wtype).inc()
             elif record.status.terminal and record.closed_at_ms is not None:
                 status = record.status.value.lower()
-                metrics.WORKFLOWS_CLOSED.labels(wtype, status).inc()
-                metrics.WORKFLOW_DURATION.labels(wtype, status).observe(
+                metrics.child(metrics.WORKFLOWS_CLOSED, wtype, status).inc()
+                metrics.child(metrics.WORKFLOW_DURATION, wtype, status).observe(
                     (record.closed_at_ms - record.started_at_ms) / 1000
                 )
         for state in self.store.partitions():
             label = str(state.partition)
-            metrics.WORKFLOWS_IN_FLIGHT.labels(label).set(len(state.open))
-            metrics.WORKFLOWS_RETAINED.labels(label).set(len(state.closed))
-            metrics.PENDING_WAKES.labels(label).set(len(state.wake))
+            metrics.child(metrics.WORKFLOWS_IN_FLIGHT, label).set(len(state.open))
+            metrics.child(metrics.WORKFLOWS_RETAINED, label).set(len(state.closed))
+            metrics.child(metrics.PENDING_WAKES, label).set(len(state.wake))

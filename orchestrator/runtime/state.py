@@ -268,6 +268,8 @@ class WorkflowStore:
         """True if inputs are held for ``workflow_id``: later ones must wait behind them."""
         if workflow_id in self._partitions[partition].held:
             return bool(self.held(partition, workflow_id))
+        if not self._staged_held:
+            return False  # the common case, asked for every input
         return any(
             p == partition and wid == workflow_id and v is not None
             for (p, wid, _), v in self._staged_held.items()

@@ -76,8 +76,11 @@ def assert_encodable(record: WorkflowRecord | None) -> WorkflowRecord:
         f"workflow {record.workflow_id!r}: size bound {workflow_bound(record)} is below the "
         f"encoded size {len(data)}"
     )
-    # The spliced encoding (known events' bytes reused) is byte for byte fastavro's.
-    assert SPLICING.encode_workflow(record) == CODEC.encode_workflow_whole(record), (
+    # The compiled and spliced encodings (known events' bytes reused) are byte for byte
+    # fastavro's.
+    whole = CODEC.encode_workflow_whole(record)
+    assert data == whole, f"workflow {record.workflow_id!r}: encoding differs from fastavro's"
+    assert SPLICING.encode_workflow(record) == whole, (
         f"workflow {record.workflow_id!r}: spliced encoding differs from fastavro's"
     )
     decoded = CODEC.decode_workflow(data)

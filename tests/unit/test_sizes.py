@@ -32,15 +32,17 @@ TEXTS = ("", "a" * 300, "é" * 50, "\U0001f600" * 40, "mixed ascii and ü")
 
 
 def _events(text: str, number: int) -> tuple[ActivityScheduled | ActivityFailed, ...]:
+    # Avro ints (sequence numbers, attempts) hold 32 bits; longs take ``number`` as it is.
+    n = max(-(1 << 31), min(number, (1 << 31) - 1))
     return (
         ActivityScheduled(
-            number,
-            number,
+            n,
+            n,
             f"svc.{text}",
             Payload(text.encode(), text or "json/plain"),
             -number,
             compensation=True,
-            max_attempts=number,
+            max_attempts=n,
             non_retryable=(text, text, "x"),
             initial_interval_ms=number,
             backoff_coefficient=1e300,
@@ -50,20 +52,20 @@ def _events(text: str, number: int) -> tuple[ActivityScheduled | ActivityFailed,
             heartbeat_timeout_ms=number,
             backoff_ms=number,
         ),
-        AttemptStarted(number, number, number),
-        AttemptHeartbeat(number, number, number, Payload(text.encode(), text)),
-        AttemptHeartbeat(number, number, number, None),
+        AttemptStarted(n, n, number),
+        AttemptHeartbeat(n, n, number, Payload(text.encode(), text)),
+        AttemptHeartbeat(n, n, number, None),
         ActivityFailed(
-            number,
-            number,
+            n,
+            n,
             Failure(text, text * 3, True, True, retry_after_ms=number),
             number,
             retry_at_ms=number,
         ),
-        ActivityCompleted(number, number, Payload(b"\x00" * 200), number),
-        TimerStarted(number, number, number),
-        TimerFired(number, number),
-        TimerCancelled(number, number),
+        ActivityCompleted(n, n, Payload(b"\x00" * 200), number),
+        TimerStarted(n, number, number),
+        TimerFired(n, number),
+        TimerCancelled(n, number),
     )  # type: ignore[return-value]
 
 
