@@ -1,4 +1,4 @@
-"""The ``sagaline`` command: run processes, manage topics, start workflows."""
+"""The ``sagaline`` command: run processes, manage topics, start and signal workflows."""
 
 from __future__ import annotations
 
@@ -128,14 +128,35 @@ def _start(args: argparse.Namespace) -> int:
     from orchestrator.client import WorkflowClient
     from orchestrator.settings import KafkaSettings
 
-    try:
-        value = json.loads(args.input)
-    except ValueError as exc:
-        raise ConfigurationError(f"--input is not JSON: {exc}") from exc
+    value = _json_option(args.input, "--input")
     client = WorkflowClient(KafkaSettings())
     wid = client.start(args.workflow_type, value, workflow_id=args.id)
     client.flush()
     print(wid)
+    return 0
+
+
+def _json_option(text: str, option: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{option} is not JSON: {exc}") from exc
+
+
+def _signal(args: argparse.Namespace) -> int:
+    from orchestrator.client import WorkflowClient
+    from orchestrator.settings import KafkaSettings
+
+    value = _json_option(args.value, "--value")
+    start = None
+    if args.start_type is not None:
+        start = (args.start_type, _json_option(args.start_input, "--start-input"))
+    elif args.start_input != "null":
+        raise ConfigurationError("--start-input needs --start-type")
+    client = WorkflowClient(KafkaSettings())
+    sid = client.signal(args.id, args.name, value, signal_id=args.signal_id, start=start)
+    client.flush()
+    print(sid)
     return 0
 
 
@@ -194,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--input", default="null", help="JSON input")
     start.add_argument("--id", default=None, help="workflow id (default: a new UUID)")
     start.set_defaults(func=_start)
+
+    sig = sub.add_parser(
+        "signal",
+        help="send a signal to a workflow (prints its signal id)",
+        description="Send the signal NAME with a JSON value to a workflow; the workflow "
+        "takes it with ctx.wait_signal(NAME). Signals sent before the wait are kept in "
+        "order; sending again with the same --signal-id is ignored. With --start-type, a "
+        "workflow that does not exist is started first (signal-with-start).",
+    )
+    sig.add_argument("id", help="the workflow id")
+    sig.add_argument("name", help="the signal's name")
+    sig.add_argument("--value", default="null", help="JSON value (default null)")
+    sig.add_argument("--signal-id", default=None, help="dedupe id (default: a new UUID)")
+    sig.add_argument("--start-type", default=None, help="signal-with-start: workflow type")
+    sig.add_argument("--start-input", default="null", help="signal-with-start: JSON input")
+    sig.set_defaults(func=_signal)
 
     resume = sub.add_parser(
         "resume",

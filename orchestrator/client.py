@@ -1,4 +1,4 @@
-"""Starting and resuming workflows from Python: produce inbox records.
+"""Starting, signalling and resuming workflows from Python: produce inbox records.
 
 Any language can do the same: an Avro ``InboxRecord`` in the Confluent wire format,
 keyed by the workflow id (UTF-8), on ``<prefix>.inbox``.
@@ -15,17 +15,23 @@ from confluent_kafka import KafkaError, Message, Producer
 from orchestrator.errors import ConfigurationError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.payloads import encode_json
-from orchestrator.protocol.records import InboxBody, ResumeWorkflow, StartWorkflow
+from orchestrator.protocol.records import (
+    InboxBody,
+    ResumeWorkflow,
+    SignalWorkflow,
+    StartWorkflow,
+)
 from orchestrator.settings import KafkaSettings
 from orchestrator.transport import produce
+from orchestrator.workflow import signal_name_problem
 
 
 class StartFailedError(SagalineError):
-    """Kafka did not accept one or more start or resume requests."""
+    """Kafka did not accept one or more start, signal or resume requests."""
 
 
 class WorkflowClient:
-    """Publishes workflow start and resume requests.
+    """Publishes workflow start, signal and resume requests.
 
     Example::
 
@@ -63,6 +69,42 @@ class WorkflowClient:
         )
         self._send(record, wid.encode())
         return wid
+
+    def signal(
+        self,
+        workflow_id: str,
+        name: str,
+        value: Any = None,
+        *,
+        signal_id: str | None = None,
+        start: tuple[str, Any] | None = None,
+    ) -> str:
+        """Queue the signal ``name`` with ``value`` (JSON) for a running workflow; returns
+        its signal id. Call :meth:`flush` to wait.
+
+        The workflow takes it with ``ctx.wait_signal(name)``; signals sent before the
+        wait are kept, in order. Sending again with the same ``signal_id`` is safe: the
+        workflow ignores an id it already received. ``start=(workflow_type, input)`` is
+        signal-with-start: a workflow that does not exist yet is started with that input
+        first, then receives the signal. A signal for a closed workflow is ignored; one
+        for a workflow that does not exist (without ``start``) is dead-lettered.
+
+        Raises:
+            ConfigurationError: ``name`` is not 1-200 characters of UTF-8 text without NUL.
+            PayloadEncodingError: ``value`` (or the start's input) is not JSON-encodable.
+        """
+        problem = signal_name_problem(name)
+        if problem is not None:
+            raise ConfigurationError(f"signal({name!r}): {problem}")
+        now = _now_ms()
+        begin = None
+        if start is not None:
+            workflow_type, input_value = start
+            begin = StartWorkflow(workflow_id, workflow_type, encode_json(input_value), now)
+        sid = signal_id or str(uuid.uuid4())
+        record = SignalWorkflow(workflow_id, name, encode_json(value), sid, now, begin)
+        self._send(record, workflow_id.encode())
+        return sid
 
     def resume(self, workflow_id: str) -> None:
         """Queue a resume of a STUCK workflow: its code runs again with the code deployed

@@ -22,10 +22,12 @@ import functools
 import inspect
 import itertools
 import math
+import uuid
 from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final, Generic, Protocol, TypeVar, cast
+from random import Random
+from typing import Any, Final, Generic, Protocol, TypeVar, cast, overload
 
 from orchestrator.errors import ConfigurationError, WorkflowTimeoutError
 from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
@@ -475,6 +477,35 @@ class TimerHandle(CommandHandle):
         return f"timer (step {self.seq})"
 
 
+class SignalHandle(CommandHandle):
+    """A wait from ``ctx.wait_signal``: ``await`` it for the next signal of its name.
+
+    It takes the oldest signal of that name the workflow received and no wait took yet,
+    when it is awaited (directly, or through ``ctx.gather``, ``ctx.first`` or
+    ``with_timeout``) and one is there; until then it takes nothing, so a wait given up
+    (a timeout that came first) leaves later signals to the next wait.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, scheduler: Scheduler, name: str) -> None:
+        super().__init__(scheduler, -1)  # not a command: signals are inputs, not steps
+        self.name = name
+
+    def __await__(self) -> Generator[CommandHandle, None, Any]:
+        while self._settled_order() is None:
+            yield self
+        return self._outcome()
+
+    def _settled_order(self) -> int | None:
+        if self._order is None:
+            self._scheduler.take_signal(self)
+        return self._order
+
+    def _describe(self) -> str:
+        return f"signal {self.name!r}"
+
+
 class Gather(Waitable[list[Any]]):
     """``ctx.gather``: every handle's outcome, in argument order."""
 
@@ -586,6 +617,10 @@ class Scheduler(Protocol):
         """The workflow's deterministic clock."""
         ...
 
+    def take_signal(self, handle: SignalHandle) -> None:
+        """Settle ``handle`` with the oldest untaken signal of its name, if there is one."""
+        ...
+
     def misuse(self, message: str) -> None:
         """Note that the code called the API wrongly; the engine parks the workflow."""
         ...
@@ -594,12 +629,18 @@ class Scheduler(Protocol):
 class WorkflowContext:
     """The handle a workflow function receives as its first argument."""
 
-    __slots__ = ("_scheduler", "workflow_id", "workflow_type")
+    __slots__ = ("_rng", "_scheduler", "_seed", "workflow_id", "workflow_type")
 
-    def __init__(self, workflow_id: str, workflow_type: str, scheduler: Scheduler) -> None:
+    def __init__(
+        self, workflow_id: str, workflow_type: str, scheduler: Scheduler, *, run_id: str = ""
+    ) -> None:
         self.workflow_id = workflow_id
         self.workflow_type = workflow_type
         self._scheduler = scheduler
+        # The run's own seed: the same numbers on every replay of this run, others for
+        # another run under the same workflow id.
+        self._seed = f"{workflow_id}\x00{run_id}"
+        self._rng: Random | None = None
 
     def activity(
         self,
@@ -743,16 +784,69 @@ class WorkflowContext:
             raise self._misuse("ctx.first() needs at least one handle; it would wait forever")
         return First(self._scheduler, self._handles("ctx.first", handles))
 
+    @overload
+    def wait_signal(self, name: str, timeout: None = None) -> SignalHandle: ...
+
+    @overload
+    def wait_signal(self, name: str, timeout: float | timedelta) -> Timeout[Any]: ...
+
+    def wait_signal(
+        self, name: str, timeout: float | timedelta | None = None
+    ) -> SignalHandle | Timeout[Any]:
+        """Wait for the signal ``name``: ``await`` it for the signal's value.
+
+        Signals sent to the workflow (``WorkflowClient.signal``, ``sagaline signal`` or a
+        ``SignalWorkflow`` record from any Kafka producer) are kept in its history in the
+        order they arrived; a wait takes the oldest one of its name not taken yet, so
+        signals sent before the wait are not lost. With ``timeout`` (seconds or
+        timedelta) a durable timer races the signal and awaiting raises
+        :class:`~orchestrator.errors.WorkflowTimeoutError` if it fires first; the signal
+        is then left for a later wait.
+
+        Raises:
+            ConfigurationError: ``name`` is not 1-200 characters of UTF-8 text without
+                NUL, or ``timeout`` is not 0 to 100 years (the workflow is parked as
+                ``STUCK``).
+        """
+        problem = signal_name_problem(name)
+        if problem is not None:
+            raise self._misuse(f"ctx.wait_signal({_shown(name)}): {problem}")
+        handle = SignalHandle(self._scheduler, str.__str__(name))
+        if timeout is None:
+            return handle
+        return handle.with_timeout(timeout)
+
+    def random(self) -> float:
+        """A random float in [0, 1) that is the same on every replay of this run.
+
+        Values come from a generator seeded with the workflow id and run id (Python's
+        Mersenne Twister, seeded from the text's SHA-512), so the n-th call of a run
+        always returns the same number; a code change that adds or removes calls before
+        a use changes what that use gets. Not for secrets: use an activity.
+        """
+        return self._generator().random()
+
+    def uuid4(self) -> uuid.UUID:
+        """A version 4 UUID that is the same on every replay of this run (drawn from the
+        generator of :meth:`random`): use it for idempotency keys and ids of things the
+        workflow creates, where ``uuid.uuid4()`` would change on every replay."""
+        return uuid.UUID(int=self._generator().getrandbits(128), version=4)
+
+    def _generator(self) -> Random:
+        if self._rng is None:
+            self._rng = Random(self._seed)
+        return self._rng
+
     def now(self) -> float:
         """Deterministic time (seconds since the epoch) of the input being replayed."""
         return self._scheduler.now_ms() / 1000.0
 
     def _handles(self, call: str, handles: tuple[H, ...]) -> tuple[H, ...]:
         for handle in handles:
-            if type(handle) not in (ActivityHandle, TimerHandle):
+            if type(handle) not in (ActivityHandle, TimerHandle, SignalHandle):
                 raise self._misuse(
-                    f"{call} takes handles returned by ctx.activity, ctx.sleep or "
-                    f"ctx.sleep_until, got {_type_name(handle)}"
+                    f"{call} takes handles returned by ctx.activity, ctx.sleep, "
+                    f"ctx.sleep_until or ctx.wait_signal, got {_type_name(handle)}"
                 )
         return tuple(handles)
 
@@ -760,6 +854,16 @@ class WorkflowContext:
         """Tell the engine first, so code that catches the error cannot hide the bug."""
         self._scheduler.misuse(message)
         return ConfigurationError(message)
+
+
+def signal_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a signal, or None if it can: 1-200 characters of UTF-8
+    text without NUL."""
+    if not isinstance(name, str):
+        return f"a signal name must be a str, got {_type_name(name)}"
+    if not name or len(name) > MAX_NAME_CHARS or safe_text(name, MAX_NAME_CHARS) != name:
+        return f"a signal name must be 1-{MAX_NAME_CHARS} characters of UTF-8 text without NUL"
+    return None
 
 
 def _name_problem(name: object) -> str | None:

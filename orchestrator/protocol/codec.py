@@ -49,6 +49,8 @@ from orchestrator.protocol.records import (
     InboxBody,
     Payload,
     ResumeWorkflow,
+    SignalReceived,
+    SignalWorkflow,
     StartWorkflow,
     TimerCancelled,
     TimerFired,
@@ -77,6 +79,7 @@ SCHEMA_ORDER: Final = (
     "ResumeWorkflow",
     "ActivityStarted",
     "ActivityHeartbeat",
+    "SignalWorkflow",
     "InboxRecord",
     "ActivityTask",
     "WorkflowRecord",
@@ -355,7 +358,7 @@ class AvroCodec:
     # --- typed helpers -------------------------------------------------------------
 
     def encode_inbox(self, body: InboxBody) -> bytes:
-        """Encode an inbox input (start, result, resume, start report, heartbeat)."""
+        """Encode an inbox input (start, result, resume, start report, heartbeat, signal)."""
         branch: tuple[str, dict[str, Any]]
         if isinstance(body, StartWorkflow):
             branch = (NS + "StartWorkflow", _start_to_avro(body))
@@ -365,6 +368,8 @@ class AvroCodec:
             branch = (NS + "ResumeWorkflow", _resume_to_avro(body))
         elif isinstance(body, ActivityStarted):
             branch = (NS + "ActivityStarted", _started_to_avro(body))
+        elif isinstance(body, SignalWorkflow):
+            branch = (NS + "SignalWorkflow", _signal_to_avro(body))
         else:
             branch = (NS + "ActivityHeartbeat", _heartbeat_to_avro(body))
         return self._encode(self._writer_for(INBOX, _inbox_needs_current(body)), {"body": branch})
@@ -463,24 +468,15 @@ def _version_order(directory: Path) -> tuple[int, str]:
 
 
 def _inbox_needs_current(body: InboxBody) -> bool:
-    """True when ``body`` uses what protocol v3 added to the inbox (archive/v2 lacks it)."""
-    if isinstance(body, ActivityStarted | ActivityHeartbeat):
-        return True
-    return (
-        isinstance(body, ActivityResult)
-        and body.failure is not None
-        and body.failure.retry_after_ms is not None
-    )
+    """True when ``body`` uses what protocol v4 added to the inbox (archive/v3 lacks it)."""
+    return isinstance(body, SignalWorkflow)
 
 
 def _task_needs_current(task: ActivityTask) -> bool:
-    """True when ``task`` uses what protocol v3 added to tasks (archive/v2 lacks it)."""
-    return (
-        task.start_to_close_ms is not None
-        or task.heartbeat_timeout_ms is not None
-        or task.heartbeat_details is not None
-        or task.report_start
-    )
+    """True when ``task`` uses what protocol v4 added to tasks (archive/v3 lacks it):
+    nothing, v4 left tasks alone."""
+    del task
+    return False
 
 
 def _read_optional_long(data: bytes, pos: int) -> tuple[int | None, int]:
@@ -588,6 +584,29 @@ def _resume_from_avro(d: Mapping[str, Any]) -> ResumeWorkflow:
     return ResumeWorkflow(workflow_id=d["workflow_id"], requested_at_ms=d["requested_at_ms"])
 
 
+def _signal_to_avro(s: SignalWorkflow) -> dict[str, Any]:
+    return {
+        "workflow_id": s.workflow_id,
+        "name": s.name,
+        "payload": _payload_to_avro(s.payload),
+        "signal_id": s.signal_id,
+        "sent_at_ms": s.sent_at_ms,
+        "start": None if s.start is None else _start_to_avro(s.start),
+    }
+
+
+def _signal_from_avro(d: Mapping[str, Any]) -> SignalWorkflow:
+    start = d.get("start")
+    return SignalWorkflow(
+        workflow_id=d["workflow_id"],
+        name=d["name"],
+        payload=_payload_from_avro(d["payload"]),
+        signal_id=d["signal_id"],
+        sent_at_ms=d["sent_at_ms"],
+        start=None if start is None else _start_from_avro(start),
+    )
+
+
 def _started_to_avro(s: ActivityStarted) -> dict[str, Any]:
     return {
         "workflow_id": s.workflow_id,
@@ -636,6 +655,7 @@ _INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
     NS + "ResumeWorkflow": _resume_from_avro,
     NS + "ActivityStarted": _started_from_avro,
     NS + "ActivityHeartbeat": _heartbeat_from_avro,
+    NS + "SignalWorkflow": _signal_from_avro,
 }
 
 
@@ -741,6 +761,16 @@ def _event_to_avro(e: HistoryEvent) -> tuple[str, dict[str, Any]]:
         )
     if isinstance(e, TimerFired):
         return (NS + "TimerFired", {"seq": e.seq, "at_ms": e.at_ms})
+    if isinstance(e, SignalReceived):
+        return (
+            NS + "SignalReceived",
+            {
+                "name": e.name,
+                "payload": _payload_to_avro(e.payload),
+                "signal_id": e.signal_id,
+                "at_ms": e.at_ms,
+            },
+        )
     return (NS + "TimerCancelled", {"seq": e.seq, "at_ms": e.at_ms})
 
 
@@ -791,6 +821,13 @@ def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
         return TimerFired(seq=d["seq"], at_ms=d["at_ms"])
     if name == NS + "TimerCancelled":
         return TimerCancelled(seq=d["seq"], at_ms=d["at_ms"])
+    if name == NS + "SignalReceived":
+        return SignalReceived(
+            name=d["name"],
+            payload=_payload_from_avro(d["payload"]),
+            signal_id=d["signal_id"],
+            at_ms=d["at_ms"],
+        )
     raise WrongRecordTypeError(f"history event {name} is not handled by this version")
 
 

@@ -135,7 +135,31 @@ class ActivityHeartbeat:
     details: Payload | None = None
 
 
-InboxBody = StartWorkflow | ActivityResult | ResumeWorkflow | ActivityStarted | ActivityHeartbeat
+@dataclass(frozen=True, slots=True)
+class SignalWorkflow:
+    """Inbox input: the named signal ``name`` with ``payload`` for a running workflow.
+
+    ``signal_id`` is unique per signal: a workflow ignores a second signal with an id it
+    already received, so a retried send is safe. ``start``, if set, starts the workflow
+    first when it does not exist (signal-with-start).
+    """
+
+    workflow_id: str
+    name: str
+    payload: Payload
+    signal_id: str
+    sent_at_ms: int
+    start: StartWorkflow | None = None
+
+
+InboxBody = (
+    StartWorkflow
+    | ActivityResult
+    | ResumeWorkflow
+    | ActivityStarted
+    | ActivityHeartbeat
+    | SignalWorkflow
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +292,17 @@ class TimerCancelled:
     at_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class SignalReceived:
+    """History event: the workflow received signal ``name`` (``ctx.wait_signal`` takes the
+    signals of a name in this order)."""
+
+    name: str
+    payload: Payload
+    signal_id: str
+    at_ms: int
+
+
 HistoryEvent = (
     ActivityScheduled
     | ActivityCompleted
@@ -277,6 +312,7 @@ HistoryEvent = (
     | TimerStarted
     | TimerFired
     | TimerCancelled
+    | SignalReceived
 )
 
 

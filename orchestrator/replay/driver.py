@@ -51,6 +51,7 @@ from orchestrator.protocol.records import (
     Failure,
     HistoryEvent,
     Payload,
+    SignalReceived,
     TimerCancelled,
     TimerFired,
     TimerStarted,
@@ -68,6 +69,7 @@ from orchestrator.workflow import (
     ActivityTimeouts,
     CommandHandle,
     RetryPolicy,
+    SignalHandle,
     TimerHandle,
     WorkflowContext,
     WorkflowFn,
@@ -158,14 +160,15 @@ class ReplayResult:
 
 def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
     """The events that settle a command, in history order: completions, fired timers, and
-    failures with no retry after them and none waiting (``retry_at_ms`` None)."""
+    failures with no retry after them and none waiting (``retry_at_ms`` None); and the
+    signals received, which settle waits."""
     retried = {
         (e.seq, e.attempt - 1) for e in events if isinstance(e, ActivityScheduled) and e.attempt > 1
     }
     return [
         e
         for e in events
-        if isinstance(e, ActivityCompleted | TimerFired)
+        if isinstance(e, ActivityCompleted | TimerFired | SignalReceived)
         or (
             isinstance(e, ActivityFailed)
             and e.retry_at_ms is None
@@ -194,6 +197,8 @@ class _Replayer:
         self.closing = False
         self.clock_ms = started_at_ms
         self.problem: Failure | None = None
+        # Signals received and not taken yet, per name, oldest first: (value, error).
+        self.signals: dict[str, deque[tuple[Any, BaseException | None]]] = {}
 
     def _take_seq(self) -> int:
         seq = self.next_seq
@@ -296,6 +301,30 @@ class _Replayer:
     def now_ms(self) -> int:
         return self.clock_ms
 
+    def receive(self, signal: SignalReceived) -> None:
+        """A recorded signal arrives (in history order): keep it for the waits to take."""
+        try:
+            value: Any = decode_json(signal.payload)
+            error: BaseException | None = None
+        except Exception as exc:  # not JSON, or nested past the recursion limit
+            value = None
+            error = (
+                exc
+                if isinstance(exc, PayloadEncodingError)
+                else PayloadEncodingError(f"signal payload is not readable JSON: {describe(exc)}")
+            )
+        self.signals.setdefault(signal.name, deque()).append((value, error))
+
+    def take_signal(self, handle: SignalHandle) -> None:
+        waiting = self.signals.get(handle.name)
+        if not waiting:
+            return
+        value, error = waiting.popleft()
+        if error is None:
+            handle.resolve(value)
+        else:
+            handle.reject(error)
+
     def misuse(self, message: str) -> None:
         self.flag(DEFINITION, message)
 
@@ -321,15 +350,19 @@ def replay(
     input_value: Any,
     events: tuple[HistoryEvent, ...],
     started_at_ms: int,
+    *,
+    run_id: str = "",
 ) -> ReplayResult:
     """Run ``fn`` over ``events`` and report new steps, completion or a problem.
 
-    Never raises for anything the workflow code does.
+    ``run_id`` seeds ``ctx.random()`` and ``ctx.uuid4()``. Never raises for anything the
+    workflow code does.
     """
     replayer = _Replayer(events, started_at_ms)
     outcome = ReplayResult()
     with installed(LoopGuard(replayer.misuse)):
-        coro = _create(fn, WorkflowContext(workflow_id, workflow_type, replayer), input_value)
+        context = WorkflowContext(workflow_id, workflow_type, replayer, run_id=run_id)
+        coro = _create(fn, context, input_value)
         if isinstance(coro, str):
             replayer.flag(DEFINITION, coro)
         else:
@@ -394,6 +427,13 @@ def _drive(
     for event in final_outcomes(events):
         if outcome.finished or replayer.problem is not None:
             return
+        if isinstance(event, SignalReceived):
+            # Not a command's outcome: it joins its name's queue, and the code runs on in
+            # case it waits for it (a wait on anything else just waits again).
+            replayer.clock_ms = event.at_ms
+            replayer.receive(event)
+            _step(coro, replayer, outcome)
+            continue
         handle = replayer.handles.get(event.seq)
         if handle is None:
             recorded = replayer.recorded.get(event.seq)
@@ -452,7 +492,7 @@ def _step(coro: Coroutine[Any, Any, Any], replayer: _Replayer, outcome: ReplayRe
         else:
             replayer.flag(DEFINITION, problem)
         return
-    if type(yielded) not in (ActivityHandle, TimerHandle):
+    if type(yielded) not in (ActivityHandle, TimerHandle, SignalHandle):
         replayer.flag(DEFINITION, describe_await(coro, yielded))
 
 

@@ -41,6 +41,8 @@ from orchestrator.protocol.records import (
     HistoryEvent,
     InboxBody,
     ResumeWorkflow,
+    SignalReceived,
+    SignalWorkflow,
     StartWorkflow,
     TimerFired,
     WakeUp,
@@ -61,7 +63,12 @@ from orchestrator.replay.timing import (
     timeout_failure,
 )
 from orchestrator.replay.transition import CodeRun, Transition, close, revise, task_for
-from orchestrator.workflow import MAX_DURATION_S, WorkflowRegistry, backoff_ms
+from orchestrator.workflow import (
+    MAX_DURATION_S,
+    WorkflowRegistry,
+    backoff_ms,
+    signal_name_problem,
+)
 
 # Why an input changed nothing (Transition.ignored).
 DUPLICATE_START: Final = "duplicate-start"
@@ -82,6 +89,11 @@ ALREADY_STARTED: Final = "already-started"
 """A start report for an attempt whose start is already recorded."""
 OVER_LIMIT: Final = "over-limit"
 """A start report or heartbeat the record has no room for (events or bytes)."""
+DUPLICATE_SIGNAL: Final = "duplicate-signal"
+"""A signal whose ``signal_id`` the workflow already received (a retried send)."""
+SIGNAL_REFUSED: Final = "signal-refused"
+"""A signal the workflow cannot take: its record has no room for it (events or bytes), its
+name is invalid, or its start names another workflow. The shell dead-letters it."""
 
 IGNORED_REASONS: Final = (
     DUPLICATE_START,
@@ -98,7 +110,12 @@ IGNORED_REASONS: Final = (
     NOTHING_DUE,
     ALREADY_STARTED,
     OVER_LIMIT,
+    DUPLICATE_SIGNAL,
+    SIGNAL_REFUSED,
 )
+# Ignore reasons whose input the shell dead-letters instead of counting: nothing else will
+# ever take it (a retried send of the same input meets the same answer).
+REJECTED_REASONS: Final = frozenset((UNKNOWN_WORKFLOW, SIGNAL_REFUSED))
 # A participant's retry_after_ms beyond this is taken as this (100 years).
 MAX_RETRY_AFTER_MS: Final = MAX_DURATION_S * 1000
 
@@ -119,14 +136,14 @@ def advance(
     Args:
         record: the workflow's current state, or None if it does not exist (yet).
         body: a start request, an activity result, a start report, a heartbeat, a resume
-            request, or a ``WakeUp`` (the shell's timer index: ``record.wake_at_ms`` has
+            request, a signal, or a ``WakeUp`` (the shell's timer index: ``record.wake_at_ms`` has
             come; see ``next_wake``).
         now_ms: the orchestrator's clock, recorded in new events; a WakeUp fires what is
             due at it.
         registry: the workflow functions to replay.
         limits: size bounds.
-        run_id: the run id a start gives the new record; every activity id of the run
-            carries it. Unused by other inputs.
+        run_id: the run id a start (or a signal-with-start that starts) gives the new
+            record; every activity id of the run carries it. Unused by other inputs.
 
     Returns:
         The new record and the tasks to send, or ``ignored`` with the reason (one of
@@ -146,6 +163,8 @@ def advance(
         return _apply_report(record, body, now_ms, limits)
     if isinstance(body, ResumeWorkflow):
         return _resume(record, now_ms, registry, limits)
+    if isinstance(body, SignalWorkflow):
+        return _apply_signal(record, body, now_ms, registry, limits, run_id)
     return Transition(None, ignored=UNKNOWN_INPUT)
 
 
@@ -160,6 +179,44 @@ def _start(
     if record is not None:
         return Transition(None, ignored=DUPLICATE_START)
     return CodeRun(_fresh(start, now_ms, run_id), now_ms, registry, limits).transition()
+
+
+def _apply_signal(
+    record: WorkflowRecord | None,
+    signal: SignalWorkflow,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits,
+    run_id: str,
+) -> Transition:
+    """Record the signal in the workflow's history and run its code, which may be waiting
+    for it; with ``start`` and no workflow, start it first (signal-with-start)."""
+    if signal_name_problem(signal.name) is not None:
+        return Transition(None, ignored=SIGNAL_REFUSED)
+    if record is None:
+        start = signal.start
+        if start is None:
+            return Transition(None, ignored=UNKNOWN_WORKFLOW)
+        if start.workflow_id != signal.workflow_id:
+            return Transition(None, ignored=SIGNAL_REFUSED)
+        base = _fresh(start, now_ms, run_id)
+    else:
+        if record.status.terminal:
+            return Transition(None, ignored=WORKFLOW_CLOSED)
+        if any(
+            type(e) is SignalReceived and e.signal_id == signal.signal_id for e in record.events
+        ):
+            return Transition(None, ignored=DUPLICATE_SIGNAL)
+        base = record
+    received = SignalReceived(signal.name, signal.payload, signal.signal_id, now_ms)
+    # A signal that does not fit is refused, never allowed to close the workflow: the
+    # sender made the mistake, not the workflow.
+    events = (*base.events, received)
+    if not _room(events, Tier.NORMAL, limits) or not limits.fits(
+        revise(base, now_ms, events=events), Tier.NORMAL
+    ):
+        return Transition(None, ignored=SIGNAL_REFUSED)
+    return CodeRun(base, now_ms, registry, limits, outcome=received).transition()
 
 
 def _fresh(start: StartWorkflow, now_ms: int, run_id: str) -> WorkflowRecord:
@@ -206,7 +263,7 @@ def _heartbeats_from(record: WorkflowRecord, now_ms: int) -> WorkflowRecord:
     which a parked workflow does not run): counting from the last one kept would time a
     live attempt out the moment the workflow resumes, and start a second one beside it.
     """
-    refreshed: list[HistoryEvent] = []
+    refreshed: list[AttemptHeartbeat] = []
     for step in scan(record.events).steps.values():
         latest = step.latest
         if latest.heartbeat_timeout_ms is None or step.outcome is not None or step.started is None:

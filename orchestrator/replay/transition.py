@@ -143,7 +143,13 @@ class CodeRun:
         too_large = False
         for round_number in range(rounds):
             result = replay(
-                fn, base.workflow_id, base.workflow_type, input_value, events, base.started_at_ms
+                fn,
+                base.workflow_id,
+                base.workflow_type,
+                input_value,
+                events,
+                base.started_at_ms,
+                run_id=base.run_id,
             )
             if result.problem is not None:
                 stuck = self._record(first, WorkflowStatus.STUCK, failure=result.problem)

@@ -43,6 +43,7 @@ from orchestrator.protocol.records import (
     Failure,
     InboxBody,
     ResumeWorkflow,
+    SignalWorkflow,
     StartWorkflow,
     WakeUp,
     WorkflowRecord,
@@ -50,7 +51,14 @@ from orchestrator.protocol.records import (
 )
 from orchestrator.protocol.sizes import record_bound
 from orchestrator.protocol.topics import Topics, held_key
-from orchestrator.replay.engine import Limits, Transition, advance, park
+from orchestrator.replay.engine import (
+    REJECTED_REASONS,
+    SIGNAL_REFUSED,
+    Limits,
+    Transition,
+    advance,
+    park,
+)
 from orchestrator.runtime.state import Presence, WorkflowStore
 from orchestrator.transport import (
     TopicDirectory,
@@ -417,7 +425,10 @@ class InputProcessor:
         now_ms: int,
     ) -> bool:
         """Advance the workflow with ``body``; False if it had to be parked instead."""
-        run_id = uuid.uuid4().hex if isinstance(body, StartWorkflow) else ""
+        starts = isinstance(body, StartWorkflow) or (
+            current is None and isinstance(body, SignalWorkflow) and body.start is not None
+        )
+        run_id = uuid.uuid4().hex if starts else ""
         try:
             transition = advance(current, body, now_ms, self.registry, self.limits, run_id=run_id)
         except BaseException as exc:  # the engine itself failed: only this workflow pays
@@ -435,11 +446,11 @@ class InputProcessor:
             return self._park(item, current, body, failure, batch, now_ms)
         if transition.ignored is not None:
             self._encoded.clear()
-            if transition.ignored == "unknown-workflow" and not isinstance(body, ResumeWorkflow):
+            if transition.ignored in REJECTED_REASONS and not isinstance(body, ResumeWorkflow):
                 self._reject_input(
                     item,
-                    "unknown-workflow",
-                    f"no workflow {body.workflow_id!r} in partition {item.partition}",
+                    transition.ignored,
+                    _rejection(transition.ignored, body, item),
                     batch,
                 )
             else:
@@ -460,7 +471,7 @@ class InputProcessor:
         key = record.workflow_id.encode()
         batch.outputs.extend(Output(topic, key, data, item.ref) for topic, data in tasks)
         self.store.stage(item.partition, record, encoded)
-        batch.changed.append((isinstance(body, StartWorkflow), record, len(tasks)))
+        batch.changed.append((starts, record, len(tasks)))
         for task in transition.tasks:
             metrics.child(metrics.ACTIVITIES_SCHEDULED, f"{task.participant}.{task.activity}").inc()
         return True
@@ -526,12 +537,16 @@ class InputProcessor:
         """Park the workflow as STUCK with ``failure``, keeping the input; always False."""
         wid = body.workflow_id
         assert wid is not None
-        if current is None and not isinstance(body, StartWorkflow):
+        # A signal-with-start for a workflow that does not exist parks as its start would.
+        parked_as: InboxBody | WakeUp = body
+        if isinstance(body, SignalWorkflow) and current is None and body.start is not None:
+            parked_as = body.start
+        if current is None and not isinstance(parked_as, StartWorkflow):
             self._reject_input(item, "unknown-workflow", failure.message, batch)
             return False
         run_id = uuid.uuid4().hex if current is None else ""
         try:
-            record = park(current, body, failure, now_ms, run_id=run_id)
+            record = park(current, parked_as, failure, now_ms, run_id=run_id)
             encoded = self.codec.encode_workflow(record)
         except BaseException as exc:  # cannot even describe the problem: keep the input
             log.exception("cannot park workflow=%s", safe_text(wid, 200))
@@ -551,8 +566,9 @@ class InputProcessor:
         metrics.WORKFLOWS_PARKED.labels(failure.error_type).inc()
         self.store.stage(item.partition, record, encoded)
         batch.changed.append((current is None, record, 0))
-        # A start lives on in the parked record itself; anything else waits beside it.
-        if current is not None and not isinstance(body, ResumeWorkflow):
+        # A start lives on in the parked record itself; anything else (a signal that came
+        # with its start too) waits beside it.
+        if (current is not None or parked_as is not body) and not isinstance(body, ResumeWorkflow):
             self._hold(item, wid, failure.message, batch)
         return False
 
@@ -692,6 +708,17 @@ class InputProcessor:
         metrics.DEAD_LETTERS.labels(SOURCE, reason).inc()
 
 
+def _rejection(reason: str, body: InboxBody | WakeUp, item: Input) -> str:
+    """Why an input the engine refused for good is dead-lettered."""
+    if reason == SIGNAL_REFUSED and isinstance(body, SignalWorkflow):
+        return (
+            f"signal {safe_text(body.name, 200)!r} refused by workflow "
+            f"{safe_text(body.workflow_id, 200)!r}: an invalid name, a start for another "
+            "workflow id, or no room left in its record (events or bytes)"
+        )
+    return f"no workflow {body.workflow_id!r} in partition {item.partition}"
+
+
 def _describe_input(body: InboxBody | WakeUp, item: Input) -> str:
     where = f"inbox partition {item.partition} offset {item.offset}"
     if isinstance(body, WakeUp):
@@ -700,6 +727,8 @@ def _describe_input(body: InboxBody | WakeUp, item: Input) -> str:
         return f"the start ({where})"
     if isinstance(body, ActivityResult):
         return f"the result of step {body.seq} attempt {body.attempt} ({where})"
+    if isinstance(body, SignalWorkflow):
+        return f"signal {safe_text(body.name, 200)!r} ({where})"
     return "a resume"
 
 

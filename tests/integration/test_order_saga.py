@@ -53,7 +53,10 @@ def test_declined_payment_releases_inventory_in_order(saga: Saga) -> None:
     done = saga.finish(orders, deadline_s=120)
     for order in orders:
         record = done[order["order_id"]]
-        steps = [(type(e).__name__, e.seq, getattr(e, "name", None)) for e in record.events]
+        steps = [
+            (type(e).__name__, getattr(e, "seq", None), getattr(e, "name", None))
+            for e in record.events
+        ]
         assert steps == [
             ("ActivityScheduled", 0, "inventory.reserve"),
             ("ActivityCompleted", 0, None),

@@ -31,6 +31,7 @@ from orchestrator.protocol.records import (
     InboxBody,
     Payload,
     ResumeWorkflow,
+    SignalReceived,
     StartWorkflow,
     TimerCancelled,
     TimerFired,
@@ -98,7 +99,7 @@ def event_line(event: HistoryEvent) -> str:
     ``fail 1#1 PaymentDeclined``: step number, ``#`` attempt, then what happened. A
     failure waiting to be retried shows the backoff: ``fail 1#1 Busy retry+1000``.
     Durable time: ``timer 3 +5000`` (fires 5 s after it started), ``fired 3``,
-    ``cancel 3``, ``started 0#1``, ``beat 0#1``.
+    ``cancel 3``, ``started 0#1``, ``beat 0#1``. Signals: ``signal approve``.
     """
     if isinstance(event, ActivityScheduled):
         suffix = " comp" if event.compensation else ""
@@ -116,6 +117,8 @@ def event_line(event: HistoryEvent) -> str:
         return f"cancel {event.seq}"
     if isinstance(event, AttemptStarted):
         return f"started {event.seq}#{event.attempt}"
+    if isinstance(event, SignalReceived):
+        return f"signal {event.name}"
     assert isinstance(event, AttemptHeartbeat)
     return f"beat {event.seq}#{event.attempt}"
 

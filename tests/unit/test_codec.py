@@ -227,8 +227,9 @@ def test_any_workflow_record_round_trips(record: WorkflowRecord) -> None:
 def test_every_record_starts_with_the_confluent_header(name: str, data: bytes) -> None:
     magic, sid = struct.unpack(">bI", data[:5])
     assert magic == 0
-    # Tasks and inputs that use nothing protocol v3 added go out under the previous
-    # version's id (v2 processes read them); history records always under the current one.
+    # Tasks and inputs that use nothing the current protocol added go out under the
+    # previous version's id (its processes read them); history records always under the
+    # current one.
     expected = CODEC.schema_id_of(name) if name == WORKFLOW else CODEC.previous_schema_id_of(name)
     assert sid == expected
     assert 0 < sid < 2**31, "ids stay positive for tools that read them as a signed int"
@@ -253,9 +254,9 @@ CURRENT_IDS = {
     "io.sagaline.StartWorkflow": 1483094129,
     "io.sagaline.ActivityResult": 152494264,
     "io.sagaline.ResumeWorkflow": 1756269513,
-    INBOX: 124074725,
+    INBOX: 265775321,
     TASK: 2066444304,
-    WORKFLOW: 1366321018,
+    WORKFLOW: 1602866992,
 }
 
 

@@ -70,6 +70,7 @@ ORIGINAL = {
 V0 = _parse_dir(ARCHIVE / "v0")
 V1 = _parse_dir(ARCHIVE / "v1")
 V2 = _parse_dir(ARCHIVE / "v2")
+V3 = _parse_dir(ARCHIVE / "v3")
 CURRENT = _parse_dir(default_schema_dir())
 PAYLOAD = {"encoding": "json/plain", "data": b'{"total":42}'}
 
@@ -91,11 +92,13 @@ def test_every_archived_version_is_complete_and_parses_on_its_own(version: str) 
         ("v2", INBOX),
         ("v2", TASK),
         ("v2", WORKFLOW),
+        ("v3", INBOX),
+        ("v3", WORKFLOW),
     ],
 )
 def test_an_old_version_has_its_own_id_which_the_codec_knows(version: str, name: str) -> None:
     """The version differs from today in a field of the record or of a record it refers to."""
-    old = schema_id({"v0": V0, "v1": V1, "v2": V2}[version][name])
+    old = schema_id({"v0": V0, "v1": V1, "v2": V2, "v3": V3}[version][name])
     assert old != CODEC.schema_id_of(name), (
         f"{name}: {version} and the current schema share id {old}, so its records would be read "
         "as if written with the current schema"

@@ -1,0 +1,26 @@
+"""Workflows that wait for control from outside, for the end-to-end tests.
+
+``sagaline orchestrator tests.integration.control:registry`` runs them; they need no
+participant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator import WorkflowContext, WorkflowRegistry, WorkflowTimeoutError
+
+registry = WorkflowRegistry()
+
+
+@registry.workflow("control.approval")
+async def approval(ctx: WorkflowContext, request: dict[str, Any]) -> dict[str, Any]:
+    """Waits for ``approvals`` signals named ``approve`` and returns them in order; gives
+    up after ``timeout_s`` without one."""
+    taken = []
+    for _ in range(request.get("approvals", 1)):
+        try:
+            taken.append(await ctx.wait_signal("approve", timeout=request.get("timeout_s", 300)))
+        except WorkflowTimeoutError:
+            return {"approved": taken, "timed_out": True}
+    return {"approved": taken, "timed_out": False}
