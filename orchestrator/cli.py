@@ -160,6 +160,22 @@ def _signal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _promise(args: argparse.Namespace) -> int:
+    from orchestrator.client import WorkflowClient
+    from orchestrator.settings import KafkaSettings
+
+    client = WorkflowClient(KafkaSettings())
+    if args.action == "complete":
+        client.complete_promise(args.id, _json_option(args.value, "--value"))
+    else:
+        if not args.error_type:
+            raise ConfigurationError("fail needs --error-type")
+        client.fail_promise(args.id, args.error_type, args.message)
+    client.flush()
+    print(f"sent: {args.action} {args.id}")
+    return 0
+
+
 def _resume(args: argparse.Namespace) -> int:
     from orchestrator.client import WorkflowClient
     from orchestrator.settings import KafkaSettings
@@ -231,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("--start-type", default=None, help="signal-with-start: workflow type")
     sig.add_argument("--start-input", default="null", help="signal-with-start: JSON input")
     sig.set_defaults(func=_signal)
+
+    prom = sub.add_parser(
+        "promise",
+        help="complete or fail a workflow's promise by its id",
+        description="Complete (with a JSON value) or fail (with an error type and message) "
+        "the promise a workflow made with ctx.promise and handed out by its id "
+        "('<workflow id>/<run id>/p<step>'). A promise completes once.",
+    )
+    prom.add_argument("action", choices=("complete", "fail"))
+    prom.add_argument("id", help="the promise id")
+    prom.add_argument("--value", default="null", help="complete: JSON value")
+    prom.add_argument("--error-type", default="", help="fail: the error type")
+    prom.add_argument("--message", default="", help="fail: the message")
+    prom.set_defaults(func=_promise)
 
     resume = sub.add_parser(
         "resume",

@@ -16,10 +16,13 @@ from orchestrator.errors import ConfigurationError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.payloads import encode_json
 from orchestrator.protocol.records import (
+    CompletePromise,
+    Failure,
     InboxBody,
     ResumeWorkflow,
     SignalWorkflow,
     StartWorkflow,
+    parse_promise_id,
 )
 from orchestrator.settings import KafkaSettings
 from orchestrator.transport import produce
@@ -27,7 +30,7 @@ from orchestrator.workflow import signal_name_problem
 
 
 class StartFailedError(SagalineError):
-    """Kafka did not accept one or more start, signal or resume requests."""
+    """Kafka did not accept one or more start, signal, promise or resume requests."""
 
 
 class WorkflowClient:
@@ -105,6 +108,32 @@ class WorkflowClient:
         record = SignalWorkflow(workflow_id, name, encode_json(value), sid, now, begin)
         self._send(record, workflow_id.encode())
         return sid
+
+    def complete_promise(self, promise_id: str, value: Any = None) -> None:
+        """Queue the completion of a workflow's promise (``ctx.promise``) with ``value``
+        (JSON): the workflow's await returns it. A promise completes once; later
+        completions are ignored. Call :meth:`flush` to wait.
+
+        Raises:
+            ConfigurationError: ``promise_id`` is not a promise id.
+            PayloadEncodingError: ``value`` is not JSON-encodable.
+        """
+        self._complete(promise_id, encode_json(value), None)
+
+    def fail_promise(self, promise_id: str, error_type: str, message: str = "") -> None:
+        """Queue the failure of a workflow's promise: its await raises
+        ``PromiseFailedError`` with ``error_type`` and ``message``. Call :meth:`flush`."""
+        self._complete(promise_id, None, Failure(error_type, message))
+
+    def _complete(self, promise_id: str, value: Any, failure: Failure | None) -> None:
+        parsed = parse_promise_id(promise_id)
+        if parsed is None:
+            raise ConfigurationError(
+                f"{promise_id!r} is not a promise id ('<workflow id>/<run id>/p<step>')"
+            )
+        workflow_id = parsed[0]
+        record = CompletePromise(workflow_id, promise_id, _now_ms(), value, failure)
+        self._send(record, workflow_id.encode())
 
     def resume(self, workflow_id: str) -> None:
         """Queue a resume of a STUCK workflow: its code runs again with the code deployed

@@ -104,6 +104,19 @@ class ActivityError(SagalineError):
         self.effects_committed = effects_committed
 
 
+class PromiseFailedError(ActivityError):
+    """A promise (``ctx.promise``) that whoever completes it failed; raised at its await.
+
+    An :class:`ActivityError`, so ``Saga`` blocks and ``except ActivityError`` compensate
+    as they would for a failed step; ``error_type`` and ``message`` are what the failure
+    said.
+    """
+
+    def __init__(self, promise: str, error_type: str, message: str) -> None:
+        super().__init__(promise, error_type, message, attempts=1)
+        self.args = (f"promise {promise} failed: {error_type}: {message}",)
+
+
 class NonDeterminismError(SagalineError):
     """Workflow code asked for a different step than its recorded history holds.
 

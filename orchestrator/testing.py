@@ -47,14 +47,19 @@ from orchestrator.protocol.records import (
     ActivityStarted,
     ActivityStatus,
     ActivityTask,
+    CompletePromise,
     Failure,
     HistoryEvent,
     InboxBody,
     Payload,
+    PromiseCompleted,
+    PromiseCreated,
+    SignalWorkflow,
     StartWorkflow,
     WakeUp,
     WorkflowRecord,
     WorkflowStatus,
+    promise_id,
 )
 from orchestrator.protocol.topics import activity_name_problem
 from orchestrator.replay import Limits, advance, pending_tasks
@@ -66,6 +71,7 @@ from orchestrator.workflow import (
     _shown,
     _type_name,
     default_registry,
+    signal_name_problem,
 )
 
 DEFAULT_START: Final = datetime(2025, 1, 1, tzinfo=UTC)
@@ -101,7 +107,8 @@ class UnscriptedActivityError(WorkflowTesterError):
 
 class WorkflowBlockedError(WorkflowTesterError):
     """The workflow waits for something that can never happen (an activity scripted to
-    hang, with no timeout to give up on it)."""
+    hang, a promise nothing completes, a signal nobody sends, with no timeout to give up
+    on it)."""
 
 
 class StepLimitError(WorkflowTesterError):
@@ -438,6 +445,46 @@ class WorkflowTester:
         )
         self.max_steps = max_steps
         self._scripts: dict[str, ActivityScript] = {}
+        # Signals to send: (ms after the start, name, value); promise answers per name:
+        # (ms after the promise is made, value or failure), one per promise made.
+        self._signals: list[tuple[int, str, Any]] = []
+        self._promises: dict[str, list[tuple[int, Any, Failure | None]]] = {}
+
+    def signal(self, name: str, value: Any = None, *, at: float | timedelta = 0) -> None:
+        """Send the signal ``name`` with ``value`` to every run, ``at`` seconds (virtual)
+        after its start; signals of one instant arrive in the order given.
+
+        Raises:
+            ConfigurationError: an invalid name, or ``at`` not 0 to 100 years.
+        """
+        problem = signal_name_problem(name)
+        if problem is not None:
+            raise ConfigurationError(f"tester.signal({_shown(name)}): {problem}")
+        delay = _checked_seconds(at, "tester.signal(at=...)")
+        self._signals.append((round(delay * 1000), name, value))
+
+    def complete_promise(
+        self, name: str, value: Any = None, *, after: float | timedelta = 0
+    ) -> None:
+        """Complete the next promise named ``name`` the workflow makes with ``value``,
+        ``after`` seconds (virtual) after it is made. Each call answers one promise."""
+        self._promise_answer(name, after, value, None)
+
+    def fail_promise(
+        self, name: str, error_type: str, message: str = "", *, after: float | timedelta = 0
+    ) -> None:
+        """Fail the next promise named ``name`` the workflow makes (its await raises
+        ``PromiseFailedError``), ``after`` seconds (virtual) after it is made."""
+        self._promise_answer(name, after, None, Failure(error_type, message))
+
+    def _promise_answer(
+        self, name: str, after: float | timedelta, value: Any, failure: Failure | None
+    ) -> None:
+        problem = signal_name_problem(name)
+        if problem is not None:
+            raise ConfigurationError(f"promise name {_shown(name)}: {problem}")
+        delay = _checked_seconds(after, "after=...")
+        self._promises.setdefault(name, []).append((round(delay * 1000), value, failure))
 
     def activity(self, name: str) -> ActivityScript:
         """A new script for activity ``name`` (``'<participant>.<activity>'``); it
@@ -538,10 +585,20 @@ class _Run:
     order: itertools.count[int] = field(default_factory=itertools.count)
     sent: dict[tuple[int, int], ActivityCall] = field(default_factory=dict)
     used: dict[str, int] = field(default_factory=dict)
+    promised: set[int] = field(default_factory=set)
+    promise_uses: dict[str, int] = field(default_factory=dict)
 
     def go(self, value: Any) -> RunResult:
         self.now_ms = self.start_ms
         start = StartWorkflow(self.workflow_id, self.workflow_type, encode_json(value), self.now_ms)
+        for index, (offset, name, signal_value) in enumerate(self.tester._signals):
+            at = self.start_ms + offset
+            self.queue_input(
+                at,
+                SignalWorkflow(
+                    self.workflow_id, name, encode_json(signal_value), f"test-signal-{index}", at
+                ),
+            )
         self.apply(start, self.now_ms)
         while self.current.status is WorkflowStatus.RUNNING:
             due = self.queue[0][0] if self.queue else None
@@ -597,6 +654,7 @@ class _Run:
         self.record = record
         for task in transition.tasks:
             self.send(codec.decode_task(codec.encode_task(task)))
+        self.answer_promises(record)
 
     def note_ignored(self, body: InboxBody | WakeUp, reason: str | None) -> None:
         if isinstance(body, WakeUp):
@@ -671,6 +729,23 @@ class _Run:
         )
         self.queue_input(done, answer)
 
+    def answer_promises(self, record: WorkflowRecord) -> None:
+        """Queue the scripted answer of every promise the record made that has none yet."""
+        for event in record.events:
+            if type(event) is not PromiseCreated or event.seq in self.promised:
+                continue
+            self.promised.add(event.seq)
+            answers = self.tester._promises.get(event.name, [])
+            index = self.promise_uses.get(event.name, 0)
+            self.promise_uses[event.name] = index + 1
+            if index >= len(answers):
+                continue  # nothing completes it: the run may block on it
+            after, value, failure = answers[index]
+            at = self.now_ms + after
+            pid = promise_id(self.workflow_id, RUN_ID, event.seq)
+            payload = None if failure is not None else encode_json(value)
+            self.queue_input(at, CompletePromise(self.workflow_id, pid, at, payload, failure))
+
     def queue_input(self, at_ms: int, body: InboxBody) -> None:
         heapq.heappush(self.queue, (at_ms, next(self.order), body))
 
@@ -689,7 +764,17 @@ class _Run:
                 waits.append(f"{what}, whose answer the engine ignored ({call.ignored})")
             else:
                 waits.append(f"{what}, which the tester scripted to hang")
-        waiting = "; ".join(waits) or "nothing that is running (no activity, timer or retry)"
+        completed = {e.seq for e in record.events if type(e) is PromiseCompleted}
+        for event in record.events:
+            if type(event) is PromiseCreated and event.seq not in completed:
+                waits.append(
+                    f"promise {event.name!r} (step {event.seq}), which nothing completes "
+                    f"(tester.complete_promise({event.name!r}, ...))"
+                )
+        waiting = "; ".join(waits) or (
+            "nothing that is running (no activity, timer, retry or promise): a signal? "
+            "(tester.signal(name, value, at=...))"
+        )
         return (
             f"workflow {self.workflow_type!r} ({self.workflow_id!r}) can never finish: at "
             f"+{self.seconds():g} s virtual it waits on {waiting}, and nothing is due to wake "

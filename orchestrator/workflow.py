@@ -369,7 +369,14 @@ class Waitable(Generic[T]):
     def _describe(self) -> str:
         raise NotImplementedError
 
+    def _release(self) -> None:
+        """This lost a race (``ctx.first``, a timeout): give back what it holds unseen."""
+
+    def _arm(self) -> None:
+        """This is awaited (again): a signal wait that lost a race earlier waits anew."""
+
     def __await__(self) -> Generator[CommandHandle, None, T]:
+        self._arm()
         while self._settled_order() is None:
             yield self._blocker()
         return self._outcome()
@@ -477,43 +484,143 @@ class TimerHandle(CommandHandle):
         return f"timer (step {self.seq})"
 
 
+class PromiseHandle(CommandHandle):
+    """A promise from ``ctx.promise``: something outside the workflow completes or fails it
+    by :attr:`id` (``WorkflowClient.complete_promise``, ``sagaline promise``, or a
+    ``CompletePromise`` record from any Kafka producer); ``await`` it for the value.
+
+    Awaiting a failed promise raises :class:`~orchestrator.errors.PromiseFailedError`.
+    """
+
+    __slots__ = ("id", "name")
+
+    def __init__(self, scheduler: Scheduler, seq: int, name: str, promise_id: str) -> None:
+        super().__init__(scheduler, seq)
+        self.name = name
+        self.id = promise_id
+
+    def _describe(self) -> str:
+        return f"promise {self.name!r} (step {self.seq})"
+
+
 class SignalHandle(CommandHandle):
     """A wait from ``ctx.wait_signal``: ``await`` it for the next signal of its name.
 
-    It takes the oldest signal of that name the workflow received and no wait took yet,
-    when it is awaited (directly, or through ``ctx.gather``, ``ctx.first`` or
-    ``with_timeout``) and one is there; until then it takes nothing, so a wait given up
-    (a timeout that came first) leaves later signals to the next wait.
+    Waits get a name's signals in the order the waits were made: one made when a signal
+    is already there takes the oldest untaken one at once, others take the next ones as
+    they arrive. A wait that loses a race (``ctx.first``, a ``with_timeout`` that fires
+    first, a ``ctx.gather`` that raises) gives its signal back, unseen, to the next wait
+    that takes one (so a later wait may already hold a newer signal); awaiting it again,
+    alone or in a race, makes it a new wait.
     """
 
-    __slots__ = ("name",)
+    __slots__ = ("_consumed", "_registered", "name")
 
     def __init__(self, scheduler: Scheduler, name: str) -> None:
         super().__init__(scheduler, -1)  # not a command: signals are inputs, not steps
         self.name = name
+        self._consumed = False
+        self._registered = True
+        scheduler.wait_signal(self)
 
     def __await__(self) -> Generator[CommandHandle, None, Any]:
-        while self._settled_order() is None:
+        self._arm()
+        while self._order is None:
             yield self
         return self._outcome()
 
-    def _settled_order(self) -> int | None:
-        if self._order is None:
-            self._scheduler.take_signal(self)
-        return self._order
+    def _arm(self) -> None:
+        if not self._registered and self._order is None:  # given up earlier: wait anew
+            self._registered = True
+            self._scheduler.wait_signal(self)
+
+    def settle(self, value: Any, error: BaseException | None, order: int) -> None:
+        """Engine use: the wait takes a signal that arrived ``order``-th."""
+        self._done, self._value, self._error, self._order = True, value, error, order
+
+    def unsettle(self) -> None:
+        """Engine use: the wait gave its signal back and waits for nothing now."""
+        self._done, self._value, self._error, self._order = False, None, None, None
+        self._registered = False
+
+    def _outcome(self) -> Any:
+        self._consumed = True
+        return super()._outcome()
+
+    def _release(self) -> None:
+        if not self._consumed and self._registered:
+            self._scheduler.give_back(self)
 
     def _describe(self) -> str:
         return f"signal {self.name!r}"
 
 
-class Gather(Waitable[list[Any]]):
-    """``ctx.gather``: every handle's outcome, in argument order."""
+class SignalBox:
+    """The signals a replay received and no wait took yet, and the waits that have none
+    yet, per name; both oldest first. Pure bookkeeping for the engine's scheduler."""
+
+    def __init__(self) -> None:
+        # name -> [(order, value, error)] by arrival; name -> waits by creation.
+        self._queued: dict[str, list[tuple[int, Any, BaseException | None]]] = {}
+        self._waiting: dict[str, list[SignalHandle]] = {}
+
+    def arrive(self, name: str, value: Any, error: BaseException | None) -> None:
+        """A signal arrives now (in history order)."""
+        self._queued.setdefault(name, []).append((next(_SETTLED), value, error))
+        self._match(name)
+
+    def wait(self, handle: SignalHandle) -> None:
+        """A new wait (or one awaited again)."""
+        self._waiting.setdefault(handle.name, []).append(handle)
+        self._match(handle.name)
+
+    def give_back(self, handle: SignalHandle) -> None:
+        """``handle`` lost a race: its signal, if it took one, goes to the next wait."""
+        waiting = self._waiting.get(handle.name, [])
+        if handle in waiting:
+            waiting.remove(handle)
+        if handle._order is not None:
+            entry = (handle._order, handle._value, handle._error)
+            queued = self._queued.setdefault(handle.name, [])
+            queued.append(entry)
+            queued.sort(key=lambda item: item[0])
+        handle.unsettle()
+        self._match(handle.name)
+
+    def _match(self, name: str) -> None:
+        queued, waiting = self._queued.get(name), self._waiting.get(name)
+        while queued and waiting:
+            order, value, error = queued.pop(0)
+            waiting.pop(0).settle(value, error, order)
+
+
+class _Group(Waitable[T]):
+    """A wait over several handles (``gather``, ``first``)."""
 
     __slots__ = ("_handles",)
 
     def __init__(self, scheduler: Scheduler, handles: tuple[CommandHandle, ...]) -> None:
         super().__init__(scheduler)
         self._handles = handles
+
+    def _release_others(self, kept: CommandHandle | None) -> None:
+        """Every handle but ``kept`` lost: a signal nobody will see goes to the next wait."""
+        for handle in self._handles:
+            if handle is not kept:
+                handle._release()
+
+    def _release(self) -> None:
+        self._release_others(None)
+
+    def _arm(self) -> None:
+        for handle in self._handles:
+            handle._arm()
+
+
+class Gather(_Group[list[Any]]):
+    """``ctx.gather``: every handle's outcome, in argument order."""
+
+    __slots__ = ()
 
     def _settled_order(self) -> int | None:
         orders = [h._settled_order() for h in self._handles]
@@ -526,20 +633,23 @@ class Gather(Waitable[list[Any]]):
 
     def _outcome(self) -> list[Any]:
         # Every branch has settled before this raises, so a compensation sees which finished.
+        failing = next((h for h in self._handles if h._error is not None), None)
+        if failing is not None:
+            self._release_others(failing)
+            failing._outcome()  # raises
         return [handle._outcome() for handle in self._handles]
 
     def _describe(self) -> str:
         return f"ctx.gather of {len(self._handles)}"
 
 
-class First(Waitable[H]):
+class First(_Group[H]):
     """``ctx.first``: the handle that settled first, in history order."""
 
-    __slots__ = ("_handles",)
+    __slots__ = ()
 
     def __init__(self, scheduler: Scheduler, handles: tuple[H, ...]) -> None:
-        super().__init__(scheduler)
-        self._handles = handles
+        super().__init__(scheduler, handles)
 
     def _settled_order(self) -> int | None:
         orders = [o for o in (h._settled_order() for h in self._handles) if o is not None]
@@ -549,10 +659,12 @@ class First(Waitable[H]):
         return self._handles[0]
 
     def _outcome(self) -> H:
-        return min(
+        winner = min(
             (h for h in self._handles if h._settled_order() is not None),
             key=lambda h: cast(int, h._settled_order()),
         )
+        self._release_others(winner)  # a losing signal wait gives its signal back
+        return cast(H, winner)
 
     def _describe(self) -> str:
         return f"ctx.first of {len(self._handles)}"
@@ -585,7 +697,14 @@ class Timeout(Waitable[T]):
         if inner is not None and (timer is None or inner < timer):
             self._scheduler.cancel(self._timer)
             return self._inner._outcome()
+        self._inner._release()  # a signal wait that timed out takes nothing
         raise WorkflowTimeoutError(self._inner._describe(), self._seconds)
+
+    def _release(self) -> None:
+        self._inner._release()
+
+    def _arm(self) -> None:
+        self._inner._arm()
 
     def _describe(self) -> str:
         return self._inner._describe()
@@ -617,8 +736,17 @@ class Scheduler(Protocol):
         """The workflow's deterministic clock."""
         ...
 
-    def take_signal(self, handle: SignalHandle) -> None:
-        """Settle ``handle`` with the oldest untaken signal of its name, if there is one."""
+    def promise(self, name: str) -> PromiseHandle:
+        """Record (or match, on replay) one promise and return its handle."""
+        ...
+
+    def wait_signal(self, handle: SignalHandle) -> None:
+        """A new signal wait: it takes the oldest untaken signal of its name, now or when
+        one arrives."""
+        ...
+
+    def give_back(self, handle: SignalHandle) -> None:
+        """``handle`` lost a race: its signal, if any, goes to the next wait."""
         ...
 
     def misuse(self, message: str) -> None:
@@ -784,6 +912,28 @@ class WorkflowContext:
             raise self._misuse("ctx.first() needs at least one handle; it would wait forever")
         return First(self._scheduler, self._handles("ctx.first", handles))
 
+    def promise(self, name: str) -> PromiseHandle:
+        """A promise that something outside the workflow completes later: a person's
+        approval, a payment provider's callback, any system given :attr:`PromiseHandle.id`.
+
+        Hand the id out (usually through an activity: an e-mail with a link, a request to
+        a provider), then ``await`` the handle for the value it is completed with; a
+        failed promise raises :class:`~orchestrator.errors.PromiseFailedError`. Like any
+        handle it takes ``with_timeout``, ``ctx.gather`` and ``ctx.first``. The id is
+        ``<workflow id>/<run id>/p<step>``, stable across replays; a promise completes
+        once (later completions are ignored).
+
+        Raises:
+            ConfigurationError: ``name`` is not 1-200 characters of UTF-8 text without
+                NUL (the workflow is parked as ``STUCK``).
+        """
+        problem = signal_name_problem(name)
+        if problem is not None:
+            raise self._misuse(
+                f"ctx.promise({_shown(name)}): {problem.replace('signal', 'promise')}"
+            )
+        return self._scheduler.promise(str.__str__(name))
+
     @overload
     def wait_signal(self, name: str, timeout: None = None) -> SignalHandle: ...
 
@@ -843,10 +993,10 @@ class WorkflowContext:
 
     def _handles(self, call: str, handles: tuple[H, ...]) -> tuple[H, ...]:
         for handle in handles:
-            if type(handle) not in (ActivityHandle, TimerHandle, SignalHandle):
+            if type(handle) not in (ActivityHandle, TimerHandle, SignalHandle, PromiseHandle):
                 raise self._misuse(
                     f"{call} takes handles returned by ctx.activity, ctx.sleep, "
-                    f"ctx.sleep_until or ctx.wait_signal, got {_type_name(handle)}"
+                    f"ctx.sleep_until, ctx.wait_signal or ctx.promise, got {_type_name(handle)}"
                 )
         return tuple(handles)
 

@@ -44,10 +44,13 @@ from orchestrator.protocol.records import (
     ActivityTask,
     AttemptHeartbeat,
     AttemptStarted,
+    CompletePromise,
     Failure,
     HistoryEvent,
     InboxBody,
     Payload,
+    PromiseCompleted,
+    PromiseCreated,
     ResumeWorkflow,
     SignalReceived,
     SignalWorkflow,
@@ -80,6 +83,7 @@ SCHEMA_ORDER: Final = (
     "ActivityStarted",
     "ActivityHeartbeat",
     "SignalWorkflow",
+    "CompletePromise",
     "InboxRecord",
     "ActivityTask",
     "WorkflowRecord",
@@ -358,7 +362,8 @@ class AvroCodec:
     # --- typed helpers -------------------------------------------------------------
 
     def encode_inbox(self, body: InboxBody) -> bytes:
-        """Encode an inbox input (start, result, resume, start report, heartbeat, signal)."""
+        """Encode an inbox input (start, result, resume, start report, heartbeat, signal,
+        promise completion)."""
         branch: tuple[str, dict[str, Any]]
         if isinstance(body, StartWorkflow):
             branch = (NS + "StartWorkflow", _start_to_avro(body))
@@ -370,6 +375,8 @@ class AvroCodec:
             branch = (NS + "ActivityStarted", _started_to_avro(body))
         elif isinstance(body, SignalWorkflow):
             branch = (NS + "SignalWorkflow", _signal_to_avro(body))
+        elif isinstance(body, CompletePromise):
+            branch = (NS + "CompletePromise", _completion_to_avro(body))
         else:
             branch = (NS + "ActivityHeartbeat", _heartbeat_to_avro(body))
         return self._encode(self._writer_for(INBOX, _inbox_needs_current(body)), {"body": branch})
@@ -469,7 +476,7 @@ def _version_order(directory: Path) -> tuple[int, str]:
 
 def _inbox_needs_current(body: InboxBody) -> bool:
     """True when ``body`` uses what protocol v4 added to the inbox (archive/v3 lacks it)."""
-    return isinstance(body, SignalWorkflow)
+    return isinstance(body, SignalWorkflow | CompletePromise)
 
 
 def _task_needs_current(task: ActivityTask) -> bool:
@@ -595,6 +602,26 @@ def _signal_to_avro(s: SignalWorkflow) -> dict[str, Any]:
     }
 
 
+def _completion_to_avro(c: CompletePromise) -> dict[str, Any]:
+    return {
+        "workflow_id": c.workflow_id,
+        "promise_id": c.promise_id,
+        "payload": _opt_payload_to_avro(c.payload),
+        "failure": None if c.failure is None else _failure_to_avro(c.failure),
+        "completed_at_ms": c.completed_at_ms,
+    }
+
+
+def _completion_from_avro(d: Mapping[str, Any]) -> CompletePromise:
+    return CompletePromise(
+        workflow_id=d["workflow_id"],
+        promise_id=d["promise_id"],
+        completed_at_ms=d["completed_at_ms"],
+        payload=_opt_payload(d["payload"]),
+        failure=_opt_failure(d["failure"]),
+    )
+
+
 def _signal_from_avro(d: Mapping[str, Any]) -> SignalWorkflow:
     start = d.get("start")
     return SignalWorkflow(
@@ -656,6 +683,7 @@ _INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
     NS + "ActivityStarted": _started_from_avro,
     NS + "ActivityHeartbeat": _heartbeat_from_avro,
     NS + "SignalWorkflow": _signal_from_avro,
+    NS + "CompletePromise": _completion_from_avro,
 }
 
 
@@ -761,6 +789,18 @@ def _event_to_avro(e: HistoryEvent) -> tuple[str, dict[str, Any]]:
         )
     if isinstance(e, TimerFired):
         return (NS + "TimerFired", {"seq": e.seq, "at_ms": e.at_ms})
+    if isinstance(e, PromiseCreated):
+        return (NS + "PromiseCreated", {"seq": e.seq, "name": e.name, "at_ms": e.at_ms})
+    if isinstance(e, PromiseCompleted):
+        return (
+            NS + "PromiseCompleted",
+            {
+                "seq": e.seq,
+                "payload": _opt_payload_to_avro(e.payload),
+                "failure": None if e.failure is None else _failure_to_avro(e.failure),
+                "at_ms": e.at_ms,
+            },
+        )
     if isinstance(e, SignalReceived):
         return (
             NS + "SignalReceived",
@@ -821,6 +861,15 @@ def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
         return TimerFired(seq=d["seq"], at_ms=d["at_ms"])
     if name == NS + "TimerCancelled":
         return TimerCancelled(seq=d["seq"], at_ms=d["at_ms"])
+    if name == NS + "PromiseCreated":
+        return PromiseCreated(seq=d["seq"], name=d["name"], at_ms=d["at_ms"])
+    if name == NS + "PromiseCompleted":
+        return PromiseCompleted(
+            seq=d["seq"],
+            at_ms=d["at_ms"],
+            payload=_opt_payload(d["payload"]),
+            failure=_opt_failure(d["failure"]),
+        )
     if name == NS + "SignalReceived":
         return SignalReceived(
             name=d["name"],

@@ -152,6 +152,18 @@ class SignalWorkflow:
     start: StartWorkflow | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CompletePromise:
+    """Inbox input: complete (``payload``) or fail (``failure``) the promise ``promise_id``
+    that a workflow made with ``ctx.promise`` and handed out."""
+
+    workflow_id: str
+    promise_id: str
+    completed_at_ms: int
+    payload: Payload | None = None
+    failure: Failure | None = None
+
+
 InboxBody = (
     StartWorkflow
     | ActivityResult
@@ -159,6 +171,7 @@ InboxBody = (
     | ActivityStarted
     | ActivityHeartbeat
     | SignalWorkflow
+    | CompletePromise
 )
 
 
@@ -303,6 +316,27 @@ class SignalReceived:
     at_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class PromiseCreated:
+    """History event: command ``seq`` is a promise named ``name`` that something outside
+    the workflow completes by its id (:func:`promise_id`)."""
+
+    seq: int
+    name: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PromiseCompleted:
+    """History event: promise ``seq`` was completed with ``payload`` or failed with
+    ``failure`` (exactly one is set)."""
+
+    seq: int
+    at_ms: int
+    payload: Payload | None = None
+    failure: Failure | None = None
+
+
 HistoryEvent = (
     ActivityScheduled
     | ActivityCompleted
@@ -313,6 +347,8 @@ HistoryEvent = (
     | TimerFired
     | TimerCancelled
     | SignalReceived
+    | PromiseCreated
+    | PromiseCompleted
 )
 
 
@@ -333,6 +369,32 @@ class WorkflowRecord:
     closed_at_ms: int | None = None
     run_id: str = ""
     wake_at_ms: int | None = None
+
+
+def promise_id(workflow_id: str, run_id: str, seq: int) -> str:
+    """The id of promise ``seq`` of a run: ``<workflow id>/<run id>/p<seq>``."""
+    return f"{workflow_id}/{run_id}/p{seq}"
+
+
+def parse_promise_id(text: str) -> tuple[str, str, int] | None:
+    """(workflow id, run id, seq) of a promise id, or None if it is not one."""
+    workflow_id, sep, rest = text.rpartition("/")
+    digits = rest[1:]
+    # Canonical only: one id per promise, and never a number past an Avro int.
+    if (
+        not sep
+        or not rest.startswith("p")
+        or not digits.isascii()
+        or not digits.isdigit()
+        or len(digits) > 10
+        or (digits != "0" and digits.startswith("0"))
+        or int(digits) > 2**31 - 1
+    ):
+        return None
+    workflow_id, sep, run_id = workflow_id.rpartition("/")
+    if not sep or not workflow_id:
+        return None
+    return workflow_id, run_id, int(digits)
 
 
 def activity_id(workflow_id: str, seq: int, attempt: int, run_id: str = "") -> str:

@@ -38,6 +38,7 @@ from orchestrator.errors import (
     ActivityError,
     ConfigurationError,
     HistoryLimitExceededError,
+    PromiseFailedError,
     RecordTooLargeError,
     WorkflowDefinitionError,
 )
@@ -51,10 +52,13 @@ from orchestrator.protocol.records import (
     Failure,
     HistoryEvent,
     Payload,
+    PromiseCompleted,
+    PromiseCreated,
     SignalReceived,
     TimerCancelled,
     TimerFired,
     TimerStarted,
+    promise_id,
 )
 from orchestrator.replay.guard import (
     ADVICE,
@@ -68,7 +72,9 @@ from orchestrator.workflow import (
     ActivityHandle,
     ActivityTimeouts,
     CommandHandle,
+    PromiseHandle,
     RetryPolicy,
+    SignalBox,
     SignalHandle,
     TimerHandle,
     WorkflowContext,
@@ -89,8 +95,9 @@ _FAILURES: Final[dict[str, type[ActivityError]]] = {
 # The payload of a call before it is known to be new (a replayed call is never encoded).
 _UNENCODED: Final = Payload(b"", JSON_ENCODING)
 
-Command = ActivityScheduled | TimerStarted
-"""What a ``ctx`` call records: an activity step (its first attempt) or a timer."""
+Command = ActivityScheduled | TimerStarted | PromiseCreated
+"""What a ``ctx`` call records: an activity step (its first attempt), a timer or a
+promise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +127,12 @@ _KINDS: Final[dict[type[Command], _Kind]] = {
         label=lambda e: "a timer",
         same=lambda recorded, call: True,  # its time may be computed: only the kind counts
     ),
+    PromiseCreated: _Kind(
+        records=lambda e: True,
+        describe=lambda e: f"promise {safe_text(e.name, MAX_NAME_CHARS)!r}",
+        label=lambda e: f"promise {safe_text(e.name, MAX_NAME_CHARS)!r}",
+        same=lambda recorded, call: recorded.name == call.name,
+    ),
 }
 
 
@@ -128,7 +141,7 @@ def command_of(event: HistoryEvent) -> Command | None:
     kind = _KINDS.get(type(event))  # type: ignore[arg-type]
     if kind is None or not kind.records(event):
         return None
-    assert isinstance(event, ActivityScheduled | TimerStarted)
+    assert isinstance(event, ActivityScheduled | TimerStarted | PromiseCreated)
     return event
 
 
@@ -168,7 +181,7 @@ def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
     return [
         e
         for e in events
-        if isinstance(e, ActivityCompleted | TimerFired | SignalReceived)
+        if isinstance(e, ActivityCompleted | TimerFired | SignalReceived | PromiseCompleted)
         or (
             isinstance(e, ActivityFailed)
             and e.retry_at_ms is None
@@ -180,7 +193,15 @@ def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
 class _Replayer:
     """Implements the context's scheduler during one replay."""
 
-    def __init__(self, events: tuple[HistoryEvent, ...], started_at_ms: int) -> None:
+    def __init__(
+        self,
+        events: tuple[HistoryEvent, ...],
+        started_at_ms: int,
+        workflow_id: str = "",
+        run_id: str = "",
+    ) -> None:
+        self.workflow_id = workflow_id
+        self.run_id = run_id
         self.recorded: dict[int, Command] = {}
         # Timers that fired or were cancelled in history: cancelling them adds nothing.
         self.closed_timers: set[int] = set()
@@ -197,8 +218,7 @@ class _Replayer:
         self.closing = False
         self.clock_ms = started_at_ms
         self.problem: Failure | None = None
-        # Signals received and not taken yet, per name, oldest first: (value, error).
-        self.signals: dict[str, deque[tuple[Any, BaseException | None]]] = {}
+        self.signals = SignalBox()
 
     def _take_seq(self) -> int:
         seq = self.next_seq
@@ -290,6 +310,21 @@ class _Replayer:
             self.new_steps.append(call)
         return handle
 
+    def promise(self, name: str) -> PromiseHandle:
+        if self.closing or self.problem is not None:
+            return PromiseHandle(self, -1, name, "")
+        call = PromiseCreated(self._take_seq(), name, self.clock_ms)
+        recorded = self._match(call)
+        if isinstance(recorded, PromiseCreated):
+            call = recorded
+        handle = PromiseHandle(
+            self, call.seq, name, promise_id(self.workflow_id, self.run_id, call.seq)
+        )
+        self.handles[call.seq] = handle
+        if recorded is None:
+            self.new_steps.append(call)
+        return handle
+
     def cancel(self, timer: TimerHandle) -> None:
         if self.closing or self.problem is not None or self.handles.get(timer.seq) is not timer:
             return
@@ -302,7 +337,8 @@ class _Replayer:
         return self.clock_ms
 
     def receive(self, signal: SignalReceived) -> None:
-        """A recorded signal arrives (in history order): keep it for the waits to take."""
+        """A recorded signal arrives (in history order): to the oldest wait without one,
+        or kept for the next wait."""
         try:
             value: Any = decode_json(signal.payload)
             error: BaseException | None = None
@@ -313,17 +349,15 @@ class _Replayer:
                 if isinstance(exc, PayloadEncodingError)
                 else PayloadEncodingError(f"signal payload is not readable JSON: {describe(exc)}")
             )
-        self.signals.setdefault(signal.name, deque()).append((value, error))
+        self.signals.arrive(signal.name, value, error)
 
-    def take_signal(self, handle: SignalHandle) -> None:
-        waiting = self.signals.get(handle.name)
-        if not waiting:
-            return
-        value, error = waiting.popleft()
-        if error is None:
-            handle.resolve(value)
-        else:
-            handle.reject(error)
+    def wait_signal(self, handle: SignalHandle) -> None:
+        if self.closing or self.problem is not None:
+            return  # finally blocks of a closing coroutine take nothing
+        self.signals.wait(handle)
+
+    def give_back(self, handle: SignalHandle) -> None:
+        self.signals.give_back(handle)
 
     def misuse(self, message: str) -> None:
         self.flag(DEFINITION, message)
@@ -358,7 +392,7 @@ def replay(
     ``run_id`` seeds ``ctx.random()`` and ``ctx.uuid4()``. Never raises for anything the
     workflow code does.
     """
-    replayer = _Replayer(events, started_at_ms)
+    replayer = _Replayer(events, started_at_ms, workflow_id, run_id)
     outcome = ReplayResult()
     with installed(LoopGuard(replayer.misuse)):
         context = WorkflowContext(workflow_id, workflow_type, replayer, run_id=run_id)
@@ -397,6 +431,31 @@ def replay(
     outcome.new_steps = list(replayer.new_steps)
     outcome.cancels = list(replayer.cancels)
     return outcome
+
+
+# The handle each outcome settles; another handle at that number is non-determinism.
+_SETTLES: Final[dict[type, type]] = {
+    ActivityCompleted: ActivityHandle,
+    ActivityFailed: ActivityHandle,
+    TimerFired: TimerHandle,
+    PromiseCompleted: PromiseHandle,
+}
+
+
+def _settle_promise(handle: CommandHandle, event: PromiseCompleted) -> None:
+    assert isinstance(handle, PromiseHandle)
+    if event.failure is not None:
+        failure = event.failure
+        handle.reject(PromiseFailedError(repr(handle.name), failure.error_type, failure.message))
+        return
+    try:
+        handle.resolve(decode_json(event.payload or _UNENCODED))
+    except Exception as exc:  # not JSON, or nested past the recursion limit
+        handle.reject(
+            exc
+            if isinstance(exc, PayloadEncodingError)
+            else PayloadEncodingError(f"promise value is not readable JSON: {describe(exc)}")
+        )
 
 
 def _recorded_name(command: Command) -> str:
@@ -444,7 +503,7 @@ def _drive(
             )
             return
         replayer.clock_ms = event.at_ms
-        if isinstance(event, TimerFired) != isinstance(handle, TimerHandle):
+        if type(handle) is not _SETTLES[type(event)]:
             replayer.flag(
                 NONDETERMINISM,
                 f"history settles step {event.seq} as a {type(event).__name__}, but it is "
@@ -453,6 +512,8 @@ def _drive(
             return
         if isinstance(event, TimerFired):
             handle.resolve(None)
+        elif isinstance(event, PromiseCompleted):
+            _settle_promise(handle, event)
         elif isinstance(event, ActivityCompleted):
             try:
                 handle.resolve(decode_json(event.result))
@@ -492,7 +553,7 @@ def _step(coro: Coroutine[Any, Any, Any], replayer: _Replayer, outcome: ReplayRe
         else:
             replayer.flag(DEFINITION, problem)
         return
-    if type(yielded) not in (ActivityHandle, TimerHandle, SignalHandle):
+    if type(yielded) not in (ActivityHandle, TimerHandle, SignalHandle, PromiseHandle):
         replayer.flag(DEFINITION, describe_await(coro, yielded))
 
 

@@ -37,9 +37,12 @@ from orchestrator.protocol.records import (
     ActivityTask,
     AttemptHeartbeat,
     AttemptStarted,
+    CompletePromise,
     Failure,
     HistoryEvent,
     InboxBody,
+    PromiseCompleted,
+    PromiseCreated,
     ResumeWorkflow,
     SignalReceived,
     SignalWorkflow,
@@ -49,6 +52,7 @@ from orchestrator.protocol.records import (
     WorkflowRecord,
     WorkflowStatus,
     activity_id,
+    parse_promise_id,
 )
 from orchestrator.replay.limits import Limits, Tier, reserved_events
 from orchestrator.replay.timing import (
@@ -91,6 +95,11 @@ OVER_LIMIT: Final = "over-limit"
 """A start report or heartbeat the record has no room for (events or bytes)."""
 DUPLICATE_SIGNAL: Final = "duplicate-signal"
 """A signal whose ``signal_id`` the workflow already received (a retried send)."""
+DUPLICATE_COMPLETION: Final = "duplicate-completion"
+"""A completion for a promise that is already completed or failed (it completes once)."""
+PROMISE_REFUSED: Final = "promise-refused"
+"""A completion naming no promise of this run of the workflow, or with both or neither of a
+value and a failure. The shell dead-letters it."""
 SIGNAL_REFUSED: Final = "signal-refused"
 """A signal the workflow cannot take: its record has no room for it (events or bytes), its
 name is invalid, or its start names another workflow. The shell dead-letters it."""
@@ -112,10 +121,12 @@ IGNORED_REASONS: Final = (
     OVER_LIMIT,
     DUPLICATE_SIGNAL,
     SIGNAL_REFUSED,
+    DUPLICATE_COMPLETION,
+    PROMISE_REFUSED,
 )
 # Ignore reasons whose input the shell dead-letters instead of counting: nothing else will
 # ever take it (a retried send of the same input meets the same answer).
-REJECTED_REASONS: Final = frozenset((UNKNOWN_WORKFLOW, SIGNAL_REFUSED))
+REJECTED_REASONS: Final = frozenset((UNKNOWN_WORKFLOW, SIGNAL_REFUSED, PROMISE_REFUSED))
 # A participant's retry_after_ms beyond this is taken as this (100 years).
 MAX_RETRY_AFTER_MS: Final = MAX_DURATION_S * 1000
 
@@ -165,6 +176,8 @@ def advance(
         return _resume(record, now_ms, registry, limits)
     if isinstance(body, SignalWorkflow):
         return _apply_signal(record, body, now_ms, registry, limits, run_id)
+    if isinstance(body, CompletePromise):
+        return _apply_completion(record, body, now_ms, registry, limits)
     return Transition(None, ignored=UNKNOWN_INPUT)
 
 
@@ -191,7 +204,7 @@ def _apply_signal(
 ) -> Transition:
     """Record the signal in the workflow's history and run its code, which may be waiting
     for it; with ``start`` and no workflow, start it first (signal-with-start)."""
-    if signal_name_problem(signal.name) is not None:
+    if signal_name_problem(signal.name) is not None or not signal.signal_id:
         return Transition(None, ignored=SIGNAL_REFUSED)
     if record is None:
         start = signal.start
@@ -210,13 +223,68 @@ def _apply_signal(
         base = record
     received = SignalReceived(signal.name, signal.payload, signal.signal_id, now_ms)
     # A signal that does not fit is refused, never allowed to close the workflow: the
-    # sender made the mistake, not the workflow.
+    # sender made the mistake, not the workflow. Signals may take a quarter of the
+    # history's events and of its bytes, so a flood nobody waits for leaves the steps room.
     events = (*base.events, received)
-    if not _room(events, Tier.NORMAL, limits) or not limits.fits(
-        revise(base, now_ms, events=events), Tier.NORMAL
+    signals = sum(type(e) is SignalReceived for e in events)
+    budget = limits.byte_budget(Tier.NORMAL)
+    if (
+        signals > max(1, limits.max_events // 4)
+        or not _room(events, Tier.NORMAL, limits)
+        or (
+            budget is not None
+            and sum(_signal_bytes(e) for e in events if type(e) is SignalReceived) > budget // 4
+        )
+        or not limits.fits(revise(base, now_ms, events=events), Tier.NORMAL)
     ):
         return Transition(None, ignored=SIGNAL_REFUSED)
-    return CodeRun(base, now_ms, registry, limits, outcome=received).transition()
+    run = CodeRun(base, now_ms, registry, limits, outcome=received)
+    transition = run.transition()
+    if run.last_resort:
+        return Transition(None, ignored=SIGNAL_REFUSED)  # what it led to did not fit
+    return transition
+
+
+def _signal_bytes(event: SignalReceived) -> int:
+    return len(event.payload.data) + len(event.name) + len(event.signal_id)
+
+
+def _not_open(record: WorkflowRecord | None) -> Transition:
+    """An input for a workflow that does not exist, or has closed."""
+    return Transition(None, ignored=UNKNOWN_WORKFLOW if record is None else WORKFLOW_CLOSED)
+
+
+def _apply_completion(
+    record: WorkflowRecord | None,
+    completion: CompletePromise,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits,
+) -> Transition:
+    """Settle the promise ``completion`` names and run the code, which may await it."""
+    if record is None or record.status.terminal:
+        return _not_open(record)
+    parsed = parse_promise_id(completion.promise_id)
+    seq = -1
+    if parsed is not None and parsed[:2] == (record.workflow_id, record.run_id):
+        seq = parsed[2]
+    created = [e for e in record.events if type(e) is PromiseCreated and e.seq == seq]
+    if not created or (completion.payload is None) == (completion.failure is None):
+        return Transition(None, ignored=PROMISE_REFUSED)
+    if any(type(e) is PromiseCompleted and e.seq == seq for e in record.events):
+        return Transition(None, ignored=DUPLICATE_COMPLETION)
+    failure = None if completion.failure is None else _safe_failure(completion.failure)
+    done = PromiseCompleted(seq, now_ms, completion.payload, failure)
+    # The budget of an ordinary step's result: what compensations need stays theirs.
+    if not limits.fits(revise(record, now_ms, events=(*record.events, done)), Tier.NORMAL):
+        # The value does not fit: the workflow hears that at its await instead.
+        size = 0 if completion.payload is None else len(completion.payload.data)
+        message = (
+            f"the value completing promise {safe_text(created[0].name, MAX_NAME_CHARS)!r}, "
+            f"{size} bytes, does not fit in the workflow's record"
+        )
+        done = PromiseCompleted(seq, now_ms, None, Failure("RecordTooLarge", message))
+    return CodeRun(record, now_ms, registry, limits, outcome=done).transition()
 
 
 def _fresh(start: StartWorkflow, now_ms: int, run_id: str) -> WorkflowRecord:
@@ -316,10 +384,8 @@ def _apply_result(
     registry: WorkflowRegistry,
     limits: Limits,
 ) -> Transition:
-    if record is None:
-        return Transition(None, ignored=UNKNOWN_WORKFLOW)
-    if record.status.terminal:
-        return Transition(None, ignored=WORKFLOW_CLOSED)
+    if record is None or record.status.terminal:
+        return _not_open(record)
     step = _latest_attempt(record.events, result.seq)
     expected = activity_id(record.workflow_id, result.seq, result.attempt, record.run_id)
     if step is None or step.attempt != result.attempt:

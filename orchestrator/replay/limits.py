@@ -29,6 +29,8 @@ from orchestrator.protocol.records import (
     AttemptHeartbeat,
     AttemptStarted,
     HistoryEvent,
+    PromiseCompleted,
+    PromiseCreated,
     TimerCancelled,
     TimerFired,
     TimerStarted,
@@ -137,10 +139,10 @@ def attempt_events(step: ActivityScheduled) -> int:
     return 2 + report_start(step)
 
 
-def command_events(command: ActivityScheduled | TimerStarted) -> int:
-    """Events a new command reserves: a step's first attempt (and its heartbeat), or a
-    timer's start and its firing or cancellation."""
-    if isinstance(command, TimerStarted):
+def command_events(command: ActivityScheduled | TimerStarted | PromiseCreated) -> int:
+    """Events a new command reserves: a step's first attempt (and its heartbeat), a
+    timer's start and its firing or cancellation, or a promise and its completion."""
+    if isinstance(command, TimerStarted | PromiseCreated):
         return 2
     return attempt_events(command) + (command.heartbeat_timeout_ms is not None)
 
@@ -165,8 +167,10 @@ def reserved_events(events: tuple[HistoryEvent, ...]) -> int:
             beating.add(event.seq)
         elif isinstance(event, TimerStarted):
             timers.add(event.seq)
-        elif isinstance(event, TimerFired | TimerCancelled):
+        elif isinstance(event, TimerFired | TimerCancelled | PromiseCompleted):
             closed.add(event.seq)
+        elif isinstance(event, PromiseCreated):
+            timers.add(event.seq)  # open until completed, like a timer until it fires
     reserved = len(events) + len(timers - closed)
     for seq, step in latest.items():
         outcome = outcomes.get((seq, step.attempt))

@@ -41,6 +41,7 @@ from orchestrator.protocol.records import (
     Failure,
     HistoryEvent,
     Payload,
+    PromiseCreated,
     TimerCancelled,
     TimerFired,
     TimerStarted,
@@ -102,6 +103,9 @@ class CodeRun:
         # Only a result can be too large by itself; it is measured once, on the slow path.
         self._result_checked = not isinstance(outcome, ActivityCompleted)
         self._first_ok: bool | None = None
+        self.last_resort = False
+        """True once the transition closed the workflow at its last good state (nothing
+        the code asked for fitted): a caller whose input may be refused refuses it."""
 
     def transition(self) -> Transition:
         """The new record and its tasks; never raises for what the workflow code does."""
@@ -174,8 +178,8 @@ class CodeRun:
                 kept, candidate = self._largest_fit(
                     events, steps, cancels, admitted, ordinary_result
                 )
-                if candidate is None or isinstance(steps[kept], TimerStarted):
-                    # A timer that does not fit cannot be reported to the code.
+                if candidate is None or isinstance(steps[kept], TimerStarted | PromiseCreated):
+                    # A timer or promise that does not fit cannot be reported to the code.
                     return self._settle(None, TOO_LARGE)
                 too_large = True
             elif admitted == len(steps):
@@ -195,7 +199,7 @@ class CodeRun:
                 break
             reserved += cost
             admitted += 1
-        if admitted < len(steps) and isinstance(steps[admitted], TimerStarted):
+        if admitted < len(steps) and isinstance(steps[admitted], TimerStarted | PromiseCreated):
             return None
         rejected = sum(isinstance(s, ActivityScheduled) for s in steps[admitted:])
         if reserved + 2 * rejected > limits.event_budget(Tier.GRACE):
@@ -266,7 +270,7 @@ class CodeRun:
         added: list[HistoryEvent] = list(steps[:kept])
         left_out: set[int] = set()
         for index, step in enumerate(steps[kept:], start=kept):
-            if isinstance(step, TimerStarted):
+            if isinstance(step, TimerStarted | PromiseCreated):
                 left_out.add(step.seq)
                 continue
             added.extend(self._rejection(step, TOO_LARGE if index < counted else OVER_HISTORY))
@@ -384,6 +388,7 @@ class CodeRun:
         """Closed FAILED with the input's event but nothing the code asked for after it;
         without the input's event if even that does not fit, and without the input
         payload if the workflow is a start whose input is too large by itself."""
+        self.last_resort = True
         limit = (
             f"max_record_bytes {self.limits.max_record_bytes}"
             if error_type == TOO_LARGE
@@ -454,7 +459,8 @@ class CodeRun:
 
 
 def _tier(command: Command) -> Tier:
-    """Ordinary steps use the normal budget; compensations and timers the grace."""
+    """Ordinary steps use the normal budget; compensations, timers and promises the grace
+    (a timer or promise may be what a compensation waits on; both are small)."""
     if isinstance(command, ActivityScheduled) and not command.compensation:
         return Tier.NORMAL
     return Tier.GRACE

@@ -40,6 +40,7 @@ from orchestrator.protocol.records import (
     ActivityHeartbeat,
     ActivityResult,
     ActivityStarted,
+    CompletePromise,
     Failure,
     InboxBody,
     ResumeWorkflow,
@@ -539,7 +540,12 @@ class InputProcessor:
         assert wid is not None
         # A signal-with-start for a workflow that does not exist parks as its start would.
         parked_as: InboxBody | WakeUp = body
-        if isinstance(body, SignalWorkflow) and current is None and body.start is not None:
+        if (
+            isinstance(body, SignalWorkflow)
+            and current is None
+            and body.start is not None
+            and body.start.workflow_id == wid
+        ):
             parked_as = body.start
         if current is None and not isinstance(parked_as, StartWorkflow):
             self._reject_input(item, "unknown-workflow", failure.message, batch)
@@ -710,6 +716,11 @@ class InputProcessor:
 
 def _rejection(reason: str, body: InboxBody | WakeUp, item: Input) -> str:
     """Why an input the engine refused for good is dead-lettered."""
+    if isinstance(body, CompletePromise) and reason != "unknown-workflow":
+        return (
+            f"completion of {safe_text(body.promise_id, 300)!r} refused: no such promise in "
+            "this run of the workflow, or neither or both of a value and a failure"
+        )
     if reason == SIGNAL_REFUSED and isinstance(body, SignalWorkflow):
         return (
             f"signal {safe_text(body.name, 200)!r} refused by workflow "
@@ -729,6 +740,8 @@ def _describe_input(body: InboxBody | WakeUp, item: Input) -> str:
         return f"the result of step {body.seq} attempt {body.attempt} ({where})"
     if isinstance(body, SignalWorkflow):
         return f"signal {safe_text(body.name, 200)!r} ({where})"
+    if isinstance(body, CompletePromise):
+        return f"the completion of promise {safe_text(body.promise_id, 300)!r} ({where})"
     return "a resume"
 
 

@@ -24,3 +24,10 @@ async def approval(ctx: WorkflowContext, request: dict[str, Any]) -> dict[str, A
         except WorkflowTimeoutError:
             return {"approved": taken, "timed_out": True}
     return {"approved": taken, "timed_out": False}
+
+
+@registry.workflow("control.callback")
+async def callback(ctx: WorkflowContext, request: dict[str, Any]) -> Any:
+    """Waits for a promise that something outside completes (its id is in the history:
+    ``<workflow id>/<run id>/p0``); a failed one raises, and the workflow fails."""
+    return await ctx.promise("provider-callback").with_timeout(request.get("timeout_s", 300))

@@ -1,6 +1,6 @@
-"""Signals end to end on the real broker: the Python client, a raw confluent-kafka
-producer writing the Avro record by hand (what any language does), signal-with-start, a
-retried send, and a signal for a workflow that does not exist."""
+"""Signals and promises end to end on the real broker: the Python client, a raw
+confluent-kafka producer writing the Avro record by hand (what any language does),
+signal-with-start, a retried send, a signal for a workflow that does not exist."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from confluent_kafka import Producer
 # schema_id is the id rule docs/wire-contract describes (CRC-32 of the canonical form).
 from orchestrator.protocol.codec import NS, SCHEMA_ORDER, default_schema_dir, schema_id
 from orchestrator.protocol.payloads import decode_json
-from orchestrator.protocol.records import SignalReceived, WorkflowRecord, WorkflowStatus
+from orchestrator.protocol.records import (
+    PromiseCreated,
+    SignalReceived,
+    WorkflowRecord,
+    WorkflowStatus,
+    promise_id,
+)
 from orchestrator.transport import REASON
 from tests.integration.pipeline import Saga
 from tests.integration.test_hardening import (
@@ -137,3 +143,62 @@ def test_a_signal_for_no_workflow_is_dead_lettered(saga: Saga) -> None:
         )
 
     wait_until(saga, lettered, "the orphan signal's dead letter", 60)
+
+
+def _promise_ids(saga: Saga, wids: list[str]) -> dict[str, str]:
+    ids = {}
+    for wid in wids:
+        record = saga.watcher.latest[wid]
+        created = [e for e in record.events if isinstance(e, PromiseCreated)]
+        assert created, record
+        ids[wid] = promise_id(wid, record.run_id, created[0].seq)
+    return ids
+
+
+def test_promises_completed_by_a_raw_producer_and_failed_by_the_client(saga: Saga) -> None:
+    saga.orchestrator("a", app=APP)
+    client = client_for(saga)
+    wids = [w for p in range(4) for w in ids_on(p, "callback", 2)]
+    for wid in wids:
+        client.start("control.callback", {}, workflow_id=wid)
+    client.flush()
+
+    def all_waiting() -> bool:
+        return all(
+            (r := saga.watcher.latest.get(w)) is not None
+            and any(isinstance(e, PromiseCreated) for e in r.events)
+            for w in wids
+        )
+
+    wait_until(saga, all_waiting, "every workflow to make its promise", 60)
+    ids = _promise_ids(saga, wids)
+    inbox = _parse_schemas()[NS + "InboxRecord"]
+    header = struct.pack(">bI", 0, schema_id(inbox))
+    producer = Producer({"bootstrap.servers": saga.bootstrap, "partitioner": "murmur2_random"})
+    completed, failed = wids[::2], wids[1::2]
+    for wid in completed:
+        body = {
+            "workflow_id": wid,
+            "promise_id": ids[wid],
+            "payload": {"encoding": "json/plain", "data": b'{"paid":true}'},
+            "failure": None,
+            "completed_at_ms": 1,
+        }
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, inbox, {"body": (NS + "CompletePromise", body)})
+        producer.produce(saga.topics.inbox, key=wid.encode(), value=header + buf.getvalue())
+    assert producer.flush(30) == 0
+    for wid in failed:
+        client.fail_promise(ids[wid], "CardDeclined", "no funds")
+    client.flush()
+
+    def all_closed() -> bool:
+        return all((s := status_of(saga, w)) is not None and s.terminal for w in wids)
+
+    wait_until(saga, all_closed, "every promise to be completed or failed", 60)
+    for wid in completed:
+        assert _result(saga, wid) == {"paid": True}
+    for wid in failed:
+        record = saga.watcher.latest[wid]
+        assert record.status is WorkflowStatus.FAILED, record
+        assert record.failure is not None and "CardDeclined" in record.failure.message

@@ -30,6 +30,8 @@ from orchestrator.protocol.records import (
     HistoryEvent,
     InboxBody,
     Payload,
+    PromiseCompleted,
+    PromiseCreated,
     ResumeWorkflow,
     SignalReceived,
     StartWorkflow,
@@ -99,7 +101,8 @@ def event_line(event: HistoryEvent) -> str:
     ``fail 1#1 PaymentDeclined``: step number, ``#`` attempt, then what happened. A
     failure waiting to be retried shows the backoff: ``fail 1#1 Busy retry+1000``.
     Durable time: ``timer 3 +5000`` (fires 5 s after it started), ``fired 3``,
-    ``cancel 3``, ``started 0#1``, ``beat 0#1``. Signals: ``signal approve``.
+    ``cancel 3``, ``started 0#1``, ``beat 0#1``. Control: ``signal approve``,
+    ``promise 2``, ``promised 2`` (``promised 2 failed``).
     """
     if isinstance(event, ActivityScheduled):
         suffix = " comp" if event.compensation else ""
@@ -119,6 +122,10 @@ def event_line(event: HistoryEvent) -> str:
         return f"started {event.seq}#{event.attempt}"
     if isinstance(event, SignalReceived):
         return f"signal {event.name}"
+    if isinstance(event, PromiseCreated):
+        return f"promise {event.seq}"
+    if isinstance(event, PromiseCompleted):
+        return f"promised {event.seq}" + ("" if event.failure is None else " failed")
     assert isinstance(event, AttemptHeartbeat)
     return f"beat {event.seq}#{event.attempt}"
 

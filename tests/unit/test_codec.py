@@ -254,9 +254,9 @@ CURRENT_IDS = {
     "io.sagaline.StartWorkflow": 1483094129,
     "io.sagaline.ActivityResult": 152494264,
     "io.sagaline.ResumeWorkflow": 1756269513,
-    INBOX: 265775321,
+    INBOX: 2104451337,
     TASK: 2066444304,
-    WORKFLOW: 1602866992,
+    WORKFLOW: 592859989,
 }
 
 

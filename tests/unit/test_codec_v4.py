@@ -1,4 +1,4 @@
-"""Protocol v4 (signals): the new records round-trip, v3 records read into v4, and what
+"""Protocol v4 (signals and promises): the new records round-trip, v3 records read into v4, and what
 uses nothing v4 added is still written so that v3 processes read it (a rolling deploy)."""
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ from orchestrator.protocol.payloads import encode_json
 from orchestrator.protocol.records import (
     ActivityResult,
     ActivityStatus,
+    CompletePromise,
+    Failure,
+    InboxBody,
+    PromiseCompleted,
+    PromiseCreated,
     ResumeWorkflow,
     SignalReceived,
     SignalWorkflow,
@@ -57,8 +62,16 @@ SIGNAL_WITH_START = SignalWorkflow(
 )
 
 
-@pytest.mark.parametrize("body", [SIGNAL, SIGNAL_WITH_START], ids=["signal", "with-start"])
-def test_signals_round_trip_under_the_current_schema(body: SignalWorkflow) -> None:
+COMPLETED = CompletePromise("order-1", "order-1/run/p3", 2_000, encode_json({"ok": True}))
+FAILED = CompletePromise("order-1", "order-1/run/p3", 2_000, None, Failure("No", "declined"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [SIGNAL, SIGNAL_WITH_START, COMPLETED, FAILED],
+    ids=["signal", "with-start", "completed", "failed"],
+)
+def test_new_inputs_round_trip_under_the_current_schema(body: InboxBody) -> None:
     data = CODEC.encode_inbox(body)
     assert CODEC.decode_inbox(data) == body
     assert int.from_bytes(data[1:5], "big") == CODEC.schema_id_of(INBOX)
@@ -66,7 +79,13 @@ def test_signals_round_trip_under_the_current_schema(body: SignalWorkflow) -> No
 
 def test_a_record_with_signals_round_trips() -> None:
     base = _record()
-    received = SignalReceived("approve", encode_json([1, "ü"]), "sig-1", 99)
+    received = (
+        SignalReceived("approve", encode_json([1, "ü"]), "sig-1", 99),
+        PromiseCreated(9, "callback", 100),
+        PromiseCompleted(9, 101, encode_json("paid")),
+        PromiseCreated(10, "other", 102),
+        PromiseCompleted(10, 103, None, Failure("No", "declined")),
+    )
     record = WorkflowRecord(
         base.workflow_id,
         base.workflow_type,
@@ -75,7 +94,7 @@ def test_a_record_with_signals_round_trips() -> None:
         base.started_at_ms,
         base.updated_at_ms,
         revision=base.revision,
-        events=(*base.events, received),
+        events=(*base.events, *received),
         run_id=base.run_id,
     )
     data = CODEC.encode_workflow(record)

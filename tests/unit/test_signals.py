@@ -238,20 +238,93 @@ def test_a_signal_too_large_for_the_record_is_refused_and_the_workflow_goes_on()
     assert _result_value(run) == [1, 2]
 
 
-def test_signals_count_against_the_event_limit_and_are_refused_past_it() -> None:
-    run = WorkflowRun(_registry(_two_approvals), "t", limits=Limits(max_events=20))
+def test_a_flood_of_signals_nobody_waits_for_leaves_the_steps_their_room() -> None:
+    async def busy(ctx: WorkflowContext, _: Any) -> Any:
+        await ctx.activity("p.first")
+        await ctx.activity("p.second")
+        return "done"
+
+    run = WorkflowRun(_registry(busy), "t", limits=Limits(max_events=20))
     run.start({})
+    outcomes = [run.send(_signal(run, "noise", index)).ignored for index in range(40)]
+    assert outcomes.count(None) == 5 and outcomes.count("signal-refused") == 35  # 20 // 4
+    run.complete(0, 1)
+    run.complete(1, 2)
+    assert _result_value(run) == "done"
 
-    async def deaf(ctx: WorkflowContext, _: Any) -> Any:
-        return await ctx.wait_signal("never")
 
-    run.registry = _registry(deaf)
-    refused = 0
-    for index in range(40):
-        transition = run.send(_signal(run, "noise", index))
-        refused += transition.ignored == "signal-refused"
-    assert refused > 0
+def test_a_signal_whose_consequences_do_not_fit_is_refused_not_fatal() -> None:
+    """Accepting the signal would make the code schedule steps that cannot fit: the
+    workflow would close at its last good state; the signal is refused instead."""
+
+    async def fan_out(ctx: WorkflowContext, _: Any) -> Any:
+        value = await ctx.wait_signal("go")
+        return await ctx.gather(*(ctx.activity("p.work", value) for _ in range(20)))
+
+    limits = Limits(max_record_bytes=4_000, measure=encoded_size)
+    run = WorkflowRun(_registry(fan_out), "t", limits=limits)
+    run.start({})
+    _ignored(run, _signal(run, "go", "x" * 100), "signal-refused")
     assert_status(run.record, WorkflowStatus.RUNNING)
+    assert_history(run.record, [])
+
+
+def test_a_signal_that_came_before_the_timeout_wins_though_the_code_was_busy() -> None:
+    async def busy(ctx: WorkflowContext, _: Any) -> Any:
+        wait = ctx.wait_signal("approve", timeout=10)
+        await ctx.activity("p.work")
+        try:
+            return ["in time", await wait]
+        except WorkflowTimeoutError:
+            return ["timed out", await ctx.wait_signal("approve")]
+
+    run = WorkflowRun(_registry(busy), "t")
+    run.start({})
+    run.send(_signal(run, "approve", "yes"))  # 2 s in, before the 10 s timeout
+    run.wake()  # the timer fires while the activity still runs
+    run.complete(1, "worked")
+    assert _result_value(run) == ["in time", "yes"]
+
+
+def test_first_takes_signals_in_arrival_order_and_losers_give_theirs_back() -> None:
+    async def both(ctx: WorkflowContext, _: Any) -> Any:
+        await ctx.activity("p.busy")
+        seen = []
+        for _ in range(2):
+            a, b = ctx.wait_signal("a"), ctx.wait_signal("b")
+            winner = await ctx.first(a, b)
+            seen.append(["a" if winner is a else "b", await winner])
+        return seen
+
+    run = WorkflowRun(_registry(both), "t")
+    run.start({})
+    run.send(_signal(run, "b", "b1"))  # b arrives first
+    run.send(_signal(run, "a", "a1"))
+    run.complete(0, None)
+    assert _result_value(run) == [["b", "b1"], ["a", "a1"]]
+
+
+def test_a_wait_is_done_as_soon_as_it_has_a_signal() -> None:
+    async def polling(ctx: WorkflowContext, _: Any) -> Any:
+        wait = ctx.wait_signal("go")
+        naps = 0
+        while not wait.done:
+            await ctx.sleep(1)
+            naps += 1
+        return [naps, await wait]
+
+    run = WorkflowRun(_registry(polling), "t")
+    run.start({})
+    run.wake()
+    run.send(_signal(run, "go", "now"))
+    run.wake()
+    assert _result_value(run) == [2, "now"]
+
+
+def test_an_empty_signal_id_is_refused() -> None:
+    run = WorkflowRun(_registry(_two_approvals), "t")
+    run.start({})
+    _ignored(run, _signal(run, "approve", signal_id=""), "signal-refused")
 
 
 def test_a_signal_payload_that_is_not_json_raises_at_the_wait() -> None:
@@ -304,3 +377,54 @@ def test_a_workflow_waiting_for_a_signal_takes_results_and_wakes_as_before() -> 
     run.send(result)
     run.send(WakeUp(run.workflow_id), at_ms=_record(run).wake_at_ms)
     assert _result_value(run) == ["done", "early"]
+
+
+def test_a_wait_that_lost_a_race_waits_again_when_raced_again() -> None:
+    async def ticking(ctx: WorkflowContext, _: Any) -> Any:
+        stop = ctx.wait_signal("stop")
+        rounds = 0
+        while True:
+            winner = await ctx.first(stop, ctx.sleep(10))
+            if winner is stop:
+                return {"stopped": await stop, "rounds": rounds}
+            rounds += 1
+
+    run = WorkflowRun(_registry(ticking), "t")
+    run.start({})
+    run.wake()  # a tick wins the first round
+    run.send(_signal(run, "stop", "now"))
+    assert _result_value(run) == {"stopped": "now", "rounds": 1}
+
+
+def test_a_wait_that_timed_out_takes_a_later_signal_when_awaited_again() -> None:
+    async def retrying(ctx: WorkflowContext, _: Any) -> Any:
+        wait = ctx.wait_signal("x")
+        for _ in range(3):
+            try:
+                return await wait.with_timeout(10)
+            except WorkflowTimeoutError:
+                pass
+        return "timed out 3x"
+
+    run = WorkflowRun(_registry(retrying), "t")
+    run.start({})
+    run.wake()
+    run.send(_signal(run, "x", "hello"))
+    assert _result_value(run) == "hello"
+
+
+@pytest.mark.parametrize("wait_first", [True, False])
+def test_a_gather_that_raises_gives_its_signal_back_whatever_the_order(wait_first: bool) -> None:
+    async def gathering(ctx: WorkflowContext, _: Any) -> Any:
+        wait, step = ctx.wait_signal("x"), ctx.activity("p.step")
+        try:
+            await (ctx.gather(wait, step) if wait_first else ctx.gather(step, wait))
+        except Exception:
+            return await ctx.wait_signal("x", timeout=5)
+        return "gathered"
+
+    run = WorkflowRun(_registry(gathering), "t")
+    run.start({})
+    run.send(_signal(run, "x", "s1"))
+    run.fail(0, "Boom")
+    assert _result_value(run) == "s1"
