@@ -12,6 +12,7 @@ from orchestrator.errors import (
     RecordTooLargeError,
     SagalineError,
     UnknownWorkflowTypeError,
+    WorkflowCancelledError,
     WorkflowDefinitionError,
     WorkflowTimeoutError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "SignalHandle",
     "TimerHandle",
     "UnknownWorkflowTypeError",
+    "WorkflowCancelledError",
     "WorkflowContext",
     "WorkflowDefinitionError",
     "WorkflowRegistry",

@@ -160,6 +160,54 @@ def _signal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _result(args: argparse.Namespace) -> int:
+    from orchestrator.client import WorkflowClient
+    from orchestrator.settings import KafkaSettings
+
+    client = WorkflowClient(KafkaSettings())
+    outcome = client.result(args.id, timeout_s=args.timeout)
+    failure = outcome.failure
+    print(
+        json.dumps(
+            {
+                "workflow_id": args.id,
+                "status": outcome.status.value,
+                "result": outcome.value,
+                "failure": None
+                if failure is None
+                else {"error_type": failure.error_type, "message": failure.message},
+            }
+        )
+    )
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from orchestrator.client import ResultTimeoutError, WorkflowClient
+    from orchestrator.protocol.records import WorkflowStatus
+    from orchestrator.settings import KafkaSettings
+
+    client = WorkflowClient(KafkaSettings())
+    client.cancel(args.id, args.reason)
+    client.flush()
+    if args.wait <= 0:
+        print(f"asked workflow {args.id} to cancel")
+        return 0
+    try:
+        outcome = client.result(args.id, timeout_s=args.wait)
+    except ResultTimeoutError:
+        print(f"asked workflow {args.id} to cancel; still running after {args.wait:g} s")
+        return 0
+    if outcome.status is WorkflowStatus.CANCELLED:
+        print(f"workflow {args.id} cancelled")
+    else:
+        print(
+            f"workflow {args.id} had already closed {outcome.status.value}: the cancel "
+            "changed nothing"
+        )
+    return 0
+
+
 def _promise(args: argparse.Namespace) -> int:
     from orchestrator.client import WorkflowClient
     from orchestrator.settings import KafkaSettings
@@ -247,6 +295,29 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("--start-type", default=None, help="signal-with-start: workflow type")
     sig.add_argument("--start-input", default="null", help="signal-with-start: JSON input")
     sig.set_defaults(func=_signal)
+
+    can = sub.add_parser(
+        "cancel",
+        help="cancel a running workflow (its compensations run)",
+        description="Ask a running workflow to cancel: its code sees WorkflowCancelledError "
+        "at the await it is blocked on, Saga blocks compensate, and it ends CANCELLED. Waits "
+        "up to --wait seconds to report how it ended (a closed workflow is left as it is).",
+    )
+    can.add_argument("id", help="the workflow id")
+    can.add_argument("--reason", default="", help="why (kept in its record)")
+    can.add_argument("--wait", type=float, default=30.0, help="seconds to wait (0: do not)")
+    can.set_defaults(func=_cancel)
+
+    res = sub.add_parser(
+        "result",
+        help="wait for a workflow to close and print how it ended (JSON)",
+        description="Wait until the workflow is closed and print its status, result and "
+        "failure as JSON. Reads only the history partition of the id, from its end. Exits "
+        f"{EXIT_FATAL} if it does not close within --timeout.",
+    )
+    res.add_argument("id", help="the workflow id")
+    res.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    res.set_defaults(func=_result)
 
     prom = sub.add_parser(
         "promise",

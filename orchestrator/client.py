@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from orchestrator.errors import ConfigurationError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
-from orchestrator.protocol.payloads import encode_json
+from orchestrator.protocol.partitioning import partition_for
+from orchestrator.protocol.payloads import decode_json, encode_json
 from orchestrator.protocol.records import (
+    CancelWorkflow,
     CompletePromise,
     Failure,
     InboxBody,
     ResumeWorkflow,
     SignalWorkflow,
     StartWorkflow,
+    WorkflowRecord,
+    WorkflowStatus,
     parse_promise_id,
 )
 from orchestrator.settings import KafkaSettings
@@ -31,6 +36,25 @@ from orchestrator.workflow import signal_name_problem
 
 class StartFailedError(SagalineError):
     """Kafka did not accept one or more start, signal, promise or resume requests."""
+
+
+class ResultTimeoutError(SagalineError):
+    """The workflow did not close within the time ``result`` was given."""
+
+
+@dataclass(frozen=True)
+class WorkflowResult:
+    """How a run ended: ``status`` (terminal), its JSON ``value`` when COMPLETED, its
+    ``failure`` otherwise, and the whole closing ``record``."""
+
+    status: WorkflowStatus
+    value: Any
+    failure: Failure | None
+    record: WorkflowRecord
+
+
+# The first chunk read back from the end of a history partition, then doubled.
+_FIRST_CHUNK: Final = 500
 
 
 class WorkflowClient:
@@ -46,6 +70,7 @@ class WorkflowClient:
     def __init__(self, settings: KafkaSettings, codec: AvroCodec | None = None) -> None:
         self.topics = settings.topics
         self.codec = codec or AvroCodec()
+        self._common = settings.kafka_common()
         self._errors: list[str] = []
         self._producer = Producer(
             {
@@ -109,6 +134,14 @@ class WorkflowClient:
         self._send(record, workflow_id.encode())
         return sid
 
+    def cancel(self, workflow_id: str, reason: str = "") -> None:
+        """Queue a request to cancel a running workflow: its code sees
+        ``WorkflowCancelledError`` at the await it is blocked on, its ``Saga`` blocks
+        compensate, and it ends ``CANCELLED`` unless the code handles it. A closed
+        workflow is left as it is (``result`` shows how it ended); a second cancel is
+        ignored. Call :meth:`flush` to wait."""
+        self._send(CancelWorkflow(workflow_id, reason, _now_ms()), workflow_id.encode())
+
     def complete_promise(self, promise_id: str, value: Any = None) -> None:
         """Queue the completion of a workflow's promise (``ctx.promise``) with ``value``
         (JSON): the workflow's await returns it. A promise completes once; later
@@ -171,6 +204,98 @@ class WorkflowClient:
         if error is not None:
             self._errors.append(f"{msg.key()!r}: {error}")
 
+    def result(self, workflow_id: str, timeout_s: float = 60.0) -> WorkflowResult:
+        """Wait until the workflow ``workflow_id`` is closed and return how it ended.
+
+        Reads only the history partition the id maps to: backwards from its end until
+        the workflow's latest record (compaction keeps one per id, so a closed workflow is
+        found without reading the rest), then forwards from the end for the record that
+        closes it, with ``read_committed``.
+
+        Raises:
+            ResultTimeoutError: it did not close within ``timeout_s`` (it may not exist).
+            ConfigurationError: the history topic does not exist.
+        """
+        deadline = time.monotonic() + timeout_s
+        key = workflow_id.encode()
+        consumer = Consumer(
+            {
+                **self._common,
+                "group.id": f"sagaline-result-{uuid.uuid4().hex}",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+            }
+        )
+        try:
+            metadata = consumer.list_topics(self.topics.history, timeout=30)
+            topic = metadata.topics.get(self.topics.history)
+            if topic is None or topic.error is not None or not topic.partitions:
+                raise ConfigurationError(f"topic {self.topics.history} does not exist")
+            partition = partition_for(key, len(topic.partitions))
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(self.topics.history, partition), timeout=30
+            )
+            latest = self._latest_before(consumer, key, partition, low, high, deadline)
+            if latest is not None and latest.status.terminal:
+                return _outcome(latest)
+            found = self._closing_after(consumer, key, partition, high, deadline)
+            if found is None:
+                raise ResultTimeoutError(
+                    f"workflow {workflow_id!r} did not close within {timeout_s:g} s"
+                )
+            return _outcome(found)
+        finally:
+            consumer.close()
+
+    def _latest_before(
+        self,
+        consumer: Consumer,
+        key: bytes,
+        partition: int,
+        low: int,
+        high: int,
+        deadline: float,
+    ) -> WorkflowRecord | None:
+        """The latest record of ``key`` below offset ``high``, read back in growing chunks."""
+        end, chunk = high, _FIRST_CHUNK
+        while end > low and time.monotonic() < deadline:
+            start = max(low, end - chunk)
+            found: WorkflowRecord | None = None
+            consumer.assign([TopicPartition(self.topics.history, partition, start)])
+            position = start
+            while position < end and time.monotonic() < deadline:
+                for msg in consumer.consume(1000, 0.2):
+                    if msg.error() is not None or msg.offset() is None:
+                        continue
+                    offset = msg.offset() or 0
+                    if offset < end and msg.key() == key and msg.value():
+                        record = self.codec.decode_workflow(msg.value())
+                        if found is None or record.revision >= found.revision:
+                            found = record
+                # Control records (transaction markers) take offsets but are not returned.
+                position = consumer.position([TopicPartition(self.topics.history, partition)])[
+                    0
+                ].offset
+            if found is not None:
+                return found
+            end, chunk = start, chunk * 2
+        return None
+
+    def _closing_after(
+        self, consumer: Consumer, key: bytes, partition: int, start: int, deadline: float
+    ) -> WorkflowRecord | None:
+        """The first terminal record of ``key`` from offset ``start`` on, until the deadline."""
+        consumer.assign([TopicPartition(self.topics.history, partition, start)])
+        while time.monotonic() < deadline:
+            wait = max(0.0, min(0.5, deadline - time.monotonic()))
+            for msg in consumer.consume(1000, wait):
+                if msg.error() is not None or msg.key() != key or not msg.value():
+                    continue
+                record = self.codec.decode_workflow(msg.value())
+                if record.status.terminal:
+                    return record
+        return None
+
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every queued request is acknowledged by Kafka.
 
@@ -185,6 +310,13 @@ class WorkflowClient:
         if self._errors:
             errors, self._errors = self._errors, []
             raise StartFailedError(f"{len(errors)} request(s) failed, first: {errors[0]}")
+
+
+def _outcome(record: WorkflowRecord) -> WorkflowResult:
+    value = None
+    if record.status is WorkflowStatus.COMPLETED and record.result is not None:
+        value = decode_json(record.result)
+    return WorkflowResult(record.status, value, record.failure, record)
 
 
 def _now_ms() -> int:

@@ -140,6 +140,21 @@ class WorkflowTimeoutError(SagalineError):
         self.seconds = seconds
 
 
+class WorkflowCancelledError(SagalineError):
+    """The workflow was asked to cancel (``WorkflowClient.cancel``, ``sagaline cancel``, a
+    ``CancelWorkflow`` record); raised at the await the code is blocked on.
+
+    An ordinary ``Exception``: ``Saga`` blocks compensate and ``except``/``finally``
+    clauses run, their activities for real. If it leaves the workflow function the
+    workflow ends ``CANCELLED``; code that catches it and returns ends as it returns.
+    Activities in flight are not stopped: their outcomes are recorded when they arrive.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"workflow cancelled: {reason}" if reason else "workflow cancelled")
+        self.reason = reason
+
+
 class UnknownWorkflowTypeError(SagalineError):
     """A start request names a workflow type that no registered function handles."""
 

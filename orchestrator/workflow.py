@@ -587,6 +587,14 @@ class SignalBox:
         handle.unsettle()
         self._match(handle.name)
 
+    def drop_waits(self) -> None:
+        """The code was interrupted (a cancel): waits it makes again, or awaits again,
+        take the signals; the ones it abandoned take none."""
+        for waiting in self._waiting.values():
+            for handle in waiting:
+                handle.unsettle()
+            waiting.clear()
+
     def _match(self, name: str) -> None:
         queued, waiting = self._queued.get(name), self._waiting.get(name)
         while queued and waiting:

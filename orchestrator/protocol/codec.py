@@ -44,6 +44,8 @@ from orchestrator.protocol.records import (
     ActivityTask,
     AttemptHeartbeat,
     AttemptStarted,
+    CancelRequested,
+    CancelWorkflow,
     CompletePromise,
     Failure,
     HistoryEvent,
@@ -84,6 +86,7 @@ SCHEMA_ORDER: Final = (
     "ActivityHeartbeat",
     "SignalWorkflow",
     "CompletePromise",
+    "CancelWorkflow",
     "InboxRecord",
     "ActivityTask",
     "WorkflowRecord",
@@ -377,6 +380,15 @@ class AvroCodec:
             branch = (NS + "SignalWorkflow", _signal_to_avro(body))
         elif isinstance(body, CompletePromise):
             branch = (NS + "CompletePromise", _completion_to_avro(body))
+        elif isinstance(body, CancelWorkflow):
+            branch = (
+                NS + "CancelWorkflow",
+                {
+                    "workflow_id": body.workflow_id,
+                    "reason": body.reason,
+                    "requested_at_ms": body.requested_at_ms,
+                },
+            )
         else:
             branch = (NS + "ActivityHeartbeat", _heartbeat_to_avro(body))
         return self._encode(self._writer_for(INBOX, _inbox_needs_current(body)), {"body": branch})
@@ -476,7 +488,7 @@ def _version_order(directory: Path) -> tuple[int, str]:
 
 def _inbox_needs_current(body: InboxBody) -> bool:
     """True when ``body`` uses what protocol v4 added to the inbox (archive/v3 lacks it)."""
-    return isinstance(body, SignalWorkflow | CompletePromise)
+    return isinstance(body, SignalWorkflow | CompletePromise | CancelWorkflow)
 
 
 def _task_needs_current(task: ActivityTask) -> bool:
@@ -684,6 +696,9 @@ _INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
     NS + "ActivityHeartbeat": _heartbeat_from_avro,
     NS + "SignalWorkflow": _signal_from_avro,
     NS + "CompletePromise": _completion_from_avro,
+    NS + "CancelWorkflow": lambda d: CancelWorkflow(
+        d["workflow_id"], d["reason"], d["requested_at_ms"]
+    ),
 }
 
 
@@ -789,6 +804,8 @@ def _event_to_avro(e: HistoryEvent) -> tuple[str, dict[str, Any]]:
         )
     if isinstance(e, TimerFired):
         return (NS + "TimerFired", {"seq": e.seq, "at_ms": e.at_ms})
+    if isinstance(e, CancelRequested):
+        return (NS + "CancelRequested", {"reason": e.reason, "at_ms": e.at_ms})
     if isinstance(e, PromiseCreated):
         return (NS + "PromiseCreated", {"seq": e.seq, "name": e.name, "at_ms": e.at_ms})
     if isinstance(e, PromiseCompleted):
@@ -861,6 +878,8 @@ def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
         return TimerFired(seq=d["seq"], at_ms=d["at_ms"])
     if name == NS + "TimerCancelled":
         return TimerCancelled(seq=d["seq"], at_ms=d["at_ms"])
+    if name == NS + "CancelRequested":
+        return CancelRequested(reason=d["reason"], at_ms=d["at_ms"])
     if name == NS + "PromiseCreated":
         return PromiseCreated(seq=d["seq"], name=d["name"], at_ms=d["at_ms"])
     if name == NS + "PromiseCompleted":

@@ -164,6 +164,15 @@ class CompletePromise:
     failure: Failure | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CancelWorkflow:
+    """Inbox input: ask the running workflow to cancel, for ``reason``."""
+
+    workflow_id: str
+    reason: str
+    requested_at_ms: int
+
+
 InboxBody = (
     StartWorkflow
     | ActivityResult
@@ -172,6 +181,7 @@ InboxBody = (
     | ActivityHeartbeat
     | SignalWorkflow
     | CompletePromise
+    | CancelWorkflow
 )
 
 
@@ -337,6 +347,15 @@ class PromiseCompleted:
     failure: Failure | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    """History event: cancellation was asked for; the code saw ``WorkflowCancelledError``
+    at this point of its history."""
+
+    reason: str
+    at_ms: int
+
+
 HistoryEvent = (
     ActivityScheduled
     | ActivityCompleted
@@ -349,6 +368,7 @@ HistoryEvent = (
     | SignalReceived
     | PromiseCreated
     | PromiseCompleted
+    | CancelRequested
 )
 
 

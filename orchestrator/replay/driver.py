@@ -40,6 +40,7 @@ from orchestrator.errors import (
     HistoryLimitExceededError,
     PromiseFailedError,
     RecordTooLargeError,
+    WorkflowCancelledError,
     WorkflowDefinitionError,
 )
 from orchestrator.protocol.failures import MAX_NAME_CHARS, describe, safe_text
@@ -49,6 +50,7 @@ from orchestrator.protocol.records import (
     ActivityCompleted,
     ActivityFailed,
     ActivityScheduled,
+    CancelRequested,
     Failure,
     HistoryEvent,
     Payload,
@@ -176,18 +178,24 @@ def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
     failures with no retry after them and none waiting (``retry_at_ms`` None); and the
     signals received, which settle waits."""
     retried = {
-        (e.seq, e.attempt - 1) for e in events if isinstance(e, ActivityScheduled) and e.attempt > 1
+        (e.seq, e.attempt - 1) for e in events if type(e) is ActivityScheduled and e.attempt > 1
     }
     return [
         e
         for e in events
-        if isinstance(e, ActivityCompleted | TimerFired | SignalReceived | PromiseCompleted)
+        if type(e) in _ALWAYS_FINAL
         or (
-            isinstance(e, ActivityFailed)
+            type(e) is ActivityFailed
             and e.retry_at_ms is None
             and (e.seq, e.attempt) not in retried
         )
     ]
+
+
+# Events that always settle something (event classes are final: their type is exact).
+_ALWAYS_FINAL: Final = frozenset(
+    (ActivityCompleted, TimerFired, SignalReceived, PromiseCompleted, CancelRequested)
+)
 
 
 class _Replayer:
@@ -493,6 +501,13 @@ def _drive(
             replayer.receive(event)
             _step(coro, replayer, outcome)
             continue
+        if isinstance(event, CancelRequested):
+            # Raised at the await the code is blocked on; its except and finally clauses
+            # run now, as ordinary code whose steps are real.
+            replayer.clock_ms = event.at_ms
+            replayer.signals.drop_waits()
+            _step(coro, replayer, outcome, WorkflowCancelledError(event.reason))
+            continue
         handle = replayer.handles.get(event.seq)
         if handle is None:
             recorded = replayer.recorded.get(event.seq)
@@ -539,10 +554,16 @@ def _drive(
         _step(coro, replayer, outcome)
 
 
-def _step(coro: Coroutine[Any, Any, Any], replayer: _Replayer, outcome: ReplayResult) -> None:
-    """Resume the workflow until it blocks on an unsettled step or finishes."""
+def _step(
+    coro: Coroutine[Any, Any, Any],
+    replayer: _Replayer,
+    outcome: ReplayResult,
+    error: BaseException | None = None,
+) -> None:
+    """Resume the workflow (raising ``error`` at its await, if given) until it blocks on
+    an unsettled step or finishes."""
     try:
-        yielded = coro.send(None)
+        yielded = coro.send(None) if error is None else coro.throw(error)
     except StopIteration as stop:
         outcome.finished, outcome.value = True, stop.value
         return

@@ -37,6 +37,8 @@ from orchestrator.protocol.records import (
     ActivityTask,
     AttemptHeartbeat,
     AttemptStarted,
+    CancelRequested,
+    CancelWorkflow,
     CompletePromise,
     Failure,
     HistoryEvent,
@@ -95,6 +97,8 @@ OVER_LIMIT: Final = "over-limit"
 """A start report or heartbeat the record has no room for (events or bytes)."""
 DUPLICATE_SIGNAL: Final = "duplicate-signal"
 """A signal whose ``signal_id`` the workflow already received (a retried send)."""
+DUPLICATE_CANCEL: Final = "duplicate-cancel"
+"""A cancel for a workflow already asked to cancel."""
 DUPLICATE_COMPLETION: Final = "duplicate-completion"
 """A completion for a promise that is already completed or failed (it completes once)."""
 PROMISE_REFUSED: Final = "promise-refused"
@@ -123,10 +127,13 @@ IGNORED_REASONS: Final = (
     SIGNAL_REFUSED,
     DUPLICATE_COMPLETION,
     PROMISE_REFUSED,
+    DUPLICATE_CANCEL,
 )
 # Ignore reasons whose input the shell dead-letters instead of counting: nothing else will
 # ever take it (a retried send of the same input meets the same answer).
 REJECTED_REASONS: Final = frozenset((UNKNOWN_WORKFLOW, SIGNAL_REFUSED, PROMISE_REFUSED))
+# A cancel's reason is kept up to this many characters.
+MAX_REASON_CHARS: Final = 1_000
 # A participant's retry_after_ms beyond this is taken as this (100 years).
 MAX_RETRY_AFTER_MS: Final = MAX_DURATION_S * 1000
 
@@ -178,6 +185,8 @@ def advance(
         return _apply_signal(record, body, now_ms, registry, limits, run_id)
     if isinstance(body, CompletePromise):
         return _apply_completion(record, body, now_ms, registry, limits)
+    if isinstance(body, CancelWorkflow):
+        return _apply_cancel(record, body, now_ms, registry, limits)
     return Transition(None, ignored=UNKNOWN_INPUT)
 
 
@@ -247,6 +256,25 @@ def _apply_signal(
 
 def _signal_bytes(event: SignalReceived) -> int:
     return len(event.payload.data) + len(event.name) + len(event.signal_id)
+
+
+def _apply_cancel(
+    record: WorkflowRecord | None,
+    cancel: CancelWorkflow,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits,
+) -> Transition:
+    """Record the request and run the code, which sees WorkflowCancelledError at its await."""
+    if record is None or record.status.terminal:
+        return _not_open(record)
+    if any(type(e) is CancelRequested for e in record.events):
+        return Transition(None, ignored=DUPLICATE_CANCEL)
+    requested = CancelRequested(safe_text(cancel.reason, MAX_REASON_CHARS), now_ms)
+    # Compensations run after it: the grace budget, as theirs.
+    if not limits.fits(revise(record, now_ms, events=(*record.events, requested)), Tier.GRACE):
+        requested = CancelRequested("", now_ms)
+    return CodeRun(record, now_ms, registry, limits, outcome=requested).transition()
 
 
 def _not_open(record: WorkflowRecord | None) -> Transition:

@@ -29,7 +29,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Final
 
-from orchestrator.errors import HistoryLimitExceededError, RecordTooLargeError
+from orchestrator.errors import (
+    HistoryLimitExceededError,
+    RecordTooLargeError,
+    WorkflowCancelledError,
+)
 from orchestrator.protocol.failures import MAX_NAME_CHARS, failure_from_exception, safe_text
 from orchestrator.protocol.payloads import decode_json
 from orchestrator.protocol.records import (
@@ -309,7 +313,12 @@ class CodeRun:
         kept = self._without_unsent(events)
         if error is not None:
             failure = failure_from_exception(error, retryable=False)
-            return self._settle(self._closed(kept, _failed_status(kept), failure=failure))
+            status = (
+                WorkflowStatus.CANCELLED
+                if isinstance(error, WorkflowCancelledError)
+                else _failed_status(kept)
+            )
+            return self._settle(self._closed(kept, status, failure=failure))
         if payload is None:
             failure = Failure("InvalidResult", safe_text(payload_error))
             return self._settle(self._closed(kept, WorkflowStatus.FAILED, failure=failure))

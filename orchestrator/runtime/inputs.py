@@ -40,6 +40,7 @@ from orchestrator.protocol.records import (
     ActivityHeartbeat,
     ActivityResult,
     ActivityStarted,
+    CancelWorkflow,
     CompletePromise,
     Failure,
     InboxBody,
@@ -742,6 +743,8 @@ def _describe_input(body: InboxBody | WakeUp, item: Input) -> str:
         return f"signal {safe_text(body.name, 200)!r} ({where})"
     if isinstance(body, CompletePromise):
         return f"the completion of promise {safe_text(body.promise_id, 300)!r} ({where})"
+    if isinstance(body, CancelWorkflow):
+        return f"a cancel ({where})"
     return "a resume"
 
 

@@ -1,14 +1,14 @@
 """Workflows that wait for control from outside, for the end-to-end tests.
 
-``sagaline orchestrator tests.integration.control:registry`` runs them; they need no
-participant.
+``sagaline orchestrator tests.integration.control:registry`` runs them; only
+``control.reserve_then_wait`` needs a participant (the order saga's inventory).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import WorkflowContext, WorkflowRegistry, WorkflowTimeoutError
+from orchestrator import Saga, WorkflowContext, WorkflowRegistry, WorkflowTimeoutError
 
 registry = WorkflowRegistry()
 
@@ -31,3 +31,18 @@ async def callback(ctx: WorkflowContext, request: dict[str, Any]) -> Any:
     """Waits for a promise that something outside completes (its id is in the history:
     ``<workflow id>/<run id>/p0``); a failed one raises, and the workflow fails."""
     return await ctx.promise("provider-callback").with_timeout(request.get("timeout_s", 300))
+
+
+@registry.workflow("control.reserve_then_wait")
+async def reserve_then_wait(ctx: WorkflowContext, order: dict[str, Any]) -> str:
+    """Reserves stock twice (the order saga's inventory participant), then waits for the
+    signal ``ship``; a cancel meanwhile releases both reservations, newest first."""
+    async with Saga(ctx) as saga:
+        for part in ("a", "b"):
+            reservation = await ctx.activity(
+                "inventory.reserve",
+                {"order_id": f"{order['order_id']}-{part}", "items": order["items"]},
+            )
+            saga.add_compensation("inventory.release", reservation)
+        await ctx.wait_signal("ship")
+    return "shipped"

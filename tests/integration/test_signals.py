@@ -1,22 +1,28 @@
-"""Signals and promises end to end on the real broker: the Python client, a raw
-confluent-kafka producer writing the Avro record by hand (what any language does),
-signal-with-start, a retried send, a signal for a workflow that does not exist."""
+"""Control from outside end to end on the real broker: signals and promises from the
+Python client and from a raw confluent-kafka producer writing the Avro record by hand
+(what any language does), signal-with-start, a retried send, a signal for a workflow that
+does not exist, waiting for a result, and a cancel that compensates."""
 
 from __future__ import annotations
 
 import io
 import json
 import struct
+import threading
 import uuid
 from typing import Any
 
 import fastavro
+import pytest
 from confluent_kafka import Producer
 
 # schema_id is the id rule docs/wire-contract describes (CRC-32 of the canonical form).
+from orchestrator.client import ResultTimeoutError
 from orchestrator.protocol.codec import NS, SCHEMA_ORDER, default_schema_dir, schema_id
 from orchestrator.protocol.payloads import decode_json
 from orchestrator.protocol.records import (
+    ActivityCompleted,
+    ActivityScheduled,
     PromiseCreated,
     SignalReceived,
     WorkflowRecord,
@@ -202,3 +208,73 @@ def test_promises_completed_by_a_raw_producer_and_failed_by_the_client(saga: Sag
         record = saga.watcher.latest[wid]
         assert record.status is WorkflowStatus.FAILED, record
         assert record.failure is not None and "CardDeclined" in record.failure.message
+
+
+def test_result_waits_for_a_run_and_finds_a_closed_one_from_the_end(saga: Saga) -> None:
+    saga.orchestrator("a", app=APP)
+    client = client_for(saga)
+    done, waiting = ids_on(0, "result-done", 1)[0], ids_on(0, "result-wait", 1)[0]
+    client.start("control.approval", {"approvals": 0}, workflow_id=done)
+    client.start("control.approval", {"approvals": 1}, workflow_id=waiting)
+    # Bury the closed one under other workflows' records on the same partition.
+    for wid in ids_on(0, "filler", 30):
+        client.start("control.approval", {"approvals": 0}, workflow_id=wid)
+    client.flush()
+    closed = client.result(done, timeout_s=60)
+    assert closed.status is WorkflowStatus.COMPLETED
+    assert closed.value == {"approved": [], "timed_out": False}
+    with pytest.raises(ResultTimeoutError):
+        client.result(waiting, timeout_s=2)
+    answers: list[Any] = []
+    thread = threading.Thread(target=lambda: answers.append(client.result(waiting, 60)))
+    thread.start()
+    client.signal(waiting, "approve", "yes")
+    client.flush()
+    thread.join(90)
+    assert answers and answers[0].value == {"approved": ["yes"], "timed_out": False}
+
+
+def test_a_cancel_releases_the_reservations_newest_first_and_ends_cancelled(
+    saga: Saga,
+) -> None:
+    saga.start_participants()
+    saga.orchestrator("a", app=APP)
+    client = client_for(saga)
+    wids = [w for p in range(4) for w in ids_on(p, "trip", 1)]
+    for wid in wids:
+        order = {"order_id": wid, "items": [{"sku": "sku-cancel", "qty": 1}]}
+        client.start("control.reserve_then_wait", order, workflow_id=wid)
+    client.flush()
+
+    def all_reserved() -> bool:
+        return all(
+            (r := saga.watcher.latest.get(w)) is not None
+            and sum(isinstance(e, ActivityCompleted) for e in r.events) == 2
+            for w in wids
+        )
+
+    wait_until(saga, all_reserved, "every workflow to reserve twice and wait", 90)
+    for wid in wids:
+        client.cancel(wid, "customer cancelled")
+    client.flush()
+
+    def all_cancelled() -> bool:
+        return all(status_of(saga, w) is WorkflowStatus.CANCELLED for w in wids)
+
+    wait_until(saga, all_cancelled, "every workflow to compensate and end CANCELLED", 90)
+    for wid in wids:
+        record = saga.watcher.latest[wid]
+        reserved = [
+            decode_json(e.result) for e in record.events if isinstance(e, ActivityCompleted)
+        ][:2]
+        released = [
+            decode_json(e.payload)
+            for e in record.events
+            if isinstance(e, ActivityScheduled) and e.compensation
+        ]
+        assert released == list(reversed(reserved)), record
+        assert record.failure is not None and "customer cancelled" in record.failure.message
+    # A cancel for a closed workflow changes nothing.
+    client.cancel(wids[0], "again")
+    client.flush()
+    assert client.result(wids[0], timeout_s=30).status is WorkflowStatus.CANCELLED

@@ -26,6 +26,7 @@ from orchestrator.protocol.records import (
     ActivityTask,
     AttemptHeartbeat,
     AttemptStarted,
+    CancelRequested,
     Failure,
     HistoryEvent,
     InboxBody,
@@ -102,7 +103,7 @@ def event_line(event: HistoryEvent) -> str:
     failure waiting to be retried shows the backoff: ``fail 1#1 Busy retry+1000``.
     Durable time: ``timer 3 +5000`` (fires 5 s after it started), ``fired 3``,
     ``cancel 3``, ``started 0#1``, ``beat 0#1``. Control: ``signal approve``,
-    ``promise 2``, ``promised 2`` (``promised 2 failed``).
+    ``promise 2``, ``promised 2`` (``promised 2 failed``), ``cancelled``.
     """
     if isinstance(event, ActivityScheduled):
         suffix = " comp" if event.compensation else ""
@@ -122,6 +123,8 @@ def event_line(event: HistoryEvent) -> str:
         return f"started {event.seq}#{event.attempt}"
     if isinstance(event, SignalReceived):
         return f"signal {event.name}"
+    if isinstance(event, CancelRequested):
+        return "cancelled"
     if isinstance(event, PromiseCreated):
         return f"promise {event.seq}"
     if isinstance(event, PromiseCompleted):

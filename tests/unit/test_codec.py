@@ -254,9 +254,9 @@ CURRENT_IDS = {
     "io.sagaline.StartWorkflow": 1483094129,
     "io.sagaline.ActivityResult": 152494264,
     "io.sagaline.ResumeWorkflow": 1756269513,
-    INBOX: 2104451337,
+    INBOX: 162924259,
     TASK: 2066444304,
-    WORKFLOW: 592859989,
+    WORKFLOW: 72222314,
 }
 
 

@@ -1,5 +1,6 @@
-"""Protocol v4 (signals and promises): the new records round-trip, v3 records read into v4, and what
-uses nothing v4 added is still written so that v3 processes read it (a rolling deploy)."""
+"""Protocol v4 (signals, promises, cancellation): the new records round-trip, v3 records
+read into v4, and what uses nothing v4 added is still written so that v3 processes read it
+(a rolling deploy)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from orchestrator.protocol.payloads import encode_json
 from orchestrator.protocol.records import (
     ActivityResult,
     ActivityStatus,
+    CancelRequested,
+    CancelWorkflow,
     CompletePromise,
     Failure,
     InboxBody,
@@ -64,12 +67,13 @@ SIGNAL_WITH_START = SignalWorkflow(
 
 COMPLETED = CompletePromise("order-1", "order-1/run/p3", 2_000, encode_json({"ok": True}))
 FAILED = CompletePromise("order-1", "order-1/run/p3", 2_000, None, Failure("No", "declined"))
+CANCEL = CancelWorkflow("order-1", "customer changed plans ü", 2_100)
 
 
 @pytest.mark.parametrize(
     "body",
-    [SIGNAL, SIGNAL_WITH_START, COMPLETED, FAILED],
-    ids=["signal", "with-start", "completed", "failed"],
+    [SIGNAL, SIGNAL_WITH_START, COMPLETED, FAILED, CANCEL],
+    ids=["signal", "with-start", "completed", "failed", "cancel"],
 )
 def test_new_inputs_round_trip_under_the_current_schema(body: InboxBody) -> None:
     data = CODEC.encode_inbox(body)
@@ -85,6 +89,7 @@ def test_a_record_with_signals_round_trips() -> None:
         PromiseCompleted(9, 101, encode_json("paid")),
         PromiseCreated(10, "other", 102),
         PromiseCompleted(10, 103, None, Failure("No", "declined")),
+        CancelRequested("customer", 104),
     )
     record = WorkflowRecord(
         base.workflow_id,
