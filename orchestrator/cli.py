@@ -196,7 +196,11 @@ def _cancel(args: argparse.Namespace) -> int:
     try:
         outcome = client.result(args.id, timeout_s=args.wait)
     except ResultTimeoutError:
-        print(f"asked workflow {args.id} to cancel; still running after {args.wait:g} s")
+        print(
+            f"asked workflow {args.id} to cancel; it did not close within {args.wait:g} s "
+            "(its compensations may still run; a cancel for a workflow that does not exist "
+            "goes to the dead-letter topic as unknown-workflow)"
+        )
         return 0
     if outcome.status is WorkflowStatus.CANCELLED:
         print(f"workflow {args.id} cancelled")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from orchestrator.errors import ActivityError, ConfigurationError
+from orchestrator.errors import ActivityError, ConfigurationError, WorkflowCancelledError
 from orchestrator.protocol.topics import activity_name_problem
 from orchestrator.workflow import (
     ActivityHandle,
@@ -78,24 +78,45 @@ class Saga:
         self._steps.append((str.__str__(activity), value))
 
     async def compensate(self) -> None:
-        """Run the registered compensations now (once); later calls do nothing."""
+        """Run the registered compensations now (once); later calls do nothing.
+
+        A cancel that arrives while they run does not stop them: they all finish, then
+        ``WorkflowCancelledError`` is raised (unless a compensation failed for good, whose
+        ``ActivityError`` is raised instead).
+        """
         steps, self._steps = list(reversed(self._steps)), []
+        cancelled: WorkflowCancelledError | None = None
         if self._parallel:
             handles: list[ActivityHandle] = [
                 self._ctx.activity(name, value, retry=self._retry, compensation=True)
                 for name, value in steps
             ]
-            await self._ctx.gather(*handles)
+            while True:
+                try:
+                    await self._ctx.gather(*handles)
+                    break
+                except WorkflowCancelledError as exc:
+                    cancelled = exc  # undo everything anyway: wait for them again
+            if cancelled is not None:
+                raise cancelled
             return
         first_error: ActivityError | None = None
         for name, value in steps:
-            # Keep undoing the older steps even if one undo fails for good.
-            try:
-                await self._ctx.activity(name, value, retry=self._retry, compensation=True)
-            except ActivityError as exc:
-                first_error = first_error or exc
+            handle = self._ctx.activity(name, value, retry=self._retry, compensation=True)
+            while True:
+                # Keep undoing the older steps even if one undo fails for good.
+                try:
+                    await handle
+                    break
+                except WorkflowCancelledError as exc:
+                    cancelled = exc  # a cancel does not stop an undo: wait for it again
+                except ActivityError as exc:
+                    first_error = first_error or exc
+                    break
         if first_error is not None:
             raise first_error
+        if cancelled is not None:
+            raise cancelled
 
     async def __aenter__(self) -> Saga:
         return self

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from orchestrator import (
     Saga,
     WorkflowCancelledError,
@@ -155,3 +157,30 @@ def test_a_signal_wait_abandoned_by_a_cancel_takes_no_signal() -> None:
     record = _record(run)
     assert record.status is WorkflowStatus.COMPLETED, record
     assert record.result is not None and decode_json(record.result) == "after"
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_cancel_during_compensation_lets_every_compensation_finish(parallel: bool) -> None:
+    async def failing(ctx: WorkflowContext, _: Any) -> Any:
+        async with Saga(ctx, parallel=parallel) as saga:
+            for name in ("a", "b"):
+                await ctx.activity(f"p.{name}")
+                saga.add_compensation(f"p.undo_{name}")
+            await ctx.activity("p.boom")
+        return "done"
+
+    run = WorkflowRun(_registry(failing), "t")
+    run.start({})
+    run.complete(0, None)
+    run.complete(1, None)
+    run.fail(2, "Boom")  # compensations start
+    run.send(_cancel(run, "stop"))  # ... and a cancel arrives while they run
+    for seq in (3, 4):
+        run.complete(seq, "undone")
+    record = _record(run)
+    assert _compensations(record) == ["p.undo_b", "p.undo_a"]
+    assert all(
+        any(isinstance(e, ActivityCompleted) and e.seq == seq for e in record.events)
+        for seq in (3, 4)
+    )
+    assert_status(record, WorkflowStatus.CANCELLED, "WorkflowCancelledError")
