@@ -11,9 +11,12 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigurationError, SagalineError
+
+if TYPE_CHECKING:  # the client (and Kafka) load only for the commands that use it
+    from orchestrator.client import WorkflowClient
 
 log = logging.getLogger("sagaline")
 EXIT_CONFIG = 2
@@ -125,15 +128,20 @@ def _create_topics(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from orchestrator.client import WorkflowClient
-    from orchestrator.settings import KafkaSettings
-
     value = _json_option(args.input, "--input")
-    client = WorkflowClient(KafkaSettings())
+    client = _client()
     wid = client.start(args.workflow_type, value, workflow_id=args.id)
     client.flush()
     print(wid)
     return 0
+
+
+def _client() -> WorkflowClient:
+    """The Kafka client the workflow commands share, from the SAGALINE_* settings."""
+    from orchestrator.client import WorkflowClient
+    from orchestrator.settings import KafkaSettings
+
+    return WorkflowClient(KafkaSettings())
 
 
 def _json_option(text: str, option: str) -> Any:
@@ -144,16 +152,13 @@ def _json_option(text: str, option: str) -> Any:
 
 
 def _signal(args: argparse.Namespace) -> int:
-    from orchestrator.client import WorkflowClient
-    from orchestrator.settings import KafkaSettings
-
     value = _json_option(args.value, "--value")
     start = None
     if args.start_type is not None:
         start = (args.start_type, _json_option(args.start_input, "--start-input"))
     elif args.start_input != "null":
         raise ConfigurationError("--start-input needs --start-type")
-    client = WorkflowClient(KafkaSettings())
+    client = _client()
     sid = client.signal(args.id, args.name, value, signal_id=args.signal_id, start=start)
     client.flush()
     print(sid)
@@ -161,10 +166,7 @@ def _signal(args: argparse.Namespace) -> int:
 
 
 def _result(args: argparse.Namespace) -> int:
-    from orchestrator.client import WorkflowClient
-    from orchestrator.settings import KafkaSettings
-
-    client = WorkflowClient(KafkaSettings())
+    client = _client()
     outcome = client.result(args.id, timeout_s=args.timeout)
     failure = outcome.failure
     print(
@@ -183,11 +185,10 @@ def _result(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from orchestrator.client import ResultTimeoutError, WorkflowClient
+    from orchestrator.client import ResultTimeoutError
     from orchestrator.protocol.records import WorkflowStatus
-    from orchestrator.settings import KafkaSettings
 
-    client = WorkflowClient(KafkaSettings())
+    client = _client()
     client.cancel(args.id, args.reason)
     client.flush()
     if args.wait <= 0:
@@ -213,10 +214,7 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _promise(args: argparse.Namespace) -> int:
-    from orchestrator.client import WorkflowClient
-    from orchestrator.settings import KafkaSettings
-
-    client = WorkflowClient(KafkaSettings())
+    client = _client()
     if args.action == "complete":
         client.complete_promise(args.id, _json_option(args.value, "--value"))
     else:
@@ -229,12 +227,9 @@ def _promise(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from orchestrator.client import WorkflowClient
-    from orchestrator.settings import KafkaSettings
-
     if bool(args.id) == bool(args.all_stuck):
         raise ConfigurationError("give either a workflow id or --all-stuck")
-    client = WorkflowClient(KafkaSettings())
+    client = _client()
     if args.all_stuck:
         partitions = client.resume_all_stuck()
         client.flush()
