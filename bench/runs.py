@@ -136,7 +136,7 @@ class TopicSet:
         self.client.flush()
         if self.bench.keep_topics:
             return
-        names = [self.topics.inbox, self.topics.history, self.topics.dlq]
+        names = [self.topics.inbox, self.topics.history, self.topics.dlq, self.topics.replies]
         names += [self.topics.tasks(p) for p in SERVICES]
         for name, future in self.bench.admin.delete_topics(names, operation_timeout=60).items():
             try:

@@ -16,6 +16,7 @@ from orchestrator.errors import (
     WorkflowDefinitionError,
     WorkflowTimeoutError,
 )
+from orchestrator.protocol.records import IfClosed, IfRunning
 from orchestrator.saga import COMPENSATION_RETRY, Saga
 from orchestrator.workflow import (
     DEFAULT_RETRY,
@@ -37,6 +38,8 @@ __all__ = [
     "ActivityHandle",
     "ConfigurationError",
     "HistoryLimitExceededError",
+    "IfClosed",
+    "IfRunning",
     "NonDeterminismError",
     "PromiseFailedError",
     "PromiseHandle",

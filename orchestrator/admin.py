@@ -15,6 +15,7 @@ from orchestrator.protocol.topics import (
     dlq_config,
     history_config,
     inbox_config,
+    replies_config,
     tasks_config,
 )
 
@@ -30,7 +31,7 @@ def ensure_topics(
     replication_factor: int = 1,
     timeout_s: float = 30.0,
 ) -> list[str]:
-    """Create the inbox, history, DLQ and task topics that do not exist yet.
+    """Create the inbox, history, DLQ, replies and task topics that do not exist yet.
 
     Inbox and history must have the same partition count (they are co-partitioned); an
     existing pair that disagrees is a deployment error, reported rather than repaired.
@@ -42,6 +43,7 @@ def ensure_topics(
         topics.inbox: (partitions, inbox_config()),
         topics.history: (partitions, history_config()),
         topics.dlq: (1, dlq_config()),
+        topics.replies: (partitions, replies_config()),
     }
     for participant in participants:
         wanted[topics.tasks(participant)] = (partitions, tasks_config())

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigurationError, SagalineError
+from orchestrator.protocol.records import IfClosed, IfRunning
 
 if TYPE_CHECKING:  # the client (and Kafka) load only for the commands that use it
     from orchestrator.client import WorkflowClient
@@ -130,9 +131,63 @@ def _create_topics(args: argparse.Namespace) -> int:
 def _start(args: argparse.Namespace) -> int:
     value = _json_option(args.input, "--input")
     client = _client()
-    wid = client.start(args.workflow_type, value, workflow_id=args.id)
-    client.flush()
-    print(wid)
+    if args.no_wait:
+        if args.if_running or args.if_closed or args.request_id:
+            raise ConfigurationError("--no-wait takes no --if-running, --if-closed or --request-id")
+        wid = client.start(args.workflow_type, value, workflow_id=args.id)
+        client.flush()
+        print(wid)
+        return 0
+    try:
+        started = client.start_workflow(
+            args.workflow_type,
+            value,
+            workflow_id=args.id,
+            if_running=IfRunning[args.if_running or "FAIL"],
+            if_closed=IfClosed[args.if_closed or "ALLOW"],
+            request_id=args.request_id,
+            timeout_s=args.timeout,
+        )
+    finally:
+        client.close()
+    print(
+        json.dumps(
+            {
+                "workflow_id": started.workflow_id,
+                "run_id": started.run_id,
+                "created": started.created,
+                "status": started.status.value,
+            }
+        )
+    )
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    client = _client()
+    try:
+        answer = client.query(
+            args.id, args.name, _json_option(args.value, "--value"), timeout_s=args.timeout
+        )
+    finally:
+        client.close()
+    print(json.dumps(answer))
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    client = _client()
+    try:
+        answer = client.update(
+            args.id,
+            args.name,
+            _json_option(args.value, "--value"),
+            update_id=args.update_id,
+            timeout_s=args.timeout,
+        )
+    finally:
+        client.close()
+    print(json.dumps(answer))
     return 0
 
 
@@ -273,11 +328,66 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--replication-factor", type=int, default=1)
     create.set_defaults(func=_create_topics)
 
-    start = sub.add_parser("start", help="start a workflow")
+    start = sub.add_parser(
+        "start",
+        help="start a workflow and print its run (JSON)",
+        description="Start a workflow and wait for the orchestrator's answer: the run id and "
+        "whether this start created it. --if-running and --if-closed decide what happens "
+        "when the id already has a run; sending again with the same --request-id is safe. "
+        f"Exits {EXIT_FATAL} if the policy refuses or no answer comes within --timeout.",
+    )
     start.add_argument("workflow_type")
     start.add_argument("--input", default="null", help="JSON input")
     start.add_argument("--id", default=None, help="workflow id (default: a new UUID)")
+    start.add_argument(
+        "--if-running",
+        choices=[p.value for p in IfRunning],
+        default=None,
+        help="when the id has an open run (default FAIL)",
+    )
+    start.add_argument(
+        "--if-closed",
+        choices=[p.value for p in IfClosed],
+        default=None,
+        help="when the id's last run has closed (default ALLOW)",
+    )
+    start.add_argument("--request-id", default=None, help="dedupe id (default: a new UUID)")
+    start.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    start.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="send the start and print the workflow id without waiting (an id that has a "
+        "run is then left as it is)",
+    )
     start.set_defaults(func=_start)
+
+    query = sub.add_parser(
+        "query",
+        help="ask a running workflow's query handler (prints its JSON answer)",
+        description="Ask the query handler NAME (ctx.on_query) of an open workflow; the "
+        "orchestrator that owns it answers from its current state and records nothing. "
+        f"Exits {EXIT_FATAL} on a failure or if no answer comes within --timeout.",
+    )
+    query.add_argument("id", help="the workflow id")
+    query.add_argument("name", help="the query's name")
+    query.add_argument("--value", default="null", help="JSON argument (default null)")
+    query.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    query.set_defaults(func=_query)
+
+    upd = sub.add_parser(
+        "update",
+        help="apply an update to a running workflow (prints its JSON answer)",
+        description="Apply the update NAME (ctx.on_update) to a running workflow: its "
+        "validator runs first (a rejection records nothing), then the update is recorded "
+        "and its handler's answer printed once committed. Sending again with the same "
+        "--update-id applies nothing more.",
+    )
+    upd.add_argument("id", help="the workflow id")
+    upd.add_argument("name", help="the update's name")
+    upd.add_argument("--value", default="null", help="JSON argument (default null)")
+    upd.add_argument("--update-id", default=None, help="dedupe id (default: a new UUID)")
+    upd.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    upd.set_defaults(func=_update)
 
     sig = sub.add_parser(
         "signal",

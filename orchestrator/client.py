@@ -1,7 +1,9 @@
-"""Starting, signalling and resuming workflows from Python: produce inbox records.
+"""Starting, signalling, querying, updating and resuming workflows from Python.
 
-Any language can do the same: an Avro ``InboxRecord`` in the Confluent wire format,
-keyed by the workflow id (UTF-8), on ``<prefix>.inbox``.
+Every request is an inbox record; any language can do the same: an Avro ``InboxRecord``
+in the Confluent wire format, keyed by the workflow id (UTF-8), on ``<prefix>.inbox``
+(docs/wire.md). Requests that want an answer (a start with a request id, a query, an
+update) read a ``Reply`` keyed by their request id from ``<prefix>.replies``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ from orchestrator.protocol.records import (
     CancelWorkflow,
     CompletePromise,
     Failure,
+    IfClosed,
+    IfRunning,
     InboxBody,
+    QueryWorkflow,
+    Reply,
     ResumeWorkflow,
     SignalWorkflow,
     StartWorkflow,
+    UpdateWorkflow,
     WorkflowRecord,
     WorkflowStatus,
     parse_promise_id,
@@ -40,6 +47,42 @@ class StartFailedError(SagalineError):
 
 class ResultTimeoutError(SagalineError):
     """The workflow did not close within the time ``result`` was given."""
+
+
+class ReplyTimeoutError(SagalineError):
+    """No answer came within the time a start, query or update was given (no orchestrator
+    owns the workflow's partition, or the replies topic is missing)."""
+
+
+class RequestFailedError(SagalineError):
+    """The orchestrator answered a start, query or update with a failure.
+
+    ``error_type`` names it: the class of what a query or update handler raised, or one of
+    the codes docs/wire.md lists (``WorkflowAlreadyRunning``, ``WorkflowIdReuseRejected``,
+    ``WorkflowNotFound``, ``WorkflowClosed``, ``WorkflowStuck``, ``UnknownQuery``,
+    ``UnknownUpdate``, ``UpdateRejected``, ...). ``run_id`` and ``status`` describe the run
+    concerned ("" when there is none).
+    """
+
+    def __init__(self, reply: Reply) -> None:
+        failure = reply.failure or Failure("UnknownError", "no failure given")
+        super().__init__(f"{failure.error_type}: {failure.message}")
+        self.error_type = failure.error_type
+        self.message = failure.message
+        self.workflow_id = reply.workflow_id
+        self.run_id = reply.run_id
+        self.status = reply.status
+
+
+@dataclass(frozen=True)
+class Started:
+    """The answer to :meth:`WorkflowClient.start_workflow`: the run the id now has, and
+    whether this request created it (False: an open run was used, per ``if_running``)."""
+
+    workflow_id: str
+    run_id: str
+    created: bool
+    status: WorkflowStatus
 
 
 @dataclass(frozen=True)
@@ -72,6 +115,8 @@ class WorkflowClient:
         self.codec = codec or AvroCodec()
         self._common = settings.kafka_common()
         self._errors: list[str] = []
+        self._replies: Consumer | None = None
+        self._reply_partitions: int | None = None
         self._producer = Producer(
             {
                 **settings.kafka_common(),
@@ -83,10 +128,12 @@ class WorkflowClient:
         )
 
     def start(self, workflow_type: str, value: Any, *, workflow_id: str | None = None) -> str:
-        """Queue a start request; returns the workflow id. Call :meth:`flush` to wait.
+        """Queue a start request without waiting for an answer; returns the workflow id.
+        Call :meth:`flush` to wait until Kafka has it.
 
-        A start for an id that already exists is ignored by the orchestrator, so
-        retrying a start with the same id is safe.
+        A start for an id that has a run, open or closed, is ignored by the orchestrator,
+        so retrying it is safe. :meth:`start_workflow` waits for the run id and takes
+        id-reuse options.
         """
         wid = workflow_id or str(uuid.uuid4())
         record = StartWorkflow(
@@ -97,6 +144,154 @@ class WorkflowClient:
         )
         self._send(record, wid.encode())
         return wid
+
+    def start_workflow(
+        self,
+        workflow_type: str,
+        value: Any,
+        *,
+        workflow_id: str | None = None,
+        if_running: IfRunning = IfRunning.FAIL,
+        if_closed: IfClosed = IfClosed.ALLOW,
+        request_id: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> Started:
+        """Start a workflow and wait for the orchestrator's answer.
+
+        Args:
+            workflow_type: the registered workflow name.
+            value: its input (JSON).
+            workflow_id: the id (default: a new UUID).
+            if_running: when the id has an open run: ``FAIL`` (raise), ``USE_EXISTING``
+                (return it, ``created`` False) or ``TERMINATE_EXISTING`` (end it as
+                TERMINATED, without compensations, and start a new run).
+            if_closed: when the id's last run has closed (and is still retained):
+                ``ALLOW`` a new run, ``ALLOW_IF_FAILED`` (only if it did not complete) or
+                ``REJECT`` (raise).
+            request_id: identifies this request (default: a new UUID). Sending the
+                same request again, from any process, gets the same answer and starts
+                nothing more: pass your own to make retries across processes safe.
+            timeout_s: how long to wait for the answer.
+
+        Raises:
+            RequestFailedError: the policy refused (``WorkflowAlreadyRunning``,
+                ``WorkflowIdReuseRejected``).
+            ReplyTimeoutError: no answer in time; the start may still be applied, and
+                sending it again with the same ``request_id`` is safe.
+        """
+        wid = workflow_id or str(uuid.uuid4())
+        rid = request_id or str(uuid.uuid4())
+        start = StartWorkflow(
+            wid, workflow_type, encode_json(value), _now_ms(), rid, if_running, if_closed
+        )
+        reply = self._request(start, wid, rid, timeout_s)
+        if not reply.ok:
+            raise RequestFailedError(reply)
+        return Started(wid, reply.run_id, reply.created, _status(reply.status))
+
+    def query(
+        self, workflow_id: str, name: str, value: Any = None, *, timeout_s: float = 30.0
+    ) -> Any:
+        """Ask the open workflow's query handler ``name`` (``ctx.on_query``) and return its
+        answer (JSON). The orchestrator that owns the workflow replays its state and calls
+        the handler; nothing is recorded.
+
+        Raises:
+            RequestFailedError: no such workflow open, no such handler, or the handler
+                raised (``error_type`` is its exception's class).
+            ReplyTimeoutError: no answer in time.
+        """
+        rid = str(uuid.uuid4())
+        query = QueryWorkflow(workflow_id, rid, name, encode_json(value), _now_ms())
+        reply = self._request(query, workflow_id, rid, timeout_s)
+        return _value(reply)
+
+    def update(
+        self,
+        workflow_id: str,
+        name: str,
+        value: Any = None,
+        *,
+        update_id: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> Any:
+        """Apply update ``name`` (``ctx.on_update``) to a running workflow and return its
+        handler's answer once the update is recorded.
+
+        The handler's validator runs first: if it raises, nothing is recorded and this
+        raises ``RequestFailedError`` (``UpdateRejected``). Sending the same ``update_id``
+        again applies nothing more and returns the same answer.
+
+        Raises:
+            RequestFailedError: rejected, no such handler, the workflow is not running,
+                or the handler raised (the update is recorded all the same).
+            ReplyTimeoutError: no answer in time; sending again with the same
+                ``update_id`` is safe.
+        """
+        uid = update_id or str(uuid.uuid4())
+        update = UpdateWorkflow(workflow_id, uid, name, encode_json(value), _now_ms())
+        reply = self._request(update, workflow_id, uid, timeout_s)
+        return _value(reply)
+
+    def _request(
+        self, body: InboxBody, workflow_id: str, request_id: str, timeout_s: float
+    ) -> Reply:
+        """Send ``body`` and wait for the reply keyed ``request_id``."""
+        deadline = time.monotonic() + timeout_s
+        consumer = self._replies_consumer()
+        key = request_id.encode()
+        topic = self._replies_topic(consumer)
+        partition = TopicPartition(self.topics.replies, partition_for(key, topic))
+        # Read from the end as it is now: the answer comes after the request.
+        _, high = consumer.get_watermark_offsets(partition, timeout=max(1.0, timeout_s))
+        consumer.assign([TopicPartition(self.topics.replies, partition.partition, high)])
+        self._send(body, workflow_id.encode())
+        self.flush(max(1.0, deadline - time.monotonic()))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ReplyTimeoutError(
+                    f"no answer from the orchestrators within {timeout_s:g} s (is one "
+                    f"running, and does {self.topics.replies} exist?)"
+                )
+            for msg in consumer.consume(100, min(0.5, left)):
+                if msg.error() is None and msg.key() == key and msg.value():
+                    return self.codec.decode_reply(msg.value())
+
+    def _replies_consumer(self) -> Consumer:
+        if self._replies is None:
+            self._replies = Consumer(
+                {
+                    **self._common,
+                    "group.id": f"sagaline-replies-{uuid.uuid4().hex}",
+                    "isolation.level": "read_committed",
+                    "enable.auto.commit": False,
+                    "fetch.wait.max.ms": 10,
+                }
+            )
+        return self._replies
+
+    def _replies_topic(self, consumer: Consumer) -> int:
+        """The partition count of the replies topic."""
+        if self._reply_partitions is None:
+            metadata = consumer.list_topics(self.topics.replies, timeout=30)
+            topic = metadata.topics.get(self.topics.replies)
+            if topic is None or topic.error is not None or not topic.partitions:
+                raise ConfigurationError(
+                    f"topic {self.topics.replies} does not exist: create it "
+                    "(sagaline topics create)"
+                )
+            self._reply_partitions = len(topic.partitions)
+        return self._reply_partitions
+
+    def close(self) -> None:
+        """Flush what is queued and close the reply reader (the client is done)."""
+        try:
+            self.flush()
+        finally:
+            if self._replies is not None:
+                self._replies.close()
+                self._replies = None
 
     def signal(
         self,
@@ -269,9 +464,9 @@ class WorkflowClient:
                         continue
                     offset = msg.offset() or 0
                     if offset < end and msg.key() == key and msg.value():
-                        record = self.codec.decode_workflow(msg.value())
-                        if found is None or record.revision >= found.revision:
-                            found = record
+                        # Offset order is the order of the id's records (a new run of the
+                        # id starts its revisions again).
+                        found = self.codec.decode_workflow(msg.value())
                 # Control records (transaction markers) take offsets but are not returned.
                 position = consumer.position([TopicPartition(self.topics.history, partition)])[
                     0
@@ -310,6 +505,19 @@ class WorkflowClient:
         if self._errors:
             errors, self._errors = self._errors, []
             raise StartFailedError(f"{len(errors)} request(s) failed, first: {errors[0]}")
+
+
+def _value(reply: Reply) -> Any:
+    if not reply.ok:
+        raise RequestFailedError(reply)
+    return None if reply.payload is None else decode_json(reply.payload)
+
+
+def _status(symbol: str) -> WorkflowStatus:
+    try:
+        return WorkflowStatus(symbol)
+    except ValueError:
+        return WorkflowStatus.UNKNOWN
 
 
 def _outcome(record: WorkflowRecord) -> WorkflowResult:

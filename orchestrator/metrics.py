@@ -125,6 +125,11 @@ BUDGET_COMMITS = Counter(
     "sagaline_transaction_budget_commits_total",
     "Batches committed early because their transaction reached its time budget.",
 )
+REPLIES = Counter(
+    "sagaline_replies_total",
+    "Answers sent on the replies topic (starts that asked for one, queries, updates).",
+    ["kind", "outcome"],
+)
 DEAD_LETTERS = Counter(
     "sagaline_dead_letters_total", "Records written to the dead-letter topic.", ["source", "reason"]
 )

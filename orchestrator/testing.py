@@ -54,8 +54,11 @@ from orchestrator.protocol.records import (
     Payload,
     PromiseCompleted,
     PromiseCreated,
+    QueryWorkflow,
+    Reply,
     SignalWorkflow,
     StartWorkflow,
+    UpdateWorkflow,
     WakeUp,
     WorkflowRecord,
     WorkflowStatus,
@@ -63,6 +66,7 @@ from orchestrator.protocol.records import (
 )
 from orchestrator.protocol.topics import activity_name_problem
 from orchestrator.replay import Limits, advance, pending_tasks
+from orchestrator.replay.engine import answer_query
 from orchestrator.workflow import (
     MAX_EPOCH_S,
     WorkflowRegistry,
@@ -351,6 +355,23 @@ class ActivityCall:
         return f"+{self.sent_at:g}s {self.name}#{self.attempt}{comp} -> {self.outcome}{ignored}"
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a query or update sent by the tester got back.
+
+    ``kind`` is ``query`` or ``update``; ``at`` the virtual seconds after the start it
+    arrived; ``ok`` with ``value`` (the handler's JSON answer), else ``failure``
+    (``UnknownQuery``, ``UpdateRejected``, the class of what the handler raised, ...).
+    """
+
+    kind: str
+    name: str
+    at: float
+    ok: bool
+    value: Any
+    failure: Failure | None
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class RunResult:
     """A tested workflow as the run left it.
@@ -367,6 +388,8 @@ class RunResult:
         started_at: the virtual start, epoch seconds (``ctx.now()`` at the start).
         elapsed: virtual seconds from the start to the end of the run.
         steps: inputs applied (start, answers, start reports, heartbeats, wake-ups).
+        answers: what each query and update sent with :meth:`WorkflowTester.query` and
+            :meth:`WorkflowTester.update` got, in the order they arrived.
     """
 
     workflow_id: str
@@ -379,6 +402,11 @@ class RunResult:
     started_at: float
     elapsed: float
     steps: int
+    answers: tuple[Answer, ...] = ()
+
+    def answers_to(self, name: str) -> list[Answer]:
+        """The answers of the queries and updates named ``name``, in order."""
+        return [answer for answer in self.answers if answer.name == name]
 
     @property
     def history(self) -> tuple[HistoryEvent, ...]:
@@ -449,6 +477,33 @@ class WorkflowTester:
         # (ms after the promise is made, value or failure), one per promise made.
         self._signals: list[tuple[int, str, Any]] = []
         self._promises: dict[str, list[tuple[int, Any, Failure | None]]] = {}
+        # Queries and updates to send: (ms after the start, "query" or "update", name, value).
+        self._requests: list[tuple[int, str, str, Any]] = []
+
+    def query(self, name: str, value: Any = None, *, at: float | timedelta = 0) -> None:
+        """Ask query ``name`` (with ``value``) of every run, ``at`` seconds (virtual) after
+        its start; the answer is in ``RunResult.answers``. A query changes nothing.
+
+        Raises:
+            ConfigurationError: an invalid name, or ``at`` not 0 to 100 years.
+        """
+        self._request("query", name, value, at)
+
+    def update(self, name: str, value: Any = None, *, at: float | timedelta = 0) -> None:
+        """Send update ``name`` (with ``value``) to every run, ``at`` seconds (virtual)
+        after its start; the answer is in ``RunResult.answers``.
+
+        Raises:
+            ConfigurationError: an invalid name, or ``at`` not 0 to 100 years.
+        """
+        self._request("update", name, value, at)
+
+    def _request(self, kind: str, name: str, value: Any, at: float | timedelta) -> None:
+        problem = signal_name_problem(name)
+        if problem is not None:
+            raise ConfigurationError(f"tester.{kind}({_shown(name)}): {problem}")
+        delay = _checked_seconds(at, f"tester.{kind}(at=...)")
+        self._requests.append((round(delay * 1000), kind, name, value))
 
     def signal(self, name: str, value: Any = None, *, at: float | timedelta = 0) -> None:
         """Send the signal ``name`` with ``value`` to every run, ``at`` seconds (virtual)
@@ -587,6 +642,8 @@ class _Run:
     used: dict[str, int] = field(default_factory=dict)
     promised: set[int] = field(default_factory=set)
     promise_uses: dict[str, int] = field(default_factory=dict)
+    answers: list[Answer] = field(default_factory=list)
+    asked: dict[str, str] = field(default_factory=dict)
 
     def go(self, value: Any) -> RunResult:
         self.now_ms = self.start_ms
@@ -599,6 +656,17 @@ class _Run:
                     self.workflow_id, name, encode_json(signal_value), f"test-signal-{index}", at
                 ),
             )
+        for index, (offset, kind, name, request_value) in enumerate(self.tester._requests):
+            at = self.start_ms + offset
+            request_id = f"test-{kind}-{index}"
+            self.asked[request_id] = name
+            args = encode_json(request_value)
+            request: InboxBody = (
+                QueryWorkflow(self.workflow_id, request_id, name, args, at)
+                if kind == "query"
+                else UpdateWorkflow(self.workflow_id, request_id, name, args, at)
+            )
+            self.queue_input(at, request)
         self.apply(start, self.now_ms)
         while self.current.status is WorkflowStatus.RUNNING:
             due = self.queue[0][0] if self.queue else None
@@ -632,6 +700,9 @@ class _Run:
         codec = _codec()
         if not isinstance(body, WakeUp):
             body = codec.decode_inbox(codec.encode_inbox(body))  # as read from the inbox
+        if isinstance(body, QueryWorkflow):
+            self.answered(answer_query(self.record, body, self.now_ms, self.tester.registry))
+            return
         transition = advance(
             self.record,
             body,
@@ -640,6 +711,8 @@ class _Run:
             self.tester.limits,
             run_id=RUN_ID,
         )
+        if transition.reply is not None and isinstance(body, UpdateWorkflow):
+            self.answered(transition.reply)
         if transition.record is None:
             self.note_ignored(body, transition.ignored)
             return
@@ -655,6 +728,20 @@ class _Run:
         for task in transition.tasks:
             self.send(codec.decode_task(codec.encode_task(task)))
         self.answer_promises(record)
+
+    def answered(self, reply: Reply) -> None:
+        reply = _codec().decode_reply(_codec().encode_reply(reply))  # as a caller reads it
+        value = None if reply.payload is None else decode_json(reply.payload)
+        self.answers.append(
+            Answer(
+                reply.kind.value.lower(),
+                self.asked.get(reply.request_id, ""),
+                self.seconds(),
+                reply.ok,
+                value,
+                reply.failure,
+            )
+        )
 
     def note_ignored(self, body: InboxBody | WakeUp, reason: str | None) -> None:
         if isinstance(body, WakeUp):
@@ -799,6 +886,7 @@ class _Run:
             started_at=self.start_ms / 1000,
             elapsed=self.seconds(),
             steps=self.steps,
+            answers=tuple(self.answers),
         )
 
 
@@ -811,6 +899,7 @@ __all__ = [
     "RUN_ID",
     "ActivityCall",
     "ActivityScript",
+    "Answer",
     "RunResult",
     "StepLimitError",
     "UnscriptedActivityError",

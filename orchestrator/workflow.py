@@ -761,6 +761,16 @@ class Scheduler(Protocol):
         """Note that the code called the API wrongly; the engine parks the workflow."""
         ...
 
+    def handle(self, kind: str, name: str, handler: Handler, validator: Handler | None) -> None:
+        """Register the ``kind`` (``query`` or ``update``) handler ``name``; a later
+        registration of the same name replaces it."""
+        ...
+
+
+Handler = Callable[..., Any]
+"""A query handler, update handler or update validator: a plain function called with the
+request's argument (or with none when the argument is None)."""
+
 
 class WorkflowContext:
     """The handle a workflow function receives as its first argument."""
@@ -998,6 +1008,57 @@ class WorkflowContext:
     def now(self) -> float:
         """Deterministic time (seconds since the epoch) of the input being replayed."""
         return self._scheduler.now_ms() / 1000.0
+
+    def on_query(self, name: str, handler: Handler) -> None:
+        """Answer query ``name`` with ``handler``: a plain function of the workflow's
+        current state (usually a closure over the workflow function's variables).
+
+        A query (``WorkflowClient.query``, ``sagaline query`` or a ``QueryWorkflow``
+        record) runs on the orchestrator that owns the workflow, against its state
+        replayed up to now, and never changes it: the handler is called with the query's
+        argument (with no argument when that is None), and its return value (JSON) is
+        the answer. What it raises is the caller's error, not the workflow's. A handler
+        must not start activities, timers, promises or waits; registering a name again
+        replaces its handler. Register handlers early (before the first ``await``), so a
+        query finds them whatever the workflow waits for.
+
+        Raises:
+            ConfigurationError: ``name`` is not 1-200 characters of UTF-8 text without
+                NUL, or ``handler`` is not callable (the workflow is parked as ``STUCK``).
+        """
+        self._register("query", "ctx.on_query", name, handler, None)
+
+    def on_update(self, name: str, handler: Handler, *, validator: Handler | None = None) -> None:
+        """Apply update ``name`` with ``handler``, which may change the workflow's state
+        and returns the caller's answer.
+
+        An update (``WorkflowClient.update``, ``sagaline update`` or an
+        ``UpdateWorkflow`` record) first runs ``validator`` (if given) against the
+        current state; if it raises, the update is rejected and nothing is recorded.
+        Otherwise the update is recorded in the history and ``handler`` runs at that
+        point, now and on every replay, so what it changes stays changed; the caller gets
+        its return value (JSON) once the record is committed. The workflow's code sees the
+        change when it next runs (after its current await settles). Both are called with
+        the update's argument (with none when it is None); a handler's exception fails the
+        update but not the workflow. Neither may start activities, timers, promises or
+        waits.
+
+        Raises:
+            ConfigurationError: ``name`` is not 1-200 characters of UTF-8 text without
+                NUL, or ``handler`` or ``validator`` is not callable (the workflow is
+                parked as ``STUCK``).
+        """
+        self._register("update", "ctx.on_update", name, handler, validator)
+
+    def _register(
+        self, kind: str, call: str, name: str, handler: Handler, validator: Handler | None
+    ) -> None:
+        problem = signal_name_problem(name)
+        if problem is not None:
+            raise self._misuse(f"{call}({_shown(name)}): {problem.replace('signal', kind)}")
+        if not callable(handler) or (validator is not None and not callable(validator)):
+            raise self._misuse(f"{call}({_shown(name)}): handlers must be callable")
+        self._scheduler.handle(kind, str.__str__(name), handler, validator)
 
     def _handles(self, call: str, handles: tuple[H, ...]) -> tuple[H, ...]:
         for handle in handles:

@@ -206,9 +206,9 @@ class HistoryWatcher:
                 continue  # written by another version; orchestrators hold it untouched
             read += 1
             self.revisions.setdefault(record.workflow_id, []).append(record.revision)
-            current = self.latest.get(record.workflow_id)
-            if current is None or record.revision >= current.revision:
-                self.latest[record.workflow_id] = record
+            # One consumer reads each partition in order, so the last record read is the
+            # latest (revisions count within a run; a new run of the id starts again).
+            self.latest[record.workflow_id] = record
         return read
 
     def terminal(self, ids: Iterable[str]) -> dict[str, WorkflowRecord]:

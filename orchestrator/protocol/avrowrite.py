@@ -377,6 +377,8 @@ class _Compiler:
                 null_index = index
             elif kind in _PYTHON_TYPES:
                 by_type.append((_PYTHON_TYPES[kind], index, write))
+            elif kind == "enum":
+                by_type.append(((str,), index, write))  # a symbol is a str, as in fastavro
             elif kind in ("record", "error"):
                 records.append((index, write))
             else:

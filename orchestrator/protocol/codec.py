@@ -49,10 +49,15 @@ from orchestrator.protocol.records import (
     CompletePromise,
     Failure,
     HistoryEvent,
+    IfClosed,
+    IfRunning,
     InboxBody,
     Payload,
     PromiseCompleted,
     PromiseCreated,
+    QueryWorkflow,
+    Reply,
+    ReplyKind,
     ResumeWorkflow,
     SignalReceived,
     SignalWorkflow,
@@ -60,6 +65,8 @@ from orchestrator.protocol.records import (
     TimerCancelled,
     TimerFired,
     TimerStarted,
+    UpdateAccepted,
+    UpdateWorkflow,
     WorkflowRecord,
     WorkflowStatus,
 )
@@ -87,11 +94,15 @@ SCHEMA_ORDER: Final = (
     "SignalWorkflow",
     "CompletePromise",
     "CancelWorkflow",
+    "QueryWorkflow",
+    "UpdateWorkflow",
     "InboxRecord",
     "ActivityTask",
     "WorkflowRecord",
+    "Reply",
 )
 INBOX: Final = NS + "InboxRecord"
+REPLY: Final = NS + "Reply"
 TASK: Final = NS + "ActivityTask"
 WORKFLOW: Final = NS + "WorkflowRecord"
 
@@ -145,6 +156,8 @@ class WorkflowHead(NamedTuple):
     status: WorkflowStatus
     closed_at_ms: int | None
     wake_at_ms: int | None
+    run_id: str = ""
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +215,16 @@ def _splicing_writer(directory: Path) -> SplicingWriter | None:
 
 # The fields _workflow_head and _workflow_tail fill, in the schema's order.
 _SPLICED_FIELDS: Final = (
-    ("workflow_id", "workflow_type", "status", "closed_at_ms", "run_id", "wake_at_ms", "input"),
+    (
+        "workflow_id",
+        "workflow_type",
+        "status",
+        "closed_at_ms",
+        "run_id",
+        "wake_at_ms",
+        "request_id",
+        "input",
+    ),
     ("result", "failure", "started_at_ms", "updated_at_ms", "revision"),
 )
 
@@ -389,6 +411,28 @@ class AvroCodec:
                     "requested_at_ms": body.requested_at_ms,
                 },
             )
+        elif isinstance(body, QueryWorkflow):
+            branch = (
+                NS + "QueryWorkflow",
+                {
+                    "workflow_id": body.workflow_id,
+                    "request_id": body.request_id,
+                    "name": body.name,
+                    "args": _payload_to_avro(body.args),
+                    "sent_at_ms": body.sent_at_ms,
+                },
+            )
+        elif isinstance(body, UpdateWorkflow):
+            branch = (
+                NS + "UpdateWorkflow",
+                {
+                    "workflow_id": body.workflow_id,
+                    "update_id": body.update_id,
+                    "name": body.name,
+                    "args": _payload_to_avro(body.args),
+                    "sent_at_ms": body.sent_at_ms,
+                },
+            )
         else:
             branch = (NS + "ActivityHeartbeat", _heartbeat_to_avro(body))
         return self._encode(self._writer_for(INBOX, _inbox_needs_current(body)), {"body": branch})
@@ -405,6 +449,14 @@ class AvroCodec:
     def encode_task(self, task: ActivityTask) -> bytes:
         """Encode an ``ActivityTask``."""
         return self._encode(self._writer_for(TASK, _task_needs_current(task)), _task_to_avro(task))
+
+    def encode_reply(self, reply: Reply) -> bytes:
+        """Encode a ``Reply`` for the replies topic."""
+        return self.encode_raw(REPLY, _reply_to_avro(reply))
+
+    def decode_reply(self, data: bytes | None) -> Reply:
+        """Decode a ``Reply`` from the replies topic."""
+        return _reply_from_avro(self.decode_raw(data, REPLY))
 
     def decode_task(self, data: bytes | None) -> ActivityTask:
         """Decode an ``ActivityTask``."""
@@ -449,7 +501,13 @@ class AvroCodec:
         writer = self._by_id.get(sid) if magic == MAGIC else None
         if writer is None or writer is not self._writers[WORKFLOW]:
             record = self.decode_workflow(data)
-            return WorkflowHead(record.status, record.closed_at_ms, record.wake_at_ms)
+            return WorkflowHead(
+                record.status,
+                record.closed_at_ms,
+                record.wake_at_ms,
+                record.run_id,
+                record.request_id,
+            )
         try:
             pos = HEADER.size
             for _ in range(2):  # workflow_id, workflow_type
@@ -458,12 +516,15 @@ class AvroCodec:
             index, pos = _read_long(data, pos)
             status = self._statuses[index]
             closed_at_ms, pos = _read_optional_long(data, pos)
-            length, pos = _read_long(data, pos)  # run_id
-            pos += length
+            run_id, pos = _read_string(data, pos)
             wake_at_ms, pos = _read_optional_long(data, pos)
-        except IndexError as exc:
+            branch, pos = _read_long(data, pos)  # request_id: null or string
+            request_id = None
+            if branch == 1:
+                request_id, pos = _read_string(data, pos)
+        except (IndexError, UnicodeDecodeError) as exc:
             raise MalformedRecordError("truncated WorkflowRecord head") from exc
-        return WorkflowHead(status, closed_at_ms, wake_at_ms)
+        return WorkflowHead(status, closed_at_ms, wake_at_ms, run_id, request_id)
 
 
 def _read_long(data: bytes, pos: int) -> tuple[int, int]:
@@ -480,6 +541,14 @@ def _read_long(data: bytes, pos: int) -> tuple[int, int]:
             raise IndexError("varint longer than 10 bytes")
 
 
+def _read_string(data: bytes, pos: int) -> tuple[str, int]:
+    length, pos = _read_long(data, pos)
+    end = pos + length
+    if length < 0 or end > len(data):
+        raise IndexError("string past the end of the record")
+    return data[pos:end].decode("utf-8"), end
+
+
 def _version_order(directory: Path) -> tuple[int, str]:
     """``v10`` after ``v9``."""
     digits = directory.name.removeprefix("v")
@@ -487,13 +556,25 @@ def _version_order(directory: Path) -> tuple[int, str]:
 
 
 def _inbox_needs_current(body: InboxBody) -> bool:
-    """True when ``body`` uses what protocol v4 added to the inbox (archive/v3 lacks it)."""
-    return isinstance(body, SignalWorkflow | CompletePromise | CancelWorkflow)
+    """True when ``body`` uses what protocol v5 added to the inbox (archive/v4 lacks it):
+    queries, updates, and starts (alone or a signal's) that ask for a reply or name an
+    id-reuse policy."""
+    if isinstance(body, StartWorkflow):
+        return _start_needs_current(body)
+    if isinstance(body, SignalWorkflow):
+        return body.start is not None and _start_needs_current(body.start)
+    return isinstance(body, QueryWorkflow | UpdateWorkflow)
+
+
+def _start_needs_current(start: StartWorkflow) -> bool:
+    return (
+        start.request_id is not None or start.if_running is not None or start.if_closed is not None
+    )
 
 
 def _task_needs_current(task: ActivityTask) -> bool:
-    """True when ``task`` uses what protocol v4 added to tasks (archive/v3 lacks it):
-    nothing, v4 left tasks alone."""
+    """True when ``task`` uses what protocols v4 and v5 added to tasks (archive/v3 lacks
+    it): nothing, both left tasks alone."""
     del task
     return False
 
@@ -552,20 +633,81 @@ def _opt_failure(d: Mapping[str, Any] | None) -> Failure | None:
 
 
 def _start_to_avro(s: StartWorkflow) -> dict[str, Any]:
-    return {
+    datum: dict[str, Any] = {
         "workflow_id": s.workflow_id,
         "workflow_type": s.workflow_type,
         "input": _payload_to_avro(s.input),
         "requested_at_ms": s.requested_at_ms,
     }
+    if _start_needs_current(s):
+        # Only the current schema has these; a plain start is written with the previous.
+        datum["request_id"] = s.request_id
+        datum["if_running"] = None if s.if_running is None else s.if_running.value
+        datum["if_closed"] = None if s.if_closed is None else s.if_closed.value
+    return datum
 
 
 def _start_from_avro(d: Mapping[str, Any]) -> StartWorkflow:
+    if_running = d.get("if_running")
+    if_closed = d.get("if_closed")
     return StartWorkflow(
         workflow_id=d["workflow_id"],
         workflow_type=d["workflow_type"],
         input=_payload_from_avro(d["input"]),
         requested_at_ms=d["requested_at_ms"],
+        request_id=d.get("request_id"),
+        if_running=None if if_running is None else IfRunning(if_running),
+        if_closed=None if if_closed is None else IfClosed(if_closed),
+    )
+
+
+def _query_from_avro(d: Mapping[str, Any]) -> QueryWorkflow:
+    return QueryWorkflow(
+        workflow_id=d["workflow_id"],
+        request_id=d["request_id"],
+        name=d["name"],
+        args=_payload_from_avro(d["args"]),
+        sent_at_ms=d["sent_at_ms"],
+    )
+
+
+def _update_from_avro(d: Mapping[str, Any]) -> UpdateWorkflow:
+    return UpdateWorkflow(
+        workflow_id=d["workflow_id"],
+        update_id=d["update_id"],
+        name=d["name"],
+        args=_payload_from_avro(d["args"]),
+        sent_at_ms=d["sent_at_ms"],
+    )
+
+
+def _reply_to_avro(r: Reply) -> dict[str, Any]:
+    return {
+        "request_id": r.request_id,
+        "kind": r.kind.value,
+        "workflow_id": r.workflow_id,
+        "run_id": r.run_id,
+        "ok": r.ok,
+        "created": r.created,
+        "status": r.status,
+        "payload": _opt_payload_to_avro(r.payload),
+        "failure": None if r.failure is None else _failure_to_avro(r.failure),
+        "at_ms": r.at_ms,
+    }
+
+
+def _reply_from_avro(d: Mapping[str, Any]) -> Reply:
+    return Reply(
+        request_id=d["request_id"],
+        kind=ReplyKind(d["kind"]),
+        workflow_id=d["workflow_id"],
+        run_id=d["run_id"],
+        ok=d["ok"],
+        status=d["status"],
+        at_ms=d["at_ms"],
+        created=d.get("created", False),
+        payload=_opt_payload(d.get("payload")),
+        failure=_opt_failure(d.get("failure")),
     )
 
 
@@ -699,6 +841,8 @@ _INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
     NS + "CancelWorkflow": lambda d: CancelWorkflow(
         d["workflow_id"], d["reason"], d["requested_at_ms"]
     ),
+    NS + "QueryWorkflow": _query_from_avro,
+    NS + "UpdateWorkflow": _update_from_avro,
 }
 
 
@@ -818,6 +962,16 @@ def _event_to_avro(e: HistoryEvent) -> tuple[str, dict[str, Any]]:
                 "at_ms": e.at_ms,
             },
         )
+    if isinstance(e, UpdateAccepted):
+        return (
+            NS + "UpdateAccepted",
+            {
+                "update_id": e.update_id,
+                "name": e.name,
+                "args": _payload_to_avro(e.args),
+                "at_ms": e.at_ms,
+            },
+        )
     if isinstance(e, SignalReceived):
         return (
             NS + "SignalReceived",
@@ -896,6 +1050,13 @@ def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
             signal_id=d["signal_id"],
             at_ms=d["at_ms"],
         )
+    if name == NS + "UpdateAccepted":
+        return UpdateAccepted(
+            update_id=d["update_id"],
+            name=d["name"],
+            args=_payload_from_avro(d["args"]),
+            at_ms=d["at_ms"],
+        )
     raise WrongRecordTypeError(f"history event {name} is not handled by this version")
 
 
@@ -916,6 +1077,7 @@ def _workflow_head(r: WorkflowRecord) -> dict[str, Any]:
         "closed_at_ms": r.closed_at_ms,
         "run_id": r.run_id,
         "wake_at_ms": r.wake_at_ms,
+        "request_id": r.request_id,
         "input": _payload_to_avro(r.input),
     }
 
@@ -946,4 +1108,5 @@ def _workflow_from_avro(d: Mapping[str, Any]) -> WorkflowRecord:
         closed_at_ms=d["closed_at_ms"],
         run_id=d["run_id"],
         wake_at_ms=d.get("wake_at_ms"),
+        request_id=d.get("request_id"),
     )

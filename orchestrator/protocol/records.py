@@ -24,6 +24,7 @@ class WorkflowStatus(enum.Enum):
     COMPENSATION_FAILED = "COMPENSATION_FAILED"
     STUCK = "STUCK"
     CANCELLED = "CANCELLED"
+    TERMINATED = "TERMINATED"
     UNKNOWN = "UNKNOWN"
 
     @property
@@ -69,14 +70,46 @@ class Failure:
     retry_after_ms: int | None = None
 
 
+class IfRunning(enum.Enum):
+    """What a start does when its workflow id has a run that is still open."""
+
+    USE_EXISTING = "USE_EXISTING"
+    """Start nothing; answer with the open run (``created`` false)."""
+    FAIL = "FAIL"
+    """Start nothing; answer with a failure naming the open run."""
+    TERMINATE_EXISTING = "TERMINATE_EXISTING"
+    """Close the open run as TERMINATED (no compensation runs) and start a new one."""
+
+
+class IfClosed(enum.Enum):
+    """What a start does when its workflow id's last run has closed (and is retained)."""
+
+    ALLOW = "ALLOW"
+    """Start a new run under the same id."""
+    ALLOW_IF_FAILED = "ALLOW_IF_FAILED"
+    """Start a new run only if the last one did not complete (failed, compensated,
+    cancelled or terminated)."""
+    REJECT = "REJECT"
+    """Start nothing; answer with a failure."""
+
+
 @dataclass(frozen=True, slots=True)
 class StartWorkflow:
-    """Inbox input: start ``workflow_type`` under ``workflow_id`` with ``input``."""
+    """Inbox input: start ``workflow_type`` under ``workflow_id`` with ``input``.
+
+    ``request_id`` set: the orchestrator answers with a :class:`Reply`, and a start with
+    the request id of the run it created (a retried send) gets the same answer again.
+    ``if_running`` / ``if_closed`` None mean ``USE_EXISTING`` / ``REJECT`` (what a start
+    always did before they existed).
+    """
 
     workflow_id: str
     workflow_type: str
     input: Payload
     requested_at_ms: int
+    request_id: str | None = None
+    if_running: IfRunning | None = None
+    if_closed: IfClosed | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +206,32 @@ class CancelWorkflow:
     requested_at_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class QueryWorkflow:
+    """Inbox input: answer query ``name`` with ``args`` from the workflow's current state
+    (its ``ctx.on_query`` handler); the answer is a :class:`Reply` keyed by
+    ``request_id``. Never changes the workflow."""
+
+    workflow_id: str
+    request_id: str
+    name: str
+    args: Payload
+    sent_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateWorkflow:
+    """Inbox input: apply update ``name`` with ``args`` (its ``ctx.on_update`` handler,
+    after its validator); the answer is a :class:`Reply` keyed by ``update_id``, sent
+    once the update is recorded."""
+
+    workflow_id: str
+    update_id: str
+    name: str
+    args: Payload
+    sent_at_ms: int
+
+
 InboxBody = (
     StartWorkflow
     | ActivityResult
@@ -182,7 +241,39 @@ InboxBody = (
     | SignalWorkflow
     | CompletePromise
     | CancelWorkflow
+    | QueryWorkflow
+    | UpdateWorkflow
 )
+
+
+class ReplyKind(enum.Enum):
+    """Which request a :class:`Reply` answers."""
+
+    START = "START"
+    QUERY = "QUERY"
+    UPDATE = "UPDATE"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The orchestrator's answer to a request that asked for one, on the replies topic.
+
+    ``ok``: ``payload`` is the answer (a query's or update's value; None for a start).
+    Otherwise ``failure`` says why not. ``run_id`` and ``status`` describe the run the
+    answer is about (empty when there is none); ``created`` is true when a start made a
+    new run.
+    """
+
+    request_id: str
+    kind: ReplyKind
+    workflow_id: str
+    run_id: str
+    ok: bool
+    status: str
+    at_ms: int
+    created: bool = False
+    payload: Payload | None = None
+    failure: Failure | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +447,17 @@ class CancelRequested:
     at_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class UpdateAccepted:
+    """History event: update ``update_id`` (handler ``name``, argument ``args``) passed its
+    validator and is applied at this point of the history: replay calls its handler here."""
+
+    update_id: str
+    name: str
+    args: Payload
+    at_ms: int
+
+
 HistoryEvent = (
     ActivityScheduled
     | ActivityCompleted
@@ -369,6 +471,7 @@ HistoryEvent = (
     | PromiseCreated
     | PromiseCompleted
     | CancelRequested
+    | UpdateAccepted
 )
 
 
@@ -389,6 +492,7 @@ class WorkflowRecord:
     closed_at_ms: int | None = None
     run_id: str = ""
     wake_at_ms: int | None = None
+    request_id: str | None = None
 
 
 def promise_id(workflow_id: str, run_id: str, seq: int) -> str:

@@ -60,12 +60,17 @@ def _failure(value: Failure | None) -> int:
     return 1 + _bound(value)
 
 
+def _opt_text(value: str | None) -> int:
+    return 1 if value is None else 1 + text_bound(value)
+
+
 def _texts(value: tuple[str, ...]) -> int:
     return ARRAY + sum(text_bound(t) for t in value)
 
 
 _VARIABLE: Final[dict[str, Callable[[Any], int]]] = {
     "str": text_bound,
+    "str | None": _opt_text,
     "Payload": _payload,
     "Payload | None": _payload,
     "Failure": _failure,

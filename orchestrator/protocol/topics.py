@@ -63,6 +63,11 @@ class Topics:
         """Rejected records: original key and bytes, reason in headers."""
         return f"{self.prefix}.dlq"
 
+    @property
+    def replies(self) -> str:
+        """Answers to starts that asked for one, queries and updates, keyed by request id."""
+        return f"{self.prefix}.replies"
+
     def tasks(self, participant: str) -> str:
         """Activity tasks for one participant service."""
         return f"{self.prefix}.tasks.{participant}"
@@ -101,6 +106,12 @@ def tasks_config() -> dict[str, str]:
 def dlq_config() -> dict[str, str]:
     """Settings of the dead-letter topic: kept a month for operators."""
     return {"cleanup.policy": "delete", "retention.ms": str(30 * 24 * 3_600_000)}
+
+
+def replies_config() -> dict[str, str]:
+    """Settings of the replies topic: a caller waits seconds for its answer, so a day is
+    plenty."""
+    return {"cleanup.policy": "delete", "retention.ms": str(24 * 3_600_000)}
 
 
 # A history key that starts with 0xFF is never a workflow id: no UTF-8 text starts with it.

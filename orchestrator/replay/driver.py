@@ -60,6 +60,7 @@ from orchestrator.protocol.records import (
     TimerCancelled,
     TimerFired,
     TimerStarted,
+    UpdateAccepted,
     promise_id,
 )
 from orchestrator.replay.guard import (
@@ -74,6 +75,7 @@ from orchestrator.workflow import (
     ActivityHandle,
     ActivityTimeouts,
     CommandHandle,
+    Handler,
     PromiseHandle,
     RetryPolicy,
     SignalBox,
@@ -171,6 +173,33 @@ class ReplayResult:
     payload_error: str | None = None
     error: BaseException | None = None
     problem: Failure | None = None
+    updates: dict[str, HandlerOutcome] = field(default_factory=dict)
+    answer: HandlerOutcome | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerOutcome:
+    """What a query handler, update handler or validator did: returned ``value``, or
+    raised ``error`` (``missing`` too when there was no such handler)."""
+
+    value: Any = None
+    error: BaseException | None = None
+    missing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """A question put to the code once it has replayed its whole history: ``kind``
+    ``query`` calls query handler ``name``, ``validate`` the validator of update
+    ``name`` (a missing validator accepts), both with ``value``."""
+
+    kind: str
+    name: str
+    value: Any
+
+
+class HandlerMisuseError(ConfigurationError):
+    """A query or update handler tried to start something; only the workflow's code may."""
 
 
 def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
@@ -194,7 +223,14 @@ def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
 
 # Events that always settle something (event classes are final: their type is exact).
 _ALWAYS_FINAL: Final = frozenset(
-    (ActivityCompleted, TimerFired, SignalReceived, PromiseCompleted, CancelRequested)
+    (
+        ActivityCompleted,
+        TimerFired,
+        SignalReceived,
+        PromiseCompleted,
+        CancelRequested,
+        UpdateAccepted,
+    )
 )
 
 
@@ -227,6 +263,10 @@ class _Replayer:
         self.clock_ms = started_at_ms
         self.problem: Failure | None = None
         self.signals = SignalBox()
+        self.queries: dict[str, Handler] = {}
+        self.updates: dict[str, tuple[Handler, Handler | None]] = {}
+        # Set while a query or update handler runs: it may read and change state only.
+        self.handling = False
 
     def _take_seq(self) -> int:
         seq = self.next_seq
@@ -255,6 +295,7 @@ class _Replayer:
         compensation: bool,
         timeouts: ActivityTimeouts,
     ) -> ActivityHandle:
+        self._not_handling("ctx.activity")
         if self.closing or self.problem is not None:
             # finally blocks run while the engine closes a blocked coroutine, and nothing a
             # parked workflow asks for is kept: not real steps.
@@ -306,6 +347,7 @@ class _Replayer:
         return handle
 
     def timer(self, fire_at_ms: int) -> TimerHandle:
+        self._not_handling("a timer")
         if self.closing or self.problem is not None:
             return TimerHandle(self, -1, fire_at_ms)
         call = TimerStarted(self._take_seq(), fire_at_ms, self.clock_ms)
@@ -319,6 +361,7 @@ class _Replayer:
         return handle
 
     def promise(self, name: str) -> PromiseHandle:
+        self._not_handling("ctx.promise")
         if self.closing or self.problem is not None:
             return PromiseHandle(self, -1, name, "")
         call = PromiseCreated(self._take_seq(), name, self.clock_ms)
@@ -334,6 +377,7 @@ class _Replayer:
         return handle
 
     def cancel(self, timer: TimerHandle) -> None:
+        self._not_handling("cancelling a timer")
         if self.closing or self.problem is not None or self.handles.get(timer.seq) is not timer:
             return
         if timer.seq in self.closed_timers or timer.done:
@@ -360,6 +404,7 @@ class _Replayer:
         self.signals.arrive(signal.name, value, error)
 
     def wait_signal(self, handle: SignalHandle) -> None:
+        self._not_handling("ctx.wait_signal")
         if self.closing or self.problem is not None:
             return  # finally blocks of a closing coroutine take nothing
         self.signals.wait(handle)
@@ -368,7 +413,77 @@ class _Replayer:
         self.signals.give_back(handle)
 
     def misuse(self, message: str) -> None:
+        if self.handling:
+            return  # the error reaches the handler, whose caller gets it
         self.flag(DEFINITION, message)
+
+    def handle(self, kind: str, name: str, handler: Handler, validator: Handler | None) -> None:
+        if self.closing or self.problem is not None:
+            return
+        if kind == "query":
+            self.queries[name] = handler
+        else:
+            self.updates[name] = (handler, validator)
+
+    def _not_handling(self, what: str) -> None:
+        if self.handling:
+            raise HandlerMisuseError(
+                f"{what} inside a query or update handler: handlers may read and change "
+                "the workflow's state only; start steps from the workflow's code"
+            )
+
+    def call(self, handler: Handler, value: Any) -> HandlerOutcome:
+        """Run a handler with ``value`` (none when None); nothing it raises escapes."""
+        self.handling = True
+        try:
+            result = handler() if value is None else handler(value)
+            if isinstance(result, Coroutine):
+                result.close()
+                raise TypeError(
+                    "query and update handlers and validators must be plain functions, "
+                    "not async ones: they run between the workflow's awaits"
+                )
+            return HandlerOutcome(result)
+        except BaseException as exc:  # anything a handler does is its caller's error
+            return HandlerOutcome(error=exc)
+        finally:
+            self.handling = False
+
+    def apply_update(self, event: UpdateAccepted, outcome: ReplayResult) -> None:
+        """Run update ``event`` where history recorded it; its outcome is kept by id."""
+        entry = self.updates.get(event.name)
+        if entry is None:
+            self.flag(
+                NONDETERMINISM,
+                f"history applies update {safe_text(event.name, MAX_NAME_CHARS)!r} where "
+                "the code has no handler for it",
+            )
+            return
+        try:
+            value: Any = decode_json(event.args)
+        except Exception as exc:  # not JSON, or nested past the recursion limit
+            outcome.updates[event.update_id] = HandlerOutcome(
+                error=PayloadEncodingError(f"update argument is not readable JSON: {exc}")
+            )
+            return
+        outcome.updates[event.update_id] = self.call(entry[0], value)
+
+    def answer(self, ask: Ask) -> HandlerOutcome:
+        """Put ``ask`` to the handlers registered by now."""
+        if ask.kind == "query":
+            handler = self.queries.get(ask.name)
+            if handler is None:
+                return HandlerOutcome(
+                    error=LookupError(_missing("query", ask, self.queries)), missing=True
+                )
+            return self.call(handler, ask.value)
+        entry = self.updates.get(ask.name)
+        if entry is None:
+            return HandlerOutcome(
+                error=LookupError(_missing("update", ask, self.updates)), missing=True
+            )
+        validator = entry[1]
+        return HandlerOutcome() if validator is None else self.call(validator, ask.value)
 
     def flag(self, error_type: str, message: str) -> None:
         """Note why the workflow must park; the first reason wins, closing notes nothing."""
@@ -379,6 +494,15 @@ class _Replayer:
         """Note why the workflow must park unless a reason is known; the engine's own checks."""
         if self.problem is None:
             self.problem = Failure(error_type, safe_text(message))
+
+
+def _missing(kind: str, ask: Ask, known: dict[str, Any]) -> str:
+    names = ", ".join(repr(safe_text(n, MAX_NAME_CHARS)) for n in sorted(known)[:20])
+    return (
+        f"the workflow has no {kind} handler {safe_text(ask.name, MAX_NAME_CHARS)!r} "
+        f"(it has {names or 'none'}): register it with ctx.on_{kind} before the "
+        "workflow's first await"
+    )
 
 
 def _describe(name: str, compensation: bool) -> str:
@@ -394,11 +518,14 @@ def replay(
     started_at_ms: int,
     *,
     run_id: str = "",
+    ask: Ask | None = None,
 ) -> ReplayResult:
     """Run ``fn`` over ``events`` and report new steps, completion or a problem.
 
-    ``run_id`` seeds ``ctx.random()`` and ``ctx.uuid4()``. Never raises for anything the
-    workflow code does.
+    ``run_id`` seeds ``ctx.random()`` and ``ctx.uuid4()``. ``ask``: once the history is
+    replayed (and before the coroutine is closed), call that query handler or update
+    validator; its outcome is ``answer`` (None if the code had a problem first). Never
+    raises for anything the workflow code does.
     """
     replayer = _Replayer(events, started_at_ms, workflow_id, run_id)
     outcome = ReplayResult()
@@ -410,6 +537,8 @@ def replay(
         else:
             try:
                 _drive(coro, replayer, outcome, events)
+                if ask is not None and replayer.problem is None:
+                    outcome.answer = replayer.answer(ask)
             finally:
                 # From here on, whatever the coroutine still runs (finally blocks now, or
                 # at garbage collection if it refuses to stop) schedules nothing real.
@@ -499,6 +628,13 @@ def _drive(
             # case it waits for it (a wait on anything else just waits again).
             replayer.clock_ms = event.at_ms
             replayer.receive(event)
+            _step(coro, replayer, outcome)
+            continue
+        if isinstance(event, UpdateAccepted):
+            # Its handler changes the state where history recorded it; then the code
+            # runs on, as after a signal.
+            replayer.clock_ms = event.at_ms
+            replayer.apply_update(event, outcome)
             _step(coro, replayer, outcome)
             continue
         if isinstance(event, CancelRequested):
@@ -637,4 +773,13 @@ def _encode_result(outcome: ReplayResult, replayer: _Replayer) -> None:
             replayer.flag(DEFINITION, problem)
 
 
-__all__ = ["ADVICE", "Command", "ReplayResult", "command_of", "final_outcomes", "replay"]
+__all__ = [
+    "ADVICE",
+    "Ask",
+    "Command",
+    "HandlerOutcome",
+    "ReplayResult",
+    "command_of",
+    "final_outcomes",
+    "replay",
+]

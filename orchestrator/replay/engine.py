@@ -23,9 +23,15 @@ Rules of this module:
 from __future__ import annotations
 
 import dataclasses
-from typing import Final
+from typing import Any, Final, NamedTuple
 
-from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
+from orchestrator.protocol.failures import (
+    MAX_NAME_CHARS,
+    describe,
+    failure_from_exception,
+    safe_text,
+)
+from orchestrator.protocol.payloads import PayloadEncodingError, decode_json, encode_json
 from orchestrator.protocol.records import (
     ActivityCompleted,
     ActivityFailed,
@@ -42,20 +48,29 @@ from orchestrator.protocol.records import (
     CompletePromise,
     Failure,
     HistoryEvent,
+    IfClosed,
+    IfRunning,
     InboxBody,
+    Payload,
     PromiseCompleted,
     PromiseCreated,
+    QueryWorkflow,
+    Reply,
+    ReplyKind,
     ResumeWorkflow,
     SignalReceived,
     SignalWorkflow,
     StartWorkflow,
     TimerFired,
+    UpdateAccepted,
+    UpdateWorkflow,
     WakeUp,
     WorkflowRecord,
     WorkflowStatus,
     activity_id,
     parse_promise_id,
 )
+from orchestrator.replay.driver import Ask, HandlerOutcome, replay
 from orchestrator.replay.limits import Limits, Tier, reserved_events
 from orchestrator.replay.timing import (
     RETRY,
@@ -104,6 +119,14 @@ DUPLICATE_COMPLETION: Final = "duplicate-completion"
 PROMISE_REFUSED: Final = "promise-refused"
 """A completion naming no promise of this run of the workflow, or with both or neither of a
 value and a failure. The shell dead-letters it."""
+START_REFUSED: Final = "start-refused"
+"""A start whose request id is longer than ``MAX_REQUEST_ID_CHARS`` (it could not be
+recognised when retried, so it is refused rather than risk a second run)."""
+DUPLICATE_UPDATE: Final = "duplicate-update"
+"""An update whose ``update_id`` the workflow already took (answered again)."""
+UPDATE_REFUSED: Final = "update-refused"
+"""An update that was not applied: its validator rejected it, no handler takes it, the
+workflow is parked, or it does not fit; the caller's reply says which."""
 SIGNAL_REFUSED: Final = "signal-refused"
 """A signal the workflow cannot take: its record has no room for it (events or bytes), its
 name is invalid, or its start names another workflow. The shell dead-letters it."""
@@ -128,10 +151,15 @@ IGNORED_REASONS: Final = (
     DUPLICATE_COMPLETION,
     PROMISE_REFUSED,
     DUPLICATE_CANCEL,
+    DUPLICATE_UPDATE,
+    UPDATE_REFUSED,
+    START_REFUSED,
 )
 # Ignore reasons whose input the shell dead-letters instead of counting: nothing else will
 # ever take it (a retried send of the same input meets the same answer).
 REJECTED_REASONS: Final = frozenset((UNKNOWN_WORKFLOW, SIGNAL_REFUSED, PROMISE_REFUSED))
+# A start's request id longer than this is not kept in the record (a UUID is 36).
+MAX_REQUEST_ID_CHARS: Final = 200
 # A cancel's reason is kept up to this many characters.
 MAX_REASON_CHARS: Final = 1_000
 # A participant's retry_after_ms beyond this is taken as this (100 years).
@@ -170,7 +198,12 @@ def advance(
         ``wake_at_ms`` says when to feed it the next ``WakeUp`` (None: never).
     """
     if record is not None and record.status is WorkflowStatus.UNKNOWN:
-        return Transition(None, ignored=UNKNOWN_STATUS)
+        failure = Failure(
+            "UnknownStatus", "the workflow's record was written by newer code; upgrade first"
+        )
+        return Transition(
+            None, ignored=UNKNOWN_STATUS, reply=_refusal(body, record, failure, now_ms)
+        )
     if isinstance(body, StartWorkflow):
         return _start(record, body, now_ms, registry, limits, run_id)
     if isinstance(body, ActivityResult):
@@ -187,7 +220,20 @@ def advance(
         return _apply_completion(record, body, now_ms, registry, limits)
     if isinstance(body, CancelWorkflow):
         return _apply_cancel(record, body, now_ms, registry, limits)
+    if isinstance(body, UpdateWorkflow):
+        return _apply_update(record, body, now_ms, registry, limits)
     return Transition(None, ignored=UNKNOWN_INPUT)
+
+
+# --- starts and id reuse -------------------------------------------------------------
+
+
+class ClosedRun(NamedTuple):
+    """What the shell keeps of a workflow's closed last run: enough to apply id reuse."""
+
+    status: WorkflowStatus
+    run_id: str
+    request_id: str | None
 
 
 def _start(
@@ -198,9 +244,397 @@ def _start(
     limits: Limits,
     run_id: str,
 ) -> Transition:
-    if record is not None:
-        return Transition(None, ignored=DUPLICATE_START)
-    return CodeRun(_fresh(start, now_ms, run_id), now_ms, registry, limits).transition()
+    """A start for an id that has no run, or whose run is open (``start.if_running``)."""
+    refused = _long_request_id(start, record, now_ms)
+    if refused is not None:
+        return refused
+    if record is None:
+        return _new_run(start, now_ms, registry, limits, run_id)
+    if record.status.terminal:
+        closed = ClosedRun(record.status, record.run_id, record.request_id)
+        return start_again(closed, start, now_ms, registry, limits, run_id=run_id)
+    if start.request_id is not None and start.request_id == record.request_id:
+        # The same request again (a retried send): the same answer, nothing changes.
+        reply = _start_reply(start, record.run_id, record.status, now_ms, created=True)
+        return Transition(None, ignored=DUPLICATE_START, reply=reply)
+    policy = start.if_running or IfRunning.USE_EXISTING
+    if policy is IfRunning.TERMINATE_EXISTING:
+        why = Failure(
+            "Terminated",
+            f"terminated by a start with if_running=TERMINATE_EXISTING at {now_ms}",
+        )
+        ended = close(record, now_ms, WorkflowStatus.TERMINATED, failure=why)
+        if not limits.fits(ended, Tier.GRACE):
+            ended = close(record, now_ms, WorkflowStatus.TERMINATED)
+        fresh = _new_run(start, now_ms, registry, limits, run_id)
+        return dataclasses.replace(fresh, replaced=ended)
+    if policy is IfRunning.FAIL:
+        failure = Failure(
+            "WorkflowAlreadyRunning",
+            f"workflow {safe_text(record.workflow_id, 200)!r} has an open run "
+            f"({record.run_id}, {record.status.value}) and the start says if_running=FAIL",
+        )
+        reply = _start_reply(start, record.run_id, record.status, now_ms, failure=failure)
+    else:
+        reply = _start_reply(start, record.run_id, record.status, now_ms)
+    return Transition(None, ignored=DUPLICATE_START, reply=reply)
+
+
+def start_again(
+    closed: ClosedRun,
+    start: StartWorkflow,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    run_id: str,
+) -> Transition:
+    """A start for an id whose last run has closed, decided by ``start.if_closed`` (None:
+    REJECT): a new run (a new record that replaces the closed one) or a refusal.
+
+    A start carrying the request id of the closed run's own start is a retried send: it
+    is answered as the first time (``created``) and starts nothing.
+    """
+    if start.request_id is not None and len(start.request_id) > MAX_REQUEST_ID_CHARS:
+        failure = _long_request_failure(start.request_id)
+        reply = _start_reply(start, closed.run_id, closed.status, now_ms, failure=failure)
+        return Transition(None, ignored=START_REFUSED, reply=reply)
+    if start.request_id is not None and start.request_id == closed.request_id:
+        reply = _start_reply(start, closed.run_id, closed.status, now_ms, created=True)
+        return Transition(None, ignored=DUPLICATE_START, reply=reply)
+    policy = start.if_closed or IfClosed.REJECT
+    if policy is IfClosed.ALLOW or (
+        policy is IfClosed.ALLOW_IF_FAILED and closed.status is not WorkflowStatus.COMPLETED
+    ):
+        return _new_run(start, now_ms, registry, limits, run_id)
+    failure = Failure(
+        "WorkflowIdReuseRejected",
+        f"workflow {safe_text(start.workflow_id, 200)!r} ended {closed.status.value} "
+        f"(run {closed.run_id}) and the start says if_closed={policy.value}",
+    )
+    reply = _start_reply(start, closed.run_id, closed.status, now_ms, failure=failure)
+    return Transition(None, ignored=DUPLICATE_START, reply=reply)
+
+
+def _long_request_id(
+    start: StartWorkflow, record: WorkflowRecord | None, now_ms: int
+) -> Transition | None:
+    """The refusal of a start whose request id is too long to keep, or None."""
+    if start.request_id is None or len(start.request_id) <= MAX_REQUEST_ID_CHARS:
+        return None
+    failure = _long_request_failure(start.request_id)
+    if record is None:
+        reply = _start_reply(start, "", WorkflowStatus.UNKNOWN, now_ms, failure=failure)
+        reply = None if reply is None else dataclasses.replace(reply, status="")
+    else:
+        reply = _start_reply(start, record.run_id, record.status, now_ms, failure=failure)
+    return Transition(None, ignored=START_REFUSED, reply=reply)
+
+
+def _long_request_failure(request_id: str) -> Failure:
+    return Failure(
+        "InvalidRequest",
+        f"a request id is at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}: "
+        "a longer one could not be recognised when the start is retried",
+    )
+
+
+def _new_run(
+    start: StartWorkflow, now_ms: int, registry: WorkflowRegistry, limits: Limits, run_id: str
+) -> Transition:
+    transition = CodeRun(_fresh(start, now_ms, run_id), now_ms, registry, limits).transition()
+    record = transition.record
+    assert record is not None  # a code run always leaves a record
+    reply = _start_reply(start, record.run_id, record.status, now_ms, created=True)
+    return dataclasses.replace(transition, reply=reply)
+
+
+def _start_reply(
+    start: StartWorkflow,
+    run_id: str,
+    status: WorkflowStatus,
+    now_ms: int,
+    *,
+    created: bool = False,
+    failure: Failure | None = None,
+) -> Reply | None:
+    if start.request_id is None:
+        return None
+    return Reply(
+        start.request_id,
+        ReplyKind.START,
+        start.workflow_id,
+        run_id,
+        failure is None,
+        status.value,
+        now_ms,
+        created=created,
+        failure=failure,
+    )
+
+
+def _refusal(
+    body: InboxBody | WakeUp, record: WorkflowRecord | None, failure: Failure, now_ms: int
+) -> Reply | None:
+    """The failure reply to a request that asked for one; None for other inputs."""
+    if isinstance(body, StartWorkflow) and body.request_id is not None:
+        request_id, kind = body.request_id, ReplyKind.START
+    elif isinstance(body, UpdateWorkflow):
+        request_id, kind = body.update_id, ReplyKind.UPDATE
+    elif isinstance(body, QueryWorkflow):
+        request_id, kind = body.request_id, ReplyKind.QUERY
+    else:
+        return None
+    return Reply(
+        request_id,
+        kind,
+        body.workflow_id or "",
+        "" if record is None else record.run_id,
+        False,
+        "" if record is None else record.status.value,
+        now_ms,
+        failure=failure,
+    )
+
+
+# --- queries and updates -------------------------------------------------------------
+
+
+def answer_query(
+    record: WorkflowRecord | None, query: QueryWorkflow, now_ms: int, registry: WorkflowRegistry
+) -> Reply:
+    """The answer to ``query``: its handler's value against the workflow's current state,
+    replayed from ``record``. Writes nothing; never raises for what the code does."""
+    if record is None:
+        failure = Failure(
+            "WorkflowNotFound",
+            f"no open workflow {safe_text(query.workflow_id, 200)!r} (a closed workflow's "
+            "state is not kept in memory: use its result)",
+        )
+        return _answer(query, record, HandlerOutcome(error=None), now_ms, failure)
+    outcome = _ask(record, Ask("query", query.name, None), query.args, registry)
+    if isinstance(outcome, Failure):
+        return _answer(query, record, HandlerOutcome(), now_ms, outcome)
+    return _answer(query, record, outcome, now_ms, None)
+
+
+def _ask(
+    record: WorkflowRecord, ask: Ask, args: Payload, registry: WorkflowRegistry
+) -> HandlerOutcome | Failure:
+    """Replay ``record`` and put ``ask`` (with ``args`` decoded) to its handlers; a
+    Failure when that cannot be done."""
+    fn = registry.get(record.workflow_type)
+    if fn is None:
+        return Failure(
+            "UnknownWorkflowType",
+            f"workflow type {safe_text(record.workflow_type, MAX_NAME_CHARS)!r} is not "
+            "registered in this orchestrator",
+        )
+    try:
+        input_value: Any = decode_json(record.input)
+        value: Any = decode_json(args)
+    except Exception as exc:  # not JSON, or nested past the recursion limit
+        return Failure("InvalidArgument", f"not readable JSON: {describe(exc)}")
+    result = replay(
+        fn,
+        record.workflow_id,
+        record.workflow_type,
+        input_value,
+        record.events,
+        record.started_at_ms,
+        run_id=record.run_id,
+        ask=dataclasses.replace(ask, value=value),
+    )
+    if result.problem is not None or result.answer is None:
+        problem = result.problem or Failure("WorkflowStuck", "the code did not replay")
+        return Failure(
+            "WorkflowStuck",
+            f"the workflow's code cannot be replayed: {problem.error_type}: {problem.message}",
+        )
+    return result.answer
+
+
+def _answer(
+    query: QueryWorkflow,
+    record: WorkflowRecord | None,
+    outcome: HandlerOutcome,
+    now_ms: int,
+    failure: Failure | None,
+) -> Reply:
+    payload, failure = _outcome_payload(outcome, failure, "UnknownQuery")
+    return Reply(
+        query.request_id,
+        ReplyKind.QUERY,
+        query.workflow_id,
+        "" if record is None else record.run_id,
+        failure is None,
+        "" if record is None else record.status.value,
+        now_ms,
+        payload=payload,
+        failure=failure,
+    )
+
+
+def _outcome_payload(
+    outcome: HandlerOutcome, failure: Failure | None, missing_type: str
+) -> tuple[Payload | None, Failure | None]:
+    """A handler's outcome as a reply's payload or failure."""
+    if failure is not None:
+        return None, failure
+    if outcome.error is not None:
+        if isinstance(outcome.error, LookupError) and outcome.missing:
+            return None, Failure(missing_type, safe_text(outcome.error))
+        return None, failure_from_exception(outcome.error, retryable=False)
+    try:
+        return encode_json(outcome.value), None
+    except PayloadEncodingError as exc:
+        return None, Failure("PayloadEncodingError", safe_text(exc))
+    except BaseException as exc:  # user hooks of the value raise anything
+        return None, Failure("PayloadEncodingError", f"not JSON-serialisable: {describe(exc)}")
+
+
+def _apply_update(
+    record: WorkflowRecord | None,
+    update: UpdateWorkflow,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits,
+) -> Transition:
+    """Validate ``update`` against the current state; if it passes, record it and run the
+    code (its handler runs where it is recorded); answer the caller either way."""
+
+    def refuse(reason: str, failure: Failure) -> Transition:
+        return Transition(None, ignored=reason, reply=_refusal(update, record, failure, now_ms))
+
+    if record is None:
+        failure = Failure("WorkflowNotFound", f"no workflow {safe_text(update.workflow_id, 200)!r}")
+        return refuse(UPDATE_REFUSED, failure)
+    if record.status.terminal:
+        failure = Failure(
+            "WorkflowClosed", f"the workflow ended {record.status.value}; updates need it open"
+        )
+        return refuse(WORKFLOW_CLOSED, failure)
+    if record.status is not WorkflowStatus.RUNNING:
+        failure = Failure(
+            "WorkflowStuck",
+            "the workflow is parked; resume it (sagaline resume) before updating it",
+        )
+        return refuse(UPDATE_REFUSED, failure)
+    problem = signal_name_problem(update.name)
+    if problem is not None or not update.update_id:
+        why = problem or "an update needs a non-empty update_id"
+        why = why.replace("a signal", "an update").replace("signal", "update")
+        return refuse(UPDATE_REFUSED, Failure("InvalidUpdate", why))
+    for event in record.events:
+        if type(event) is UpdateAccepted and event.update_id == update.update_id:
+            return _answer_again(record, event, now_ms, registry)
+    validated = _ask(record, Ask("validate", update.name, None), update.args, registry)
+    if isinstance(validated, Failure):
+        return refuse(UPDATE_REFUSED, validated)
+    if validated.error is not None:
+        if validated.missing:
+            return refuse(UPDATE_REFUSED, Failure("UnknownUpdate", safe_text(validated.error)))
+        rejected = failure_from_exception(validated.error, retryable=False)
+        failure = Failure("UpdateRejected", f"{rejected.error_type}: {rejected.message}")
+        return refuse(UPDATE_REFUSED, failure)
+    accepted = UpdateAccepted(update.update_id, update.name, update.args, now_ms)
+    if not _outside_room(record, accepted, now_ms, limits):
+        failure = Failure(
+            "UpdateTooLarge", "the workflow's record has no room for this update (events or bytes)"
+        )
+        return refuse(UPDATE_REFUSED, failure)
+    run = CodeRun(record, now_ms, registry, limits, outcome=accepted)
+    transition = run.transition()
+    changed = transition.record
+    if run.last_resort or changed is None or changed.status is WorkflowStatus.STUCK:
+        # What the update led to cannot be kept as it is: refuse it, change nothing.
+        failure = (changed.failure if changed is not None else None) or Failure(
+            "UpdateTooLarge", "what the update led to does not fit the workflow's record"
+        )
+        return refuse(UPDATE_REFUSED, failure)
+    outcome = run.updates.get(update.update_id, HandlerOutcome())
+    return dataclasses.replace(
+        transition, reply=_update_reply(update.update_id, changed, outcome, now_ms)
+    )
+
+
+def _answer_again(
+    record: WorkflowRecord, event: UpdateAccepted, now_ms: int, registry: WorkflowRegistry
+) -> Transition:
+    """A retried update: answer with what its handler did, from a replay; a failure when
+    the code deployed now cannot replay it (never a made-up success)."""
+    fn = registry.get(record.workflow_type)
+    outcome: HandlerOutcome | None = None
+    if fn is not None:
+        try:
+            result = replay(
+                fn,
+                record.workflow_id,
+                record.workflow_type,
+                decode_json(record.input),
+                record.events,
+                record.started_at_ms,
+                run_id=record.run_id,
+            )
+            outcome = result.updates.get(event.update_id)
+        except Exception:  # the input is not JSON: the start failed, cannot get here
+            outcome = None
+    if outcome is None:
+        failure = Failure(
+            "AnswerUnavailable",
+            f"update {safe_text(event.update_id, 200)!r} was applied, but the code deployed "
+            "now cannot replay it to give its answer again",
+        )
+        reply = _refusal(_as_update(record, event), record, failure, now_ms)
+        return Transition(None, ignored=DUPLICATE_UPDATE, reply=reply)
+    reply = _update_reply(event.update_id, record, outcome, now_ms)
+    return Transition(None, ignored=DUPLICATE_UPDATE, reply=reply)
+
+
+def _as_update(record: WorkflowRecord, event: UpdateAccepted) -> UpdateWorkflow:
+    return UpdateWorkflow(record.workflow_id, event.update_id, event.name, event.args, event.at_ms)
+
+
+def _update_reply(
+    update_id: str, record: WorkflowRecord, outcome: HandlerOutcome, now_ms: int
+) -> Reply:
+    payload, failure = _outcome_payload(outcome, None, "UnknownUpdate")
+    return Reply(
+        update_id,
+        ReplyKind.UPDATE,
+        record.workflow_id,
+        record.run_id,
+        failure is None,
+        record.status.value,
+        now_ms,
+        payload=payload,
+        failure=failure,
+    )
+
+
+def _outside_room(
+    record: WorkflowRecord, event: SignalReceived | UpdateAccepted, now_ms: int, limits: Limits
+) -> bool:
+    """Whether ``event`` from outside (a signal, an update) fits: such events may take a
+    quarter of the history's events and of its bytes, so a flood nobody waits for leaves
+    the steps room."""
+    events = (*record.events, event)
+    outside = sum(type(e) is SignalReceived or type(e) is UpdateAccepted for e in events)
+    budget = limits.byte_budget(Tier.NORMAL)
+    return not (
+        outside > max(1, limits.max_events // 4)
+        or not _room(events, Tier.NORMAL, limits)
+        or (budget is not None and sum(_outside_bytes(e) for e in events) > budget // 4)
+        or not limits.fits(revise(record, now_ms, events=events), Tier.NORMAL)
+    )
+
+
+def _outside_bytes(event: HistoryEvent) -> int:
+    if type(event) is SignalReceived:
+        return len(event.payload.data) + len(event.name) + len(event.signal_id)
+    if type(event) is UpdateAccepted:
+        return len(event.args.data) + len(event.name) + len(event.update_id)
+    return 0
 
 
 def _apply_signal(
@@ -232,30 +666,14 @@ def _apply_signal(
         base = record
     received = SignalReceived(signal.name, signal.payload, signal.signal_id, now_ms)
     # A signal that does not fit is refused, never allowed to close the workflow: the
-    # sender made the mistake, not the workflow. Signals may take a quarter of the
-    # history's events and of its bytes, so a flood nobody waits for leaves the steps room.
-    events = (*base.events, received)
-    signals = sum(type(e) is SignalReceived for e in events)
-    budget = limits.byte_budget(Tier.NORMAL)
-    if (
-        signals > max(1, limits.max_events // 4)
-        or not _room(events, Tier.NORMAL, limits)
-        or (
-            budget is not None
-            and sum(_signal_bytes(e) for e in events if type(e) is SignalReceived) > budget // 4
-        )
-        or not limits.fits(revise(base, now_ms, events=events), Tier.NORMAL)
-    ):
+    # sender made the mistake, not the workflow.
+    if not _outside_room(base, received, now_ms, limits):
         return Transition(None, ignored=SIGNAL_REFUSED)
     run = CodeRun(base, now_ms, registry, limits, outcome=received)
     transition = run.transition()
     if run.last_resort:
         return Transition(None, ignored=SIGNAL_REFUSED)  # what it led to did not fit
     return transition
-
-
-def _signal_bytes(event: SignalReceived) -> int:
-    return len(event.payload.data) + len(event.name) + len(event.signal_id)
 
 
 def _apply_cancel(
@@ -325,7 +743,14 @@ def _fresh(start: StartWorkflow, now_ms: int, run_id: str) -> WorkflowRecord:
         updated_at_ms=now_ms,
         revision=0,
         run_id=_encodable(run_id),
+        request_id=_kept_request_id(start.request_id),
     )
+
+
+def _kept_request_id(request_id: str | None) -> str | None:
+    if request_id is None or len(request_id) > MAX_REQUEST_ID_CHARS:
+        return None  # refused by _start; a signal's start keeps none
+    return _encodable(request_id)
 
 
 def _resume(
@@ -811,11 +1236,14 @@ def _encodable(text: str) -> str:
 # The shell imports these from here; they live beside the code that uses them most.
 __all__ = [
     "IGNORED_REASONS",
+    "ClosedRun",
     "Limits",
     "Transition",
     "advance",
+    "answer_query",
     "fail",
     "next_wake",
     "park",
     "pending_tasks",
+    "start_again",
 ]

@@ -46,6 +46,7 @@ from orchestrator.protocol.records import (
     HistoryEvent,
     Payload,
     PromiseCreated,
+    Reply,
     TimerCancelled,
     TimerFired,
     TimerStarted,
@@ -53,7 +54,7 @@ from orchestrator.protocol.records import (
     WorkflowStatus,
     activity_id,
 )
-from orchestrator.replay.driver import Command, final_outcomes, replay
+from orchestrator.replay.driver import Command, HandlerOutcome, final_outcomes, replay
 from orchestrator.replay.limits import Limits, Tier, command_events, reserved_events
 from orchestrator.replay.timing import TimeState, next_wake, report_start, scan
 from orchestrator.workflow import WorkflowFn, WorkflowRegistry
@@ -68,11 +69,18 @@ EMPTY: Final = Payload(b"", JSON_ENCODING)
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """Result of applying one input: the new record and the tasks to send, or a reason."""
+    """Result of applying one input: the new record and the tasks to send, or a reason.
+
+    ``reply``: the answer to send the caller (a start that asked for one, an update),
+    whether or not anything changed. ``replaced``: the closed record of the run a new run
+    replaces (a start that terminated it), written to history before ``record``.
+    """
 
     record: WorkflowRecord | None
     tasks: tuple[ActivityTask, ...] = ()
     ignored: str | None = None
+    reply: Reply | None = None
+    replaced: WorkflowRecord | None = None
 
     @property
     def changed(self) -> bool:
@@ -110,6 +118,8 @@ class CodeRun:
         self.last_resort = False
         """True once the transition closed the workflow at its last good state (nothing
         the code asked for fitted): a caller whose input may be refused refuses it."""
+        self.updates: dict[str, HandlerOutcome] = {}
+        """What the update handlers of the last replay did, by update id."""
 
     def transition(self) -> Transition:
         """The new record and its tasks; never raises for what the workflow code does."""
@@ -159,6 +169,7 @@ class CodeRun:
                 base.started_at_ms,
                 run_id=base.run_id,
             )
+            self.updates = result.updates
             if result.problem is not None:
                 stuck = self._record(first, WorkflowStatus.STUCK, failure=result.problem)
                 return self._settle(stuck)

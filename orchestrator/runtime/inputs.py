@@ -43,10 +43,15 @@ from orchestrator.protocol.records import (
     CancelWorkflow,
     CompletePromise,
     Failure,
+    IfClosed,
     InboxBody,
+    QueryWorkflow,
+    Reply,
+    ReplyKind,
     ResumeWorkflow,
     SignalWorkflow,
     StartWorkflow,
+    UpdateWorkflow,
     WakeUp,
     WorkflowRecord,
     WorkflowStatus,
@@ -56,10 +61,13 @@ from orchestrator.protocol.topics import Topics, held_key
 from orchestrator.replay.engine import (
     REJECTED_REASONS,
     SIGNAL_REFUSED,
+    ClosedRun,
     Limits,
     Transition,
     advance,
+    answer_query,
     park,
+    start_again,
 )
 from orchestrator.runtime.state import Presence, WorkflowStore
 from orchestrator.transport import (
@@ -113,13 +121,15 @@ class Ref:
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """A task or dead letter to produce when the batch commits, and what caused it."""
+    """A task, reply, dead letter or replaced history record to produce when the batch
+    commits, and what caused it; ``partition`` None lets the partitioner choose."""
 
     topic: str
     key: bytes | None
     value: bytes | None
     ref: Ref
     headers: tuple[tuple[str, bytes | None], ...] = ()
+    partition: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +252,9 @@ class InputProcessor:
         partition = item.partition
         wid = body.workflow_id
         assert wid is not None
+        if isinstance(body, QueryWorkflow):
+            self._answer(item, body, batch, now_ms)
+            return
         level, why = self._poison_level(item.ref, partition, wid)
         if level >= DEAD_LETTER:
             self._reject_input(item, "undeliverable", why, batch)
@@ -256,6 +269,13 @@ class InputProcessor:
             batch.ignored.append("not-running")
             return
         if presence is Presence.CLOSED:
+            if isinstance(body, StartWorkflow) and _may_start_again(body):
+                self._apply(item, None, body, batch, now_ms, self._closed_run(partition, wid))
+                return
+            if isinstance(body, UpdateWorkflow):
+                # The engine answers (the workflow closed); it needs no record for that.
+                self._apply(item, None, body, batch, now_ms, self._closed_run(partition, wid))
+                return
             batch.ignored.append(
                 "duplicate-start" if isinstance(body, StartWorkflow) else "workflow-closed"
             )
@@ -425,14 +445,30 @@ class InputProcessor:
         body: InboxBody | WakeUp,
         batch: Batch,
         now_ms: int,
+        closed: ClosedRun | None = None,
     ) -> bool:
-        """Advance the workflow with ``body``; False if it had to be parked instead."""
+        """Advance the workflow with ``body``; False if it had to be parked instead.
+
+        ``closed``: the workflow's last run has closed (``current`` is None); a start may
+        begin a new run per its id-reuse policy, an update is answered that it closed.
+        """
         starts = isinstance(body, StartWorkflow) or (
             current is None and isinstance(body, SignalWorkflow) and body.start is not None
         )
         run_id = uuid.uuid4().hex if starts else ""
         try:
-            transition = advance(current, body, now_ms, self.registry, self.limits, run_id=run_id)
+            if closed is not None and isinstance(body, StartWorkflow):
+                transition = start_again(
+                    closed, body, now_ms, self.registry, self.limits, run_id=run_id
+                )
+            elif closed is not None and isinstance(body, UpdateWorkflow):
+                transition = Transition(
+                    None, ignored="workflow-closed", reply=_closed_reply(body, closed, now_ms)
+                )
+            else:
+                transition = advance(
+                    current, body, now_ms, self.registry, self.limits, run_id=run_id
+                )
         except BaseException as exc:  # the engine itself failed: only this workflow pays
             log.exception(
                 "engine failed workflow=%s partition=%d offset=%d",
@@ -446,6 +482,8 @@ class InputProcessor:
             )
             self._encoded.clear()
             return self._park(item, current, body, failure, batch, now_ms)
+        if transition.reply is not None and transition.ignored is not None:
+            self._reply(transition.reply, item, batch)
         if transition.ignored is not None:
             self._encoded.clear()
             if transition.ignored in REJECTED_REASONS and not isinstance(body, ResumeWorkflow):
@@ -466,6 +504,29 @@ class InputProcessor:
             # The bytes measured for the engine's size check are the bytes produced.
             self._encoded.clear()
         record, encoded, tasks = planned
+        replaced = transition.replaced
+        if replaced is not None:
+            # The run a start terminated: its closing record goes to history first, so
+            # readers see it end before the new run replaces it under the same key.
+            try:
+                ended = self.codec.encode_workflow(replaced)
+            except Exception:  # cannot happen for a record this code wrote; say so
+                log.exception(
+                    "cannot encode the terminated run of %s", safe_text(replaced.workflow_id, 200)
+                )
+            else:
+                batch.outputs.append(
+                    Output(
+                        self.topics.history,
+                        replaced.workflow_id.encode(),
+                        ended,
+                        Ref("workflow", item.partition, replaced.workflow_id),
+                        partition=item.partition,
+                    )
+                )
+                batch.changed.append((False, replaced, 0))
+        if transition.reply is not None:
+            self._reply(transition.reply, item, batch)
         if isinstance(body, StartWorkflow) and record.input != body.input:
             # The workflow is recorded as failed without its input, which did not fit; the
             # dead letter keeps the original for whoever wants to start it again.
@@ -573,6 +634,22 @@ class InputProcessor:
         metrics.WORKFLOWS_PARKED.labels(failure.error_type).inc()
         self.store.stage(item.partition, record, encoded)
         batch.changed.append((current is None, record, 0))
+        if current is None and isinstance(parked_as, StartWorkflow) and parked_as.request_id:
+            # The start made a run, parked at once: say so, with its run id.
+            self._reply(
+                Reply(
+                    parked_as.request_id,
+                    ReplyKind.START,
+                    wid,
+                    record.run_id,
+                    True,
+                    record.status.value,
+                    now_ms,
+                    created=True,
+                ),
+                item,
+                batch,
+            )
         # A start lives on in the parked record itself; anything else (a signal that came
         # with its start too) waits beside it.
         if (current is not None or parked_as is not body) and not isinstance(body, ResumeWorkflow):
@@ -607,6 +684,95 @@ class InputProcessor:
         if same == committed:
             # A re-drive that parks the workflow again exactly as it was writes nothing.
             self.store.unstage(wid)
+
+    # --- replies ----------------------------------------------------------------------
+
+    def _answer(self, item: Input, query: QueryWorkflow, batch: Batch, now_ms: int) -> None:
+        """Answer a query from the workflow's current state (staged changes included):
+        nothing is written but the reply, and nothing holds a query back."""
+        level, why = self._poison_level(item.ref, item.partition, query.workflow_id)
+        if level >= DEAD_LETTER:
+            batch.ignored.append("reply-refused")
+            return
+        wid = query.workflow_id
+        presence = self.store.presence(item.partition, wid)
+        record = self._load(item.partition, wid, presence)
+        try:
+            if level >= PARK:
+                failure = Failure("ReplyRefused", f"Kafka refused the answer: {why}")
+                reply = Reply(
+                    query.request_id,
+                    ReplyKind.QUERY,
+                    wid,
+                    "",
+                    False,
+                    "",
+                    now_ms,
+                    failure=failure,
+                )
+            elif presence is Presence.CLOSED:
+                reply = _closed_reply(query, self._closed_run(item.partition, wid), now_ms)
+            elif presence is Presence.UNWRITABLE or (record is None and presence is Presence.OPEN):
+                reason = self.store.partition(item.partition).unwritable.get(wid, "")
+                failure = Failure(
+                    "WorkflowUnreadable",
+                    safe_text(f"this orchestrator cannot read the workflow's record: {reason}"),
+                )
+                reply = Reply(
+                    query.request_id, ReplyKind.QUERY, wid, "", False, "", now_ms, failure=failure
+                )
+            else:
+                reply = answer_query(record, query, now_ms, self.registry)
+        except BaseException as exc:  # the engine itself failed: the caller hears it
+            log.exception("query failed workflow=%s", safe_text(wid, 200))
+            failure = Failure("EngineError", safe_text(f"answering the query: {describe(exc)}"))
+            reply = Reply(
+                query.request_id, ReplyKind.QUERY, wid, "", False, "", now_ms, failure=failure
+            )
+        finally:
+            self._encoded.clear()
+        self._reply(reply, item, batch)
+
+    def _reply(self, reply: Reply, item: Input, batch: Batch) -> None:
+        """Produce ``reply`` with the batch (read_committed callers see it once the batch,
+        and what it answers for, has committed)."""
+        topic = self.topics.replies
+        if not self.directory.exists(topic):
+            metrics.child(metrics.REPLIES, reply.kind.value.lower(), "no-topic").inc()
+            log.warning(
+                "reply dropped: topic %s does not exist (sagaline topics create); request=%s",
+                topic,
+                safe_text(reply.request_id, 200),
+            )
+            return
+        key = reply.request_id.encode("utf-8", "surrogatepass")
+        try:
+            data = self.codec.encode_reply(reply)
+        except Exception as exc:
+            data = self.codec.encode_reply(_failed(reply, "UnencodableReply", describe(exc)))
+        if record_size(key, data) > self.max_record_bytes:
+            size = record_size(key, data)
+            data = self.codec.encode_reply(
+                _failed(
+                    reply,
+                    "ReplyTooLarge",
+                    f"the answer is {size} bytes, above max_record_bytes ({self.max_record_bytes})",
+                )
+            )
+        outcome = "ok" if reply.ok else "failed"
+        metrics.child(metrics.REPLIES, reply.kind.value.lower(), outcome).inc()
+        batch.outputs.append(Output(topic, key, data, item.ref))
+
+    def _closed_run(self, partition: int, wid: str) -> ClosedRun:
+        """What is known of the closed last run of ``wid`` (staged in this batch or
+        committed)."""
+        staged = self.store.staged_record(wid)
+        if staged is not None:
+            return ClosedRun(staged.status, staged.run_id, staged.request_id)
+        status, run_id, request_id = self.store.partition(partition).closed_runs.get(
+            wid, (WorkflowStatus.UNKNOWN, "", None)
+        )
+        return ClosedRun(status, run_id, request_id)
 
     # --- records ----------------------------------------------------------------------
 
@@ -715,6 +881,38 @@ class InputProcessor:
         metrics.DEAD_LETTERS.labels(SOURCE, reason).inc()
 
 
+def _may_start_again(start: StartWorkflow) -> bool:
+    """Whether a start for a closed workflow needs the engine: it asks for an answer or
+    may start a new run. (Any other start is ignored, as always.)"""
+    return start.request_id is not None or start.if_closed not in (None, IfClosed.REJECT)
+
+
+def _closed_reply(body: QueryWorkflow | UpdateWorkflow, closed: ClosedRun, now_ms: int) -> Reply:
+    """The answer to a query or update for a workflow whose last run has closed."""
+    if isinstance(body, QueryWorkflow):
+        request_id, kind = body.request_id, ReplyKind.QUERY
+        message = "the workflow has closed and its state is not kept in memory: use its result"
+    else:
+        request_id, kind = body.update_id, ReplyKind.UPDATE
+        message = f"the workflow ended {closed.status.value}; updates need it open"
+    return Reply(
+        request_id,
+        kind,
+        body.workflow_id,
+        closed.run_id,
+        False,
+        closed.status.value,
+        now_ms,
+        failure=Failure("WorkflowClosed", message),
+    )
+
+
+def _failed(reply: Reply, error_type: str, message: str) -> Reply:
+    return dataclasses.replace(
+        reply, ok=False, payload=None, failure=Failure(error_type, safe_text(message))
+    )
+
+
 def _rejection(reason: str, body: InboxBody | WakeUp, item: Input) -> str:
     """Why an input the engine refused for good is dead-lettered."""
     if isinstance(body, CompletePromise) and reason != "unknown-workflow":
@@ -745,6 +943,8 @@ def _describe_input(body: InboxBody | WakeUp, item: Input) -> str:
         return f"the completion of promise {safe_text(body.promise_id, 300)!r} ({where})"
     if isinstance(body, CancelWorkflow):
         return f"a cancel ({where})"
+    if isinstance(body, UpdateWorkflow):
+        return f"update {safe_text(body.name, 200)!r} ({where})"
     return "a resume"
 
 

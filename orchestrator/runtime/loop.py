@@ -464,7 +464,14 @@ class Orchestrator:
             # Everything is produced here, at commit: the transaction is open only for as
             # long as producing and committing take, never while workflow code runs.
             for out in batch.outputs:
-                self._emit(out.topic, out.key, out.value, out.ref, headers=out.headers)
+                self._emit(
+                    out.topic,
+                    out.key,
+                    out.value,
+                    out.ref,
+                    headers=out.headers,
+                    partition=out.partition,
+                )
             for partition, wid, record, encoded in self.store.staged():
                 # Explicit partition: history p belongs to whoever owns inbox p.
                 kind = "workflow" if record is not None else "tombstone"

@@ -238,4 +238,12 @@ def _apply(msg: Message, codec: AvroCodec, states: dict[int, PartitionState]) ->
             safe_text(exc),
         )
         return
-    state.put(workflow_id, value, head.status, head.closed_at_ms or 0, head.wake_at_ms)
+    state.put(
+        workflow_id,
+        value,
+        head.status,
+        head.closed_at_ms or 0,
+        head.wake_at_ms,
+        head.run_id,
+        head.request_id,
+    )

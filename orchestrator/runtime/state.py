@@ -49,6 +49,8 @@ class PartitionState:
             workflow (history keys from ``protocol.topics.held_key``).
         wake: running workflow id -> when it next needs to wake (epoch ms); ``due`` takes
             them in time order from a heap whose outdated entries are skipped.
+        closed_runs: closed workflow id -> (status, run id, request id of its start), what
+            a later start of the same id needs for its id-reuse policy.
     """
 
     partition: int
@@ -59,6 +61,7 @@ class PartitionState:
     held: dict[str, dict[int, bytes]] = field(default_factory=dict)
     history_records: int = 0
     wake: dict[str, int] = field(default_factory=dict)
+    closed_runs: dict[str, tuple[WorkflowStatus, str, str | None]] = field(default_factory=dict)
     _timers: list[tuple[int, str]] = field(default_factory=list)
     _firing: dict[str, int] = field(default_factory=dict)
 
@@ -69,15 +72,19 @@ class PartitionState:
         status: WorkflowStatus,
         closed_at: int,
         wake_at: int | None = None,
+        run_id: str = "",
+        request_id: str | None = None,
     ) -> None:
         """Store the committed version of a workflow, given its peeked head.
 
-        ``closed_at`` is used only when ``status`` is terminal, ``wake_at`` only when it
-        is RUNNING.
+        ``closed_at``, ``run_id`` and ``request_id`` are used only when ``status`` is
+        terminal, ``wake_at`` only when it is RUNNING.
         """
         self.unwritable.pop(workflow_id, None)
         if status is WorkflowStatus.UNKNOWN:
             self._forget(workflow_id)
+            self.closed.pop(workflow_id, None)
+            self.closed_runs.pop(workflow_id, None)
             self.unwritable[workflow_id] = (
                 "its history record has a status this code does not know (written by newer "
                 "code); it is left as it is and its inputs are held until code that knows "
@@ -85,9 +92,13 @@ class PartitionState:
             )
         elif status.terminal:
             self._forget(workflow_id)
+            # A new closing time moves the id to the end: ``closed`` stays in closing order.
+            self.closed.pop(workflow_id, None)
             self.closed[workflow_id] = closed_at
+            self.closed_runs[workflow_id] = (status, run_id, request_id)
         else:
             self.closed.pop(workflow_id, None)
+            self.closed_runs.pop(workflow_id, None)
             self.open[workflow_id] = encoded
             if status is WorkflowStatus.STUCK:
                 self.stuck.add(workflow_id)
@@ -141,6 +152,7 @@ class PartitionState:
         """Forget a workflow (its history key was tombstoned)."""
         self._forget(workflow_id)
         self.closed.pop(workflow_id, None)
+        self.closed_runs.pop(workflow_id, None)
         self.unwritable.pop(workflow_id, None)
 
     def mark_unwritable(self, workflow_id: str, reason: str) -> None:
@@ -328,6 +340,8 @@ class WorkflowStore:
                 record.status,
                 record.closed_at_ms or record.updated_at_ms,
                 record.wake_at_ms,
+                record.run_id,
+                record.request_id,
             )
             if record.status.terminal:
                 self._cache.pop(workflow_id, None)

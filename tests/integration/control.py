@@ -46,3 +46,25 @@ async def reserve_then_wait(ctx: WorkflowContext, order: dict[str, Any]) -> str:
             saga.add_compensation("inventory.release", reservation)
         await ctx.wait_signal("ship")
     return "shipped"
+
+
+@registry.workflow("control.cart")
+async def cart(ctx: WorkflowContext, request: dict[str, Any]) -> list[str]:
+    """A cart that answers the query ``state`` and takes the update ``add`` (a non-empty
+    string; returns the item count) while it sleeps ``sleep_s``; then returns its items."""
+    items: list[str] = []
+    phase = {"now": "sleeping"}
+    ctx.on_query("state", lambda: {"items": list(items), "phase": phase["now"]})
+
+    def add(item: str) -> int:
+        items.append(item)
+        return len(items)
+
+    def check(item: Any) -> None:
+        if not isinstance(item, str) or not item:
+            raise ValueError("an item is a non-empty string")
+
+    ctx.on_update("add", add, validator=check)
+    await ctx.sleep(request.get("sleep_s", 0))
+    phase["now"] = "done"
+    return items

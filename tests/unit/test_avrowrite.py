@@ -171,6 +171,30 @@ def test_a_recursive_type_encodes_as_fastavro_does() -> None:
     assert bytes(out) == _fastavro(schema, tree)
 
 
+def test_an_optional_enum_encodes_as_fastavro_does_and_refuses_other_symbols() -> None:
+    schema = fastavro.parse_schema(
+        {
+            "type": "record",
+            "name": "WithEnum",
+            "fields": [
+                {
+                    "name": "choice",
+                    "type": ["null", {"type": "enum", "name": "E3", "symbols": ["A", "B"]}],
+                    "default": None,
+                }
+            ],
+        }
+    )
+    named: dict[str, Any] = schema["__named_schemas"]  # type: ignore[index,call-overload,assignment]
+    write = compile_writer(schema, named)
+    for datum in ({"choice": None}, {"choice": "A"}, {"choice": "B"}, {}):
+        out = bytearray()
+        write(out, datum)
+        assert bytes(out) == _fastavro(schema, datum)
+    with pytest.raises(ValueError):
+        write(bytearray(), {"choice": "C"})
+
+
 def test_missing_fields_take_defaults_and_optional_ones_null() -> None:
     schema = fastavro.parse_schema(
         {
@@ -250,7 +274,7 @@ def test_values_fastavro_refuses_are_refused(field: str, value: Any) -> None:
         {"type": "fixed", "name": "F", "size": 4},
         {"type": "long", "logicalType": "timestamp-millis"},
         ["null", "int", "long"],
-        ["null", {"type": "enum", "name": "E2", "symbols": ["A"]}],
+        ["null", "string", {"type": "enum", "name": "E2", "symbols": ["A"]}],
     ],
 )
 def test_unsupported_schemas_are_refused_when_compiled(schema: Any) -> None:

@@ -1,6 +1,6 @@
-"""Protocol v4 (signals, promises, cancellation): the new records round-trip, v3 records
-read into v4, and what uses nothing v4 added is still written so that v3 processes read it
-(a rolling deploy)."""
+"""Protocol v4 (signals, promises, cancellation, now archived): its records round-trip, v3
+records still read, and v4 records are written so that v4 processes read them (a rolling
+deploy to v5)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import fastavro
 import pytest
 
 from orchestrator.protocol.codec import (
-    HEADER,
     INBOX,
-    MAGIC,
     TASK,
     WORKFLOW,
     AvroCodec,
+    _workflow_to_avro,
     default_schema_dir,
     schema_id,
 )
@@ -51,9 +50,11 @@ from .test_codec_v3 import (
 
 CODEC = AvroCodec()
 V3_DIR = default_schema_dir() / "archive" / "v3"
+V4_DIR = default_schema_dir() / "archive" / "v4"
 
 
 V3 = parse_archived(V3_DIR)
+V4 = parse_archived(V4_DIR)
 SIGNAL = SignalWorkflow("order-1", "approve", encode_json({"by": "ann"}), "sig-1", 1_800)
 SIGNAL_WITH_START = SignalWorkflow(
     "order-2",
@@ -78,7 +79,8 @@ CANCEL = CancelWorkflow("order-1", "customer changed plans ü", 2_100)
 def test_new_inputs_round_trip_under_the_current_schema(body: InboxBody) -> None:
     data = CODEC.encode_inbox(body)
     assert CODEC.decode_inbox(data) == body
-    assert int.from_bytes(data[1:5], "big") == CODEC.schema_id_of(INBOX)
+    # v5 added nothing they use: v4 orchestrators read them during a rolling deploy.
+    assert int.from_bytes(data[1:5], "big") == schema_id(V4[INBOX])
 
 
 def test_a_record_with_signals_round_trips() -> None:
@@ -122,40 +124,41 @@ def test_a_record_with_signals_round_trips() -> None:
                 ActivityResult("w", "w/r/0/1", 0, 1, ActivityStatus.FAILED, 9, failure=RETRY_AFTER)
             ),
         ),
+        (INBOX, lambda: CODEC.encode_inbox(SIGNAL_WITH_START)),
+        (INBOX, lambda: CODEC.encode_inbox(CANCEL)),
     ],
-    ids=["plain-task", "task-with-timeouts", "start", "resume", "started", "heartbeat", "retry"],
+    ids=[
+        "plain-task",
+        "task-with-timeouts",
+        "start",
+        "resume",
+        "started",
+        "heartbeat",
+        "retry",
+        "signal",
+        "cancel",
+    ],
 )
-def test_what_uses_nothing_new_is_written_so_v3_processes_read_it(name: str, encode: Any) -> None:
-    """A rolling deploy: v3 participants read the tasks of v4 orchestrators, v3
-    orchestrators read everything but signals from v4 clients and participants."""
+def test_what_uses_nothing_new_is_written_so_v4_processes_read_it(name: str, encode: Any) -> None:
+    """A rolling deploy: v4 participants read the tasks of v5 orchestrators, v4
+    orchestrators read everything but queries, updates and starts with v5 options."""
     data = encode()
-    assert int.from_bytes(data[1:5], "big") == schema_id(V3[name])
-    v3_datum = fastavro.schemaless_reader(io.BytesIO(data[5:]), V3[name], V3[name])
-    assert isinstance(v3_datum, dict)
-    # ... and v4 reads it back as it was: encoding the decoded value gives the same bytes.
+    assert int.from_bytes(data[1:5], "big") == schema_id(V4[name])
+    v4_datum = fastavro.schemaless_reader(io.BytesIO(data[5:]), V4[name], V4[name])
+    assert isinstance(v4_datum, dict)
+    # ... and v5 reads it back as it was: encoding the decoded value gives the same bytes.
     if name == TASK:
         assert CODEC.encode_task(CODEC.decode_task(data)) == data
     else:
         assert CODEC.encode_inbox(CODEC.decode_inbox(data)) == data
 
 
-def test_a_v3_workflow_record_reads_into_v4() -> None:
-    """v4 only appended a branch to the events union, so a record without signals has the
-    same body in both versions; under the v3 id it reads the same."""
+def test_v3_and_v4_workflow_records_read_into_the_current_version() -> None:
     record = _record()
-    body = CODEC.encode_workflow_whole(record)[5:]
-    old = HEADER.pack(MAGIC, schema_id(V3[WORKFLOW])) + body
-    assert fastavro.schemaless_reader(io.BytesIO(body), V3[WORKFLOW], V3[WORKFLOW])
-    assert CODEC.decode_workflow(old) == record
-
-
-def test_the_previous_version_is_v3() -> None:
-    """The predicates that choose the previous version know what v4 added to v3: archiving
-    v4 must come with predicates for what v5 adds (codec._task_needs_current and
-    _inbox_needs_current)."""
-    assert CODEC.previous_schema_id_of(TASK) == schema_id(V3[TASK])
-    assert CODEC.previous_schema_id_of(INBOX) == schema_id(V3[INBOX])
-    assert CODEC.previous_schema_id_of(WORKFLOW) == schema_id(V3[WORKFLOW])
+    datum = _workflow_to_avro(record)
+    for old in (V3, V4):
+        data = CODEC.encode_with(old[WORKFLOW], datum)
+        assert CODEC.decode_workflow(data) == record
 
 
 def test_a_v3_orchestrator_cannot_read_a_signal_and_says_so() -> None:
