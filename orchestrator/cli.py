@@ -144,7 +144,7 @@ def _start(args: argparse.Namespace) -> int:
             value,
             workflow_id=args.id,
             if_running=IfRunning[args.if_running or "FAIL"],
-            if_closed=IfClosed[args.if_closed or "ALLOW"],
+            if_closed=IfClosed[args.if_closed or "REJECT"],
             request_id=args.request_id,
             timeout_s=args.timeout,
         )
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--if-closed",
         choices=[p.value for p in IfClosed],
         default=None,
-        help="when the id's last run has closed (default ALLOW)",
+        help="when the id's last run has closed (default REJECT)",
     )
     start.add_argument("--request-id", default=None, help="dedupe id (default: a new UUID)")
     start.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")

@@ -8,6 +8,7 @@ update) read a ``Reply`` keyed by their request id from ``<prefix>.replies``.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from orchestrator.protocol.records import (
     InboxBody,
     QueryWorkflow,
     Reply,
+    ReplyKind,
     ResumeWorkflow,
     SignalWorkflow,
     StartWorkflow,
@@ -51,7 +53,15 @@ class ResultTimeoutError(SagalineError):
 
 class ReplyTimeoutError(SagalineError):
     """No answer came within the time a start, query or update was given (no orchestrator
-    owns the workflow's partition, or the replies topic is missing)."""
+    owns the workflow's partition, or the replies topic is missing).
+
+    ``request_id`` is the request's id (a start's ``request_id``, an update's
+    ``update_id``): sending the request again with it is safe.
+    """
+
+    def __init__(self, message: str, request_id: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 class RequestFailedError(SagalineError):
@@ -96,6 +106,13 @@ class WorkflowResult:
     record: WorkflowRecord
 
 
+# The kind of answer each request gets.
+_KINDS: Final[dict[type, ReplyKind]] = {
+    StartWorkflow: ReplyKind.START,
+    QueryWorkflow: ReplyKind.QUERY,
+    UpdateWorkflow: ReplyKind.UPDATE,
+}
+
 # The first chunk read back from the end of a history partition, then doubled.
 _FIRST_CHUNK: Final = 500
 
@@ -117,6 +134,7 @@ class WorkflowClient:
         self._errors: list[str] = []
         self._replies: Consumer | None = None
         self._reply_partitions: int | None = None
+        self._lock = threading.Lock()
         self._producer = Producer(
             {
                 **settings.kafka_common(),
@@ -152,7 +170,7 @@ class WorkflowClient:
         *,
         workflow_id: str | None = None,
         if_running: IfRunning = IfRunning.FAIL,
-        if_closed: IfClosed = IfClosed.ALLOW,
+        if_closed: IfClosed = IfClosed.REJECT,
         request_id: str | None = None,
         timeout_s: float = 30.0,
     ) -> Started:
@@ -166,8 +184,8 @@ class WorkflowClient:
                 (return it, ``created`` False) or ``TERMINATE_EXISTING`` (end it as
                 TERMINATED, without compensations, and start a new run).
             if_closed: when the id's last run has closed (and is still retained):
-                ``ALLOW`` a new run, ``ALLOW_IF_FAILED`` (only if it did not complete) or
-                ``REJECT`` (raise).
+                ``REJECT`` (the default: raise), ``ALLOW`` a new run, or
+                ``ALLOW_IF_FAILED`` (only if it did not complete).
             request_id: identifies this request (default: a new UUID). Sending the
                 same request again, from any process, gets the same answer and starts
                 nothing more: pass your own to make retries across processes safe.
@@ -177,7 +195,8 @@ class WorkflowClient:
             RequestFailedError: the policy refused (``WorkflowAlreadyRunning``,
                 ``WorkflowIdReuseRejected``).
             ReplyTimeoutError: no answer in time; the start may still be applied, and
-                sending it again with the same ``request_id`` is safe.
+                sending it again with the same ``request_id`` (the error's
+                ``request_id``) is safe.
         """
         wid = workflow_id or str(uuid.uuid4())
         rid = request_id or str(uuid.uuid4())
@@ -236,7 +255,14 @@ class WorkflowClient:
     def _request(
         self, body: InboxBody, workflow_id: str, request_id: str, timeout_s: float
     ) -> Reply:
-        """Send ``body`` and wait for the reply keyed ``request_id``."""
+        """Send ``body`` and wait for the reply keyed ``request_id``; one request at a
+        time per client (the reply reader is shared)."""
+        with self._lock:
+            return self._request_locked(body, workflow_id, request_id, timeout_s)
+
+    def _request_locked(
+        self, body: InboxBody, workflow_id: str, request_id: str, timeout_s: float
+    ) -> Reply:
         deadline = time.monotonic() + timeout_s
         consumer = self._replies_consumer()
         key = request_id.encode()
@@ -252,11 +278,15 @@ class WorkflowClient:
             if left <= 0:
                 raise ReplyTimeoutError(
                     f"no answer from the orchestrators within {timeout_s:g} s (is one "
-                    f"running, and does {self.topics.replies} exist?)"
+                    f"running, and does {self.topics.replies} exist?); sending it again "
+                    f"with request id {request_id!r} is safe",
+                    request_id,
                 )
             for msg in consumer.consume(100, min(0.5, left)):
                 if msg.error() is None and msg.key() == key and msg.value():
-                    return self.codec.decode_reply(msg.value())
+                    reply = self.codec.decode_reply(msg.value())
+                    if reply.workflow_id == workflow_id and reply.kind is _KINDS[type(body)]:
+                        return reply
 
     def _replies_consumer(self) -> Consumer:
         if self._replies is None:

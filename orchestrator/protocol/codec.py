@@ -59,6 +59,7 @@ from orchestrator.protocol.records import (
     Reply,
     ReplyKind,
     ResumeWorkflow,
+    RunRequest,
     SignalReceived,
     SignalWorkflow,
     StartWorkflow,
@@ -158,6 +159,7 @@ class WorkflowHead(NamedTuple):
     wake_at_ms: int | None
     run_id: str = ""
     request_id: str | None = None
+    earlier_requests: tuple[RunRequest, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +225,7 @@ _SPLICED_FIELDS: Final = (
         "run_id",
         "wake_at_ms",
         "request_id",
+        "earlier_requests",
         "input",
     ),
     ("result", "failure", "started_at_ms", "updated_at_ms", "revision"),
@@ -507,6 +510,7 @@ class AvroCodec:
                 record.wake_at_ms,
                 record.run_id,
                 record.request_id,
+                record.earlier_requests,
             )
         try:
             pos = HEADER.size
@@ -522,9 +526,20 @@ class AvroCodec:
             request_id = None
             if branch == 1:
                 request_id, pos = _read_string(data, pos)
+            earlier: list[RunRequest] = []
+            count, pos = _read_long(data, pos)
+            while count:
+                if count < 0:  # a block with its size in bytes (Avro allows it)
+                    _, pos = _read_long(data, pos)
+                    count = -count
+                for _ in range(count):
+                    earlier_request, pos = _read_string(data, pos)
+                    earlier_run, pos = _read_string(data, pos)
+                    earlier.append(RunRequest(earlier_request, earlier_run))
+                count, pos = _read_long(data, pos)
         except (IndexError, UnicodeDecodeError) as exc:
             raise MalformedRecordError("truncated WorkflowRecord head") from exc
-        return WorkflowHead(status, closed_at_ms, wake_at_ms, run_id, request_id)
+        return WorkflowHead(status, closed_at_ms, wake_at_ms, run_id, request_id, tuple(earlier))
 
 
 def _read_long(data: bytes, pos: int) -> tuple[int, int]:
@@ -1078,6 +1093,9 @@ def _workflow_head(r: WorkflowRecord) -> dict[str, Any]:
         "run_id": r.run_id,
         "wake_at_ms": r.wake_at_ms,
         "request_id": r.request_id,
+        "earlier_requests": [
+            {"request_id": e.request_id, "run_id": e.run_id} for e in r.earlier_requests
+        ],
         "input": _payload_to_avro(r.input),
     }
 
@@ -1109,4 +1127,7 @@ def _workflow_from_avro(d: Mapping[str, Any]) -> WorkflowRecord:
         run_id=d["run_id"],
         wake_at_ms=d.get("wake_at_ms"),
         request_id=d.get("request_id"),
+        earlier_requests=tuple(
+            RunRequest(e["request_id"], e["run_id"]) for e in d.get("earlier_requests", ())
+        ),
     )

@@ -476,6 +476,14 @@ HistoryEvent = (
 
 
 @dataclass(frozen=True, slots=True)
+class RunRequest:
+    """The request id of the start that created a run, and the run's id."""
+
+    request_id: str
+    run_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowRecord:
     """The whole durable state of one workflow, as stored on the history topic."""
 
@@ -493,6 +501,7 @@ class WorkflowRecord:
     run_id: str = ""
     wake_at_ms: int | None = None
     request_id: str | None = None
+    earlier_requests: tuple[RunRequest, ...] = ()
 
 
 def promise_id(workflow_id: str, run_id: str, seq: int) -> str:

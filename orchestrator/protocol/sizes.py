@@ -26,6 +26,7 @@ from orchestrator.protocol.records import (
     Failure,
     HistoryEvent,
     Payload,
+    RunRequest,
     WorkflowRecord,
 )
 
@@ -64,6 +65,10 @@ def _opt_text(value: str | None) -> int:
     return 1 if value is None else 1 + text_bound(value)
 
 
+def _run_requests(value: tuple[RunRequest, ...]) -> int:
+    return ARRAY + sum(text_bound(r.request_id) + text_bound(r.run_id) for r in value)
+
+
 def _texts(value: tuple[str, ...]) -> int:
     return ARRAY + sum(text_bound(t) for t in value)
 
@@ -76,6 +81,7 @@ _VARIABLE: Final[dict[str, Callable[[Any], int]]] = {
     "Failure": _failure,
     "Failure | None": _failure,
     "tuple[str, ...]": _texts,
+    "tuple[RunRequest, ...]": _run_requests,
 }
 
 

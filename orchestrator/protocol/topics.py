@@ -111,7 +111,12 @@ def dlq_config() -> dict[str, str]:
 def replies_config() -> dict[str, str]:
     """Settings of the replies topic: a caller waits seconds for its answer, so a day is
     plenty."""
-    return {"cleanup.policy": "delete", "retention.ms": str(24 * 3_600_000)}
+    return {
+        "cleanup.policy": "delete",
+        "retention.ms": str(24 * 3_600_000),
+        # An answer is at most SAGALINE_MAX_RECORD_BYTES, like a history record.
+        "max.message.bytes": str(8 << 20),
+    }
 
 
 # A history key that starts with 0xFF is never a workflow id: no UTF-8 text starts with it.

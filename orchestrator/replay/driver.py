@@ -179,12 +179,15 @@ class ReplayResult:
 
 @dataclass(frozen=True, slots=True)
 class HandlerOutcome:
-    """What a query handler, update handler or validator did: returned ``value``, or
-    raised ``error`` (``missing`` too when there was no such handler)."""
+    """What a query handler, update handler or validator did: returned ``value`` (a
+    handler's as JSON in ``payload``, encoded the moment it returned, so later code
+    cannot change the answer), or raised ``error`` (``missing`` too when there was no
+    such handler)."""
 
     value: Any = None
     error: BaseException | None = None
     missing: bool = False
+    payload: Payload | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,8 +435,13 @@ class _Replayer:
                 "the workflow's state only; start steps from the workflow's code"
             )
 
-    def call(self, handler: Handler, value: Any) -> HandlerOutcome:
-        """Run a handler with ``value`` (none when None); nothing it raises escapes."""
+    def call(self, handler: Handler, value: Any, *, answer: bool = True) -> HandlerOutcome:
+        """Run a handler with ``value`` (none when None); nothing it raises escapes.
+
+        ``answer``: encode what it returns now (a query's or update's answer; a
+        validator's return value means nothing). An ``Exception`` is the caller's error;
+        any other ``BaseException`` shows the code is wrong, as in the workflow's body.
+        """
         self.handling = True
         try:
             result = handler() if value is None else handler(value)
@@ -443,8 +451,17 @@ class _Replayer:
                     "query and update handlers and validators must be plain functions, "
                     "not async ones: they run between the workflow's awaits"
                 )
-            return HandlerOutcome(result)
-        except BaseException as exc:  # anything a handler does is its caller's error
+            if not answer:
+                return HandlerOutcome(result)
+            return HandlerOutcome(result, payload=encode_json(result))
+        except Exception as exc:  # the caller's error, never the workflow's
+            return HandlerOutcome(error=exc)
+        except BaseException as exc:
+            self.flag(
+                DEFINITION,
+                f"a query or update handler raised {_raised(exc)}, a BaseException that is "
+                "not an Exception; raise an Exception to refuse the request",
+            )
             return HandlerOutcome(error=exc)
         finally:
             self.handling = False
@@ -483,7 +500,9 @@ class _Replayer:
                 error=LookupError(_missing("update", ask, self.updates)), missing=True
             )
         validator = entry[1]
-        return HandlerOutcome() if validator is None else self.call(validator, ask.value)
+        if validator is None:
+            return HandlerOutcome()
+        return self.call(validator, ask.value, answer=False)
 
     def flag(self, error_type: str, message: str) -> None:
         """Note why the workflow must park; the first reason wins, closing notes nothing."""

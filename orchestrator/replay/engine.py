@@ -58,6 +58,7 @@ from orchestrator.protocol.records import (
     Reply,
     ReplyKind,
     ResumeWorkflow,
+    RunRequest,
     SignalReceived,
     SignalWorkflow,
     StartWorkflow,
@@ -229,11 +230,18 @@ def advance(
 
 
 class ClosedRun(NamedTuple):
-    """What the shell keeps of a workflow's closed last run: enough to apply id reuse."""
+    """What the shell keeps of a workflow's closed last run: enough to apply id reuse and
+    to recognise a retried start."""
 
     status: WorkflowStatus
     run_id: str
     request_id: str | None
+    earlier: tuple[RunRequest, ...] = ()
+
+
+# Earlier runs' starts a record remembers (newest first), so a retried start of a run that
+# was since replaced is still recognised.
+MAX_EARLIER_REQUESTS: Final = 8
 
 
 def _start(
@@ -245,18 +253,20 @@ def _start(
     run_id: str,
 ) -> Transition:
     """A start for an id that has no run, or whose run is open (``start.if_running``)."""
-    refused = _long_request_id(start, record, now_ms)
-    if refused is not None:
-        return refused
-    if record is None:
-        return _new_run(start, now_ms, registry, limits, run_id)
-    if record.status.terminal:
-        closed = ClosedRun(record.status, record.run_id, record.request_id)
+    if record is not None and record.status.terminal:
+        closed = ClosedRun(record.status, record.run_id, record.request_id, record.earlier_requests)
         return start_again(closed, start, now_ms, registry, limits, run_id=run_id)
-    if start.request_id is not None and start.request_id == record.request_id:
-        # The same request again (a retried send): the same answer, nothing changes.
-        reply = _start_reply(start, record.run_id, record.status, now_ms, created=True)
-        return Transition(None, ignored=DUPLICATE_START, reply=reply)
+    current = None if record is None else (record.run_id, record.status)
+    known = (
+        ()
+        if record is None
+        else _requests_of(record.request_id, record.run_id, record.earlier_requests)
+    )
+    answered = _answered_before(start, known, current, now_ms)
+    if answered is not None:
+        return answered
+    if record is None:
+        return _new_run(start, now_ms, registry, limits, run_id, ())
     policy = start.if_running or IfRunning.USE_EXISTING
     if policy is IfRunning.TERMINATE_EXISTING:
         why = Failure(
@@ -266,7 +276,7 @@ def _start(
         ended = close(record, now_ms, WorkflowStatus.TERMINATED, failure=why)
         if not limits.fits(ended, Tier.GRACE):
             ended = close(record, now_ms, WorkflowStatus.TERMINATED)
-        fresh = _new_run(start, now_ms, registry, limits, run_id)
+        fresh = _new_run(start, now_ms, registry, limits, run_id, known)
         return dataclasses.replace(fresh, replaced=ended)
     if policy is IfRunning.FAIL:
         failure = Failure(
@@ -292,21 +302,19 @@ def start_again(
     """A start for an id whose last run has closed, decided by ``start.if_closed`` (None:
     REJECT): a new run (a new record that replaces the closed one) or a refusal.
 
-    A start carrying the request id of the closed run's own start is a retried send: it
-    is answered as the first time (``created``) and starts nothing.
+    A start carrying the request id of the closed run's start, or of one of the earlier
+    runs the record remembers, is a retried send: it is answered as the first time
+    (``created``) and starts nothing.
     """
-    if start.request_id is not None and len(start.request_id) > MAX_REQUEST_ID_CHARS:
-        failure = _long_request_failure(start.request_id)
-        reply = _start_reply(start, closed.run_id, closed.status, now_ms, failure=failure)
-        return Transition(None, ignored=START_REFUSED, reply=reply)
-    if start.request_id is not None and start.request_id == closed.request_id:
-        reply = _start_reply(start, closed.run_id, closed.status, now_ms, created=True)
-        return Transition(None, ignored=DUPLICATE_START, reply=reply)
+    known = _requests_of(closed.request_id, closed.run_id, closed.earlier)
+    answered = _answered_before(start, known, (closed.run_id, closed.status), now_ms)
+    if answered is not None:
+        return answered
     policy = start.if_closed or IfClosed.REJECT
     if policy is IfClosed.ALLOW or (
         policy is IfClosed.ALLOW_IF_FAILED and closed.status is not WorkflowStatus.COMPLETED
     ):
-        return _new_run(start, now_ms, registry, limits, run_id)
+        return _new_run(start, now_ms, registry, limits, run_id, known)
     failure = Failure(
         "WorkflowIdReuseRejected",
         f"workflow {safe_text(start.workflow_id, 200)!r} ended {closed.status.value} "
@@ -316,33 +324,58 @@ def start_again(
     return Transition(None, ignored=DUPLICATE_START, reply=reply)
 
 
-def _long_request_id(
-    start: StartWorkflow, record: WorkflowRecord | None, now_ms: int
+def _requests_of(
+    request_id: str | None, run_id: str, earlier: tuple[RunRequest, ...]
+) -> tuple[RunRequest, ...]:
+    """The starts a record knows, newest first: its own run's, then earlier runs'."""
+    own = () if request_id is None else (RunRequest(request_id, run_id),)
+    return (*own, *earlier)[: MAX_EARLIER_REQUESTS + 1]
+
+
+def _answered_before(
+    start: StartWorkflow,
+    known: tuple[RunRequest, ...],
+    current: tuple[str, WorkflowStatus] | None,
+    now_ms: int,
 ) -> Transition | None:
-    """The refusal of a start whose request id is too long to keep, or None."""
-    if start.request_id is None or len(start.request_id) <= MAX_REQUEST_ID_CHARS:
+    """The refusal of a start whose request id cannot be kept, or the first answer again
+    for a start whose request id made a run the record knows (a retried send); None for
+    a new request."""
+    rid = start.request_id
+    if rid is None:
         return None
-    failure = _long_request_failure(start.request_id)
-    if record is None:
-        reply = _start_reply(start, "", WorkflowStatus.UNKNOWN, now_ms, failure=failure)
-        reply = None if reply is None else dataclasses.replace(reply, status="")
-    else:
-        reply = _start_reply(start, record.run_id, record.status, now_ms, failure=failure)
-    return Transition(None, ignored=START_REFUSED, reply=reply)
-
-
-def _long_request_failure(request_id: str) -> Failure:
-    return Failure(
-        "InvalidRequest",
-        f"a request id is at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}: "
-        "a longer one could not be recognised when the start is retried",
-    )
+    if not rid or len(rid) > MAX_REQUEST_ID_CHARS:
+        failure = Failure(
+            "InvalidRequest",
+            f"a request id is 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(rid)}: "
+            "another could not be recognised when the start is retried",
+        )
+        run_id, status = current or ("", None)
+        reply = _start_reply(start, run_id, status, now_ms, failure=failure)
+        return Transition(None, ignored=START_REFUSED, reply=reply)
+    for earlier in known:
+        if earlier.request_id == rid:
+            # The same request again: the same answer, nothing changes. The status is
+            # the run's own only if it is still the id's latest.
+            status = current[1] if current is not None and current[0] == earlier.run_id else None
+            reply = _start_reply(start, earlier.run_id, status, now_ms, created=True)
+            return Transition(None, ignored=DUPLICATE_START, reply=reply)
+    return None
 
 
 def _new_run(
-    start: StartWorkflow, now_ms: int, registry: WorkflowRegistry, limits: Limits, run_id: str
+    start: StartWorkflow,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits,
+    run_id: str,
+    earlier: tuple[RunRequest, ...],
 ) -> Transition:
-    transition = CodeRun(_fresh(start, now_ms, run_id), now_ms, registry, limits).transition()
+    """A new run for ``start``; ``earlier``: the starts of the runs it replaces."""
+    fresh = _fresh(start, now_ms, run_id)
+    if earlier:
+        fresh = dataclasses.replace(fresh, earlier_requests=earlier[:MAX_EARLIER_REQUESTS])
+    transition = CodeRun(fresh, now_ms, registry, limits).transition()
     record = transition.record
     assert record is not None  # a code run always leaves a record
     reply = _start_reply(start, record.run_id, record.status, now_ms, created=True)
@@ -352,7 +385,7 @@ def _new_run(
 def _start_reply(
     start: StartWorkflow,
     run_id: str,
-    status: WorkflowStatus,
+    status: WorkflowStatus | None,
     now_ms: int,
     *,
     created: bool = False,
@@ -366,7 +399,7 @@ def _start_reply(
         start.workflow_id,
         run_id,
         failure is None,
-        status.value,
+        "" if status is None else status.value,
         now_ms,
         created=created,
         failure=failure,
@@ -485,6 +518,8 @@ def _outcome_payload(
         if isinstance(outcome.error, LookupError) and outcome.missing:
             return None, Failure(missing_type, safe_text(outcome.error))
         return None, failure_from_exception(outcome.error, retryable=False)
+    if outcome.payload is not None:
+        return outcome.payload, None
     try:
         return encode_json(outcome.value), None
     except PayloadEncodingError as exc:
@@ -748,7 +783,7 @@ def _fresh(start: StartWorkflow, now_ms: int, run_id: str) -> WorkflowRecord:
 
 
 def _kept_request_id(request_id: str | None) -> str | None:
-    if request_id is None or len(request_id) > MAX_REQUEST_ID_CHARS:
+    if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
         return None  # refused by _start; a signal's start keeps none
     return _encodable(request_id)
 

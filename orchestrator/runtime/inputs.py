@@ -44,6 +44,7 @@ from orchestrator.protocol.records import (
     CompletePromise,
     Failure,
     IfClosed,
+    IfRunning,
     InboxBody,
     QueryWorkflow,
     Reply,
@@ -110,8 +111,8 @@ class Ref:
     """What a produced record is attributed to, should Kafka refuse it.
 
     ``kind`` is ``input`` (an inbox input: ``item`` is its offset), ``dlq`` (the dead
-    letter of that input), ``workflow`` (a workflow's history records: ``item`` is its
-    id) or ``tombstone`` (a retention delete).
+    letter of that input), ``reply`` (the answer to that input), ``workflow`` (a
+    workflow's history records: ``item`` is its id) or ``tombstone`` (a retention delete).
     """
 
     kind: str
@@ -295,8 +296,11 @@ class InputProcessor:
             self.redrive(partition, wid, batch, now_ms)
             return
         if not item.held and self.store.holds_any(partition, wid):
-            self._hold(item, wid, "an earlier input of the workflow is held", batch)
-            return
+            if not _terminates(body):
+                self._hold(item, wid, "an earlier input of the workflow is held", batch)
+                return
+            # The start ends this run: what it held waits for nothing any more.
+            self._drop_held(partition, wid, batch)
         current = self._load(partition, wid, presence)
         if current is None and presence is Presence.OPEN:
             self._hold(item, wid, "its history record cannot be decoded here", batch)
@@ -388,14 +392,20 @@ class InputProcessor:
                 return
         for offset, value in self.store.held(partition, wid):
             item = Input(partition, offset, wid.encode(), value, held=True)
-            if current.status.terminal:
-                # A held duplicate or late result of a workflow that has now closed.
-                self.store.stage_release(partition, wid, offset)
-                continue
             try:
                 body = self.codec.decode_inbox(value)
             except RecordDecodeError as exc:
                 self._reject_input(item, exc.reason, str(exc), batch)
+                self.store.stage_release(partition, wid, offset)
+                continue
+            if current.status.terminal:
+                # The run closed while the input waited: a start may begin a new run and
+                # an update is told; a duplicate or late result changes nothing.
+                if (isinstance(body, StartWorkflow) and _may_start_again(body)) or isinstance(
+                    body, UpdateWorkflow
+                ):
+                    self._apply(item, None, body, batch, now_ms, self._closed_run(partition, wid))
+                    current = self.store.staged_record(wid) or current
                 self.store.stage_release(partition, wid, offset)
                 continue
             level, why = self._poison_level(item.ref, partition, wid)
@@ -496,35 +506,26 @@ class InputProcessor:
             else:
                 batch.ignored.append(transition.ignored)
             return True
+        # A new run replaces the id's record: the run it ends (terminated now, or closed
+        # earlier in this batch and not written yet) goes to history first.
+        previous = transition.replaced
+        if previous is None and closed is not None:
+            staged = self.store.staged_record(body.workflow_id or "")
+            if staged is not None and staged.status.terminal:
+                previous = staged
         try:
             planned = self._plan(transition)
         except _Unroutable as exc:
+            if previous is not None or closed is not None:
+                # The new run cannot start as it is: it is parked, not the run it replaces.
+                self._write_previous(previous, item, batch)
+                return self._park(item, None, body, exc.failure, batch, now_ms)
             return self._park(item, current, body, exc.failure, batch, now_ms)
         finally:
             # The bytes measured for the engine's size check are the bytes produced.
             self._encoded.clear()
         record, encoded, tasks = planned
-        replaced = transition.replaced
-        if replaced is not None:
-            # The run a start terminated: its closing record goes to history first, so
-            # readers see it end before the new run replaces it under the same key.
-            try:
-                ended = self.codec.encode_workflow(replaced)
-            except Exception:  # cannot happen for a record this code wrote; say so
-                log.exception(
-                    "cannot encode the terminated run of %s", safe_text(replaced.workflow_id, 200)
-                )
-            else:
-                batch.outputs.append(
-                    Output(
-                        self.topics.history,
-                        replaced.workflow_id.encode(),
-                        ended,
-                        Ref("workflow", item.partition, replaced.workflow_id),
-                        partition=item.partition,
-                    )
-                )
-                batch.changed.append((False, replaced, 0))
+        self._write_previous(previous, item, batch)
         if transition.reply is not None:
             self._reply(transition.reply, item, batch)
         if isinstance(body, StartWorkflow) and record.input != body.input:
@@ -538,6 +539,41 @@ class InputProcessor:
         for task in transition.tasks:
             metrics.child(metrics.ACTIVITIES_SCHEDULED, f"{task.participant}.{task.activity}").inc()
         return True
+
+    def _write_previous(self, previous: WorkflowRecord | None, item: Input, batch: Batch) -> None:
+        """Write the closing record of a run a new run replaces, before the new run's."""
+        if previous is None:
+            return
+        try:
+            ended = self.codec.encode_workflow(previous)
+        except Exception:  # cannot happen for a record this code wrote; say so
+            log.exception("cannot encode the ended run of %s", safe_text(previous.workflow_id, 200))
+            return
+        wid = previous.workflow_id
+        batch.outputs.append(
+            Output(
+                self.topics.history,
+                wid.encode(),
+                ended,
+                Ref("workflow", item.partition, wid),
+                partition=item.partition,
+            )
+        )
+        if previous is not self.store.staged_record(wid):
+            batch.changed.append((False, previous, 0))
+
+    def _drop_held(self, partition: int, wid: str, batch: Batch) -> None:
+        """Dead-letter the inputs a run held: a start is terminating it."""
+        for offset, value in self.store.held(partition, wid):
+            item = Input(partition, offset, wid.encode(), value, held=True)
+            self._reject_input(
+                item,
+                "run-terminated",
+                f"held for workflow {safe_text(wid, 200)!r}, whose run a start with "
+                "if_running=TERMINATE_EXISTING ended",
+                batch,
+            )
+            self.store.stage_release(partition, wid, offset)
 
     def _plan(
         self, transition: Transition
@@ -690,27 +726,11 @@ class InputProcessor:
     def _answer(self, item: Input, query: QueryWorkflow, batch: Batch, now_ms: int) -> None:
         """Answer a query from the workflow's current state (staged changes included):
         nothing is written but the reply, and nothing holds a query back."""
-        level, why = self._poison_level(item.ref, item.partition, query.workflow_id)
-        if level >= DEAD_LETTER:
-            batch.ignored.append("reply-refused")
-            return
         wid = query.workflow_id
         presence = self.store.presence(item.partition, wid)
         record = self._load(item.partition, wid, presence)
         try:
-            if level >= PARK:
-                failure = Failure("ReplyRefused", f"Kafka refused the answer: {why}")
-                reply = Reply(
-                    query.request_id,
-                    ReplyKind.QUERY,
-                    wid,
-                    "",
-                    False,
-                    "",
-                    now_ms,
-                    failure=failure,
-                )
-            elif presence is Presence.CLOSED:
+            if presence is Presence.CLOSED:
                 reply = _closed_reply(query, self._closed_run(item.partition, wid), now_ms)
             elif presence is Presence.UNWRITABLE or (record is None and presence is Presence.OPEN):
                 reason = self.store.partition(item.partition).unwritable.get(wid, "")
@@ -735,7 +755,20 @@ class InputProcessor:
 
     def _reply(self, reply: Reply, item: Input, batch: Batch) -> None:
         """Produce ``reply`` with the batch (read_committed callers see it once the batch,
-        and what it answers for, has committed)."""
+        and what it answers for, has committed).
+
+        A reply Kafka refused is attributed to itself, never to its input or workflow: on
+        the retry it is replaced by a bare ``ReplyRefused`` failure, and dropped if even
+        that is refused (the caller times out); the input is applied as before.
+        """
+        ref = Ref("reply", item.partition, item.offset)
+        refused, why = self.poison.get(ref, (0, ""))
+        if refused >= DEAD_LETTER:
+            metrics.child(metrics.REPLIES, reply.kind.value.lower(), "refused").inc()
+            log.warning("reply dropped, Kafka refused it twice: %s", safe_text(why))
+            return
+        if refused:
+            reply = _failed(reply, "ReplyRefused", f"Kafka refused the answer: {why}")
         topic = self.topics.replies
         if not self.directory.exists(topic):
             metrics.child(metrics.REPLIES, reply.kind.value.lower(), "no-topic").inc()
@@ -761,18 +794,20 @@ class InputProcessor:
             )
         outcome = "ok" if reply.ok else "failed"
         metrics.child(metrics.REPLIES, reply.kind.value.lower(), outcome).inc()
-        batch.outputs.append(Output(topic, key, data, item.ref))
+        batch.outputs.append(Output(topic, key, data, ref))
 
     def _closed_run(self, partition: int, wid: str) -> ClosedRun:
         """What is known of the closed last run of ``wid`` (staged in this batch or
         committed)."""
         staged = self.store.staged_record(wid)
         if staged is not None:
-            return ClosedRun(staged.status, staged.run_id, staged.request_id)
-        status, run_id, request_id = self.store.partition(partition).closed_runs.get(
-            wid, (WorkflowStatus.UNKNOWN, "", None)
+            return ClosedRun(
+                staged.status, staged.run_id, staged.request_id, staged.earlier_requests
+            )
+        status, run_id, request_id, earlier = self.store.partition(partition).closed_runs.get(
+            wid, (WorkflowStatus.UNKNOWN, "", None, ())
         )
-        return ClosedRun(status, run_id, request_id)
+        return ClosedRun(status, run_id, request_id, earlier)
 
     # --- records ----------------------------------------------------------------------
 
@@ -832,7 +867,7 @@ class InputProcessor:
             for ref, mark in self.poison.items()
             if not (
                 (
-                    ref.kind in ("input", "dlq")
+                    ref.kind in ("input", "dlq", "reply")
                     and isinstance(ref.item, int)
                     and ref.item < committed.get(ref.partition, -1)
                 )
@@ -879,6 +914,10 @@ class InputProcessor:
         )
         batch.dead_letters += 1
         metrics.DEAD_LETTERS.labels(SOURCE, reason).inc()
+
+
+def _terminates(body: InboxBody) -> bool:
+    return isinstance(body, StartWorkflow) and body.if_running is IfRunning.TERMINATE_EXISTING
 
 
 def _may_start_again(start: StartWorkflow) -> bool:

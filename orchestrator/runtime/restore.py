@@ -246,4 +246,5 @@ def _apply(msg: Message, codec: AvroCodec, states: dict[int, PartitionState]) ->
         head.wake_at_ms,
         head.run_id,
         head.request_id,
+        head.earlier_requests,
     )

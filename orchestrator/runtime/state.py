@@ -21,7 +21,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
-from orchestrator.protocol.records import WorkflowRecord, WorkflowStatus
+from orchestrator.protocol.records import RunRequest, WorkflowRecord, WorkflowStatus
+
+ClosedHead = tuple[WorkflowStatus, str, str | None, tuple[RunRequest, ...]]
+"""A closed workflow's status, run id, its start's request id and earlier runs' starts."""
 
 
 class Presence(Enum):
@@ -49,8 +52,9 @@ class PartitionState:
             workflow (history keys from ``protocol.topics.held_key``).
         wake: running workflow id -> when it next needs to wake (epoch ms); ``due`` takes
             them in time order from a heap whose outdated entries are skipped.
-        closed_runs: closed workflow id -> (status, run id, request id of its start), what
-            a later start of the same id needs for its id-reuse policy.
+        closed_runs: closed workflow id -> (status, run id, request id of its start, the
+            starts of earlier runs), what a later start of the same id needs for its
+            id-reuse policy and to recognise a retried start.
     """
 
     partition: int
@@ -61,7 +65,7 @@ class PartitionState:
     held: dict[str, dict[int, bytes]] = field(default_factory=dict)
     history_records: int = 0
     wake: dict[str, int] = field(default_factory=dict)
-    closed_runs: dict[str, tuple[WorkflowStatus, str, str | None]] = field(default_factory=dict)
+    closed_runs: dict[str, ClosedHead] = field(default_factory=dict)
     _timers: list[tuple[int, str]] = field(default_factory=list)
     _firing: dict[str, int] = field(default_factory=dict)
 
@@ -74,6 +78,7 @@ class PartitionState:
         wake_at: int | None = None,
         run_id: str = "",
         request_id: str | None = None,
+        earlier: tuple[RunRequest, ...] = (),
     ) -> None:
         """Store the committed version of a workflow, given its peeked head.
 
@@ -95,7 +100,7 @@ class PartitionState:
             # A new closing time moves the id to the end: ``closed`` stays in closing order.
             self.closed.pop(workflow_id, None)
             self.closed[workflow_id] = closed_at
-            self.closed_runs[workflow_id] = (status, run_id, request_id)
+            self.closed_runs[workflow_id] = (status, run_id, request_id, earlier)
         else:
             self.closed.pop(workflow_id, None)
             self.closed_runs.pop(workflow_id, None)
@@ -342,6 +347,7 @@ class WorkflowStore:
                 record.wake_at_ms,
                 record.run_id,
                 record.request_id,
+                record.earlier_requests,
             )
             if record.status.terminal:
                 self._cache.pop(workflow_id, None)

@@ -139,30 +139,46 @@ def test_id_reuse_policies_queries_and_updates(saga: Saga) -> None:
         client.close()
 
 
-def test_a_retried_start_is_recognised_after_a_restore(saga: Saga) -> None:
+def test_retried_starts_are_recognised_after_a_restore(saga: Saga) -> None:
     first_orchestrator = saga.orchestrator("a", app=APP)
     client = client_for(saga)
     wid = f"cart-{uuid.uuid4().hex[:8]}"
     try:
+        replaced = client.start_workflow("control.cart", ASLEEP, workflow_id=wid, request_id="one")
         done = client.start_workflow(
-            "control.cart", {"sleep_s": 0}, workflow_id=wid, request_id="once"
+            "control.cart",
+            {"sleep_s": 0},
+            workflow_id=wid,
+            if_running=IfRunning.TERMINATE_EXISTING,
+            request_id="two",
         )
         wait_until(
             saga,
-            lambda: status_of(saga, wid) is WorkflowStatus.COMPLETED,
-            "the run to complete",
+            lambda: (
+                status_of(saga, wid) is WorkflowStatus.COMPLETED
+                and _run_of(saga, wid) == done.run_id
+            ),
+            "the second run to complete",
             30,
         )
         first_orchestrator.kill9()
         saga.orchestrator("b", app=APP)
-        # The new owner restored the closed run's request id from its record's head: the
-        # retried start (default if_closed ALLOW) gets the first answer, no second run.
-        retried = client.start_workflow(
-            "control.cart", {"sleep_s": 0}, workflow_id=wid, request_id="once", timeout_s=90
-        )
-        assert (retried.run_id, retried.created) == (done.run_id, True)
-        assert retried.status is WorkflowStatus.COMPLETED
+        # The new owner read both starts' request ids from the closed record's head: each
+        # retried start gets its first answer, even with policies that would start or
+        # terminate a run, and nothing changes.
+        for request_id, run in (("two", done), ("one", replaced)):
+            retried = client.start_workflow(
+                "control.cart",
+                {"sleep_s": 0},
+                workflow_id=wid,
+                if_running=IfRunning.TERMINATE_EXISTING,
+                if_closed=IfClosed.ALLOW,
+                request_id=request_id,
+                timeout_s=90,
+            )
+            assert (retried.run_id, retried.created) == (run.run_id, True)
         assert _run_of(saga, wid) == done.run_id
+        assert status_of(saga, wid) is WorkflowStatus.COMPLETED
     finally:
         client.close()
 

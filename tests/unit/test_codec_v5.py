@@ -337,6 +337,7 @@ def test_peek_reads_the_run_and_request_ids_of_a_current_record(record: Workflow
         record.wake_at_ms,
         record.run_id,
         record.request_id,
+        record.earlier_requests,
     )
 
 

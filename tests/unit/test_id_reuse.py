@@ -488,7 +488,7 @@ def test_a_longer_request_id_is_refused_under_every_policy() -> None:
         again = advance(running, _start(request_id, policy), T0 + 1, REGISTRY, run_id="r2")
         assert again.record is None and again.replaced is None
         assert _reply(again).failure is not None
-    closed = ClosedRun(WorkflowStatus.FAILED, "r1", None)
+    closed = ClosedRun(WorkflowStatus.FAILED, "r1", None, ())
     later = start_again(
         closed, _start(request_id, if_closed=IfClosed.ALLOW), T0, REGISTRY, run_id="r3"
     )
@@ -576,10 +576,9 @@ def test_a_closed_workflow_keeps_its_closed_run(status: WorkflowStatus) -> None:
     _put(state, _rec("w-1", WorkflowStatus.RUNNING))
     assert state.closed_runs == {}
     _put(state, _rec("w-1", status))
-    assert state.closed_runs == {"w-1": (status, "r1", "req-1")}
+    assert state.closed_runs == {"w-1": (status, "r1", "req-1", ())}
     assert state.closed == {"w-1": 500} and "w-1" not in state.open
-    status_, run_id, request_id = state.closed_runs["w-1"]
-    assert ClosedRun(status_, run_id, request_id) == ClosedRun(status, "r1", "req-1")
+    assert ClosedRun(*state.closed_runs["w-1"]) == ClosedRun(status, "r1", "req-1")
 
 
 def test_open_and_unknown_statuses_keep_no_closed_run() -> None:
@@ -593,7 +592,7 @@ def test_open_and_unknown_statuses_keep_no_closed_run() -> None:
 def test_a_closed_run_without_a_request_id_is_kept_with_none() -> None:
     state = PartitionState(0)
     _put(state, _rec("w-1", WorkflowStatus.CANCELLED, request_id=None))
-    assert state.closed_runs == {"w-1": (WorkflowStatus.CANCELLED, "r1", None)}
+    assert state.closed_runs == {"w-1": (WorkflowStatus.CANCELLED, "r1", None, ())}
 
 
 def test_a_reopened_id_forgets_its_closed_run() -> None:
@@ -604,7 +603,7 @@ def test_a_reopened_id_forgets_its_closed_run() -> None:
     assert "w-1" in state.open
     # ... and closing the new run keeps the new run's identity.
     _put(state, _rec("w-1", WorkflowStatus.FAILED, run_id="r2", request_id="req-2", closed_at=900))
-    assert state.closed_runs == {"w-1": (WorkflowStatus.FAILED, "r2", "req-2")}
+    assert state.closed_runs == {"w-1": (WorkflowStatus.FAILED, "r2", "req-2", ())}
     assert state.closed == {"w-1": 900}
 
 
@@ -613,7 +612,7 @@ def test_a_deleted_id_forgets_its_closed_run() -> None:
     _put(state, _rec("w-1", WorkflowStatus.COMPLETED))
     _put(state, _rec("w-2", WorkflowStatus.TERMINATED))
     state.delete("w-1")
-    assert state.closed_runs == {"w-2": (WorkflowStatus.TERMINATED, "r1", "req-1")}
+    assert state.closed_runs == {"w-2": (WorkflowStatus.TERMINATED, "r1", "req-1", ())}
     assert "w-1" not in state.closed
     state.mark_unwritable("w-2", "unreadable")
     assert state.closed_runs == {}
@@ -632,8 +631,8 @@ def test_closed_stays_in_closing_order_when_an_id_closes_again() -> None:
     # between, as the shell commits it) moves to the end as well.
     _put(state, _rec("b", WorkflowStatus.FAILED, run_id="r3", closed_at=500))
     assert list(state.closed.items()) == [("c", 300), ("a", 400), ("b", 500)]
-    assert state.closed_runs["b"] == (WorkflowStatus.FAILED, "r3", "req-1")
-    assert state.closed_runs["a"] == (WorkflowStatus.TERMINATED, "r2", "req-1")
+    assert state.closed_runs["b"] == (WorkflowStatus.FAILED, "r3", "req-1", ())
+    assert state.closed_runs["a"] == (WorkflowStatus.TERMINATED, "r2", "req-1", ())
 
 
 def test_the_store_promotes_closed_runs_with_their_run_and_request_ids() -> None:
@@ -643,7 +642,7 @@ def test_the_store_promotes_closed_runs_with_their_run_and_request_ids() -> None
     store.stage(0, closed, CODEC.encode_workflow(closed))
     assert store.partition(0).closed_runs == {}  # staged, not yet committed
     store.promote()
-    assert store.partition(0).closed_runs == {"w-1": (WorkflowStatus.TERMINATED, "r7", "req-7")}
+    assert store.partition(0).closed_runs == {"w-1": (WorkflowStatus.TERMINATED, "r7", "req-7", ())}
     store.stage_tombstone(0, "w-1")
     store.promote()
     assert store.partition(0).closed_runs == {}
@@ -657,7 +656,7 @@ def test_a_run_replaced_by_terminate_existing_is_tracked_through_the_store() -> 
     assert transition.replaced is not None and transition.record is not None
     state = PartitionState(0)
     _put(state, transition.replaced)
-    assert state.closed_runs == {WID: (WorkflowStatus.TERMINATED, "r1", "req-1")}
+    assert state.closed_runs == {WID: (WorkflowStatus.TERMINATED, "r1", "req-1", ())}
     _put(state, transition.record)
     assert state.closed_runs == {} and WID in state.open
     first = [e for e in transition.record.events if isinstance(e, ActivityScheduled)]
