@@ -5,6 +5,7 @@ The public API is what this module exports; everything else is runtime.
 
 from orchestrator.errors import (
     ActivityError,
+    ChildWorkflowError,
     ConfigurationError,
     HistoryLimitExceededError,
     NonDeterminismError,
@@ -16,7 +17,7 @@ from orchestrator.errors import (
     WorkflowDefinitionError,
     WorkflowTimeoutError,
 )
-from orchestrator.protocol.records import IfClosed, IfRunning
+from orchestrator.protocol.records import IfClosed, IfRunning, ParentClosePolicy
 from orchestrator.saga import COMPENSATION_RETRY, Saga
 from orchestrator.workflow import (
     DEFAULT_RETRY,
@@ -36,11 +37,13 @@ __all__ = [
     "DEFAULT_RETRY",
     "ActivityError",
     "ActivityHandle",
+    "ChildWorkflowError",
     "ConfigurationError",
     "HistoryLimitExceededError",
     "IfClosed",
     "IfRunning",
     "NonDeterminismError",
+    "ParentClosePolicy",
     "PromiseFailedError",
     "PromiseHandle",
     "RecordTooLargeError",

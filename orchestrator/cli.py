@@ -268,6 +268,24 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate(args: argparse.Namespace) -> int:
+    from orchestrator.client import ResultTimeoutError
+
+    client = _client()
+    client.terminate(args.id, args.reason)
+    client.flush()
+    if args.wait <= 0:
+        print(f"asked to terminate workflow {args.id}")
+        return 0
+    try:
+        outcome = client.result(args.id, timeout_s=args.wait)
+    except ResultTimeoutError:
+        print(f"asked to terminate workflow {args.id}; it did not close within {args.wait:g} s")
+        return 0
+    print(f"workflow {args.id} is {outcome.status.value}")
+    return 0
+
+
 def _promise(args: argparse.Namespace) -> int:
     client = _client()
     if args.action == "complete":
@@ -416,6 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
     can.add_argument("--reason", default="", help="why (kept in its record)")
     can.add_argument("--wait", type=float, default=30.0, help="seconds to wait (0: do not)")
     can.set_defaults(func=_cancel)
+
+    term = sub.add_parser(
+        "terminate",
+        help="end a workflow now as TERMINATED (no compensations)",
+        description="End a workflow now as TERMINATED: its code does not run again, so no "
+        "compensation runs (use cancel for that); its children follow their parent close "
+        "policy. A closed workflow is left as it is.",
+    )
+    term.add_argument("id", help="the workflow id")
+    term.add_argument("--reason", default="", help="why (kept in its record)")
+    term.add_argument("--wait", type=float, default=30.0, help="seconds to wait (0: do not)")
+    term.set_defaults(func=_terminate)
 
     res = sub.add_parser(
         "result",

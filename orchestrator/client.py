@@ -33,6 +33,7 @@ from orchestrator.protocol.records import (
     ResumeWorkflow,
     SignalWorkflow,
     StartWorkflow,
+    TerminateWorkflow,
     UpdateWorkflow,
     WorkflowRecord,
     WorkflowStatus,
@@ -366,6 +367,13 @@ class WorkflowClient:
         workflow is left as it is (``result`` shows how it ended); a second cancel is
         ignored. Call :meth:`flush` to wait."""
         self._send(CancelWorkflow(workflow_id, reason, _now_ms()), workflow_id.encode())
+
+    def terminate(self, workflow_id: str, reason: str = "") -> None:
+        """Queue a request to end a workflow now as ``TERMINATED``, for ``reason``: its
+        code does not run again (no compensations), inputs it held are dead-lettered, its
+        children are handled per their parent close policy. A closed workflow is left as
+        it is. Call :meth:`flush` to wait."""
+        self._send(TerminateWorkflow(workflow_id, reason, _now_ms()), workflow_id.encode())
 
     def complete_promise(self, promise_id: str, value: Any = None) -> None:
         """Queue the completion of a workflow's promise (``ctx.promise``) with ``value``

@@ -117,6 +117,33 @@ class PromiseFailedError(ActivityError):
         self.args = (f"promise {promise} failed: {error_type}: {message}",)
 
 
+class ChildWorkflowError(ActivityError):
+    """A child workflow (``ctx.child_workflow``) did not complete; raised at its await.
+
+    ``error_type`` is ``ChildWorkflowFailed`` when the child ran and ended otherwise than
+    ``COMPLETED`` (``message`` says how, with the child's own failure),
+    ``WorkflowAlreadyRunning`` or ``WorkflowIdReuseRejected`` when its start was refused,
+    or a timeout (``ScheduleToCloseTimeout``: ``execution_timeout`` passed). An
+    :class:`ActivityError`, so ``Saga`` blocks compensate.
+    """
+
+    ERROR_TYPE = "ChildWorkflowFailed"
+
+    def __init__(
+        self,
+        activity: str,
+        error_type: str,
+        message: str,
+        *,
+        attempts: int = 1,
+        effects_committed: bool = False,
+    ) -> None:
+        super().__init__(
+            activity, error_type, message, attempts=attempts, effects_committed=effects_committed
+        )
+        self.args = (f"child workflow {activity} failed: {error_type}: {message}",)
+
+
 class NonDeterminismError(SagalineError):
     """Workflow code asked for a different step than its recorded history holds.
 

@@ -62,6 +62,7 @@ from orchestrator.protocol.records import (
     WakeUp,
     WorkflowRecord,
     WorkflowStatus,
+    activity_id,
     promise_id,
 )
 from orchestrator.protocol.topics import activity_name_problem
@@ -88,6 +89,8 @@ DEFAULT_MAX_HISTORY_EVENTS: Final = 1_000
 DEFAULT_MAX_RECORD_BYTES: Final = 900_000
 """The orchestrator's default ``SAGALINE_MAX_RECORD_BYTES``."""
 DEFAULT_MAX_STEPS: Final = 10_000
+CHILD_SCRIPT: Final = "child"
+"""Scripts of child workflows are named ``child.<workflow type>``."""
 """Inputs one run may apply before it is stopped as a runaway."""
 
 Kind = Literal["returns", "fails", "hangs"]
@@ -552,6 +555,17 @@ class WorkflowTester:
         self._scripts[script.name] = script
         return script
 
+    def child(self, workflow_type: str) -> ActivityScript:
+        """A script for the child workflows of type ``workflow_type`` the workflow starts
+        (``ctx.child_workflow``): what each returns or how it fails, as for an activity
+        (``.returns``, ``.fails``, ``.hangs``); a failure reaches the workflow as
+        ``ChildWorkflowError``. Calls show up as ``child.<workflow_type>``.
+
+        Raises:
+            ConfigurationError: ``child.<workflow_type>`` is not a valid activity name.
+        """
+        return self.activity(f"{CHILD_SCRIPT}.{workflow_type}")
+
     def run(
         self,
         workflow_type: str,
@@ -727,6 +741,22 @@ class _Run:
         self.record = record
         for task in transition.tasks:
             self.send(codec.decode_task(codec.encode_task(task)))
+        for message in transition.messages:
+            if isinstance(message, StartWorkflow) and message.parent is not None:
+                # A child workflow: its script answers as a participant would.
+                self.send(
+                    ActivityTask(
+                        workflow_id=self.workflow_id,
+                        workflow_type=self.workflow_type,
+                        activity_id=activity_id(self.workflow_id, message.parent.seq, 1, RUN_ID),
+                        seq=message.parent.seq,
+                        attempt=1,
+                        participant=CHILD_SCRIPT,
+                        activity=message.workflow_type,
+                        payload=message.input,
+                        scheduled_at_ms=self.now_ms,
+                    )
+                )
         self.answer_promises(record)
 
     def answered(self, reply: Reply) -> None:

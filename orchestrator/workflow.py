@@ -31,6 +31,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar, cast, overload
 
 from orchestrator.errors import ConfigurationError, WorkflowTimeoutError
 from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
+from orchestrator.protocol.records import ParentClosePolicy
 from orchestrator.protocol.topics import activity_name_problem
 
 WorkflowFn = Callable[["WorkflowContext", Any], Coroutine[Any, Any, Any]]
@@ -327,6 +328,8 @@ def _type_name(value: object) -> str:
 
 DEFAULT_RETRY = RetryPolicy()
 """3 attempts, 1 s before the second, 2 s before the third (at most 100 s)."""
+CHILD_RETRY = RetryPolicy(max_attempts=1)
+"""A child workflow is one attempt: it runs its own retries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +342,16 @@ class ActivityTimeouts:
 
 
 NO_TIMEOUTS: Final = ActivityTimeouts()
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """What makes a step a child workflow: its id (None: ``<parent id>/<run id>/c<step>``)
+    and what happens to it when the parent closes."""
+
+    workflow_id: str | None
+    parent_close_policy: ParentClosePolicy
+
 
 # Settling order of every handle, so races replay the way they first ran (only the order
 # of the handles of one replay is ever compared).
@@ -728,8 +741,10 @@ class Scheduler(Protocol):
         retry: RetryPolicy,
         compensation: bool,
         timeouts: ActivityTimeouts,
+        child: ChildSpec | None = None,
     ) -> ActivityHandle:
-        """Record (or match, on replay) one activity call and return its handle."""
+        """Record (or match, on replay) one activity call, or with ``child`` one child
+        workflow of type ``name``, and return its handle."""
         ...
 
     def timer(self, fire_at_ms: int) -> TimerHandle:
@@ -1008,6 +1023,69 @@ class WorkflowContext:
     def now(self) -> float:
         """Deterministic time (seconds since the epoch) of the input being replayed."""
         return self._scheduler.now_ms() / 1000.0
+
+    def child_workflow(
+        self,
+        workflow_type: str,
+        value: Any = None,
+        *,
+        id: str | None = None,
+        parent_close_policy: ParentClosePolicy = ParentClosePolicy.TERMINATE,
+        execution_timeout: float | timedelta | None = None,
+    ) -> ActivityHandle:
+        """Start workflow ``workflow_type`` with ``value`` as a child of this one; ``await``
+        the handle for its result.
+
+        The child's start is produced in the same transaction that records this step,
+        keyed by its id, so it starts on whichever orchestrator owns that id's partition;
+        when it closes, its result (or failure) comes back as this step's outcome. A child
+        that does not complete raises :class:`~orchestrator.errors.ChildWorkflowError`
+        (an ``ActivityError``, so ``Saga`` blocks compensate), as does a start refused
+        because a run with that id is open. The child is a step like an activity: it
+        takes ``with_timeout``, ``ctx.gather`` and ``ctx.first``, and it is never retried.
+
+        Args:
+            workflow_type: the child's registered type.
+            value: its input (JSON).
+            id: its workflow id; default ``<this id>/<run id>/c<step>``, unique per run.
+            parent_close_policy: when this workflow closes while the child runs:
+                ``TERMINATE`` it (the default), ``REQUEST_CANCEL`` it (it compensates) or
+                ``ABANDON`` it. Cancelling this workflow cancels children whose policy is
+                not ``ABANDON``.
+            execution_timeout: seconds (or timedelta) this step waits for the child at
+                most; then it fails with ``ScheduleToCloseTimeout`` (the child is left to
+                the close policy).
+
+        Raises:
+            ConfigurationError: an invalid type, id, policy or timeout (the workflow is
+                parked as ``STUCK``).
+        """
+        problem = signal_name_problem(workflow_type)
+        if problem is not None:
+            raise self._misuse(
+                f"ctx.child_workflow({_shown(workflow_type)}): "
+                + problem.replace("a signal name", "a workflow type")
+            )
+        if id is not None and (not isinstance(id, str) or signal_name_problem(id) is not None):
+            raise self._misuse(
+                f"ctx.child_workflow({_shown(workflow_type)}, id=...) takes None or 1-"
+                f"{MAX_NAME_CHARS} characters of UTF-8 text without NUL, got {_shown(id)}"
+            )
+        if not isinstance(parent_close_policy, ParentClosePolicy):
+            raise self._misuse(
+                f"ctx.child_workflow({_shown(workflow_type)}, parent_close_policy=...) takes a "
+                f"ParentClosePolicy, got {_type_name(parent_close_policy)}"
+            )
+        timeouts = NO_TIMEOUTS
+        if execution_timeout is not None:
+            try:
+                timeouts = _activity_timeouts(workflow_type, execution_timeout, None, None)
+            except ConfigurationError as exc:
+                raise self._misuse(str(exc)) from None
+        spec = ChildSpec(None if id is None else str.__str__(id), parent_close_policy)
+        return self._scheduler.schedule(
+            str.__str__(workflow_type), value, CHILD_RETRY, False, timeouts, spec
+        )
 
     def on_query(self, name: str, handler: Handler) -> None:
         """Answer query ``name`` with ``handler``: a plain function of the workflow's

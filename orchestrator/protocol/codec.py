@@ -52,6 +52,8 @@ from orchestrator.protocol.records import (
     IfClosed,
     IfRunning,
     InboxBody,
+    ParentClosePolicy,
+    ParentRef,
     Payload,
     PromiseCompleted,
     PromiseCreated,
@@ -63,6 +65,7 @@ from orchestrator.protocol.records import (
     SignalReceived,
     SignalWorkflow,
     StartWorkflow,
+    TerminateWorkflow,
     TimerCancelled,
     TimerFired,
     TimerStarted,
@@ -97,6 +100,7 @@ SCHEMA_ORDER: Final = (
     "CancelWorkflow",
     "QueryWorkflow",
     "UpdateWorkflow",
+    "TerminateWorkflow",
     "InboxRecord",
     "ActivityTask",
     "WorkflowRecord",
@@ -228,7 +232,7 @@ _SPLICED_FIELDS: Final = (
         "earlier_requests",
         "input",
     ),
-    ("result", "failure", "started_at_ms", "updated_at_ms", "revision"),
+    ("result", "failure", "started_at_ms", "updated_at_ms", "revision", "parent"),
 )
 
 
@@ -425,6 +429,15 @@ class AvroCodec:
                     "sent_at_ms": body.sent_at_ms,
                 },
             )
+        elif isinstance(body, TerminateWorkflow):
+            branch = (
+                NS + "TerminateWorkflow",
+                {
+                    "workflow_id": body.workflow_id,
+                    "reason": body.reason,
+                    "requested_at_ms": body.requested_at_ms,
+                },
+            )
         elif isinstance(body, UpdateWorkflow):
             branch = (
                 NS + "UpdateWorkflow",
@@ -578,12 +591,15 @@ def _inbox_needs_current(body: InboxBody) -> bool:
         return _start_needs_current(body)
     if isinstance(body, SignalWorkflow):
         return body.start is not None and _start_needs_current(body.start)
-    return isinstance(body, QueryWorkflow | UpdateWorkflow)
+    return isinstance(body, QueryWorkflow | UpdateWorkflow | TerminateWorkflow)
 
 
 def _start_needs_current(start: StartWorkflow) -> bool:
     return (
-        start.request_id is not None or start.if_running is not None or start.if_closed is not None
+        start.request_id is not None
+        or start.if_running is not None
+        or start.if_closed is not None
+        or start.parent is not None
     )
 
 
@@ -659,6 +675,7 @@ def _start_to_avro(s: StartWorkflow) -> dict[str, Any]:
         datum["request_id"] = s.request_id
         datum["if_running"] = None if s.if_running is None else s.if_running.value
         datum["if_closed"] = None if s.if_closed is None else s.if_closed.value
+        datum["parent"] = _parent_to_avro(s.parent)
     return datum
 
 
@@ -673,6 +690,7 @@ def _start_from_avro(d: Mapping[str, Any]) -> StartWorkflow:
         request_id=d.get("request_id"),
         if_running=None if if_running is None else IfRunning(if_running),
         if_closed=None if if_closed is None else IfClosed(if_closed),
+        parent=_parent_from_avro(d.get("parent")),
     )
 
 
@@ -858,6 +876,9 @@ _INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
     ),
     NS + "QueryWorkflow": _query_from_avro,
     NS + "UpdateWorkflow": _update_from_avro,
+    NS + "TerminateWorkflow": lambda d: TerminateWorkflow(
+        d["workflow_id"], d["reason"], d["requested_at_ms"]
+    ),
 }
 
 
@@ -920,6 +941,10 @@ def _event_to_avro(e: HistoryEvent) -> tuple[str, dict[str, Any]]:
                 "start_to_close_ms": e.start_to_close_ms,
                 "heartbeat_timeout_ms": e.heartbeat_timeout_ms,
                 "backoff_ms": e.backoff_ms,
+                "child_workflow_id": e.child_workflow_id,
+                "parent_close_policy": None
+                if e.parent_close_policy is None
+                else e.parent_close_policy.value,
                 "at_ms": e.at_ms,
             },
         )
@@ -1019,6 +1044,8 @@ def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
             start_to_close_ms=d.get("start_to_close_ms"),
             heartbeat_timeout_ms=d.get("heartbeat_timeout_ms"),
             backoff_ms=d.get("backoff_ms", 0),
+            child_workflow_id=d.get("child_workflow_id"),
+            parent_close_policy=_close_policy(d.get("parent_close_policy")),
         )
     if name == NS + "ActivityCompleted":
         return ActivityCompleted(
@@ -1108,7 +1135,20 @@ def _workflow_tail(r: WorkflowRecord) -> dict[str, Any]:
         "started_at_ms": r.started_at_ms,
         "updated_at_ms": r.updated_at_ms,
         "revision": r.revision,
+        "parent": _parent_to_avro(r.parent),
     }
+
+
+def _parent_to_avro(p: ParentRef | None) -> dict[str, Any] | None:
+    return None if p is None else {"workflow_id": p.workflow_id, "run_id": p.run_id, "seq": p.seq}
+
+
+def _parent_from_avro(d: Mapping[str, Any] | None) -> ParentRef | None:
+    return None if d is None else ParentRef(d["workflow_id"], d["run_id"], d["seq"])
+
+
+def _close_policy(symbol: str | None) -> ParentClosePolicy | None:
+    return None if symbol is None else ParentClosePolicy(symbol)
 
 
 def _workflow_from_avro(d: Mapping[str, Any]) -> WorkflowRecord:
@@ -1127,6 +1167,7 @@ def _workflow_from_avro(d: Mapping[str, Any]) -> WorkflowRecord:
         run_id=d["run_id"],
         wake_at_ms=d.get("wake_at_ms"),
         request_id=d.get("request_id"),
+        parent=_parent_from_avro(d.get("parent")),
         earlier_requests=tuple(
             RunRequest(e["request_id"], e["run_id"]) for e in d.get("earlier_requests", ())
         ),

@@ -93,6 +93,27 @@ class IfClosed(enum.Enum):
     """Start nothing; answer with a failure."""
 
 
+class ParentClosePolicy(enum.Enum):
+    """What happens to a child workflow still running when its parent closes."""
+
+    TERMINATE = "TERMINATE"
+    """The child is terminated (no compensations run)."""
+    REQUEST_CANCEL = "REQUEST_CANCEL"
+    """The child is asked to cancel: it sees ``WorkflowCancelledError`` and compensates."""
+    ABANDON = "ABANDON"
+    """The child runs on; its outcome is no longer awaited."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParentRef:
+    """The step ``seq`` of run ``run_id`` of workflow ``workflow_id`` that started a child
+    workflow; the child reports its outcome to it."""
+
+    workflow_id: str
+    run_id: str
+    seq: int
+
+
 @dataclass(frozen=True, slots=True)
 class StartWorkflow:
     """Inbox input: start ``workflow_type`` under ``workflow_id`` with ``input``.
@@ -110,6 +131,7 @@ class StartWorkflow:
     request_id: str | None = None
     if_running: IfRunning | None = None
     if_closed: IfClosed | None = None
+    parent: ParentRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +229,16 @@ class CancelWorkflow:
 
 
 @dataclass(frozen=True, slots=True)
+class TerminateWorkflow:
+    """Inbox input: end the workflow now as TERMINATED, for ``reason``, without running
+    its code (no compensations)."""
+
+    workflow_id: str
+    reason: str
+    requested_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueryWorkflow:
     """Inbox input: answer query ``name`` with ``args`` from the workflow's current state
     (its ``ctx.on_query`` handler); the answer is a :class:`Reply` keyed by
@@ -243,6 +275,7 @@ InboxBody = (
     | CancelWorkflow
     | QueryWorkflow
     | UpdateWorkflow
+    | TerminateWorkflow
 )
 
 
@@ -332,6 +365,8 @@ class ActivityScheduled:
     start_to_close_ms: int | None = None
     heartbeat_timeout_ms: int | None = None
     backoff_ms: int = 0
+    child_workflow_id: str | None = None
+    parent_close_policy: ParentClosePolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +537,7 @@ class WorkflowRecord:
     wake_at_ms: int | None = None
     request_id: str | None = None
     earlier_requests: tuple[RunRequest, ...] = ()
+    parent: ParentRef | None = None
 
 
 def promise_id(workflow_id: str, run_id: str, seq: int) -> str:

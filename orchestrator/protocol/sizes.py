@@ -25,6 +25,7 @@ from typing import Any, Final
 from orchestrator.protocol.records import (
     Failure,
     HistoryEvent,
+    ParentRef,
     Payload,
     RunRequest,
     WorkflowRecord,
@@ -40,7 +41,16 @@ ARRAY: Final = 12
 HEADER: Final = 5
 
 _SCALARS: Final = frozenset(
-    {"int", "bool", "float", "int | None", "float | None", "bool | None", "WorkflowStatus"}
+    {
+        "int",
+        "bool",
+        "float",
+        "int | None",
+        "float | None",
+        "bool | None",
+        "WorkflowStatus",
+        "ParentClosePolicy | None",
+    }
 )
 
 
@@ -65,6 +75,14 @@ def _opt_text(value: str | None) -> int:
     return 1 if value is None else 1 + text_bound(value)
 
 
+def _parent(value: ParentRef | None) -> int:
+    return (
+        1
+        if value is None
+        else 1 + text_bound(value.workflow_id) + text_bound(value.run_id) + SCALAR
+    )
+
+
 def _run_requests(value: tuple[RunRequest, ...]) -> int:
     return ARRAY + sum(text_bound(r.request_id) + text_bound(r.run_id) for r in value)
 
@@ -82,6 +100,7 @@ _VARIABLE: Final[dict[str, Callable[[Any], int]]] = {
     "Failure | None": _failure,
     "tuple[str, ...]": _texts,
     "tuple[RunRequest, ...]": _run_requests,
+    "ParentRef | None": _parent,
 }
 
 

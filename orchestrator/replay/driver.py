@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from orchestrator.errors import (
     ActivityError,
+    ChildWorkflowError,
     ConfigurationError,
     HistoryLimitExceededError,
     PromiseFailedError,
@@ -74,6 +75,7 @@ from orchestrator.replay.guard import (
 from orchestrator.workflow import (
     ActivityHandle,
     ActivityTimeouts,
+    ChildSpec,
     CommandHandle,
     Handler,
     PromiseHandle,
@@ -118,11 +120,13 @@ class _Kind:
 _KINDS: Final[dict[type[Command], _Kind]] = {
     ActivityScheduled: _Kind(
         records=lambda e: e.attempt == 1,  # later attempts are retries of the same command
-        describe=lambda e: _describe(e.name, e.compensation),
+        describe=lambda e: _describe(e.name, e.compensation, e.child_workflow_id),
         label=lambda e: repr(e.name),
         # _Replayer.schedule repeats this test before it builds the call: keep both alike.
         same=lambda recorded, call: (
-            recorded.name == call.name and recorded.compensation == call.compensation
+            recorded.name == call.name
+            and recorded.compensation == call.compensation
+            and recorded.child_workflow_id == call.child_workflow_id
         ),
     ),
     TimerStarted: _Kind(
@@ -297,8 +301,9 @@ class _Replayer:
         retry: RetryPolicy,
         compensation: bool,
         timeouts: ActivityTimeouts,
+        child: ChildSpec | None = None,
     ) -> ActivityHandle:
-        self._not_handling("ctx.activity")
+        self._not_handling("ctx.activity" if child is None else "ctx.child_workflow")
         if self.closing or self.problem is not None:
             # finally blocks run while the engine closes a blocked coroutine, and nothing a
             # parked workflow asks for is kept: not real steps.
@@ -306,9 +311,11 @@ class _Replayer:
         seq = self._take_seq()
         recorded = self.recorded.get(seq)
         if (
-            type(recorded) is ActivityScheduled
+            child is None
+            and type(recorded) is ActivityScheduled
             and recorded.name == name
             and recorded.compensation == compensation
+            and recorded.child_workflow_id is None
         ):
             # Replaying a recorded step (what most calls are): the full comparison below
             # would build the whole event just to find it the same.
@@ -331,6 +338,13 @@ class _Replayer:
             start_to_close_ms=timeouts.start_to_close_ms,
             heartbeat_timeout_ms=timeouts.heartbeat_timeout_ms,
         )
+        if child is not None:
+            object.__setattr__(
+                call,
+                "child_workflow_id",
+                child.workflow_id or f"{self.workflow_id}/{self.run_id}/c{seq}",
+            )
+            object.__setattr__(call, "parent_close_policy", child.parent_close_policy)
         handle = ActivityHandle(self, call.seq, name)
         self.handles[call.seq] = handle
         if self._match(call) is not None:
@@ -524,7 +538,9 @@ def _missing(kind: str, ask: Ask, known: dict[str, Any]) -> str:
     )
 
 
-def _describe(name: str, compensation: bool) -> str:
+def _describe(name: str, compensation: bool, child: str | None = None) -> str:
+    if child is not None:
+        return f"child workflow {name!r} ({safe_text(child, MAX_NAME_CHARS)!r})"
     return f"compensation {name!r}" if compensation else f"activity {name!r}"
 
 
@@ -696,7 +712,11 @@ def _drive(
         else:
             assert isinstance(event, ActivityFailed) and isinstance(handle, ActivityHandle)
             failure = event.failure
-            error = _FAILURES.get(failure.error_type, ActivityError)
+            recorded = replayer.recorded.get(event.seq)
+            if isinstance(recorded, ActivityScheduled) and recorded.child_workflow_id is not None:
+                error: type[ActivityError] = ChildWorkflowError
+            else:
+                error = _FAILURES.get(failure.error_type, ActivityError)
             handle.reject(
                 error(
                     handle.name,

@@ -62,6 +62,7 @@ from orchestrator.protocol.records import (
     SignalReceived,
     SignalWorkflow,
     StartWorkflow,
+    TerminateWorkflow,
     TimerFired,
     UpdateAccepted,
     UpdateWorkflow,
@@ -73,6 +74,7 @@ from orchestrator.protocol.records import (
 )
 from orchestrator.replay.driver import Ask, HandlerOutcome, replay
 from orchestrator.replay.limits import Limits, Tier, reserved_events
+from orchestrator.replay.links import link
 from orchestrator.replay.timing import (
     RETRY,
     TIMEOUTS,
@@ -198,6 +200,17 @@ def advance(
         record (resumed once a deploy registers the type). The new record's
         ``wake_at_ms`` says when to feed it the next ``WakeUp`` (None: never).
     """
+    return link(record, body, _dispatch(record, body, now_ms, registry, limits, run_id), now_ms)
+
+
+def _dispatch(
+    record: WorkflowRecord | None,
+    body: InboxBody | WakeUp,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits,
+    run_id: str,
+) -> Transition:
     if record is not None and record.status is WorkflowStatus.UNKNOWN:
         failure = Failure(
             "UnknownStatus", "the workflow's record was written by newer code; upgrade first"
@@ -223,7 +236,22 @@ def advance(
         return _apply_cancel(record, body, now_ms, registry, limits)
     if isinstance(body, UpdateWorkflow):
         return _apply_update(record, body, now_ms, registry, limits)
+    if isinstance(body, TerminateWorkflow):
+        return _apply_terminate(record, body, now_ms, limits)
     return Transition(None, ignored=UNKNOWN_INPUT)
+
+
+def _apply_terminate(
+    record: WorkflowRecord | None, terminate: TerminateWorkflow, now_ms: int, limits: Limits
+) -> Transition:
+    """Close the workflow as TERMINATED now; its code does not run."""
+    if record is None or record.status.terminal:
+        return _not_open(record)
+    reason = safe_text(terminate.reason, MAX_REASON_CHARS) or "terminated"
+    ended = close(record, now_ms, WorkflowStatus.TERMINATED, failure=Failure("Terminated", reason))
+    if not limits.fits(ended, Tier.GRACE):
+        ended = close(record, now_ms, WorkflowStatus.TERMINATED)
+    return Transition(ended)
 
 
 # --- starts and id reuse -------------------------------------------------------------
@@ -255,7 +283,7 @@ def _start(
     """A start for an id that has no run, or whose run is open (``start.if_running``)."""
     if record is not None and record.status.terminal:
         closed = ClosedRun(record.status, record.run_id, record.request_id, record.earlier_requests)
-        return start_again(closed, start, now_ms, registry, limits, run_id=run_id)
+        return _start_again(closed, start, now_ms, registry, limits, run_id)
     current = None if record is None else (record.run_id, record.status)
     known = (
         ()
@@ -306,6 +334,18 @@ def start_again(
     runs the record remembers, is a retried send: it is answered as the first time
     (``created``) and starts nothing.
     """
+    transition = _start_again(closed, start, now_ms, registry, limits, run_id)
+    return link(None, start, transition, now_ms)
+
+
+def _start_again(
+    closed: ClosedRun,
+    start: StartWorkflow,
+    now_ms: int,
+    registry: WorkflowRegistry,
+    limits: Limits,
+    run_id: str,
+) -> Transition:
     known = _requests_of(closed.request_id, closed.run_id, closed.earlier)
     answered = _answered_before(start, known, (closed.run_id, closed.status), now_ms)
     if answered is not None:
@@ -779,6 +819,7 @@ def _fresh(start: StartWorkflow, now_ms: int, run_id: str) -> WorkflowRecord:
         revision=0,
         run_id=_encodable(run_id),
         request_id=_kept_request_id(start.request_id),
+        parent=start.parent,
     )
 
 

@@ -44,6 +44,7 @@ from orchestrator.protocol.records import (
     ActivityTask,
     Failure,
     HistoryEvent,
+    InboxBody,
     Payload,
     PromiseCreated,
     Reply,
@@ -74,6 +75,8 @@ class Transition:
     ``reply``: the answer to send the caller (a start that asked for one, an update),
     whether or not anything changed. ``replaced``: the closed record of the run a new run
     replaces (a start that terminated it), written to history before ``record``.
+    ``messages``: inbox records for other workflows (a child's start, a report to a
+    parent, a child's termination or cancel), produced in the same transaction.
     """
 
     record: WorkflowRecord | None
@@ -81,6 +84,7 @@ class Transition:
     ignored: str | None = None
     reply: Reply | None = None
     replaced: WorkflowRecord | None = None
+    messages: tuple[InboxBody, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -538,7 +542,11 @@ def task_for(
     the step's last heartbeat details, of any attempt, go with it so a new attempt can
     resume. ``state`` is ``scan(record.events)`` if the caller has it.
     """
-    participant, _, activity = step.name.partition(".")
+    if step.child_workflow_id is not None:
+        # A child workflow: the shell never routes it to a participant (see replay.links).
+        participant, activity = "", step.name
+    else:
+        participant, _, activity = step.name.partition(".")
     info = (state or scan(record.events)).steps.get(step.seq)
     first_at = step.at_ms if info is None else info.first.at_ms
     heartbeat = None if info is None else info.heartbeat

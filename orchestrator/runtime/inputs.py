@@ -50,8 +50,10 @@ from orchestrator.protocol.records import (
     Reply,
     ReplyKind,
     ResumeWorkflow,
+    RunRequest,
     SignalWorkflow,
     StartWorkflow,
+    TerminateWorkflow,
     UpdateWorkflow,
     WakeUp,
     WorkflowRecord,
@@ -295,12 +297,14 @@ class InputProcessor:
             self.poison.pop(Ref("workflow", partition, wid), None)
             self.redrive(partition, wid, batch, now_ms)
             return
+        ends_run = False
         if not item.held and self.store.holds_any(partition, wid):
             if not _terminates(body):
                 self._hold(item, wid, "an earlier input of the workflow is held", batch)
                 return
-            # The start ends this run: what it held waits for nothing any more.
-            self._drop_held(partition, wid, batch)
+            # It may end this run, and what the run held would then wait for nothing:
+            # applied now, not behind them (they go if the run does end).
+            ends_run = True
         current = self._load(partition, wid, presence)
         if current is None and presence is Presence.OPEN:
             self._hold(item, wid, "its history record cannot be decoded here", batch)
@@ -308,7 +312,7 @@ class InputProcessor:
         if level >= PARK:
             self._park(item, current, body, Failure("UndeliverableRecord", why), batch, now_ms)
             return
-        self._apply(item, current, body, batch, now_ms)
+        self._apply(item, current, body, batch, now_ms, ends_run=ends_run)
 
     # --- timers ---------------------------------------------------------------------
 
@@ -401,6 +405,11 @@ class InputProcessor:
             if current.status.terminal:
                 # The run closed while the input waited: a start may begin a new run and
                 # an update is told; a duplicate or late result changes nothing.
+                level, why = self._poison_level(item.ref, partition, wid)
+                if level >= DEAD_LETTER:
+                    self._reject_input(item, "undeliverable", why, batch)
+                    self.store.stage_release(partition, wid, offset)
+                    continue
                 if (isinstance(body, StartWorkflow) and _may_start_again(body)) or isinstance(
                     body, UpdateWorkflow
                 ):
@@ -456,11 +465,15 @@ class InputProcessor:
         batch: Batch,
         now_ms: int,
         closed: ClosedRun | None = None,
+        *,
+        ends_run: bool = False,
     ) -> bool:
         """Advance the workflow with ``body``; False if it had to be parked instead.
 
         ``closed``: the workflow's last run has closed (``current`` is None); a start may
         begin a new run per its id-reuse policy, an update is answered that it closed.
+        ``ends_run``: the run holds inputs and ``body`` may end it; if it does, they are
+        dead-lettered, and if it does not, ``body`` is held behind them after all.
         """
         starts = isinstance(body, StartWorkflow) or (
             current is None and isinstance(body, SignalWorkflow) and body.start is not None
@@ -492,8 +505,23 @@ class InputProcessor:
             )
             self._encoded.clear()
             return self._park(item, current, body, failure, batch, now_ms)
+        ended = transition.replaced is not None or (
+            transition.record is not None
+            and transition.record.status is WorkflowStatus.TERMINATED
+            and (current is None or current.run_id == transition.record.run_id)
+        )
+        if ends_run and not ended and transition.ignored is None:
+            self._encoded.clear()
+            self._hold(
+                item, body.workflow_id or "", "an earlier input of the workflow is held", batch
+            )
+            return True
+        if ends_run and ended:
+            self._drop_held(item.partition, body.workflow_id or "", batch)
         if transition.reply is not None and transition.ignored is not None:
             self._reply(transition.reply, item, batch)
+        if transition.messages and transition.ignored is not None:
+            self._send(transition.messages, item, batch)
         if transition.ignored is not None:
             self._encoded.clear()
             if transition.ignored in REJECTED_REASONS and not isinstance(body, ResumeWorkflow):
@@ -517,9 +545,11 @@ class InputProcessor:
             planned = self._plan(transition)
         except _Unroutable as exc:
             if previous is not None or closed is not None:
-                # The new run cannot start as it is: it is parked, not the run it replaces.
+                # The new run cannot start as it is: it is parked, not the run it replaces,
+                # and it keeps the starts of the runs before it.
                 self._write_previous(previous, item, batch)
-                return self._park(item, None, body, exc.failure, batch, now_ms)
+                earlier = () if transition.record is None else transition.record.earlier_requests
+                return self._park(item, None, body, exc.failure, batch, now_ms, earlier=earlier)
             return self._park(item, current, body, exc.failure, batch, now_ms)
         finally:
             # The bytes measured for the engine's size check are the bytes produced.
@@ -532,8 +562,7 @@ class InputProcessor:
             # The workflow is recorded as failed without its input, which did not fit; the
             # dead letter keeps the original for whoever wants to start it again.
             self._reject_input(item, "oversized", safe_text(record.failure), batch)
-        key = record.workflow_id.encode()
-        batch.outputs.extend(Output(topic, key, data, item.ref) for topic, data in tasks)
+        batch.outputs.extend(Output(topic, key, data, item.ref) for topic, key, data in tasks)
         self.store.stage(item.partition, record, encoded)
         batch.changed.append((starts, record, len(tasks)))
         for task in transition.tasks:
@@ -562,6 +591,18 @@ class InputProcessor:
         if previous is not self.store.staged_record(wid):
             batch.changed.append((False, previous, 0))
 
+    def _send(self, messages: tuple[InboxBody, ...], item: Input, batch: Batch) -> None:
+        """Produce inputs for other workflows that an ignored input still owes them (a
+        child's refused start reported to its parent)."""
+        for message in messages:
+            target = (message.workflow_id or "").encode()
+            try:
+                data = self.codec.encode_inbox(message)
+            except Exception:  # records this code builds always encode; say so if not
+                log.exception("cannot encode an input for %s", safe_text(message.workflow_id, 200))
+                continue
+            batch.outputs.append(Output(self.topics.inbox, target, data, item.ref))
+
     def _drop_held(self, partition: int, wid: str, batch: Batch) -> None:
         """Dead-letter the inputs a run held: a start is terminating it."""
         for offset, value in self.store.held(partition, wid):
@@ -569,21 +610,20 @@ class InputProcessor:
             self._reject_input(
                 item,
                 "run-terminated",
-                f"held for workflow {safe_text(wid, 200)!r}, whose run a start with "
-                "if_running=TERMINATE_EXISTING ended",
+                f"held for workflow {safe_text(wid, 200)!r}, whose run was terminated",
                 batch,
             )
             self.store.stage_release(partition, wid, offset)
 
     def _plan(
         self, transition: Transition
-    ) -> tuple[WorkflowRecord, bytes, list[tuple[str, bytes]]]:
+    ) -> tuple[WorkflowRecord, bytes, list[tuple[str, bytes, bytes]]]:
         """Encode, size-check and route everything a transition writes, or refuse it."""
         record = transition.record
         assert record is not None
         key = record.workflow_id.encode()
         encoded = self._checked("the workflow's record", key, lambda: self._encode(record))
-        tasks: list[tuple[str, bytes]] = []
+        tasks: list[tuple[str, bytes, bytes]] = []
         for task in transition.tasks:
             topic = self.topics.tasks(task.participant)
             if not self.topics.valid(topic):
@@ -602,7 +642,17 @@ class InputProcessor:
             data = self._checked(
                 f"a task for {topic}", key, functools.partial(self.codec.encode_task, task)
             )
-            tasks.append((topic, data))
+            tasks.append((topic, key, data))
+        for message in transition.messages:
+            # Another workflow's input (a child's start, a report to a parent): to the
+            # inbox, keyed by that workflow's id, so it reaches whoever owns it.
+            target = (message.workflow_id or "").encode()
+            data = self._checked(
+                f"an input for workflow {safe_text(message.workflow_id, 200)!r}",
+                target,
+                functools.partial(self.codec.encode_inbox, message),
+            )
+            tasks.append((self.topics.inbox, target, data))
         return record, encoded, tasks
 
     def _checked(self, what: str, key: bytes, encode: Callable[[], bytes]) -> bytes:
@@ -632,8 +682,13 @@ class InputProcessor:
         failure: Failure,
         batch: Batch,
         now_ms: int,
+        *,
+        earlier: tuple[RunRequest, ...] = (),
     ) -> bool:
-        """Park the workflow as STUCK with ``failure``, keeping the input; always False."""
+        """Park the workflow as STUCK with ``failure``, keeping the input; always False.
+
+        ``earlier``: for a new run parked at its start, the starts of the runs it replaces.
+        """
         wid = body.workflow_id
         assert wid is not None
         # A signal-with-start for a workflow that does not exist parks as its start would.
@@ -651,6 +706,8 @@ class InputProcessor:
         run_id = uuid.uuid4().hex if current is None else ""
         try:
             record = park(current, parked_as, failure, now_ms, run_id=run_id)
+            if current is None and earlier:
+                record = dataclasses.replace(record, earlier_requests=earlier)
             encoded = self.codec.encode_workflow(record)
         except BaseException as exc:  # cannot even describe the problem: keep the input
             log.exception("cannot park workflow=%s", safe_text(wid, 200))
@@ -917,7 +974,10 @@ class InputProcessor:
 
 
 def _terminates(body: InboxBody) -> bool:
-    return isinstance(body, StartWorkflow) and body.if_running is IfRunning.TERMINATE_EXISTING
+    """Whether ``body`` ends the run outright, so what the run held waits for nothing."""
+    return isinstance(body, TerminateWorkflow) or (
+        isinstance(body, StartWorkflow) and body.if_running is IfRunning.TERMINATE_EXISTING
+    )
 
 
 def _may_start_again(start: StartWorkflow) -> bool:
@@ -984,6 +1044,8 @@ def _describe_input(body: InboxBody | WakeUp, item: Input) -> str:
         return f"a cancel ({where})"
     if isinstance(body, UpdateWorkflow):
         return f"update {safe_text(body.name, 200)!r} ({where})"
+    if isinstance(body, TerminateWorkflow):
+        return f"a terminate ({where})"
     return "a resume"
 
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import Saga, WorkflowContext, WorkflowRegistry, WorkflowTimeoutError
+from orchestrator import (
+    ParentClosePolicy,
+    RetryPolicy,
+    Saga,
+    WorkflowContext,
+    WorkflowRegistry,
+    WorkflowTimeoutError,
+)
 
 registry = WorkflowRegistry()
 
@@ -68,3 +75,36 @@ async def cart(ctx: WorkflowContext, request: dict[str, Any]) -> list[str]:
     await ctx.sleep(request.get("sleep_s", 0))
     phase["now"] = "done"
     return items
+
+
+@registry.workflow("control.charge")
+async def charge(ctx: WorkflowContext, request: dict[str, Any]) -> Any:
+    """A child: charges the card once (the order saga's payment participant)."""
+    return await ctx.activity("payment.charge", request, retry=RetryPolicy(max_attempts=1))
+
+
+@registry.workflow("control.order_with_child")
+async def order_with_child(ctx: WorkflowContext, order: dict[str, Any]) -> Any:
+    """Reserves stock, then charges in a child workflow; a child that fails (a declined
+    card) makes the saga release the stock."""
+    async with Saga(ctx) as saga:
+        reservation = await ctx.activity(
+            "inventory.reserve", {"order_id": order["order_id"], "items": order["items"]}
+        )
+        saga.add_compensation("inventory.release", reservation)
+        return await ctx.child_workflow(
+            "control.charge",
+            {"order_id": order["order_id"], "card": order["card"], "amount": order["amount"]},
+            id=f"{order['order_id']}-charge",
+        )
+
+
+@registry.workflow("control.parent")
+async def parent(ctx: WorkflowContext, request: dict[str, Any]) -> Any:
+    """Waits for a sleeping cart as its child, under the close policy ``policy``."""
+    return await ctx.child_workflow(
+        "control.cart",
+        {"sleep_s": 3600},
+        id=request["child_id"],
+        parent_close_policy=ParentClosePolicy[request["policy"]],
+    )

@@ -251,15 +251,16 @@ def test_schema_ids_are_stable_across_codec_instances() -> None:
 CURRENT_IDS = {
     "io.sagaline.Payload": 1398388956,
     "io.sagaline.Failure": 1373981322,
-    "io.sagaline.StartWorkflow": 1039171470,
+    "io.sagaline.StartWorkflow": 390327226,
     "io.sagaline.ActivityResult": 152494264,
     "io.sagaline.ResumeWorkflow": 1756269513,
     "io.sagaline.QueryWorkflow": 1731478754,
     "io.sagaline.UpdateWorkflow": 24085150,
     "io.sagaline.Reply": 1661753455,
-    INBOX: 1561478473,
+    "io.sagaline.TerminateWorkflow": 1942538444,
+    INBOX: 328217085,
     TASK: 2066444304,
-    WORKFLOW: 1547834557,
+    WORKFLOW: 1355211177,
 }
 
 
@@ -286,9 +287,9 @@ def test_encode_raw_matches_the_typed_encoder() -> None:
     current = CODEC.encode_raw(INBOX, datum)
     assert CODEC.encode_with(CODEC.writer_schema(INBOX), datum) == current
     # The typed encoder writes a plain start with the previous version, whose body is the
-    # current one's without the three optional fields v5 added (each a null branch).
+    # current one's without the four optional fields v5 added (each a null branch).
     typed = CODEC.encode_inbox(START)
-    assert typed[5:] + b"\x00\x00\x00" == current[5:]
+    assert typed[5:] + b"\x00\x00\x00\x00" == current[5:]
     assert CODEC.decode_inbox(typed) == CODEC.decode_inbox(current) == START
 
 

@@ -20,13 +20,20 @@ from orchestrator.protocol.records import (
     Failure,
     Reply,
     ReplyKind,
+    RunRequest,
     StartWorkflow,
     WorkflowRecord,
     WorkflowStatus,
     activity_id,
 )
 from orchestrator.replay import IGNORED_REASONS, Limits, Transition, advance
-from orchestrator.replay.engine import MAX_REQUEST_ID_CHARS, ClosedRun, park, start_again
+from orchestrator.replay.engine import (
+    MAX_EARLIER_REQUESTS,
+    MAX_REQUEST_ID_CHARS,
+    ClosedRun,
+    park,
+    start_again,
+)
 from orchestrator.runtime.state import PartitionState, Presence, WorkflowStore
 from tests.unit.conftest import (
     T0,
@@ -673,3 +680,176 @@ def test_an_id_that_newer_code_wrote_after_it_closed_is_not_closed_any_more() ->
     assert "w-1" in state.unwritable
     assert "w-1" not in state.closed_runs, "a stale closed run would let a start reuse the id"
     assert store.presence(0, "w-1") is Presence.UNWRITABLE
+
+
+# --- starts of earlier runs -----------------------------------------------------------
+
+
+def _replace(run: WorkflowRun, request_id: str, run_id: str) -> WorkflowRecord:
+    """Start run ``run_id`` with ``request_id`` over the open one (TERMINATE_EXISTING)."""
+    run.run_id = run_id
+    transition = run.send(_start(request_id, IfRunning.TERMINATE_EXISTING))
+    assert transition.replaced is not None, f"{request_id} replaced nothing: {transition}"
+    record = _record(run)
+    assert (record.run_id, record.request_id) == (run_id, request_id)
+    return record
+
+
+def _answered_with(transition: Transition, request_id: str, run_id: str, status: str) -> None:
+    """A retried start: answered as the first time, nothing changed."""
+    assert transition.ignored == "duplicate-start", transition
+    assert transition.record is None and transition.replaced is None
+    assert transition.tasks == ()
+    reply = _reply(transition)
+    assert reply.ok and reply.created and reply.failure is None
+    assert (reply.request_id, reply.run_id, reply.status) == (request_id, run_id, status)
+
+
+def _completed_then_allowed() -> WorkflowRun:
+    """Run r1 (req-1) completed, then run r2 started by req-2 with ALLOW."""
+    run = _running()
+    run.complete(0, "done")
+    assert_status(run.record, WorkflowStatus.COMPLETED)
+    run.run_id = "r2"
+    run.send(_start("req-2", if_closed=IfClosed.ALLOW, value="second"))
+    assert _record(run).run_id == "r2"
+    return run
+
+
+def test_a_new_run_remembers_the_starts_of_the_runs_it_replaced() -> None:
+    run = _running()
+    second = _replace(run, "req-2", "r2")
+    assert second.earlier_requests == (RunRequest("req-1", "r1"),)
+    third = _replace(run, "req-3", "r3")
+    assert third.earlier_requests == (RunRequest("req-2", "r2"), RunRequest("req-1", "r1"))
+    # Across a closed run started again too, newest first.
+    run.complete(0, "done")
+    run.run_id = "r4"
+    run.send(_start("req-4", if_closed=IfClosed.ALLOW))
+    fourth = _record(run)
+    assert fourth.run_id == "r4"
+    assert fourth.earlier_requests == (
+        RunRequest("req-3", "r3"),
+        RunRequest("req-2", "r2"),
+        RunRequest("req-1", "r1"),
+    )
+
+
+@pytest.mark.parametrize("policy", [None, *IfRunning], ids=lambda p: getattr(p, "value", "none"))
+def test_a_retried_start_of_a_terminated_run_is_answered_and_ends_nothing(
+    policy: IfRunning | None,
+) -> None:
+    run = _running()
+    second = _replace(run, "req-2", "r2")
+    run.run_id = "r3"
+    transition = run.send(_start("req-1", policy, IfClosed.ALLOW, value="retried"))
+    # The status is not r1's any more: the id's latest run is r2.
+    _answered_with(transition, "req-1", "r1", "")
+    assert run.record is second
+
+
+@pytest.mark.parametrize("policy", [None, *IfClosed], ids=lambda p: getattr(p, "value", "none"))
+def test_a_retried_start_of_a_closed_run_replaced_by_allow_starts_nothing(
+    policy: IfClosed | None,
+) -> None:
+    run = _completed_then_allowed()
+    second = _record(run)
+    assert second.earlier_requests == (RunRequest("req-1", "r1"),)
+    run.run_id = "r3"
+    # While r2 is open: even TERMINATE_EXISTING does not end it.
+    open_retry = run.send(_start("req-1", IfRunning.TERMINATE_EXISTING, policy))
+    _answered_with(open_retry, "req-1", "r1", "")
+    assert run.record is second
+    # Once r2 has closed too: ALLOW starts nothing, through advance and start_again.
+    run.run_id = "r2"
+    run.complete(0, "done again")
+    done = _record(run)
+    assert_status(done, WorkflowStatus.COMPLETED)
+    assert done.earlier_requests == (RunRequest("req-1", "r1"),)
+    retried = _start("req-1", IfRunning.TERMINATE_EXISTING, policy)
+    _answered_with(advance(done, retried, run.now_ms, REGISTRY, run_id="r3"), "req-1", "r1", "")
+    closed = ClosedRun(done.status, done.run_id, done.request_id, done.earlier_requests)
+    again = start_again(closed, retried, run.now_ms, REGISTRY, run_id="r3")
+    _answered_with(again, "req-1", "r1", "")
+    # The latest run's own start is answered with its status.
+    own = start_again(closed, _start("req-2", None, policy), run.now_ms, REGISTRY, run_id="r3")
+    _answered_with(own, "req-2", "r2", "COMPLETED")
+
+
+def test_only_the_starts_of_the_last_eight_replaced_runs_are_remembered() -> None:
+    assert MAX_EARLIER_REQUESTS == 8
+    run = _running("req-0", run_id="r0")
+    for n in range(1, 11):
+        latest = _replace(run, f"req-{n}", f"r{n}")
+    assert latest.earlier_requests == tuple(
+        RunRequest(f"req-{n}", f"r{n}") for n in range(9, 9 - MAX_EARLIER_REQUESTS, -1)
+    )
+    assert_encodable(latest)
+    # The oldest still remembered is recognised ...
+    run.run_id = "r11"
+    _answered_with(run.send(_start("req-2", IfRunning.TERMINATE_EXISTING)), "req-2", "r2", "")
+    assert run.record is latest
+    # ... one forgotten is a new request: TERMINATE_EXISTING ends the open run.
+    forgotten = run.send(_start("req-1", IfRunning.TERMINATE_EXISTING))
+    assert forgotten.ignored is None and forgotten.replaced is not None
+    assert forgotten.replaced.run_id == "r10"
+    assert _record(run).run_id == "r11"
+    assert len(_record(run).earlier_requests) == MAX_EARLIER_REQUESTS
+    assert _record(run).earlier_requests[0] == RunRequest("req-10", "r10")
+
+
+def test_an_empty_request_id_is_refused_under_every_policy() -> None:
+    fresh = advance(None, _start(""), T0, REGISTRY, run_id="r1")
+    assert fresh.record is None and fresh.ignored == "start-refused"
+    reply = _reply(fresh)
+    assert reply.request_id == "" and not reply.ok and not reply.created
+    assert reply.failure is not None and reply.failure.error_type == "InvalidRequest"
+    running = _record(_running())
+    for policy in IfRunning:
+        again = advance(running, _start("", policy), T0 + 1, REGISTRY, run_id="r2")
+        assert again.ignored == "start-refused", policy
+        assert again.record is None and again.replaced is None
+        assert _reply(again).failure is not None
+        assert (_reply(again).run_id, _reply(again).status) == ("r1", "RUNNING")
+    for status in CLOSED_STATUSES:
+        later = start_again(
+            _closed(status), _start("", if_closed=IfClosed.ALLOW), T0, REGISTRY, run_id="r3"
+        )
+        assert later.record is None and later.ignored == "start-refused"
+        assert _reply(later).failure is not None
+
+
+def test_earlier_requests_are_in_the_head_and_kept_for_closed_runs() -> None:
+    run = _running()
+    _replace(run, "req-2", "r2")
+    run.complete(0, "done")
+    done = _record(run)
+    assert_status(done, WorkflowStatus.COMPLETED)
+    data = CODEC.encode_workflow(done)
+    assert CODEC.decode_workflow(data).earlier_requests == (RunRequest("req-1", "r1"),)
+    head = CODEC.peek_workflow(data)
+    assert head.earlier_requests == (RunRequest("req-1", "r1"),)
+    # The store keeps them for the closed run, as a start of the id needs them.
+    store = WorkflowStore()
+    store.install(PartitionState(0))
+    store.stage(0, done, data)
+    store.promote()
+    kept = store.partition(0).closed_runs[WID]
+    assert kept == (WorkflowStatus.COMPLETED, "r2", "req-2", (RunRequest("req-1", "r1"),))
+    retried = start_again(
+        ClosedRun(*kept), _start("req-1", if_closed=IfClosed.ALLOW), T0, REGISTRY, run_id="r3"
+    )
+    _answered_with(retried, "req-1", "r1", "")
+    # And so does a restore, from the peeked head alone.
+    state = PartitionState(0)
+    state.put(
+        WID,
+        data,
+        head.status,
+        head.closed_at_ms or 0,
+        head.wake_at_ms,
+        head.run_id,
+        head.request_id,
+        head.earlier_requests,
+    )
+    assert state.closed_runs[WID] == kept

@@ -661,3 +661,120 @@ def test_a_retried_update_is_never_answered_ok_when_its_answer_cannot_be_replaye
     # The update failed: a retry must not be told it succeeded (the same failure, or a
     # failure saying the answer cannot be given now).
     assert not reply.ok, f"a failed update was answered as a success: {reply}"
+
+
+# --- answers are what the handler returned, when it returned ----------------------------
+
+
+async def _ledger(ctx: WorkflowContext, _: Any) -> Any:
+    """Handlers that return the workflow's own mutable state, not a copy: every signal
+    ``go`` adds 100 to it afterwards, and a ``finally`` block marks it every time the
+    engine closes the coroutine after a replay."""
+    state: dict[str, Any] = {"n": 0, "closed": 0}
+
+    def bump(by: int) -> dict[str, Any]:
+        state["n"] += by
+        return state
+
+    ctx.on_update("bump", bump)
+    ctx.on_query("state", lambda: state)
+    try:
+        while True:
+            await ctx.wait_signal("go")
+            state["n"] += 100
+    finally:
+        state["closed"] += 1
+
+
+class _Exit(BaseException):
+    """Neither an Exception nor one of Python's own: what a handler must not raise."""
+
+
+_NOT_EXCEPTIONS: dict[str, BaseException] = {
+    "interrupt": KeyboardInterrupt("pressed"),
+    "exit": SystemExit(3),
+    "custom": _Exit("out"),
+}
+
+
+async def _fragile(ctx: WorkflowContext, _: Any) -> Any:
+    """An update ``inc`` and a query ``peek`` that raise the BaseException named by their
+    argument (from ``_NOT_EXCEPTIONS``), and otherwise count / read the count."""
+    state = {"count": 0}
+
+    def inc(kind: str) -> int:
+        if kind in _NOT_EXCEPTIONS:
+            raise _NOT_EXCEPTIONS[kind]
+        state["count"] += 1
+        return state["count"]
+
+    def peek(kind: str) -> int:
+        if kind in _NOT_EXCEPTIONS:
+            raise _NOT_EXCEPTIONS[kind]
+        return state["count"]
+
+    ctx.on_update("inc", inc)
+    ctx.on_query("peek", peek)
+    await ctx.wait_signal("done")
+    return state["count"]
+
+
+ANSWERS = _registry(ledger=_ledger, fragile=_fragile)
+
+
+def _answers_run(workflow_type: str) -> WorkflowRun:
+    run = WorkflowRun(ANSWERS, workflow_type, run_id="r1")
+    run.start(None)
+    assert_status(run.record, WorkflowStatus.RUNNING)
+    return run
+
+
+def test_an_update_is_answered_with_its_value_when_the_handler_returned() -> None:
+    run = _answers_run("ledger")
+    body = _update(run, "bump", 1, update_id="U1")
+    first = _value(_accepted(run, body))
+    assert first["n"] == 1
+    run.send(_signal(run, "go"))
+    assert _value(_query(run, "state"))["n"] == 101
+    # The retried update replays the signal that changed the same object since.
+    transition = run.send(dataclasses.replace(body, sent_at_ms=body.sent_at_ms + 1))
+    assert transition.ignored == "duplicate-update" and transition.record is None
+    assert _value(_update_reply(run, body)) == {"n": 1, "closed": 0}
+    # Nor did the coroutine's finally block, which ran after the handler, change it.
+    assert first == {"n": 1, "closed": 0}
+
+
+def test_a_query_is_answered_with_its_value_when_the_handler_returned() -> None:
+    run = _answers_run("ledger")
+    run.send(_signal(run, "go"))
+    assert _value(_query(run, "state")) == {"n": 100, "closed": 0}
+
+
+@pytest.mark.parametrize("kind", sorted(_NOT_EXCEPTIONS))
+def test_an_update_handler_raising_a_base_exception_refuses_the_update(kind: str) -> None:
+    run = _answers_run("fragile")
+    before = _record(run)
+    body = _update(run, "inc", kind)
+    reply = _refused(run, body, "update-refused", "WorkflowDefinitionError")
+    assert reply.failure is not None and "BaseException" in reply.failure.message
+    assert type(_NOT_EXCEPTIONS[kind]).__name__ in reply.failure.message
+    assert reply.status == "RUNNING" and run.record is before
+    assert not any(isinstance(e, UpdateAccepted) for e in before.events)
+    # Nothing of it stays: the same id is a new update later, and the workflow goes on.
+    assert _value(_accepted(run, dataclasses.replace(body, args=encode_json("ok")))) == 1
+    run.send(_signal(run, "done"))
+    assert_status(run.record, WorkflowStatus.COMPLETED)
+    assert decode_json(_record(run).result or encode_json(None)) == 1
+
+
+@pytest.mark.parametrize("kind", sorted(_NOT_EXCEPTIONS))
+def test_a_query_handler_raising_a_base_exception_gets_a_failure(kind: str) -> None:
+    run = _answers_run("fragile")
+    before = _record(run)
+    reply = _query(run, "peek", kind)
+    _failure_type(reply)
+    assert reply.failure is not None and "BaseException" in reply.failure.message
+    assert reply.status == "RUNNING" and run.record is before
+    assert before.status is WorkflowStatus.RUNNING
+    assert _value(_query(run, "peek", "fine")) == 0
+    assert _value(_accepted(run, _update(run, "inc", "ok"))) == 1
