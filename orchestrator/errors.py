@@ -122,9 +122,12 @@ class ChildWorkflowError(ActivityError):
 
     ``error_type`` is ``ChildWorkflowFailed`` when the child ran and ended otherwise than
     ``COMPLETED`` (``message`` says how, with the child's own failure),
-    ``WorkflowAlreadyRunning`` or ``WorkflowIdReuseRejected`` when its start was refused,
-    or a timeout (``ScheduleToCloseTimeout``: ``execution_timeout`` passed). An
-    :class:`ActivityError`, so ``Saga`` blocks compensate.
+    ``WorkflowAlreadyRunning`` when its start was refused (a run with its id is open;
+    children are started with ``if_closed=ALLOW``), or ``ScheduleToCloseTimeout`` when
+    ``execution_timeout`` passed. An :class:`ActivityError`, so ``Saga`` blocks
+    compensate. What does not fit raises ``RecordTooLargeError`` instead, as for an
+    activity: a child step too large to record (nothing started), or a child's result too
+    large to report (``effects_committed``: the child completed, undo it).
     """
 
     ERROR_TYPE = "ChildWorkflowFailed"

@@ -68,6 +68,7 @@ from orchestrator.protocol.records import (
 from orchestrator.protocol.topics import activity_name_problem
 from orchestrator.replay import Limits, advance, pending_tasks
 from orchestrator.replay.engine import answer_query
+from orchestrator.replay.links import CHILD_FAILED
 from orchestrator.workflow import (
     MAX_EPOCH_S,
     WorkflowRegistry,
@@ -89,9 +90,9 @@ DEFAULT_MAX_HISTORY_EVENTS: Final = 1_000
 DEFAULT_MAX_RECORD_BYTES: Final = 900_000
 """The orchestrator's default ``SAGALINE_MAX_RECORD_BYTES``."""
 DEFAULT_MAX_STEPS: Final = 10_000
+"""Inputs one run may apply before it is stopped as a runaway."""
 CHILD_SCRIPT: Final = "child"
 """Scripts of child workflows are named ``child.<workflow type>``."""
-"""Inputs one run may apply before it is stopped as a runaway."""
 
 Kind = Literal["returns", "fails", "hangs"]
 
@@ -153,13 +154,19 @@ class ActivityScript:
     latest details again, of this attempt or the task's).
     """
 
-    __slots__ = ("_outcomes", "name")
+    __slots__ = ("_child", "_outcomes", "name")
 
-    def __init__(self, name: str) -> None:
-        problem = activity_name_problem(name)
+    def __init__(self, name: str, *, child: bool = False) -> None:
+        if child:
+            problem = signal_name_problem(name)
+            problem = None if problem is None else problem.replace("a signal name", "a type")
+        else:
+            problem = activity_name_problem(name)
         if problem is not None:
-            raise ConfigurationError(f"tester.activity({_shown(name)}): {problem}")
-        self.name = str.__str__(name)
+            call = "tester.child" if child else "tester.activity"
+            raise ConfigurationError(f"{call}({_shown(name)}): {problem}")
+        self.name = f"{CHILD_SCRIPT}.{name}" if child else str.__str__(name)
+        self._child = child
         self._outcomes: list[_Outcome] = []
 
     def returns(
@@ -282,6 +289,9 @@ class ActivityScript:
         return self
 
     def _where(self, what: str) -> str:
+        prefix = f"{CHILD_SCRIPT}."
+        if self._child:
+            return f"tester.child({self.name.removeprefix(prefix)!r}).{what}"
         return f"tester.activity({self.name!r}).{what}"
 
     def _ms(self, seconds: float | timedelta, what: str) -> int:
@@ -558,13 +568,17 @@ class WorkflowTester:
     def child(self, workflow_type: str) -> ActivityScript:
         """A script for the child workflows of type ``workflow_type`` the workflow starts
         (``ctx.child_workflow``): what each returns or how it fails, as for an activity
-        (``.returns``, ``.fails``, ``.hangs``); a failure reaches the workflow as
-        ``ChildWorkflowError``. Calls show up as ``child.<workflow_type>``.
+        (``.returns``, ``.fails``, ``.hangs``). A failure reaches the workflow as the
+        orchestrator reports a failed child: ``ChildWorkflowError`` with error type
+        ``ChildWorkflowFailed``, the scripted error type and message in its message. Calls
+        show up as ``child.<workflow_type>``.
 
         Raises:
-            ConfigurationError: ``child.<workflow_type>`` is not a valid activity name.
+            ConfigurationError: ``workflow_type`` is not 1-200 characters of text.
         """
-        return self.activity(f"{CHILD_SCRIPT}.{workflow_type}")
+        script = ActivityScript(workflow_type, child=True)
+        self._scripts[script.name] = script
+        return script
 
     def run(
         self,
@@ -796,11 +810,14 @@ class _Run:
         if outcome is None:
             scripted = ", ".join(repr(n) for n in sorted(self.tester._scripts)) or "none"
             missing = "has no script for" if script is None else "has a script without answers for"
+            child = task.participant == CHILD_SCRIPT
+            what = "child workflow" if child else "activity"
+            add = f"tester.child({task.activity!r})" if child else f"tester.activity({name!r})"
             raise UnscriptedActivityError(
-                f"workflow {self.workflow_type!r} ({self.workflow_id!r}) sent activity "
+                f"workflow {self.workflow_type!r} ({self.workflow_id!r}) sent {what} "
                 f"{name!r} (step {task.seq}, attempt {task.attempt}) at +{self.seconds():g} s, "
                 f"which the tester {missing} (scripted: {scripted}); add "
-                f"tester.activity({name!r}).returns(...), .fails(...) or .hangs()",
+                f"{add}.returns(...), .fails(...) or .hangs()",
                 self.result(),
                 name,
             )
@@ -834,6 +851,14 @@ class _Run:
             answer_with = outcome.value
             call.result = answer_with(value, task.attempt) if callable(answer_with) else answer_with
             payload = encode_json(call.result)
+        failure = outcome.failure
+        if failure is not None and task.participant == CHILD_SCRIPT:
+            # As the child's orchestrator reports it: how it ended, in the message.
+            failure = Failure(
+                CHILD_FAILED,
+                f"child workflow of type {safe_text(task.activity, MAX_NAME_CHARS)!r} ended "
+                f"FAILED: {failure.error_type}: {failure.message}",
+            )
         answer = ActivityResult(
             workflow_id=wid,
             activity_id=aid,
@@ -842,7 +867,7 @@ class _Run:
             status=ActivityStatus.COMPLETED if payload is not None else ActivityStatus.FAILED,
             finished_at_ms=done,
             result=payload,
-            failure=outcome.failure,
+            failure=failure,
         )
         self.queue_input(done, answer)
 
@@ -875,7 +900,8 @@ class _Run:
         waits: list[str] = []
         for task in pending_tasks(record):
             call = self.sent.get((task.seq, task.attempt))
-            name = f"{task.participant}.{task.activity}"
+            participant = task.participant or CHILD_SCRIPT  # a child step has none
+            name = f"{participant}.{task.activity}"
             what = f"step {task.seq} {name!r} attempt {task.attempt}"
             if call is not None and call.ignored is not None:
                 waits.append(f"{what}, whose answer the engine ignored ({call.ignored})")

@@ -1078,8 +1078,9 @@ class WorkflowContext:
             )
         timeouts = NO_TIMEOUTS
         if execution_timeout is not None:
+            what = f"ctx.child_workflow({_shown(workflow_type)}, execution_timeout=...)"
             try:
-                timeouts = _activity_timeouts(workflow_type, execution_timeout, None, None)
+                timeouts = ActivityTimeouts(_checked_timeout(execution_timeout, what))
             except ConfigurationError as exc:
                 raise self._misuse(str(exc)) from None
         spec = ChildSpec(None if id is None else str.__str__(id), parent_close_policy)

@@ -410,14 +410,14 @@ class AvroCodec:
         elif isinstance(body, CompletePromise):
             branch = (NS + "CompletePromise", _completion_to_avro(body))
         elif isinstance(body, CancelWorkflow):
-            branch = (
-                NS + "CancelWorkflow",
-                {
-                    "workflow_id": body.workflow_id,
-                    "reason": body.reason,
-                    "requested_at_ms": body.requested_at_ms,
-                },
-            )
+            cancel: dict[str, Any] = {
+                "workflow_id": body.workflow_id,
+                "reason": body.reason,
+                "requested_at_ms": body.requested_at_ms,
+            }
+            if body.parent is not None:  # only the current schema has it
+                cancel["parent"] = _parent_to_avro(body.parent)
+            branch = (NS + "CancelWorkflow", cancel)
         elif isinstance(body, QueryWorkflow):
             branch = (
                 NS + "QueryWorkflow",
@@ -436,6 +436,7 @@ class AvroCodec:
                     "workflow_id": body.workflow_id,
                     "reason": body.reason,
                     "requested_at_ms": body.requested_at_ms,
+                    "parent": _parent_to_avro(body.parent),
                 },
             )
         elif isinstance(body, UpdateWorkflow):
@@ -591,6 +592,8 @@ def _inbox_needs_current(body: InboxBody) -> bool:
         return _start_needs_current(body)
     if isinstance(body, SignalWorkflow):
         return body.start is not None and _start_needs_current(body.start)
+    if isinstance(body, CancelWorkflow):
+        return body.parent is not None
     return isinstance(body, QueryWorkflow | UpdateWorkflow | TerminateWorkflow)
 
 
@@ -872,12 +875,12 @@ _INBOX_BRANCHES: dict[str, Callable[[Mapping[str, Any]], InboxBody]] = {
     NS + "SignalWorkflow": _signal_from_avro,
     NS + "CompletePromise": _completion_from_avro,
     NS + "CancelWorkflow": lambda d: CancelWorkflow(
-        d["workflow_id"], d["reason"], d["requested_at_ms"]
+        d["workflow_id"], d["reason"], d["requested_at_ms"], _parent_from_avro(d.get("parent"))
     ),
     NS + "QueryWorkflow": _query_from_avro,
     NS + "UpdateWorkflow": _update_from_avro,
     NS + "TerminateWorkflow": lambda d: TerminateWorkflow(
-        d["workflow_id"], d["reason"], d["requested_at_ms"]
+        d["workflow_id"], d["reason"], d["requested_at_ms"], _parent_from_avro(d.get("parent"))
     ),
 }
 

@@ -221,11 +221,13 @@ class CompletePromise:
 
 @dataclass(frozen=True, slots=True)
 class CancelWorkflow:
-    """Inbox input: ask the running workflow to cancel, for ``reason``."""
+    """Inbox input: ask the running workflow to cancel, for ``reason``; with ``parent``
+    (a parent passing its cancel or close on), only the run that parent step started."""
 
     workflow_id: str
     reason: str
     requested_at_ms: int
+    parent: ParentRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,8 @@ class TerminateWorkflow:
     workflow_id: str
     reason: str
     requested_at_ms: int
+    parent: ParentRef | None = None
+    """Set by a parent closing: only the run that this parent step started is ended."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -713,10 +713,11 @@ def _drive(
             assert isinstance(event, ActivityFailed) and isinstance(handle, ActivityHandle)
             failure = event.failure
             recorded = replayer.recorded.get(event.seq)
-            if isinstance(recorded, ActivityScheduled) and recorded.child_workflow_id is not None:
-                error: type[ActivityError] = ChildWorkflowError
-            else:
-                error = _FAILURES.get(failure.error_type, ActivityError)
+            child = (
+                isinstance(recorded, ActivityScheduled) and recorded.child_workflow_id is not None
+            )
+            fallback = ChildWorkflowError if child else ActivityError
+            error = _FAILURES.get(failure.error_type, fallback)
             handle.reject(
                 error(
                     handle.name,

@@ -122,6 +122,9 @@ DUPLICATE_COMPLETION: Final = "duplicate-completion"
 PROMISE_REFUSED: Final = "promise-refused"
 """A completion naming no promise of this run of the workflow, or with both or neither of a
 value and a failure. The shell dead-letters it."""
+OTHER_RUN: Final = "other-run"
+"""A parent's cancel or terminate for a child id whose current run that parent step did not
+start (the child closed, and the id was started again since), or that no longer exists."""
 START_REFUSED: Final = "start-refused"
 """A start whose request id is longer than ``MAX_REQUEST_ID_CHARS`` (it could not be
 recognised when retried, so it is refused rather than risk a second run)."""
@@ -157,6 +160,7 @@ IGNORED_REASONS: Final = (
     DUPLICATE_UPDATE,
     UPDATE_REFUSED,
     START_REFUSED,
+    OTHER_RUN,
 )
 # Ignore reasons whose input the shell dead-letters instead of counting: nothing else will
 # ever take it (a retried send of the same input meets the same answer).
@@ -245,6 +249,8 @@ def _apply_terminate(
     record: WorkflowRecord | None, terminate: TerminateWorkflow, now_ms: int, limits: Limits
 ) -> Transition:
     """Close the workflow as TERMINATED now; its code does not run."""
+    if terminate.parent is not None and (record is None or record.parent != terminate.parent):
+        return Transition(None, ignored=OTHER_RUN)
     if record is None or record.status.terminal:
         return _not_open(record)
     reason = safe_text(terminate.reason, MAX_REASON_CHARS) or "terminated"
@@ -759,6 +765,8 @@ def _apply_cancel(
     limits: Limits,
 ) -> Transition:
     """Record the request and run the code, which sees WorkflowCancelledError at its await."""
+    if cancel.parent is not None and (record is None or record.parent != cancel.parent):
+        return Transition(None, ignored=OTHER_RUN)
     if record is None or record.status.terminal:
         return _not_open(record)
     if any(type(e) is CancelRequested for e in record.events):

@@ -27,6 +27,7 @@ from orchestrator.protocol.records import (
     ActivityScheduled,
     ActivityStatus,
     ActivityTask,
+    CancelRequested,
     CancelWorkflow,
     Failure,
     IfClosed,
@@ -61,6 +62,10 @@ def link(
     tasks, and the reports, terminations and cancels its closing or cancel sends."""
     after = transition.record
     messages: list[InboxBody] = []
+    if transition.replaced is not None:
+        # The run a start replaces goes first: its children are terminated (or asked to
+        # cancel) before the new run starts any under the same ids.
+        messages.extend(closing_messages(transition.replaced, now_ms))
     tasks = transition.tasks
     if after is not None and any(t.participant == CHILD_PARTICIPANT for t in tasks):
         tasks = _start_children(after, tasks, now_ms, messages)
@@ -78,21 +83,73 @@ def link(
         )
         messages.append(_report(body.parent, now_ms, failure=why))
     prior = before
+    if prior is not None and after is not None and prior.run_id != after.run_id:
+        prior = None  # a new run of the id: it did not close before, whatever the last did
     if transition.replaced is not None:
-        _closed(transition.replaced, now_ms, messages)
         prior = None
     if after is not None:
         if after.status.terminal and (prior is None or not prior.status.terminal):
-            _closed(after, now_ms, messages)
-        elif isinstance(body, CancelWorkflow) and after.status is WorkflowStatus.RUNNING:
+            messages.extend(closing_messages(after, now_ms))
+        elif isinstance(body, CancelWorkflow) and prior is not None and not prior.status.terminal:
+            # Passed on to the children open before the cancel (one started while
+            # handling it is the code's own business).
             reason = f"its parent {safe_text(after.workflow_id, MAX_NAME_CHARS)!r} was cancelled"
-            for child in _open_children(after):
+            for child in _open_children(prior):
                 if child.parent_close_policy is not ParentClosePolicy.ABANDON:
-                    assert child.child_workflow_id is not None
-                    messages.append(CancelWorkflow(child.child_workflow_id, reason, now_ms))
+                    messages.append(_child_cancel(after, child, reason, now_ms))
     if not messages and tasks is transition.tasks:
         return transition
     return dataclasses.replace(transition, tasks=tasks, messages=(*transition.messages, *messages))
+
+
+def closing_messages(record: WorkflowRecord, now_ms: int) -> list[InboxBody]:
+    """What a workflow closing sends: its report to its parent, and its open children's
+    close policies (a workflow that was asked to cancel asks its children to cancel too,
+    rather than terminate them)."""
+    messages: list[InboxBody] = []
+    parent = record.parent
+    if parent is not None:
+        if record.status is WorkflowStatus.COMPLETED and record.result is not None:
+            messages.append(_report(parent, now_ms, result=record))
+        else:
+            own = record.failure
+            detail = "" if own is None else f": {own.error_type}: {own.message}"
+            message = (
+                f"child workflow {safe_text(record.workflow_id, MAX_NAME_CHARS)!r} ended "
+                f"{record.status.value}{detail}"
+            )
+            messages.append(_report(parent, now_ms, failure=Failure(CHILD_FAILED, message)))
+    children = _open_children(record)
+    if not children:
+        return messages
+    cancelled = any(type(e) is CancelRequested for e in record.events)
+    reason = (
+        f"its parent {safe_text(record.workflow_id, MAX_NAME_CHARS)!r} ended {record.status.value}"
+    )
+    for child in children:
+        policy = child.parent_close_policy or ParentClosePolicy.TERMINATE
+        if policy is ParentClosePolicy.TERMINATE and not cancelled:
+            assert child.child_workflow_id is not None
+            messages.append(
+                TerminateWorkflow(
+                    child.child_workflow_id, reason, now_ms, _parent_of(record, child)
+                )
+            )
+        elif policy is not ParentClosePolicy.ABANDON:
+            messages.append(_child_cancel(record, child, reason, now_ms))
+    return messages
+
+
+def _parent_of(record: WorkflowRecord, child: ActivityScheduled) -> ParentRef:
+    return ParentRef(record.workflow_id, record.run_id, child.seq)
+
+
+def _child_cancel(
+    record: WorkflowRecord, child: ActivityScheduled, reason: str, now_ms: int
+) -> CancelWorkflow:
+    """A cancel for ``child`` that only the run ``record`` started takes."""
+    assert child.child_workflow_id is not None
+    return CancelWorkflow(child.child_workflow_id, reason, now_ms, _parent_of(record, child))
 
 
 def child_request_id(parent: WorkflowRecord, seq: int) -> str:
@@ -130,32 +187,6 @@ def _start_children(
             )
         )
     return tuple(kept)
-
-
-def _closed(record: WorkflowRecord, now_ms: int, messages: list[InboxBody]) -> None:
-    """What a workflow closing sends: its report to its parent, its children's policies."""
-    parent = record.parent
-    if parent is not None:
-        if record.status is WorkflowStatus.COMPLETED and record.result is not None:
-            messages.append(_report(parent, now_ms, result=record))
-        else:
-            own = record.failure
-            detail = "" if own is None else f": {own.error_type}: {own.message}"
-            message = (
-                f"child workflow {safe_text(record.workflow_id, MAX_NAME_CHARS)!r} ended "
-                f"{record.status.value}{detail}"
-            )
-            messages.append(_report(parent, now_ms, failure=Failure(CHILD_FAILED, message)))
-    reason = (
-        f"its parent {safe_text(record.workflow_id, MAX_NAME_CHARS)!r} ended {record.status.value}"
-    )
-    for child in _open_children(record):
-        assert child.child_workflow_id is not None
-        policy = child.parent_close_policy or ParentClosePolicy.TERMINATE
-        if policy is ParentClosePolicy.TERMINATE:
-            messages.append(TerminateWorkflow(child.child_workflow_id, reason, now_ms))
-        elif policy is ParentClosePolicy.REQUEST_CANCEL:
-            messages.append(CancelWorkflow(child.child_workflow_id, reason, now_ms))
 
 
 def _open_children(record: WorkflowRecord) -> list[ActivityScheduled]:
@@ -198,4 +229,4 @@ def _report(
     )
 
 
-__all__ = ["CHILD_FAILED", "CHILD_PARTICIPANT", "child_request_id", "link"]
+__all__ = ["CHILD_FAILED", "CHILD_PARTICIPANT", "child_request_id", "closing_messages", "link"]

@@ -40,6 +40,7 @@ from orchestrator.protocol.records import (
     ActivityHeartbeat,
     ActivityResult,
     ActivityStarted,
+    ActivityStatus,
     CancelWorkflow,
     CompletePromise,
     Failure,
@@ -72,6 +73,7 @@ from orchestrator.replay.engine import (
     park,
     start_again,
 )
+from orchestrator.replay.links import closing_messages
 from orchestrator.runtime.state import Presence, WorkflowStore
 from orchestrator.transport import (
     TopicDirectory,
@@ -518,7 +520,7 @@ class InputProcessor:
             return True
         if ends_run and ended:
             self._drop_held(item.partition, body.workflow_id or "", batch)
-        if transition.reply is not None and transition.ignored is not None:
+        if transition.reply is not None and transition.ignored is not None and not _child(body):
             self._reply(transition.reply, item, batch)
         if transition.messages and transition.ignored is not None:
             self._send(transition.messages, item, batch)
@@ -548,6 +550,11 @@ class InputProcessor:
                 # The new run cannot start as it is: it is parked, not the run it replaces,
                 # and it keeps the starts of the runs before it.
                 self._write_previous(previous, item, batch)
+                if transition.replaced is not None:
+                    # What the ended run owes others (its parent's report, its children's
+                    # policies) goes out even though the new run does not start.
+                    owed = closing_messages(transition.replaced, now_ms)
+                    self._send(tuple(owed), item, batch)
                 earlier = () if transition.record is None else transition.record.earlier_requests
                 return self._park(item, None, body, exc.failure, batch, now_ms, earlier=earlier)
             return self._park(item, current, body, exc.failure, batch, now_ms)
@@ -556,7 +563,7 @@ class InputProcessor:
             self._encoded.clear()
         record, encoded, tasks = planned
         self._write_previous(previous, item, batch)
-        if transition.reply is not None:
+        if transition.reply is not None and not _child(body):
             self._reply(transition.reply, item, batch)
         if isinstance(body, StartWorkflow) and record.input != body.input:
             # The workflow is recorded as failed without its input, which did not fit; the
@@ -647,11 +654,29 @@ class InputProcessor:
             # Another workflow's input (a child's start, a report to a parent): to the
             # inbox, keyed by that workflow's id, so it reaches whoever owns it.
             target = (message.workflow_id or "").encode()
-            data = self._checked(
-                f"an input for workflow {safe_text(message.workflow_id, 200)!r}",
-                target,
-                functools.partial(self.codec.encode_inbox, message),
-            )
+            what = f"an input for workflow {safe_text(message.workflow_id, 200)!r}"
+            try:
+                data = self._checked(
+                    what, target, functools.partial(self.codec.encode_inbox, message)
+                )
+            except _Unroutable as exc:
+                if not isinstance(message, ActivityResult) or message.result is None:
+                    raise
+                # A child's result too large for its parent's inbox: the parent hears so
+                # (its effects committed), rather than the child being parked for ever.
+                too_large = dataclasses.replace(
+                    message,
+                    status=ActivityStatus.FAILED,
+                    result=None,
+                    failure=Failure(
+                        "RecordTooLarge",
+                        f"the child's result does not fit an inbox record: {exc.failure.message}",
+                        effects_committed=True,
+                    ),
+                )
+                data = self._checked(
+                    what, target, functools.partial(self.codec.encode_inbox, too_large)
+                )
             tasks.append((self.topics.inbox, target, data))
         return record, encoded, tasks
 
@@ -727,7 +752,12 @@ class InputProcessor:
         metrics.WORKFLOWS_PARKED.labels(failure.error_type).inc()
         self.store.stage(item.partition, record, encoded)
         batch.changed.append((current is None, record, 0))
-        if current is None and isinstance(parked_as, StartWorkflow) and parked_as.request_id:
+        if (
+            current is None
+            and isinstance(parked_as, StartWorkflow)
+            and parked_as.request_id
+            and parked_as.parent is None
+        ):
             # The start made a run, parked at once: say so, with its run id.
             self._reply(
                 Reply(
@@ -971,6 +1001,12 @@ class InputProcessor:
         )
         batch.dead_letters += 1
         metrics.DEAD_LETTERS.labels(SOURCE, reason).inc()
+
+
+def _child(body: InboxBody | WakeUp) -> bool:
+    """A child's start, made by its parent's orchestrator: its answer goes to the parent
+    (as the step's outcome), never to the replies topic."""
+    return isinstance(body, StartWorkflow) and body.parent is not None
 
 
 def _terminates(body: InboxBody) -> bool:

@@ -69,9 +69,11 @@ def test_a_child_failure_compensates_the_parent_and_a_result_completes_it(saga: 
 @pytest.mark.parametrize(
     ("policy", "end", "child_status"),
     [
-        ("TERMINATE", "cancel", WorkflowStatus.TERMINATED),
-        ("REQUEST_CANCEL", "cancel", WorkflowStatus.CANCELLED),
-        ("ABANDON", "terminate", WorkflowStatus.RUNNING),
+        ("TERMINATE", "terminate", WorkflowStatus.TERMINATED),
+        ("REQUEST_CANCEL", "terminate", WorkflowStatus.CANCELLED),
+        # A cancel is passed on whatever the policy but ABANDON, so compensations run.
+        ("TERMINATE", "cancel", WorkflowStatus.CANCELLED),
+        ("ABANDON", "cancel", WorkflowStatus.RUNNING),
     ],
 )
 def test_the_parent_close_policy_decides_what_happens_to_a_running_child(

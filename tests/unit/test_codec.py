@@ -257,8 +257,8 @@ CURRENT_IDS = {
     "io.sagaline.QueryWorkflow": 1731478754,
     "io.sagaline.UpdateWorkflow": 24085150,
     "io.sagaline.Reply": 1661753455,
-    "io.sagaline.TerminateWorkflow": 1942538444,
-    INBOX: 328217085,
+    "io.sagaline.TerminateWorkflow": 1034556011,
+    INBOX: 435445526,
     TASK: 2066444304,
     WORKFLOW: 1355211177,
 }
