@@ -29,16 +29,21 @@ def load_object(spec: str) -> Any:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigurationError(f"{spec!r} must look like 'package.module:attribute'")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    module = load_module(module_name)
     try:
         return getattr(module, attribute)
     except AttributeError as exc:
         raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from exc
+
+
+def load_module(name: str) -> Any:
+    """Import module ``name`` (the current directory is importable)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {name!r}: {exc}") from exc
 
 
 def _stop_on_signals() -> threading.Event:
@@ -286,6 +291,30 @@ def _terminate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from orchestrator.check import Finding, check_registry, format_report, registries_in
+    from orchestrator.workflow import WorkflowRegistry
+
+    findings: list[Finding] = []
+    for spec in args.modules:
+        if ":" in spec:
+            found = load_object(spec)
+            if not isinstance(found, WorkflowRegistry):
+                raise ConfigurationError(f"{spec!r} is not a WorkflowRegistry")
+            registries = [found]
+        else:
+            registries = registries_in(load_module(spec))
+            if not registries:
+                raise ConfigurationError(f"module {spec!r} defines no WorkflowRegistry")
+        for registry in registries:
+            try:
+                findings.extend(check_registry(registry))
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from exc
+    print(format_report(findings))
+    return 1 if findings else 0
+
+
 def _promise(args: argparse.Namespace) -> int:
     client = _client()
     if args.action == "complete":
@@ -446,6 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     term.add_argument("--reason", default="", help="why (kept in its record)")
     term.add_argument("--wait", type=float, default=30.0, help="seconds to wait (0: do not)")
     term.set_defaults(func=_terminate)
+
+    chk = sub.add_parser(
+        "check",
+        help="flag non-deterministic calls in workflow code (exit 1 if any)",
+        description="Statically check the workflows of each MODULE (package.module, every "
+        "WorkflowRegistry it defines, or package.module:registry) for calls that make a "
+        "replay diverge: the clock, random numbers, uuids, I/O, threads, asyncio. Prints "
+        "file:line:column, the call and the ctx method to use instead; exits 1 if it finds "
+        "any. Exempt a line with '# sagaline: allow'.",
+    )
+    chk.add_argument("modules", nargs="+", metavar="MODULE")
+    chk.set_defaults(func=_check)
 
     res = sub.add_parser(
         "result",
