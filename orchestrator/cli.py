@@ -17,7 +17,7 @@ from orchestrator.errors import ConfigurationError, SagalineError
 from orchestrator.protocol.records import IfClosed, IfRunning
 
 if TYPE_CHECKING:  # the client (and Kafka) load only for the commands that use it
-    from orchestrator.client import WorkflowClient
+    from orchestrator.client import WorkflowClient, WorkflowResult
 
 log = logging.getLogger("sagaline")
 EXIT_CONFIG = 2
@@ -244,8 +244,19 @@ def _result(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cancel(args: argparse.Namespace) -> int:
+def _closed_within(
+    client: WorkflowClient, workflow_id: str, wait_s: float
+) -> WorkflowResult | None:
+    """How the workflow ended, if it closes within ``wait_s``; None otherwise."""
     from orchestrator.client import ResultTimeoutError
+
+    try:
+        return client.result(workflow_id, timeout_s=wait_s)
+    except ResultTimeoutError:
+        return None
+
+
+def _cancel(args: argparse.Namespace) -> int:
     from orchestrator.protocol.records import WorkflowStatus
 
     client = _client()
@@ -254,9 +265,8 @@ def _cancel(args: argparse.Namespace) -> int:
     if args.wait <= 0:
         print(f"asked workflow {args.id} to cancel")
         return 0
-    try:
-        outcome = client.result(args.id, timeout_s=args.wait)
-    except ResultTimeoutError:
+    outcome = _closed_within(client, args.id, args.wait)
+    if outcome is None:
         print(
             f"asked workflow {args.id} to cancel; it did not close within {args.wait:g} s "
             "(its compensations may still run; a cancel for a workflow that does not exist "
@@ -274,17 +284,14 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _terminate(args: argparse.Namespace) -> int:
-    from orchestrator.client import ResultTimeoutError
-
     client = _client()
     client.terminate(args.id, args.reason)
     client.flush()
     if args.wait <= 0:
         print(f"asked to terminate workflow {args.id}")
         return 0
-    try:
-        outcome = client.result(args.id, timeout_s=args.wait)
-    except ResultTimeoutError:
+    outcome = _closed_within(client, args.id, args.wait)
+    if outcome is None:
         print(f"asked to terminate workflow {args.id}; it did not close within {args.wait:g} s")
         return 0
     print(f"workflow {args.id} is {outcome.status.value}")

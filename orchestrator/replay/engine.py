@@ -318,9 +318,9 @@ def _start(
             f"workflow {safe_text(record.workflow_id, 200)!r} has an open run "
             f"({record.run_id}, {record.status.value}) and the start says if_running=FAIL",
         )
-        reply = _start_reply(start, record.run_id, record.status, now_ms, failure=failure)
+        reply = start_reply(start, record.run_id, record.status, now_ms, failure=failure)
     else:
-        reply = _start_reply(start, record.run_id, record.status, now_ms)
+        reply = start_reply(start, record.run_id, record.status, now_ms)
     return Transition(None, ignored=DUPLICATE_START, reply=reply)
 
 
@@ -366,7 +366,7 @@ def _start_again(
         f"workflow {safe_text(start.workflow_id, 200)!r} ended {closed.status.value} "
         f"(run {closed.run_id}) and the start says if_closed={policy.value}",
     )
-    reply = _start_reply(start, closed.run_id, closed.status, now_ms, failure=failure)
+    reply = start_reply(start, closed.run_id, closed.status, now_ms, failure=failure)
     return Transition(None, ignored=DUPLICATE_START, reply=reply)
 
 
@@ -397,14 +397,14 @@ def _answered_before(
             "another could not be recognised when the start is retried",
         )
         run_id, status = current or ("", None)
-        reply = _start_reply(start, run_id, status, now_ms, failure=failure)
+        reply = start_reply(start, run_id, status, now_ms, failure=failure)
         return Transition(None, ignored=START_REFUSED, reply=reply)
     for earlier in known:
         if earlier.request_id == rid:
             # The same request again: the same answer, nothing changes. The status is
             # the run's own only if it is still the id's latest.
             status = current[1] if current is not None and current[0] == earlier.run_id else None
-            reply = _start_reply(start, earlier.run_id, status, now_ms, created=True)
+            reply = start_reply(start, earlier.run_id, status, now_ms, created=True)
             return Transition(None, ignored=DUPLICATE_START, reply=reply)
     return None
 
@@ -424,11 +424,11 @@ def _new_run(
     transition = CodeRun(fresh, now_ms, registry, limits).transition()
     record = transition.record
     assert record is not None  # a code run always leaves a record
-    reply = _start_reply(start, record.run_id, record.status, now_ms, created=True)
+    reply = start_reply(start, record.run_id, record.status, now_ms, created=True)
     return dataclasses.replace(transition, reply=reply)
 
 
-def _start_reply(
+def start_reply(
     start: StartWorkflow,
     run_id: str,
     status: WorkflowStatus | None,
@@ -437,6 +437,8 @@ def _start_reply(
     created: bool = False,
     failure: Failure | None = None,
 ) -> Reply | None:
+    """The answer to ``start`` (None if it asked for none): about run ``run_id``, in
+    ``status``; ``created`` if it made that run, ``failure`` if it was refused."""
     if start.request_id is None:
         return None
     return Reply(
@@ -455,7 +457,22 @@ def _start_reply(
 def _refusal(
     body: InboxBody | WakeUp, record: WorkflowRecord | None, failure: Failure, now_ms: int
 ) -> Reply | None:
-    """The failure reply to a request that asked for one; None for other inputs."""
+    """``refusal`` about ``record``'s run."""
+    if record is None:
+        return refusal(body, failure, now_ms)
+    return refusal(body, failure, now_ms, run_id=record.run_id, status=record.status)
+
+
+def refusal(
+    body: InboxBody | WakeUp,
+    failure: Failure,
+    now_ms: int,
+    *,
+    run_id: str = "",
+    status: WorkflowStatus | None = None,
+) -> Reply | None:
+    """The failure reply to a request that asked for one (a start with a request id, a
+    query, an update), about run ``run_id`` in ``status``; None for other inputs."""
     if isinstance(body, StartWorkflow) and body.request_id is not None:
         request_id, kind = body.request_id, ReplyKind.START
     elif isinstance(body, UpdateWorkflow):
@@ -468,9 +485,9 @@ def _refusal(
         request_id,
         kind,
         body.workflow_id or "",
-        "" if record is None else record.run_id,
+        run_id,
         False,
-        "" if record is None else record.status.value,
+        "" if status is None else status.value,
         now_ms,
         failure=failure,
     )

@@ -49,7 +49,6 @@ from orchestrator.protocol.records import (
     InboxBody,
     QueryWorkflow,
     Reply,
-    ReplyKind,
     ResumeWorkflow,
     RunRequest,
     SignalWorkflow,
@@ -71,7 +70,9 @@ from orchestrator.replay.engine import (
     advance,
     answer_query,
     park,
+    refusal,
     start_again,
+    start_reply,
 )
 from orchestrator.replay.links import closing_messages
 from orchestrator.runtime.state import Presence, WorkflowStore
@@ -759,20 +760,9 @@ class InputProcessor:
             and parked_as.parent is None
         ):
             # The start made a run, parked at once: say so, with its run id.
-            self._reply(
-                Reply(
-                    parked_as.request_id,
-                    ReplyKind.START,
-                    wid,
-                    record.run_id,
-                    True,
-                    record.status.value,
-                    now_ms,
-                    created=True,
-                ),
-                item,
-                batch,
-            )
+            made = start_reply(parked_as, record.run_id, record.status, now_ms, created=True)
+            if made is not None:
+                self._reply(made, item, batch)
         # A start lives on in the parked record itself; anything else (a signal that came
         # with its start too) waits beside it.
         if (current is not None or parked_as is not body) and not isinstance(body, ResumeWorkflow):
@@ -816,6 +806,7 @@ class InputProcessor:
         wid = query.workflow_id
         presence = self.store.presence(item.partition, wid)
         record = self._load(item.partition, wid, presence)
+        reply: Reply | None
         try:
             if presence is Presence.CLOSED:
                 reply = _closed_reply(query, self._closed_run(item.partition, wid), now_ms)
@@ -825,20 +816,17 @@ class InputProcessor:
                     "WorkflowUnreadable",
                     safe_text(f"this orchestrator cannot read the workflow's record: {reason}"),
                 )
-                reply = Reply(
-                    query.request_id, ReplyKind.QUERY, wid, "", False, "", now_ms, failure=failure
-                )
+                reply = refusal(query, failure, now_ms)
             else:
                 reply = answer_query(record, query, now_ms, self.registry)
         except BaseException as exc:  # the engine itself failed: the caller hears it
             log.exception("query failed workflow=%s", safe_text(wid, 200))
             failure = Failure("EngineError", safe_text(f"answering the query: {describe(exc)}"))
-            reply = Reply(
-                query.request_id, ReplyKind.QUERY, wid, "", False, "", now_ms, failure=failure
-            )
+            reply = refusal(query, failure, now_ms)
         finally:
             self._encoded.clear()
-        self._reply(reply, item, batch)
+        if reply is not None:
+            self._reply(reply, item, batch)
 
     def _reply(self, reply: Reply, item: Input, batch: Batch) -> None:
         """Produce ``reply`` with the batch (read_committed callers see it once the batch,
@@ -1022,24 +1010,16 @@ def _may_start_again(start: StartWorkflow) -> bool:
     return start.request_id is not None or start.if_closed not in (None, IfClosed.REJECT)
 
 
-def _closed_reply(body: QueryWorkflow | UpdateWorkflow, closed: ClosedRun, now_ms: int) -> Reply:
+def _closed_reply(
+    body: QueryWorkflow | UpdateWorkflow, closed: ClosedRun, now_ms: int
+) -> Reply | None:
     """The answer to a query or update for a workflow whose last run has closed."""
     if isinstance(body, QueryWorkflow):
-        request_id, kind = body.request_id, ReplyKind.QUERY
         message = "the workflow has closed and its state is not kept in memory: use its result"
     else:
-        request_id, kind = body.update_id, ReplyKind.UPDATE
         message = f"the workflow ended {closed.status.value}; updates need it open"
-    return Reply(
-        request_id,
-        kind,
-        body.workflow_id,
-        closed.run_id,
-        False,
-        closed.status.value,
-        now_ms,
-        failure=Failure("WorkflowClosed", message),
-    )
+    failure = Failure("WorkflowClosed", message)
+    return refusal(body, failure, now_ms, run_id=closed.run_id, status=closed.status)
 
 
 def _failed(reply: Reply, error_type: str, message: str) -> Reply:
