@@ -16,10 +16,10 @@ from typing import Any, Final
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from orchestrator.convert import DEFAULT_CONVERTER, DataConverter
 from orchestrator.errors import ConfigurationError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.partitioning import partition_for
-from orchestrator.protocol.payloads import decode_json, encode_json
 from orchestrator.protocol.records import (
     CancelWorkflow,
     CompletePromise,
@@ -27,6 +27,7 @@ from orchestrator.protocol.records import (
     IfClosed,
     IfRunning,
     InboxBody,
+    Payload,
     QueryWorkflow,
     Reply,
     ReplyKind,
@@ -98,8 +99,9 @@ class Started:
 
 @dataclass(frozen=True)
 class WorkflowResult:
-    """How a run ended: ``status`` (terminal), its JSON ``value`` when COMPLETED, its
-    ``failure`` otherwise, and the whole closing ``record``."""
+    """How a run ended: ``status`` (terminal), its ``value`` when COMPLETED (as the
+    ``result_type`` asked for; plain JSON by default), its ``failure`` otherwise, and the
+    whole closing ``record``."""
 
     status: WorkflowStatus
     value: Any
@@ -121,16 +123,28 @@ _FIRST_CHUNK: Final = 500
 class WorkflowClient:
     """Publishes workflow start, signal and resume requests.
 
+    Values (inputs, signal, query, update and promise values) may be dataclasses or
+    pydantic models as well as JSON: ``converter`` turns them into payloads, and the
+    answers back into the type a ``result_type`` names (docs/payloads.md). ``codec`` is
+    the Avro codec of the records around them.
+
     Example::
 
         client = WorkflowClient(KafkaSettings())
-        client.start("order.process", {"order_id": "o-1", ...}, workflow_id="o-1")
+        client.start("order.process", Order("o-1", items), workflow_id="o-1")
         client.flush()
+        receipt = client.result("o-1", result_type=Receipt).value
     """
 
-    def __init__(self, settings: KafkaSettings, codec: AvroCodec | None = None) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        codec: AvroCodec | None = None,
+        converter: DataConverter = DEFAULT_CONVERTER,
+    ) -> None:
         self.topics = settings.topics
         self.codec = codec or AvroCodec()
+        self.converter = converter
         self._common = settings.kafka_common()
         self._errors: list[str] = []
         self._replies: Consumer | None = None
@@ -153,12 +167,15 @@ class WorkflowClient:
         A start for an id that has a run, open or closed, is ignored by the orchestrator,
         so retrying it is safe. :meth:`start_workflow` waits for the run id and takes
         id-reuse options.
+
+        Raises:
+            PayloadEncodingError: ``value`` cannot be converted (the message says where).
         """
         wid = workflow_id or str(uuid.uuid4())
         record = StartWorkflow(
             workflow_id=wid,
             workflow_type=workflow_type,
-            input=encode_json(value),
+            input=self.converter.to_payload(value),
             requested_at_ms=_now_ms(),
         )
         self._send(record, wid.encode())
@@ -179,7 +196,7 @@ class WorkflowClient:
 
         Args:
             workflow_type: the registered workflow name.
-            value: its input (JSON).
+            value: its input: JSON, a dataclass, a pydantic model (docs/payloads.md).
             workflow_id: the id (default: a new UUID).
             if_running: when the id has an open run: ``FAIL`` (raise), ``USE_EXISTING``
                 (return it, ``created`` False) or ``TERMINATE_EXISTING`` (end it as
@@ -201,30 +218,38 @@ class WorkflowClient:
         """
         wid = workflow_id or str(uuid.uuid4())
         rid = request_id or str(uuid.uuid4())
-        start = StartWorkflow(
-            wid, workflow_type, encode_json(value), _now_ms(), rid, if_running, if_closed
-        )
+        payload = self.converter.to_payload(value)
+        start = StartWorkflow(wid, workflow_type, payload, _now_ms(), rid, if_running, if_closed)
         reply = self._request(start, wid, rid, timeout_s)
         if not reply.ok:
             raise RequestFailedError(reply)
         return Started(wid, reply.run_id, reply.created, _status(reply.status))
 
     def query(
-        self, workflow_id: str, name: str, value: Any = None, *, timeout_s: float = 30.0
+        self,
+        workflow_id: str,
+        name: str,
+        value: Any = None,
+        *,
+        timeout_s: float = 30.0,
+        result_type: Any = Any,
     ) -> Any:
         """Ask the open workflow's query handler ``name`` (``ctx.on_query``) and return its
-        answer (JSON). The orchestrator that owns the workflow replays its state and calls
-        the handler; nothing is recorded.
+        answer, as ``result_type`` (plain JSON by default). The orchestrator that owns the
+        workflow replays its state and calls the handler; nothing is recorded.
 
         Raises:
             RequestFailedError: no such workflow open, no such handler, or the handler
                 raised (``error_type`` is its exception's class).
             ReplyTimeoutError: no answer in time.
+            PayloadEncodingError: ``value`` cannot be converted, or the answer does not
+                fit ``result_type``.
         """
         rid = str(uuid.uuid4())
-        query = QueryWorkflow(workflow_id, rid, name, encode_json(value), _now_ms())
+        args = self.converter.to_payload(value)
+        query = QueryWorkflow(workflow_id, rid, name, args, _now_ms())
         reply = self._request(query, workflow_id, rid, timeout_s)
-        return _value(reply)
+        return self._answer(reply, result_type)
 
     def update(
         self,
@@ -234,9 +259,11 @@ class WorkflowClient:
         *,
         update_id: str | None = None,
         timeout_s: float = 30.0,
+        result_type: Any = Any,
     ) -> Any:
         """Apply update ``name`` (``ctx.on_update``) to a running workflow and return its
-        handler's answer once the update is recorded.
+        handler's answer once the update is recorded, as ``result_type`` (plain JSON by
+        default).
 
         The handler's validator runs first: if it raises, nothing is recorded and this
         raises ``RequestFailedError`` (``UpdateRejected``). Sending the same ``update_id``
@@ -247,11 +274,21 @@ class WorkflowClient:
                 or the handler raised (the update is recorded all the same).
             ReplyTimeoutError: no answer in time; sending again with the same
                 ``update_id`` is safe.
+            PayloadEncodingError: ``value`` cannot be converted, or the answer does not
+                fit ``result_type``.
         """
         uid = update_id or str(uuid.uuid4())
-        update = UpdateWorkflow(workflow_id, uid, name, encode_json(value), _now_ms())
+        args = self.converter.to_payload(value)
+        update = UpdateWorkflow(workflow_id, uid, name, args, _now_ms())
         reply = self._request(update, workflow_id, uid, timeout_s)
-        return _value(reply)
+        return self._answer(reply, result_type)
+
+    def _answer(self, reply: Reply, result_type: Any) -> Any:
+        if not reply.ok:
+            raise RequestFailedError(reply)
+        if reply.payload is None:
+            return None
+        return self.converter.from_payload(reply.payload, result_type)
 
     def _request(
         self, body: InboxBody, workflow_id: str, request_id: str, timeout_s: float
@@ -333,7 +370,7 @@ class WorkflowClient:
         signal_id: str | None = None,
         start: tuple[str, Any] | None = None,
     ) -> str:
-        """Queue the signal ``name`` with ``value`` (JSON) for a running workflow; returns
+        """Queue the signal ``name`` with ``value`` for a running workflow; returns
         its signal id. Call :meth:`flush` to wait.
 
         The workflow takes it with ``ctx.wait_signal(name)``; signals sent before the
@@ -345,7 +382,7 @@ class WorkflowClient:
 
         Raises:
             ConfigurationError: ``name`` is not 1-200 characters of UTF-8 text without NUL.
-            PayloadEncodingError: ``value`` (or the start's input) is not JSON-encodable.
+            PayloadEncodingError: ``value`` (or the start's input) cannot be converted.
         """
         problem = signal_name_problem(name)
         if problem is not None:
@@ -354,9 +391,12 @@ class WorkflowClient:
         begin = None
         if start is not None:
             workflow_type, input_value = start
-            begin = StartWorkflow(workflow_id, workflow_type, encode_json(input_value), now)
+            begin = StartWorkflow(
+                workflow_id, workflow_type, self.converter.to_payload(input_value), now
+            )
         sid = signal_id or str(uuid.uuid4())
-        record = SignalWorkflow(workflow_id, name, encode_json(value), sid, now, begin)
+        payload = self.converter.to_payload(value)
+        record = SignalWorkflow(workflow_id, name, payload, sid, now, begin)
         self._send(record, workflow_id.encode())
         return sid
 
@@ -376,22 +416,22 @@ class WorkflowClient:
         self._send(TerminateWorkflow(workflow_id, reason, _now_ms()), workflow_id.encode())
 
     def complete_promise(self, promise_id: str, value: Any = None) -> None:
-        """Queue the completion of a workflow's promise (``ctx.promise``) with ``value``
-        (JSON): the workflow's await returns it. A promise completes once; later
+        """Queue the completion of a workflow's promise (``ctx.promise``) with ``value``:
+        the workflow's await returns it. A promise completes once; later
         completions are ignored. Call :meth:`flush` to wait.
 
         Raises:
             ConfigurationError: ``promise_id`` is not a promise id.
-            PayloadEncodingError: ``value`` is not JSON-encodable.
+            PayloadEncodingError: ``value`` cannot be converted.
         """
-        self._complete(promise_id, encode_json(value), None)
+        self._complete(promise_id, self.converter.to_payload(value), None)
 
     def fail_promise(self, promise_id: str, error_type: str, message: str = "") -> None:
         """Queue the failure of a workflow's promise: its await raises
         ``PromiseFailedError`` with ``error_type`` and ``message``. Call :meth:`flush`."""
         self._complete(promise_id, None, Failure(error_type, message))
 
-    def _complete(self, promise_id: str, value: Any, failure: Failure | None) -> None:
+    def _complete(self, promise_id: str, value: Payload | None, failure: Failure | None) -> None:
         parsed = parse_promise_id(promise_id)
         if parsed is None:
             raise ConfigurationError(
@@ -437,8 +477,12 @@ class WorkflowClient:
         if error is not None:
             self._errors.append(f"{msg.key()!r}: {error}")
 
-    def result(self, workflow_id: str, timeout_s: float = 60.0) -> WorkflowResult:
-        """Wait until the workflow ``workflow_id`` is closed and return how it ended.
+    def result(
+        self, workflow_id: str, timeout_s: float = 60.0, *, result_type: Any = Any
+    ) -> WorkflowResult:
+        """Wait until the workflow ``workflow_id`` is closed and return how it ended; the
+        value of a COMPLETED run as ``result_type`` (plain JSON by default). A run that
+        continued as new did not end the workflow: this waits for the last run.
 
         Reads only the history partition the id maps to: backwards from its end until
         the workflow's latest record (compaction keeps one per id, so a closed workflow is
@@ -448,6 +492,7 @@ class WorkflowClient:
         Raises:
             ResultTimeoutError: it did not close within ``timeout_s`` (it may not exist).
             ConfigurationError: the history topic does not exist.
+            PayloadEncodingError: the result does not fit ``result_type``.
         """
         deadline = time.monotonic() + timeout_s
         key = workflow_id.encode()
@@ -469,16 +514,22 @@ class WorkflowClient:
                 TopicPartition(self.topics.history, partition), timeout=30
             )
             latest = self._latest_before(consumer, key, partition, low, high, deadline)
-            if latest is not None and latest.status.terminal:
-                return _outcome(latest)
+            if latest is not None and _ended(latest):
+                return self._outcome(latest, result_type)
             found = self._closing_after(consumer, key, partition, high, deadline)
             if found is None:
                 raise ResultTimeoutError(
                     f"workflow {workflow_id!r} did not close within {timeout_s:g} s"
                 )
-            return _outcome(found)
+            return self._outcome(found, result_type)
         finally:
             consumer.close()
+
+    def _outcome(self, record: WorkflowRecord, result_type: Any) -> WorkflowResult:
+        value = None
+        if record.status is WorkflowStatus.COMPLETED and record.result is not None:
+            value = self.converter.from_payload(record.result, result_type)
+        return WorkflowResult(record.status, value, record.failure, record)
 
     def _latest_before(
         self,
@@ -525,7 +576,7 @@ class WorkflowClient:
                 if msg.error() is not None or msg.key() != key or not msg.value():
                     continue
                 record = self.codec.decode_workflow(msg.value())
-                if record.status.terminal:
+                if _ended(record):
                     return record
         return None
 
@@ -545,12 +596,6 @@ class WorkflowClient:
             raise StartFailedError(f"{len(errors)} request(s) failed, first: {errors[0]}")
 
 
-def _value(reply: Reply) -> Any:
-    if not reply.ok:
-        raise RequestFailedError(reply)
-    return None if reply.payload is None else decode_json(reply.payload)
-
-
 def _status(symbol: str) -> WorkflowStatus:
     try:
         return WorkflowStatus(symbol)
@@ -558,11 +603,9 @@ def _status(symbol: str) -> WorkflowStatus:
         return WorkflowStatus.UNKNOWN
 
 
-def _outcome(record: WorkflowRecord) -> WorkflowResult:
-    value = None
-    if record.status is WorkflowStatus.COMPLETED and record.result is not None:
-        value = decode_json(record.result)
-    return WorkflowResult(record.status, value, record.failure, record)
+def _ended(record: WorkflowRecord) -> bool:
+    """True when ``record`` closes the workflow, not just a run that continued as new."""
+    return record.status.terminal and record.status is not WorkflowStatus.CONTINUED_AS_NEW
 
 
 def _now_ms() -> int:

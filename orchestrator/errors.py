@@ -185,6 +185,19 @@ class WorkflowCancelledError(SagalineError):
         self.reason = reason
 
 
+class ContinueAsNewError(BaseException):
+    """Raised by ``ctx.continue_as_new``: it unwinds the workflow function so the run
+    closes and the next one starts.
+
+    A ``BaseException``, as ``GeneratorExit`` is, so ``except Exception`` and ``Saga``
+    blocks let it through and compensate nothing. Do not catch it; code that catches it
+    and goes on awaiting parks the workflow.
+    """
+
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__(f"workflow {workflow_id!r} continues as a new run")
+
+
 class UnknownWorkflowTypeError(SagalineError):
     """A start request names a workflow type that no registered function handles."""
 

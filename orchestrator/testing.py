@@ -37,10 +37,10 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, Final, Literal
 
+from orchestrator.convert import DEFAULT_CONVERTER, return_hint
 from orchestrator.errors import ConfigurationError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
-from orchestrator.protocol.payloads import decode_json, encode_json
 from orchestrator.protocol.records import (
     ActivityHeartbeat,
     ActivityResult,
@@ -299,7 +299,7 @@ class ActivityScript:
 
     def _json(self, value: Any, what: str) -> Payload:
         try:
-            return encode_json(value)
+            return DEFAULT_CONVERTER.to_payload(value)
         except Exception as exc:
             raise ConfigurationError(f"{self._where(what)}: {exc}") from exc
 
@@ -394,7 +394,8 @@ class RunResult:
         workflow_type: its registered type.
         status: ``COMPLETED``, ``FAILED``, ``COMPENSATED``, ``COMPENSATION_FAILED``,
             ``STUCK``; ``RUNNING`` only in the ``run`` of a :class:`WorkflowTesterError`.
-        result: the workflow's decoded return value (None unless COMPLETED).
+        result: the workflow's return value (None unless COMPLETED), converted to the
+            return type hint of the workflow function.
         failure: why it failed or is stuck (``failure.error_type``, ``.message``).
         record: the final ``WorkflowRecord``, as decoded from its Avro encoding.
         calls: every attempt sent to a participant, in the order sent.
@@ -403,6 +404,8 @@ class RunResult:
         steps: inputs applied (start, answers, start reports, heartbeats, wake-ups).
         answers: what each query and update sent with :meth:`WorkflowTester.query` and
             :meth:`WorkflowTester.update` got, in the order they arrived.
+        earlier_runs: the closing records of the runs that continued as new
+            (``CONTINUED_AS_NEW``), oldest first; ``record`` is the last run's.
     """
 
     workflow_id: str
@@ -416,6 +419,7 @@ class RunResult:
     elapsed: float
     steps: int
     answers: tuple[Answer, ...] = ()
+    earlier_runs: tuple[WorkflowRecord, ...] = ()
 
     def answers_to(self, name: str) -> list[Answer]:
         """The answers of the queries and updates named ``name``, in order."""
@@ -666,7 +670,9 @@ class _Run:
     # Inputs waiting to arrive: (virtual time, order sent, input).
     queue: list[tuple[int, int, InboxBody]] = field(default_factory=list)
     order: itertools.count[int] = field(default_factory=itertools.count)
-    sent: dict[tuple[int, int], ActivityCall] = field(default_factory=dict)
+    # By activity id: a run that continued as new reuses step numbers, not ids.
+    sent: dict[str, ActivityCall] = field(default_factory=dict)
+    earlier_runs: list[WorkflowRecord] = field(default_factory=list)
     used: dict[str, int] = field(default_factory=dict)
     promised: set[int] = field(default_factory=set)
     promise_uses: dict[str, int] = field(default_factory=dict)
@@ -675,20 +681,21 @@ class _Run:
 
     def go(self, value: Any) -> RunResult:
         self.now_ms = self.start_ms
-        start = StartWorkflow(self.workflow_id, self.workflow_type, encode_json(value), self.now_ms)
+        convert = self.tester.registry.converter.to_payload
+        start = StartWorkflow(self.workflow_id, self.workflow_type, convert(value), self.now_ms)
         for index, (offset, name, signal_value) in enumerate(self.tester._signals):
             at = self.start_ms + offset
             self.queue_input(
                 at,
                 SignalWorkflow(
-                    self.workflow_id, name, encode_json(signal_value), f"test-signal-{index}", at
+                    self.workflow_id, name, convert(signal_value), f"test-signal-{index}", at
                 ),
             )
         for index, (offset, kind, name, request_value) in enumerate(self.tester._requests):
             at = self.start_ms + offset
             request_id = f"test-{kind}-{index}"
             self.asked[request_id] = name
-            args = encode_json(request_value)
+            args = convert(request_value)
             request: InboxBody = (
                 QueryWorkflow(self.workflow_id, request_id, name, args, at)
                 if kind == "query"
@@ -752,6 +759,10 @@ class _Run:
                 f"trip unchanged\n  in memory: {transition.record}\n  decoded:   {record}",
                 self.result(),
             )
+        if transition.replaced is not None:
+            # The run continued as new: the next run's promises are its own.
+            self.earlier_runs.append(transition.replaced)
+            self.promised.clear()
         self.record = record
         for task in transition.tasks:
             self.send(codec.decode_task(codec.encode_task(task)))
@@ -762,7 +773,9 @@ class _Run:
                     ActivityTask(
                         workflow_id=self.workflow_id,
                         workflow_type=self.workflow_type,
-                        activity_id=activity_id(self.workflow_id, message.parent.seq, 1, RUN_ID),
+                        activity_id=activity_id(
+                            self.workflow_id, message.parent.seq, 1, record.run_id
+                        ),
                         seq=message.parent.seq,
                         attempt=1,
                         participant=CHILD_SCRIPT,
@@ -775,7 +788,8 @@ class _Run:
 
     def answered(self, reply: Reply) -> None:
         reply = _codec().decode_reply(_codec().encode_reply(reply))  # as a caller reads it
-        value = None if reply.payload is None else decode_json(reply.payload)
+        converter = self.tester.registry.converter
+        value = None if reply.payload is None else converter.from_payload(reply.payload)
         self.answers.append(
             Answer(
                 reply.kind.value.lower(),
@@ -796,7 +810,7 @@ class _Run:
                 self.result(),
             )
         if isinstance(body, ActivityResult):
-            call = self.sent.get((body.seq, body.attempt))
+            call = self.sent.get(body.activity_id)
             if call is not None:
                 call.ignored = reason
 
@@ -821,8 +835,13 @@ class _Run:
                 self.result(),
                 name,
             )
-        value = decode_json(task.payload)
-        details = None if task.heartbeat_details is None else decode_json(task.heartbeat_details)
+        converter = self.tester.registry.converter
+        value = converter.from_payload(task.payload)
+        details = (
+            None
+            if task.heartbeat_details is None
+            else converter.from_payload(task.heartbeat_details)
+        )
         call = ActivityCall(
             name=name,
             value=value,
@@ -835,7 +854,7 @@ class _Run:
             outcome=outcome.kind,
         )
         self.calls.append(call)
-        self.sent[(task.seq, task.attempt)] = call
+        self.sent[task.activity_id] = call
         wid, aid, now = task.workflow_id, task.activity_id, self.now_ms
         if task.report_start:
             self.queue_input(now, ActivityStarted(wid, aid, task.seq, task.attempt, now))
@@ -850,7 +869,7 @@ class _Run:
         if outcome.kind == "returns":
             answer_with = outcome.value
             call.result = answer_with(value, task.attempt) if callable(answer_with) else answer_with
-            payload = encode_json(call.result)
+            payload = converter.to_payload(call.result)
         failure = outcome.failure
         if failure is not None and task.participant == CHILD_SCRIPT:
             # As the child's orchestrator reports it: how it ended, in the message.
@@ -884,8 +903,10 @@ class _Run:
                 continue  # nothing completes it: the run may block on it
             after, value, failure = answers[index]
             at = self.now_ms + after
-            pid = promise_id(self.workflow_id, RUN_ID, event.seq)
-            payload = None if failure is not None else encode_json(value)
+            pid = promise_id(self.workflow_id, record.run_id, event.seq)
+            payload = (
+                None if failure is not None else self.tester.registry.converter.to_payload(value)
+            )
             self.queue_input(at, CompletePromise(self.workflow_id, pid, at, payload, failure))
 
     def queue_input(self, at_ms: int, body: InboxBody) -> None:
@@ -899,7 +920,7 @@ class _Run:
         record = self.current
         waits: list[str] = []
         for task in pending_tasks(record):
-            call = self.sent.get((task.seq, task.attempt))
+            call = self.sent.get(task.activity_id)
             participant = task.participant or CHILD_SCRIPT  # a child step has none
             name = f"{participant}.{task.activity}"
             what = f"step {task.seq} {name!r} attempt {task.attempt}"
@@ -930,7 +951,9 @@ class _Run:
         record = self.current
         value = None
         if record.status is WorkflowStatus.COMPLETED and record.result is not None:
-            value = decode_json(record.result)
+            fn = self.tester.registry.get(self.workflow_type)
+            hint = Any if fn is None else return_hint(fn)
+            value = self.tester.registry.converter.from_payload(record.result, hint)
         return RunResult(
             workflow_id=self.workflow_id,
             workflow_type=self.workflow_type,
@@ -943,6 +966,7 @@ class _Run:
             elapsed=self.seconds(),
             steps=self.steps,
             answers=tuple(self.answers),
+            earlier_runs=tuple(self.earlier_runs),
         )
 
 

@@ -27,9 +27,10 @@ from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from random import Random
-from typing import Any, Final, Generic, Protocol, TypeVar, cast, overload
+from typing import Any, Final, Generic, NoReturn, Protocol, TypeVar, cast, overload
 
-from orchestrator.errors import ConfigurationError, WorkflowTimeoutError
+from orchestrator.convert import DEFAULT_CONVERTER, DataConverter
+from orchestrator.errors import ConfigurationError, ContinueAsNewError, WorkflowTimeoutError
 from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
 from orchestrator.protocol.records import ParentClosePolicy
 from orchestrator.protocol.topics import activity_name_problem
@@ -470,11 +471,13 @@ class ActivityHandle(CommandHandle):
     so several handles can be created first and awaited together with ``ctx.gather``.
     """
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "result_type")
 
     def __init__(self, scheduler: Scheduler, seq: int, name: str) -> None:
         super().__init__(scheduler, seq)
         self.name = name
+        # What the result converts to (ctx.activity's result_type); Any: plain JSON.
+        self.result_type: Any = Any
 
     def _describe(self) -> str:
         return f"activity {self.name!r} (step {self.seq})"
@@ -577,10 +580,16 @@ class SignalBox:
         self._queued: dict[str, list[tuple[int, Any, BaseException | None]]] = {}
         self._waiting: dict[str, list[SignalHandle]] = {}
 
-    def arrive(self, name: str, value: Any, error: BaseException | None) -> None:
-        """A signal arrives now (in history order)."""
-        self._queued.setdefault(name, []).append((next(_SETTLED), value, error))
+    def arrive(self, name: str, value: Any, error: BaseException | None) -> int:
+        """A signal arrives now (in history order); returns the order it got."""
+        order = next(_SETTLED)
+        self._queued.setdefault(name, []).append((order, value, error))
         self._match(name)
+        return order
+
+    def untaken(self) -> list[int]:
+        """The orders of the signals no wait took, oldest first."""
+        return sorted(entry[0] for queued in self._queued.values() for entry in queued)
 
     def wait(self, handle: SignalHandle) -> None:
         """A new wait (or one awaited again)."""
@@ -781,6 +790,20 @@ class Scheduler(Protocol):
         registration of the same name replaces it."""
         ...
 
+    def patched(self, patch_id: str, deprecated: bool) -> bool:
+        """Whether patch ``patch_id`` is on for this run (see ``WorkflowContext.patched``);
+        records it when the code asks past all recorded history."""
+        ...
+
+    def continue_as_new(self, value: Any) -> None:
+        """Note that the run ends by starting the next one with input ``value``; raises
+        what encoding ``value`` raises."""
+        ...
+
+    def history_length(self) -> int:
+        """How many history events lie before the point the code has reached."""
+        ...
+
 
 Handler = Callable[..., Any]
 """A query handler, update handler or update validator: a plain function called with the
@@ -813,13 +836,15 @@ class WorkflowContext:
         schedule_to_close: float | timedelta | None = None,
         start_to_close: float | timedelta | None = None,
         heartbeat_timeout: float | timedelta | None = None,
+        result_type: Any = Any,
     ) -> ActivityHandle:
-        """Schedule activity ``name`` ('<participant>.<activity>') with a JSON value.
+        """Schedule activity ``name`` ('<participant>.<activity>') with a value.
 
         Args:
             name: participant and activity, e.g. ``"payment.charge"``; the participant
                 part becomes part of a topic name (letters, digits, '_' and '-').
-            value: the single argument the participant's handler receives.
+            value: the single argument the participant's handler receives: JSON, or a
+                dataclass or pydantic model (the registry's converter writes it).
             retry: attempts, backoff and non-retryable error types; default
                 ``DEFAULT_RETRY`` (3 attempts, 1 s then 2 s apart).
             compensation: mark this step as undoing an earlier one, so a workflow that
@@ -833,6 +858,9 @@ class WorkflowContext:
             heartbeat_timeout: seconds a started attempt may go without a heartbeat;
                 then it fails (``HeartbeatTimeout``, retryable). The last heartbeat's
                 details are handed to the next attempt.
+            result_type: what the handler's return value converts to (a dataclass, a
+                pydantic model, ``list[Item]``...); default ``Any``, plain JSON. A result
+                that does not fit raises ``PayloadEncodingError`` at the ``await``.
 
         Returns:
             A handle; ``await`` it for the handler's return value. It raises
@@ -873,9 +901,11 @@ class WorkflowContext:
                 raise self._misuse(str(exc)) from None
         # A plain str copy: a str subclass must not reach the record or the comparisons.
         plain = str.__str__(name)
-        return self._scheduler.schedule(
+        handle = self._scheduler.schedule(
             plain, value, retry or DEFAULT_RETRY, compensation, timeouts
         )
+        handle.result_type = result_type
+        return handle
 
     def sleep(self, seconds: float | timedelta) -> TimerHandle:
         """A durable timer that fires ``seconds`` (int, float or timedelta) from now.
@@ -1032,9 +1062,10 @@ class WorkflowContext:
         id: str | None = None,
         parent_close_policy: ParentClosePolicy = ParentClosePolicy.TERMINATE,
         execution_timeout: float | timedelta | None = None,
+        result_type: Any = Any,
     ) -> ActivityHandle:
         """Start workflow ``workflow_type`` with ``value`` as a child of this one; ``await``
-        the handle for its result.
+        the handle for its result (converted to ``result_type``, as ``ctx.activity`` does).
 
         The child's start is produced in the same transaction that records this step,
         keyed by its id, so it starts on whichever orchestrator owns that id's partition;
@@ -1084,9 +1115,74 @@ class WorkflowContext:
             except ConfigurationError as exc:
                 raise self._misuse(str(exc)) from None
         spec = ChildSpec(None if id is None else str.__str__(id), parent_close_policy)
-        return self._scheduler.schedule(
+        handle = self._scheduler.schedule(
             str.__str__(workflow_type), value, CHILD_RETRY, False, timeouts, spec
         )
+        handle.result_type = result_type
+        return handle
+
+    def patched(self, patch_id: str) -> bool:
+        """True where this run takes the new code of a change named ``patch_id``.
+
+        Wrap a change to the steps a workflow takes in ``if ctx.patched("id"): new
+        else: old``. A run that reaches this point after the deploy (every new run, and
+        every running one that had not got this far) gets True, and history records that
+        the patch is on for it; a run whose history shows it passed this point with the
+        old code gets False, so its replay matches what it did. The first answer in a run
+        holds for the rest of the run, so a loop asks once. Later, when no run that took
+        the old path is open any more, replace the call with
+        :meth:`deprecate_patch` and drop the old branch; once no run that recorded the
+        patch is open, drop that call too. See docs/evolution.md.
+
+        Raises nothing; an id that is not a non-empty string of at most 200 characters
+        parks the workflow.
+        """
+        if not self._valid_patch_id(patch_id):
+            return False
+        return self._scheduler.patched(str.__str__(patch_id), False)
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """Mark where ``ctx.patched(patch_id)`` was, once the old branch is gone.
+
+        Runs that recorded the patch replay as before; runs that reach this point record
+        it, so processes still running the previous deploy (with ``ctx.patched``) take the
+        new branch for them during a rolling deploy.
+        """
+        if self._valid_patch_id(patch_id):
+            self._scheduler.patched(str.__str__(patch_id), True)
+
+    def _valid_patch_id(self, patch_id: object) -> bool:
+        if isinstance(patch_id, str) and 0 < len(patch_id) <= MAX_NAME_CHARS:
+            return True
+        self._scheduler.misuse(
+            f"a patch id is a non-empty string of at most {MAX_NAME_CHARS} characters, "
+            f"got {safe_text(repr(patch_id), MAX_NAME_CHARS)}"
+        )
+        return False
+
+    def continue_as_new(self, value: Any = None) -> NoReturn:
+        """End this run and start the next run of this workflow with input ``value``.
+
+        The next run has the same workflow id and type, a new run id, an empty history
+        but for the signals this run received and no wait took (they arrive again, in
+        order), and starts in the same transaction that closes this one
+        (``CONTINUED_AS_NEW``). Use it to keep the record of a workflow that loops
+        forever (a subscription, a poller) bounded: continue when
+        :attr:`history_length` grows large. Steps this run scheduled and did not await,
+        and its timers, are dropped; results of steps still running are ignored.
+
+        Raises :class:`~orchestrator.errors.ContinueAsNewError` (a ``BaseException``:
+        let it propagate), or ``PayloadEncodingError`` when ``value`` is not JSON.
+        """
+        self._scheduler.continue_as_new(value)
+        raise ContinueAsNewError(self.workflow_id)
+
+    @property
+    def history_length(self) -> int:
+        """The number of history events before the point the code has reached: it grows
+        as the run advances and is the same on every replay. Compare it with the
+        orchestrator's ``max_events`` (default 1,000) to continue as new in time."""
+        return self._scheduler.history_length()
 
     def on_query(self, name: str, handler: Handler) -> None:
         """Answer query ``name`` with ``handler``: a plain function of the workflow's
@@ -1186,8 +1282,11 @@ def _shown(name: object) -> str:
 class WorkflowRegistry:
     """Maps workflow type names to functions; an orchestrator runs one registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, converter: DataConverter = DEFAULT_CONVERTER) -> None:
+        """``converter`` turns the workflows' inputs, results, activity arguments and
+        results, and handler values into payloads and back (docs/payloads.md)."""
         self._functions: dict[str, WorkflowFn] = {}
+        self.converter = converter
 
     def workflow(self, name: str) -> Callable[[F], F]:
         """Decorator registering an ``async def f(ctx, input)`` as workflow type ``name``.

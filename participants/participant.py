@@ -20,9 +20,10 @@ from typing import Any, Protocol, TypeVar
 
 import psycopg
 
+from orchestrator.convert import DEFAULT_CONVERTER, DataConverter, input_hint
 from orchestrator.errors import ConfigurationError
 from orchestrator.protocol.failures import MAX_NAME_CHARS, failure_from_exception, safe_text
-from orchestrator.protocol.payloads import PayloadEncodingError, decode_json, encode_json
+from orchestrator.protocol.payloads import PayloadEncodingError
 from orchestrator.protocol.records import (
     ActivityResult,
     ActivityStatus,
@@ -190,7 +191,7 @@ class AttemptReporter(Protocol):
         """The handler is about to run (not called for an attempt answered without it)."""
 
     def heartbeat(self, details: Payload | None) -> None:
-        """The handler called ``ctx.heartbeat``; ``details`` already JSON-encoded."""
+        """The handler called ``ctx.heartbeat``; ``details`` already encoded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +219,12 @@ class ActivityContext:
             deadline its writes are rolled back and the stored outcome is the timeout
             failure (the workflow has moved on, and a retry would repeat the writes).
         heartbeat_details: the details the step's last heartbeat reported (from an
-            earlier attempt), decoded from JSON: where to resume; None if there were none.
+            earlier attempt), as plain JSON (a dataclass reported comes back as a dict):
+            where to resume; None if there were none.
         heartbeat_timeout: seconds without a heartbeat after which the workflow gives up
             on this attempt; None when the step expects no heartbeats.
+        converter: the participant's :class:`~orchestrator.convert.DataConverter`, which
+            encodes heartbeat details.
     """
 
     db: psycopg.Connection[Any]
@@ -236,11 +240,13 @@ class ActivityContext:
     heartbeat_details: Any = None
     heartbeat_timeout: float | None = None
     reporter: AttemptReporter | None = field(default=None, repr=False, compare=False)
+    converter: DataConverter = field(default=DEFAULT_CONVERTER, repr=False, compare=False)
 
     def heartbeat(self, details: Any = None) -> None:
         """Tell the workflow this attempt is alive, with its progress so far.
 
-        ``details`` must be JSON-serialisable; the latest details reach the workflow and
+        ``details`` is JSON or a value the participant's converter converts (a dataclass,
+        a pydantic model; docs/payloads.md); the latest details reach the workflow and
         are handed to the next attempt as ``ctx.heartbeat_details``. Calls are cheap: at
         most one heartbeat per third of the heartbeat timeout (at least 1 s apart) is
         published, and the latest details are sent when that window ends. Without
@@ -248,16 +254,15 @@ class ActivityContext:
         are kept. Callable from any thread, from sync and async handlers.
 
         Raises:
-            PayloadEncodingError: ``details`` is not JSON-serialisable.
+            PayloadEncodingError: ``details`` cannot be converted to JSON.
         """
         payload: Payload | None = None
         if details is not None:
             try:
-                payload = encode_json(details)
+                payload = self.converter.to_payload(details)
             except PayloadEncodingError as exc:
                 raise PayloadEncodingError(
-                    f"heartbeat details of activity {self.activity_id} must be "
-                    f"JSON-serialisable: {exc}"
+                    f"heartbeat details of activity {self.activity_id} must convert to JSON: {exc}"
                 ) from exc
         if self.reporter is not None:
             self.reporter.heartbeat(payload)
@@ -268,7 +273,12 @@ class ActivityContext:
 
 
 class ActivityHandler(Protocol):
-    """A handler: the task's JSON value positionally, the context as ``ctx``; may be async."""
+    """A handler: the task's value positionally, the context as ``ctx``; may be async.
+
+    The value arrives as the type the first parameter is annotated with (a dataclass, a
+    pydantic model, ``list[Item]``...; plain JSON without an annotation), and what the
+    handler returns is converted to JSON (docs/payloads.md).
+    """
 
     def __call__(self, value: Any, /, *, ctx: ActivityContext) -> Any: ...
 
@@ -278,7 +288,8 @@ H = TypeVar("H", bound=ActivityHandler)
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How one attempt ended: a JSON result, or a failure; what the idempotency inbox stores."""
+    """How one attempt ended: an encoded result, or a failure; what the idempotency inbox
+    stores."""
 
     status: ActivityStatus
     finished_at_ms: int
@@ -357,18 +368,22 @@ class Participant:
     Its tasks arrive on ``<prefix>.tasks.<name>``; workflows call its activities as
     ``"<name>.<activity>"``. ``setup_sql`` creates the service's own tables; it runs at
     startup with the idempotency table, so it must be idempotent (``IF NOT EXISTS``).
+    ``converter`` turns task values into the types handlers annotate their first
+    parameter with, and their results and heartbeat details into payloads.
 
     Example::
 
         payment = Participant("payment", setup_sql="CREATE TABLE IF NOT EXISTS payments (...)")
 
         @payment.activity("charge")
-        def charge(value: dict, *, ctx: ActivityContext) -> dict:
+        def charge(request: ChargeRequest, *, ctx: ActivityContext) -> Charge:
             ctx.db.execute("INSERT INTO payments ...")
-            return {"charge_id": charge_id}
+            return Charge(charge_id=charge_id)
     """
 
-    def __init__(self, name: str, *, setup_sql: str = "") -> None:
+    def __init__(
+        self, name: str, *, setup_sql: str = "", converter: DataConverter = DEFAULT_CONVERTER
+    ) -> None:
         if not PARTICIPANT_NAME.fullmatch(name):
             raise ConfigurationError(
                 f"participant name {name!r} must be 1-100 letters, digits, '_' or '-' "
@@ -376,6 +391,7 @@ class Participant:
             )
         self._name = name
         self._setup_sql = setup_sql
+        self._converter = converter
         self._handlers: dict[str, ActivityHandler] = {}
 
     @property
@@ -387,6 +403,11 @@ class Participant:
     def setup_sql(self) -> str:
         """SQL that creates the participant's business tables (idempotent)."""
         return self._setup_sql
+
+    @property
+    def converter(self) -> DataConverter:
+        """Converts task values, results and heartbeat details (docs/payloads.md)."""
+        return self._converter
 
     @property
     def activities(self) -> tuple[str, ...]:
@@ -463,10 +484,13 @@ class Participant:
         if handler is None:
             return self._unknown_activity(task, now_ms())
         try:
-            value = decode_json(task.payload)
+            # Read lazily, not at registration: a hint may name a class defined further down.
+            value = self._converter.from_payload(task.payload, input_hint(handler, 0))
         except PayloadEncodingError as exc:
             # The same bytes will arrive on every attempt: retrying cannot help.
-            return Outcome.failed(failure_from_exception(exc, retryable=False), now_ms())
+            activity = safe_text(task.activity, MAX_NAME_CHARS)
+            bad_input = PayloadEncodingError(f"input of activity {self._name}.{activity}: {exc}")
+            return Outcome.failed(failure_from_exception(bad_input, retryable=False), now_ms())
         started_at_ms = now_ms()
         deadline = attempt_deadline(task, started_at_ms)
         if deadline is not None and deadline.at_ms <= started_at_ms:
@@ -496,6 +520,7 @@ class Participant:
                 None if task.heartbeat_timeout_ms is None else task.heartbeat_timeout_ms / 1000
             ),
             reporter=reporter,
+            converter=self._converter,
         )
         if reporter is not None:
             reporter.started(started_at_ms, deadline)
@@ -503,7 +528,7 @@ class Participant:
             returned = handler(value, ctx=ctx)
             if inspect.iscoroutine(returned):
                 returned = _run_until(returned, deadline, now_ms)
-            payload = encode_json(returned)
+            payload = self._converter.to_payload(returned)
         except _DeadlineExceededError:
             assert deadline is not None
             log.warning(
@@ -561,7 +586,7 @@ class Participant:
         if task.heartbeat_details is None:
             return None
         try:
-            return decode_json(task.heartbeat_details)
+            return self._converter.from_payload(task.heartbeat_details)
         except PayloadEncodingError as exc:
             log.warning(
                 "heartbeat details unreadable, handing the handler None participant=%s "

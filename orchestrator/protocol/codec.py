@@ -54,6 +54,7 @@ from orchestrator.protocol.records import (
     InboxBody,
     ParentClosePolicy,
     ParentRef,
+    PatchMarker,
     Payload,
     PromiseCompleted,
     PromiseCreated,
@@ -1015,6 +1016,16 @@ def _event_to_avro(e: HistoryEvent) -> tuple[str, dict[str, Any]]:
                 "at_ms": e.at_ms,
             },
         )
+    if isinstance(e, PatchMarker):
+        return (
+            NS + "PatchMarker",
+            {
+                "patch_id": e.patch_id,
+                "position": e.position,
+                "deprecated": e.deprecated,
+                "at_ms": e.at_ms,
+            },
+        )
     if isinstance(e, SignalReceived):
         return (
             NS + "SignalReceived",
@@ -1100,6 +1111,13 @@ def _event_from_avro(item: tuple[str, Mapping[str, Any]]) -> HistoryEvent:
             update_id=d["update_id"],
             name=d["name"],
             args=_payload_from_avro(d["args"]),
+            at_ms=d["at_ms"],
+        )
+    if name == NS + "PatchMarker":
+        return PatchMarker(
+            patch_id=d["patch_id"],
+            position=d["position"],
+            deprecated=d["deprecated"],
             at_ms=d["at_ms"],
         )
     raise WrongRecordTypeError(f"history event {name} is not handled by this version")

@@ -25,6 +25,9 @@ class WorkflowStatus(enum.Enum):
     STUCK = "STUCK"
     CANCELLED = "CANCELLED"
     TERMINATED = "TERMINATED"
+    CONTINUED_AS_NEW = "CONTINUED_AS_NEW"
+    """The run ended by starting the next run of the same workflow id
+    (``ctx.continue_as_new``); the workflow goes on in that run."""
     UNKNOWN = "UNKNOWN"
 
     @property
@@ -497,6 +500,20 @@ class UpdateAccepted:
     at_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class PatchMarker:
+    """History event: the code asked ``ctx.patched(patch_id)`` (or
+    ``ctx.deprecate_patch``, then ``deprecated``) for the first time in this run while past
+    all recorded history, so the patch is on for the rest of the run. ``position``: the
+    number of commands the code had scheduled when it asked (replay checks the code asks
+    at the same point)."""
+
+    patch_id: str
+    position: int
+    deprecated: bool
+    at_ms: int
+
+
 HistoryEvent = (
     ActivityScheduled
     | ActivityCompleted
@@ -511,6 +528,7 @@ HistoryEvent = (
     | PromiseCompleted
     | CancelRequested
     | UpdateAccepted
+    | PatchMarker
 )
 
 

@@ -34,10 +34,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from orchestrator.convert import DEFAULT_CONVERTER, DataConverter, input_hint
 from orchestrator.errors import (
     ActivityError,
     ChildWorkflowError,
     ConfigurationError,
+    ContinueAsNewError,
     HistoryLimitExceededError,
     PromiseFailedError,
     RecordTooLargeError,
@@ -45,7 +47,7 @@ from orchestrator.errors import (
     WorkflowDefinitionError,
 )
 from orchestrator.protocol.failures import MAX_NAME_CHARS, describe, safe_text
-from orchestrator.protocol.payloads import PayloadEncodingError, decode_json, encode_json
+from orchestrator.protocol.payloads import PayloadEncodingError
 from orchestrator.protocol.records import (
     JSON_ENCODING,
     ActivityCompleted,
@@ -54,6 +56,7 @@ from orchestrator.protocol.records import (
     CancelRequested,
     Failure,
     HistoryEvent,
+    PatchMarker,
     Payload,
     PromiseCompleted,
     PromiseCreated,
@@ -166,7 +169,9 @@ class ReplayResult:
     ``cancels`` are empty). Else ``finished`` with ``error`` (the workflow failed) or
     ``value`` and its ``payload`` (``payload_error`` when the value is not JSON), or still
     waiting; ``new_steps`` are the new commands in order, ``cancels`` the timers the code
-    no longer waits for.
+    no longer waits for, ``markers`` the patches it turned on past recorded history.
+    ``continued`` set (with ``finished``): the code called ``ctx.continue_as_new`` with
+    that input; ``carried`` are the signals no wait took, for the next run.
     """
 
     new_steps: list[Command] = field(default_factory=list)
@@ -179,6 +184,9 @@ class ReplayResult:
     problem: Failure | None = None
     updates: dict[str, HandlerOutcome] = field(default_factory=dict)
     answer: HandlerOutcome | None = None
+    markers: list[PatchMarker] = field(default_factory=list)
+    continued: Payload | None = None
+    carried: list[SignalReceived] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,12 +221,17 @@ def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
     """The events that settle a command, in history order: completions, fired timers, and
     failures with no retry after them and none waiting (``retry_at_ms`` None); and the
     signals received, which settle waits."""
+    return [e for _, e in _final_positions(events)]
+
+
+def _final_positions(events: tuple[HistoryEvent, ...]) -> list[tuple[int, HistoryEvent]]:
+    """``final_outcomes`` with each event's index in ``events``."""
     retried = {
         (e.seq, e.attempt - 1) for e in events if type(e) is ActivityScheduled and e.attempt > 1
     }
     return [
-        e
-        for e in events
+        (index, e)
+        for index, e in enumerate(events)
         if type(e) in _ALWAYS_FINAL
         or (
             type(e) is ActivityFailed
@@ -250,18 +263,37 @@ class _Replayer:
         started_at_ms: int,
         workflow_id: str = "",
         run_id: str = "",
+        converter: DataConverter = DEFAULT_CONVERTER,
     ) -> None:
         self.workflow_id = workflow_id
         self.run_id = run_id
+        self.converter = converter
         self.recorded: dict[int, Command] = {}
         # Timers that fired or were cancelled in history: cancelling them adds nothing.
         self.closed_timers: set[int] = set()
+        # Patches recorded on, by id; what this replay answered, by id.
+        self.markers: dict[str, PatchMarker] = {}
+        self.patches: dict[str, bool] = {}
+        self.new_markers: list[PatchMarker] = []
         for event in events:
             command = command_of(event)
             if command is not None:
                 self.recorded[command.seq] = command
             elif isinstance(event, TimerFired | TimerCancelled):
                 self.closed_timers.add(event.seq)
+            elif type(event) is PatchMarker:
+                self.markers.setdefault(event.patch_id, event)
+        self.last_recorded = max(self.recorded, default=-1)
+        # Recorded outcomes not yet delivered to the code, and the index after the last
+        # one delivered (what ``ctx.history_length`` says); set by ``_drive``.
+        self.undelivered = 0
+        self.position = 0
+        self.finals: list[tuple[int, HistoryEvent]] = []
+        self.continued: Payload | None = None
+        # What the code awaits now, for messages.
+        self.blocked_on: CommandHandle | None = None
+        # The signals delivered so far, by the order the box gave them.
+        self.arrived: dict[int, SignalReceived] = {}
         self.handles: dict[int, CommandHandle] = {}
         self.new_steps: list[Command] = []
         self.cancels: list[TimerCancelled] = []
@@ -350,8 +382,8 @@ class _Replayer:
         if self._match(call) is not None:
             return handle
         try:
-            payload = encode_json(value)
-        except Exception as exc:  # RecursionError and user __iter__ failures too
+            payload = self.converter.to_payload(value)
+        except Exception as exc:  # a converter link of the user's may raise anything
             handle.reject(
                 exc
                 if isinstance(exc, PayloadEncodingError)
@@ -409,7 +441,7 @@ class _Replayer:
         """A recorded signal arrives (in history order): to the oldest wait without one,
         or kept for the next wait."""
         try:
-            value: Any = decode_json(signal.payload)
+            value: Any = self.converter.from_payload(signal.payload)
             error: BaseException | None = None
         except Exception as exc:  # not JSON, or nested past the recursion limit
             value = None
@@ -418,7 +450,7 @@ class _Replayer:
                 if isinstance(exc, PayloadEncodingError)
                 else PayloadEncodingError(f"signal payload is not readable JSON: {describe(exc)}")
             )
-        self.signals.arrive(signal.name, value, error)
+        self.arrived[self.signals.arrive(signal.name, value, error)] = signal
 
     def wait_signal(self, handle: SignalHandle) -> None:
         self._not_handling("ctx.wait_signal")
@@ -442,6 +474,53 @@ class _Replayer:
         else:
             self.updates[name] = (handler, validator)
 
+    def patched(self, patch_id: str, deprecated: bool) -> bool:
+        """On if history recorded the patch; off if the code is still where history
+        shows it went on (the run passed this point before the patch existed); else on,
+        recorded now. The first answer of a replay holds for the rest of it."""
+        known = self.patches.get(patch_id)
+        if known is not None:
+            return known
+        marker = self.markers.get(patch_id)
+        if self.handling or self.closing or self.problem is not None:
+            return marker is not None  # asked from a handler or a closing coroutine
+        if marker is not None:
+            if marker.position != self.next_seq:
+                self.flag(
+                    NONDETERMINISM,
+                    f"patch {safe_text(patch_id, MAX_NAME_CHARS)!r} went on after step "
+                    f"{marker.position - 1} in history but the code asks for it after step "
+                    f"{self.next_seq - 1}",
+                )
+            on = True
+        elif self.undelivered or self.next_seq <= self.last_recorded:
+            on = False
+        else:
+            marker = PatchMarker(patch_id, self.next_seq, deprecated, self.clock_ms)
+            self.markers[patch_id] = marker
+            self.new_markers.append(marker)
+            on = True
+        self.patches[patch_id] = on
+        return on
+
+    def continue_as_new(self, value: Any) -> None:
+        self._not_handling("ctx.continue_as_new")
+        if self.closing or self.problem is not None:
+            return
+        try:
+            payload = self.converter.to_payload(value)
+        except PayloadEncodingError:
+            raise
+        except Exception as exc:  # RecursionError and user __iter__ failures too
+            raise PayloadEncodingError(
+                f"the next run's input is not JSON-serialisable: {describe(exc)}"
+            ) from None
+        if self.continued is None:
+            self.continued = payload
+
+    def history_length(self) -> int:
+        return self.position
+
     def _not_handling(self, what: str) -> None:
         if self.handling:
             raise HandlerMisuseError(
@@ -458,6 +537,8 @@ class _Replayer:
         """
         self.handling = True
         try:
+            if value is not None:
+                value = self.converter.from_json(value, input_hint(handler, 0))
             result = handler() if value is None else handler(value)
             if isinstance(result, Coroutine):
                 result.close()
@@ -467,7 +548,7 @@ class _Replayer:
                 )
             if not answer:
                 return HandlerOutcome(result)
-            return HandlerOutcome(result, payload=encode_json(result))
+            return HandlerOutcome(result, payload=self.converter.to_payload(result))
         except Exception as exc:  # the caller's error, never the workflow's
             return HandlerOutcome(error=exc)
         except BaseException as exc:
@@ -491,7 +572,7 @@ class _Replayer:
             )
             return
         try:
-            value: Any = decode_json(event.args)
+            value: Any = self.converter.from_payload(event.args)
         except Exception as exc:  # not JSON, or nested past the recursion limit
             outcome.updates[event.update_id] = HandlerOutcome(
                 error=PayloadEncodingError(f"update argument is not readable JSON: {exc}")
@@ -554,19 +635,22 @@ def replay(
     *,
     run_id: str = "",
     ask: Ask | None = None,
+    converter: DataConverter = DEFAULT_CONVERTER,
 ) -> ReplayResult:
     """Run ``fn`` over ``events`` and report new steps, completion or a problem.
 
     ``run_id`` seeds ``ctx.random()`` and ``ctx.uuid4()``. ``ask``: once the history is
     replayed (and before the coroutine is closed), call that query handler or update
-    validator; its outcome is ``answer`` (None if the code had a problem first). Never
-    raises for anything the workflow code does.
+    validator; its outcome is ``answer`` (None if the code had a problem first).
+    ``converter`` turns ``input_value`` (plain JSON) into the type of the function's input
+    parameter, and values into payloads and back (the registry's). Never raises for
+    anything the workflow code does.
     """
-    replayer = _Replayer(events, started_at_ms, workflow_id, run_id)
+    replayer = _Replayer(events, started_at_ms, workflow_id, run_id, converter)
     outcome = ReplayResult()
     with installed(LoopGuard(replayer.misuse)):
         context = WorkflowContext(workflow_id, workflow_type, replayer, run_id=run_id)
-        coro = _create(fn, context, input_value)
+        coro = _create(fn, context, input_value, converter)
         if isinstance(coro, str):
             replayer.flag(DEFINITION, coro)
         else:
@@ -585,7 +669,12 @@ def replay(
                         "GeneratorExit (a bare except or except BaseException) and awaits "
                         "again; let GeneratorExit propagate",
                     )
-        if outcome.finished and outcome.error is None and replayer.problem is None:
+        if (
+            outcome.finished
+            and outcome.error is None
+            and outcome.continued is None
+            and replayer.problem is None
+        ):
             _encode_result(outcome, replayer)
     if replayer.problem is None:
         missing = sorted(set(replayer.recorded) - set(replayer.handles))
@@ -599,9 +688,11 @@ def replay(
     if replayer.problem is not None:
         outcome.problem = replayer.problem
         outcome.new_steps, outcome.cancels = [], []
+        outcome.continued, outcome.carried = None, []
         return outcome
     outcome.new_steps = list(replayer.new_steps)
     outcome.cancels = list(replayer.cancels)
+    outcome.markers = list(replayer.new_markers)
     return outcome
 
 
@@ -614,14 +705,16 @@ _SETTLES: Final[dict[type, type]] = {
 }
 
 
-def _settle_promise(handle: CommandHandle, event: PromiseCompleted) -> None:
+def _settle_promise(
+    handle: CommandHandle, event: PromiseCompleted, converter: DataConverter
+) -> None:
     assert isinstance(handle, PromiseHandle)
     if event.failure is not None:
         failure = event.failure
         handle.reject(PromiseFailedError(repr(handle.name), failure.error_type, failure.message))
         return
     try:
-        handle.resolve(decode_json(event.payload or _UNENCODED))
+        handle.resolve(converter.from_payload(event.payload or _UNENCODED))
     except Exception as exc:  # not JSON, or nested past the recursion limit
         handle.reject(
             exc
@@ -635,9 +728,14 @@ def _recorded_name(command: Command) -> str:
 
 
 def _create(
-    fn: WorkflowFn, ctx: WorkflowContext, input_value: Any
+    fn: WorkflowFn, ctx: WorkflowContext, input_value: Any, converter: DataConverter
 ) -> Coroutine[Any, Any, Any] | str:
     """The workflow's coroutine, or why it could not be made."""
+    try:
+        input_value = converter.from_json(input_value, input_hint(fn, 1))
+    except PayloadEncodingError as exc:
+        # Parked, not failed: the input may be right and the type hint a deploy's mistake.
+        return f"the workflow's input does not convert to its parameter's type: {exc}"
     try:
         coro: object = fn(ctx, input_value)
     except BaseException as exc:  # a signature that does not take (ctx, input), a wrapper
@@ -654,10 +752,14 @@ def _drive(
     events: tuple[HistoryEvent, ...],
 ) -> None:
     attempts = {e.seq: e.attempt for e in events if isinstance(e, ActivityScheduled)}
+    finals = replayer.finals = _final_positions(events)
+    replayer.undelivered = len(finals)
     _step(coro, replayer, outcome)
-    for event in final_outcomes(events):
+    for index, event in finals:
         if outcome.finished or replayer.problem is not None:
             return
+        replayer.undelivered -= 1
+        replayer.position = index + 1
         if isinstance(event, SignalReceived):
             # Not a command's outcome: it joins its name's queue, and the code runs on in
             # case it waits for it (a wait on anything else just waits again).
@@ -679,13 +781,16 @@ def _drive(
             replayer.signals.drop_waits()
             _step(coro, replayer, outcome, WorkflowCancelledError(event.reason))
             continue
+        assert not isinstance(event, PatchMarker)  # never an outcome
         handle = replayer.handles.get(event.seq)
         if handle is None:
             recorded = replayer.recorded.get(event.seq)
             name = "'?'" if recorded is None else _recorded_name(recorded)
+            waiting = replayer.blocked_on
+            where = "" if waiting is None else f" (the code waits on {waiting._describe()})"
             replayer.flag(
                 NONDETERMINISM,
-                f"history settles step {event.seq} ({name}) before the code schedules it",
+                f"history settles step {event.seq} ({name}) before the code schedules it{where}",
             )
             return
         replayer.clock_ms = event.at_ms
@@ -699,10 +804,11 @@ def _drive(
         if isinstance(event, TimerFired):
             handle.resolve(None)
         elif isinstance(event, PromiseCompleted):
-            _settle_promise(handle, event)
+            _settle_promise(handle, event, replayer.converter)
         elif isinstance(event, ActivityCompleted):
+            assert isinstance(handle, ActivityHandle)
             try:
-                handle.resolve(decode_json(event.result))
+                handle.resolve(replayer.converter.from_payload(event.result, handle.result_type))
             except Exception as exc:  # not JSON, or nested past the recursion limit
                 handle.reject(
                     exc
@@ -742,16 +848,42 @@ def _step(
         yielded = coro.send(None) if error is None else coro.throw(error)
     except StopIteration as stop:
         outcome.finished, outcome.value = True, stop.value
+        if replayer.continued is not None:
+            replayer.flag(DEFINITION, _SWALLOWED_CONTINUE)
+        return
+    except ContinueAsNewError as exc:
+        if replayer.continued is None:  # raised by hand, not by ctx.continue_as_new
+            replayer.flag(DEFINITION, f"workflow code raised {_raised(exc)} itself")
+            return
+        outcome.finished, outcome.continued = True, replayer.continued
+        # The signals no wait took, then those history holds that the code never reached.
+        outcome.carried = [replayer.arrived[o] for o in replayer.signals.untaken()]
+        later = replayer.finals[len(replayer.finals) - replayer.undelivered :]
+        outcome.carried.extend(e for _, e in later if type(e) is SignalReceived)
         return
     except BaseException as exc:  # nothing workflow code raises may escape
+        if replayer.continued is not None:
+            replayer.flag(DEFINITION, _SWALLOWED_CONTINUE)
+            return
         problem = _problem(exc)
         if problem is None:
             outcome.finished, outcome.error = True, exc
         else:
             replayer.flag(DEFINITION, problem)
         return
-    if type(yielded) not in (ActivityHandle, TimerHandle, SignalHandle, PromiseHandle):
+    if replayer.continued is not None:
+        replayer.flag(DEFINITION, _SWALLOWED_CONTINUE)
+    elif type(yielded) not in (ActivityHandle, TimerHandle, SignalHandle, PromiseHandle):
         replayer.flag(DEFINITION, describe_await(coro, yielded))
+    else:
+        replayer.blocked_on = yielded
+
+
+_SWALLOWED_CONTINUE: Final = (
+    "workflow code called ctx.continue_as_new and went on instead of letting "
+    "ContinueAsNewError end the run (an except BaseException or a finally that returns or "
+    "awaits); let it propagate"
+)
 
 
 def _problem(exc: BaseException) -> str | None:
@@ -802,7 +934,7 @@ def _type_name(value: object) -> str:
 
 def _encode_result(outcome: ReplayResult, replayer: _Replayer) -> None:
     try:
-        outcome.payload = encode_json(outcome.value)
+        outcome.payload = replayer.converter.to_payload(outcome.value)
     except PayloadEncodingError as exc:
         outcome.payload_error = safe_text(exc)
     except BaseException as exc:  # RecursionError, user hooks of a value that raise anything

@@ -31,7 +31,7 @@ from orchestrator.protocol.failures import (
     failure_from_exception,
     safe_text,
 )
-from orchestrator.protocol.payloads import PayloadEncodingError, decode_json, encode_json
+from orchestrator.protocol.payloads import PayloadEncodingError, encode_json
 from orchestrator.protocol.records import (
     ActivityCompleted,
     ActivityFailed,
@@ -86,7 +86,14 @@ from orchestrator.replay.timing import (
     scan,
     timeout_failure,
 )
-from orchestrator.replay.transition import CodeRun, Transition, close, revise, task_for
+from orchestrator.replay.transition import (
+    MAX_EARLIER_REQUESTS,
+    CodeRun,
+    Transition,
+    close,
+    revise,
+    task_for,
+)
 from orchestrator.workflow import (
     MAX_DURATION_S,
     WorkflowRegistry,
@@ -271,11 +278,6 @@ class ClosedRun(NamedTuple):
     run_id: str
     request_id: str | None
     earlier: tuple[RunRequest, ...] = ()
-
-
-# Earlier runs' starts a record remembers (newest first), so a retried start of a run that
-# was since replaced is still recognised.
-MAX_EARLIER_REQUESTS: Final = 8
 
 
 def _start(
@@ -527,8 +529,8 @@ def _ask(
             "registered in this orchestrator",
         )
     try:
-        input_value: Any = decode_json(record.input)
-        value: Any = decode_json(args)
+        input_value: Any = registry.converter.from_payload(record.input)
+        value: Any = registry.converter.from_payload(args)
     except Exception as exc:  # not JSON, or nested past the recursion limit
         return Failure("InvalidArgument", f"not readable JSON: {describe(exc)}")
     result = replay(
@@ -540,6 +542,7 @@ def _ask(
         record.started_at_ms,
         run_id=record.run_id,
         ask=dataclasses.replace(ask, value=value),
+        converter=registry.converter,
     )
     if result.problem is not None or result.answer is None:
         problem = result.problem or Failure("WorkflowStuck", "the code did not replay")
@@ -669,10 +672,11 @@ def _answer_again(
                 fn,
                 record.workflow_id,
                 record.workflow_type,
-                decode_json(record.input),
+                registry.converter.from_payload(record.input),
                 record.events,
                 record.started_at_ms,
                 run_id=record.run_id,
+                converter=registry.converter,
             )
             outcome = result.updates.get(event.update_id)
         except Exception:  # the input is not JSON: the start failed, cannot get here
@@ -874,7 +878,7 @@ def _resume(
         # Re-driving after every restore must write nothing while the code is unchanged.
         return Transition(None, ignored=STILL_STUCK)
     if again is not None and again.status is WorkflowStatus.RUNNING:
-        return Transition(_heartbeats_from(again, now_ms), transition.tasks)
+        return dataclasses.replace(transition, record=_heartbeats_from(again, now_ms))
     return transition
 
 
@@ -1109,7 +1113,9 @@ def _wake(
     base = dataclasses.replace(record, events=wake.events)
     ran = CodeRun(base, now_ms, registry, limits).transition()
     assert ran.record is not None  # a code run always leaves a record
-    return Transition(ran.record, (*wake.tasks(ran.record), *ran.tasks))
+    if ran.replaced is not None:
+        return ran  # the run continued as new: its retries died with it
+    return dataclasses.replace(ran, tasks=(*wake.tasks(ran.record), *ran.tasks))
 
 
 class _Wake:

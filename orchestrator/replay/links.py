@@ -108,7 +108,8 @@ def closing_messages(record: WorkflowRecord, now_ms: int) -> list[InboxBody]:
     rather than terminate them)."""
     messages: list[InboxBody] = []
     parent = record.parent
-    if parent is not None:
+    # A run that continued as new has not ended the workflow: its last run reports.
+    if parent is not None and record.status is not WorkflowStatus.CONTINUED_AS_NEW:
         if record.status is WorkflowStatus.COMPLETED and record.result is not None:
             messages.append(_report(parent, now_ms, result=record))
         else:

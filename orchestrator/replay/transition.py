@@ -26,6 +26,7 @@ Rules of this module:
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -35,7 +36,6 @@ from orchestrator.errors import (
     WorkflowCancelledError,
 )
 from orchestrator.protocol.failures import MAX_NAME_CHARS, failure_from_exception, safe_text
-from orchestrator.protocol.payloads import decode_json
 from orchestrator.protocol.records import (
     JSON_ENCODING,
     ActivityCompleted,
@@ -48,6 +48,7 @@ from orchestrator.protocol.records import (
     Payload,
     PromiseCreated,
     Reply,
+    RunRequest,
     TimerCancelled,
     TimerFired,
     TimerStarted,
@@ -55,7 +56,14 @@ from orchestrator.protocol.records import (
     WorkflowStatus,
     activity_id,
 )
-from orchestrator.replay.driver import Command, HandlerOutcome, final_outcomes, replay
+from orchestrator.replay.driver import (
+    DEFINITION,
+    Command,
+    HandlerOutcome,
+    ReplayResult,
+    final_outcomes,
+    replay,
+)
 from orchestrator.replay.limits import Limits, Tier, command_events, reserved_events
 from orchestrator.replay.timing import TimeState, next_wake, report_start, scan
 from orchestrator.workflow import WorkflowFn, WorkflowRegistry
@@ -66,6 +74,24 @@ OVER_HISTORY: Final = HistoryLimitExceededError.ERROR_TYPE
 MAX_REJECTION_ROUNDS: Final = 16
 # The payload of a step that was rejected and never sent: nothing was kept.
 EMPTY: Final = Payload(b"", JSON_ENCODING)
+# Earlier runs' starts a record remembers (newest first), so a retried start of a run that
+# was since replaced is still recognised.
+MAX_EARLIER_REQUESTS: Final = 8
+# Run ids of runs started by ctx.continue_as_new derive from the run they follow, so the
+# engine stays pure and a transaction that is retried makes the same run.
+_SUCCESSOR_NAMESPACE: Final = uuid.UUID("6f1d3c1e-4a8b-5e57-9c2d-5a6761c1b7e0")
+
+
+def successor_run_id(run_id: str) -> str:
+    """The run id of the run that ``ctx.continue_as_new`` starts after run ``run_id``."""
+    return uuid.uuid5(_SUCCESSOR_NAMESPACE, run_id).hex
+
+
+def remembered_requests(record: WorkflowRecord) -> tuple[RunRequest, ...]:
+    """The starts a run that replaces ``record``'s run remembers: ``record``'s own, then
+    the ones it remembered, newest first."""
+    own = () if record.request_id is None else (RunRequest(record.request_id, record.run_id),)
+    return (*own, *record.earlier_requests)[:MAX_EARLIER_REQUESTS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +123,8 @@ class CodeRun:
 
     ``base`` is the record before the input (a fresh one with revision 0 for a start);
     ``outcome`` the history event the input adds, if any, and ``step`` the attempt it
-    settles.
+    settles. ``carried_in``: ``base`` is a run that ``ctx.continue_as_new`` starts in this
+    same transition, with that many signals.
     """
 
     def __init__(
@@ -109,8 +136,12 @@ class CodeRun:
         *,
         outcome: HistoryEvent | None = None,
         step: ActivityScheduled | None = None,
+        carried_in: int | None = None,
     ) -> None:
         self.base = base
+        # Set when this run was started by its predecessor's continue_as_new in this same
+        # transition: the number of signals it was handed.
+        self.carried_in = carried_in
         self.now_ms = now_ms
         self.registry = registry
         self.limits = limits
@@ -147,7 +178,7 @@ class CodeRun:
             )
             return self._settle(self._record(first, WorkflowStatus.STUCK, failure=failure))
         try:
-            input_value: Any = decode_json(base.input)
+            input_value: Any = self.registry.converter.from_payload(base.input)
         except Exception as exc:  # not JSON, or nested past the recursion limit
             failure = Failure("InvalidInput", safe_text(exc))
             return self._settle(self._closed(first, WorkflowStatus.FAILED, failure=failure))
@@ -172,11 +203,14 @@ class CodeRun:
                 events,
                 base.started_at_ms,
                 run_id=base.run_id,
+                converter=self.registry.converter,
             )
             self.updates = result.updates
             if result.problem is not None:
                 stuck = self._record(first, WorkflowStatus.STUCK, failure=result.problem)
                 return self._settle(stuck)
+            if result.finished and result.continued is not None:
+                return self._continue(events, first, result)
             if result.finished:
                 # Cancels of timers already in history are kept; new steps die unsent.
                 timers = {e.seq for e in events if isinstance(e, TimerStarted)}
@@ -185,6 +219,9 @@ class CodeRun:
                     (*events, *cancels), result.error, result.payload, result.payload_error
                 )
             steps, cancels = result.new_steps, result.cancels
+            if result.markers:
+                # Patches the code turned on are recorded before what it asked for next.
+                events = (*events, *result.markers)
             admitted = self._count_admitted(events, steps)
             if admitted is None:
                 return self._settle(None, OVER_HISTORY)
@@ -348,6 +385,60 @@ class CodeRun:
             f"(max_record_bytes {self.limits.max_record_bytes})",
         )
         return self._settle(self._closed(kept, WorkflowStatus.FAILED, failure=failure))
+
+    def _continue(
+        self,
+        events: tuple[HistoryEvent, ...],
+        first: tuple[HistoryEvent, ...],
+        result: ReplayResult,
+    ) -> Transition | None:
+        """Close this run ``CONTINUED_AS_NEW`` and start the next one: the same id, type
+        and parent, the input the code gave, the signals no wait took; its code runs now,
+        in this transition, and the closed run is written before it (``replaced``)."""
+        base = self.base
+        if self.carried_in is not None and len(result.carried) >= self.carried_in:
+            # Started in this transition, it took none of the signals it was handed: the
+            # next run would do the same, without end, inside one transaction.
+            failure = Failure(
+                DEFINITION,
+                "the workflow called ctx.continue_as_new in a run that had just started "
+                "and taken nothing (no step, no signal); a run must wait for something "
+                "before it continues",
+            )
+            return self._settle(self._record(first, WorkflowStatus.STUCK, failure=failure))
+        ended = self._closed(self._without_unsent(events), WorkflowStatus.CONTINUED_AS_NEW)
+        if not self.limits.fits(ended, Tier.CLOSE):
+            return self._settle(None)
+        assert result.continued is not None
+        successor = WorkflowRecord(
+            workflow_id=base.workflow_id,
+            workflow_type=base.workflow_type,
+            status=WorkflowStatus.RUNNING,
+            input=result.continued,
+            started_at_ms=self.now_ms,
+            updated_at_ms=self.now_ms,
+            revision=0,
+            events=tuple(result.carried),
+            run_id=successor_run_id(base.run_id),
+            earlier_requests=remembered_requests(base),
+            parent=base.parent,
+        )
+        if not self.limits.fits(successor, Tier.NORMAL):
+            # Nothing is lost: this run keeps its history and says why it stopped.
+            failure = Failure(
+                TOO_LARGE,
+                f"ctx.continue_as_new gave the next run an input of "
+                f"{len(result.continued.data)} bytes, which does not fit in a record "
+                f"(max_record_bytes {self.limits.max_record_bytes})",
+            )
+            kept = self._without_unsent(events)
+            return self._settle(self._closed(kept, WorkflowStatus.FAILED, failure=failure))
+        following = CodeRun(
+            successor, self.now_ms, self.registry, self.limits, carried_in=len(result.carried)
+        ).transition()
+        # A run that took some of its signals and continued at once is not written: the
+        # last run of this transition follows the one that was open before it.
+        return dataclasses.replace(following, replaced=ended)
 
     def _settle(
         self, record: WorkflowRecord | None, error_type: str = TOO_LARGE

@@ -30,6 +30,7 @@ from orchestrator.protocol.records import (
     Failure,
     HistoryEvent,
     InboxBody,
+    PatchMarker,
     Payload,
     PromiseCompleted,
     PromiseCreated,
@@ -39,6 +40,7 @@ from orchestrator.protocol.records import (
     TimerCancelled,
     TimerFired,
     TimerStarted,
+    UpdateAccepted,
     WakeUp,
     WorkflowRecord,
     WorkflowStatus,
@@ -103,7 +105,9 @@ def event_line(event: HistoryEvent) -> str:
     failure waiting to be retried shows the backoff: ``fail 1#1 Busy retry+1000``.
     Durable time: ``timer 3 +5000`` (fires 5 s after it started), ``fired 3``,
     ``cancel 3``, ``started 0#1``, ``beat 0#1``. Control: ``signal approve``,
-    ``promise 2``, ``promised 2`` (``promised 2 failed``), ``cancelled``.
+    ``promise 2``, ``promised 2`` (``promised 2 failed``), ``cancelled``, ``update add``.
+    Evolution: ``patch fraud-check@1`` (on after one command; `` deprecated`` when
+    recorded by ``ctx.deprecate_patch``).
     """
     if isinstance(event, ActivityScheduled):
         suffix = " comp" if event.compensation else ""
@@ -129,6 +133,12 @@ def event_line(event: HistoryEvent) -> str:
         return f"promise {event.seq}"
     if isinstance(event, PromiseCompleted):
         return f"promised {event.seq}" + ("" if event.failure is None else " failed")
+    if isinstance(event, PatchMarker):
+        return f"patch {event.patch_id}@{event.position}" + (
+            " deprecated" if event.deprecated else ""
+        )
+    if isinstance(event, UpdateAccepted):
+        return f"update {event.name}"
     assert isinstance(event, AttemptHeartbeat)
     return f"beat {event.seq}#{event.attempt}"
 
@@ -268,6 +278,9 @@ class WorkflowRun:
                 due = dues(scan(transition.record.events))
                 assert transition.record.wake_at_ms == (due[0].at_ms if due else None)
             self.record = transition.record
+            if transition.record.run_id:
+                # A run that continued as new: later inputs are the new run's.
+                self.run_id = transition.record.run_id
         self.sent.extend(transition.tasks)
         self.transitions.append(transition)
         self.last = transition

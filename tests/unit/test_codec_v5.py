@@ -57,6 +57,7 @@ from .test_codec_v3 import PLAIN_TASK, parse_archived
 
 CODEC = AvroCodec()
 V4 = parse_archived(default_schema_dir() / "archive" / "v4")
+V5 = parse_archived(default_schema_dir() / "archive" / "v5")
 CURRENT = parse_archived(default_schema_dir())
 
 
@@ -147,11 +148,12 @@ def test_what_v5_added_round_trips_and_is_written_with_the_current_inbox_id(
     ],
     ids=["start", "signal", "signal-with-plain-start", "cancel", "resume", "promise"],
 )
-def test_what_uses_nothing_v5_added_is_written_with_the_v4_ids(body: InboxBody) -> None:
+def test_what_uses_nothing_new_is_written_with_the_previous_ids(body: InboxBody) -> None:
+    # v6 left the inbox as v5 had it, so v5 processes (one version behind) read every
+    # input; v4 ones did while v5 was current, when these were written with v4's ids.
     data = CODEC.encode_inbox(body)
-    assert _written_with(data) == schema_id(V4[INBOX]) == CODEC.previous_schema_id_of(INBOX)
-    # A v4 process reads it ...
-    assert "body" in _read(data, V4[INBOX], V4[INBOX])
+    assert _written_with(data) == schema_id(V5[INBOX]) == CODEC.previous_schema_id_of(INBOX)
+    assert "body" in _read(data, V5[INBOX], V5[INBOX])
     # ... and so does this one, with none of v5's options.
     decoded = CODEC.decode_inbox(data)
     assert decoded == body

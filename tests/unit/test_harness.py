@@ -333,14 +333,14 @@ def test_a_new_script_replaces_the_earlier_one() -> None:
     ("script", "fragment"),
     [
         (lambda t: t.activity("no-dot"), "'<participant>.<activity>'"),
-        (lambda t: t.activity("p.a").returns(object()), "not JSON-serialisable"),
+        (lambda t: t.activity("p.a").returns(object()), "no converter for a value of type"),
         (lambda t: t.activity("p.a").returns(1, times=0), "times=...) must be an int"),
         (lambda t: t.activity("p.a").returns(1, after=-1), "after=...) must be between 0"),
         (lambda t: t.activity("p.a").fails(""), "must be a non-empty str"),
         (lambda t: t.activity("p.a").fails("X", retry_after=5), "needs retryable=True"),
         (lambda t: t.activity("p.a").fails("X", retryable=1), "must be a bool"),
         (lambda t: t.activity("p.a").hangs(heartbeats=[5]), "(seconds, details) pairs"),
-        (lambda t: t.activity("p.a").hangs(heartbeats=[(1, {1j})]), "not JSON-serialisable"),
+        (lambda t: t.activity("p.a").hangs(heartbeats=[(1, {1j})]), "value of type complex"),
     ],
     ids=[
         "name",

@@ -28,12 +28,12 @@ from orchestrator.protocol.records import (
 )
 from orchestrator.replay import IGNORED_REASONS, Limits, Transition, advance
 from orchestrator.replay.engine import (
-    MAX_EARLIER_REQUESTS,
     MAX_REQUEST_ID_CHARS,
     ClosedRun,
     park,
     start_again,
 )
+from orchestrator.replay.transition import MAX_EARLIER_REQUESTS
 from orchestrator.runtime.state import PartitionState, Presence, WorkflowStore
 from tests.unit.conftest import (
     T0,

@@ -509,7 +509,8 @@ def test_an_exception_before_the_first_step_fails_at_start() -> None:
     assert run.record is not None and run.record.revision == 1
 
 
-@pytest.mark.parametrize("value", [{1, 2}, float("nan"), object()], ids=["set", "nan", "object"])
+# A set is JSON since typed payloads (a sorted list, docs/payloads.md).
+@pytest.mark.parametrize("value", [float("nan"), object()], ids=["nan", "object"])
 def test_a_result_that_is_not_json_fails_the_workflow(value: Any) -> None:
     registry = WorkflowRegistry()
 
