@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigurationError, SagalineError
@@ -18,6 +19,8 @@ from orchestrator.protocol.records import IfClosed, IfRunning
 
 if TYPE_CHECKING:  # the client (and Kafka) load only for the commands that use it
     from orchestrator.client import WorkflowClient, WorkflowResult
+    from orchestrator.settings import KafkaSettings
+    from orchestrator.workflow import WorkflowRegistry
 
 log = logging.getLogger("sagaline")
 EXIT_CONFIG = 2
@@ -350,6 +353,96 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workflow_registry(spec: str) -> WorkflowRegistry:
+    """The registry ``module:attribute`` names, or the one registry ``module`` defines."""
+    from orchestrator.workflow import WorkflowRegistry
+
+    try:
+        found = load_object(spec) if ":" in spec else load_module(spec)
+    except ConfigurationError:
+        raise
+    except Exception as exc:  # the module's own code failed (a SyntaxError, a NameError)
+        raise ConfigurationError(f"importing {spec!r} failed: {exc!r}") from exc
+    if ":" in spec:
+        if not isinstance(found, WorkflowRegistry):
+            raise ConfigurationError(f"{spec} is a {type(found).__name__}, not a WorkflowRegistry")
+        return found
+    named = {
+        name: value for name, value in vars(found).items() if isinstance(value, WorkflowRegistry)
+    }
+    distinct = {id(value): value for value in named.values()}
+    if len(distinct) != 1:
+        which = f"several ({', '.join(sorted(named))})" if named else "no"
+        raise ConfigurationError(
+            f"module {spec!r} defines {which} WorkflowRegistry; name one as {spec}:ATTRIBUTE"
+        )
+    return next(iter(distinct.values()))
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _kafka_settings() -> KafkaSettings:
+    from orchestrator.settings import KafkaSettings
+
+    try:
+        return KafkaSettings()
+    except ValueError as exc:  # pydantic's ValidationError: a SAGALINE_* variable is invalid
+        raise ConfigurationError(str(exc)) from exc
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from orchestrator import gate
+
+    registry = _workflow_registry(args.app)
+    progress = gate.Progress(_to_stderr)
+    try:
+        if args.topic:
+            return gate.replay_topic(
+                registry,
+                _kafka_settings(),
+                sys.stdout,
+                include_closed=args.all,
+                max_lines=args.max_lines,
+                progress=progress,
+                timeout_s=args.timeout,
+            )
+        if args.all:
+            raise ConfigurationError(
+                "--all applies to --topic: a file is replayed whole (export it with --all)"
+            )
+        paths = [Path(args.file)] if args.file else gate.avro_files(Path(args.dir))
+        return gate.replay_files(
+            registry, paths, sys.stdout, max_lines=args.max_lines, progress=progress
+        )
+    except SagalineError:
+        raise
+    except Exception:
+        # A pipeline gating on this reads exit 1 as "diverges": a crash must not say that.
+        log.exception("replay failed")
+        return EXIT_FATAL
+
+
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator import gate
+
+    written, left_out = gate.export_history(
+        _kafka_settings(),
+        Path(args.out),
+        include_closed=args.all,
+        limit=args.limit,
+        workflow_ids=args.workflow_id,
+        progress=gate.Progress(_to_stderr),
+        timeout_s=args.timeout,
+    )
+    for verdict in left_out:
+        _to_stderr(f"left out: {verdict.line()}")
+    dropped = f"; {len(left_out)} left out (cannot decode)" if left_out else ""
+    print(f"exported {written} workflow(s) to {args.out}{dropped}")
+    return 1 if left_out else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sagaline``."""
     parser = argparse.ArgumentParser(
@@ -532,6 +625,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--all-stuck", action="store_true", help="every stuck workflow, in every partition"
     )
     resume.set_defaults(func=_resume)
+
+    rep = sub.add_parser(
+        "replay",
+        help="replay recorded workflows against this code (exit 1 if any would diverge)",
+        description="Run each recorded workflow's code over its history, as an orchestrator "
+        "does after every input, and report every workflow that would diverge (naming the "
+        "first differing command) or that the code cannot run. Sources: the live history "
+        "topic (its open workflows, or all with --all), a file written by 'sagaline "
+        "export', or every *.avro file of a directory. Exits 0 if all replay, 1 if any "
+        f"diverges or is broken, {EXIT_CONFIG} on a configuration error (bad module, "
+        f"unreadable file, Kafka out of reach), {EXIT_FATAL} if the replay itself fails. "
+        "Progress goes to stderr.",
+    )
+    rep.add_argument(
+        "app", metavar="MODULE[:registry]", help="the workflows (a module's one registry)"
+    )
+    source = rep.add_mutually_exclusive_group(required=True)
+    source.add_argument("--topic", action="store_true", help="the history topic (SAGALINE_*)")
+    source.add_argument("--file", help="a file written by sagaline export")
+    source.add_argument("--dir", help="a directory of such files (*.avro, in name order)")
+    rep.add_argument(
+        "--all", action="store_true", help="--topic: closed workflows too (default: open ones)"
+    )
+    rep.add_argument(
+        "--max-lines", type=int, default=20, help="workflows listed per message (default 20)"
+    )
+    rep.add_argument("--timeout", type=float, default=30.0, help="Kafka timeout (default 30 s)")
+    rep.set_defaults(func=_replay)
+
+    exp = sub.add_parser(
+        "export",
+        help="write workflows of the history topic to an Avro file (for sagaline replay)",
+        description="Write the latest record of workflows on the history topic to an Avro "
+        "Object Container File of io.sagaline.WorkflowRecord (any Avro tool reads it; "
+        "'sagaline replay --file' replays it): the open workflows, every one with --all, "
+        "or exactly the --workflow-id ones; sorted by id, at most --limit. Exits 1 if "
+        "some could not be decoded (listed on stderr, left out).",
+    )
+    exp.add_argument("--out", required=True, help="the file to write (replaced whole)")
+    exp.add_argument("--all", action="store_true", help="closed workflows too")
+    exp.add_argument("--limit", type=int, default=None, help="at most this many workflows")
+    exp.add_argument(
+        "--workflow-id",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="ID",
+        help="only these workflows, whatever their status",
+    )
+    exp.add_argument("--timeout", type=float, default=30.0, help="Kafka timeout (default 30 s)")
+    exp.set_defaults(func=_export)
     return parser
 
 
