@@ -3,10 +3,12 @@
 The public API is what this module exports; everything else is runtime.
 """
 
+from orchestrator.convert import DataConverter
 from orchestrator.errors import (
     ActivityError,
     ChildWorkflowError,
     ConfigurationError,
+    ContinueAsNewError,
     HistoryLimitExceededError,
     NonDeterminismError,
     PromiseFailedError,
@@ -39,6 +41,8 @@ __all__ = [
     "ActivityHandle",
     "ChildWorkflowError",
     "ConfigurationError",
+    "ContinueAsNewError",
+    "DataConverter",
     "HistoryLimitExceededError",
     "IfClosed",
     "IfRunning",

@@ -359,9 +359,10 @@ def _workflow_registry(spec: str) -> WorkflowRegistry:
 
     try:
         found = load_object(spec) if ":" in spec else load_module(spec)
-    except ConfigurationError:
+    except (ConfigurationError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # the module's own code failed (a SyntaxError, a NameError)
+    except BaseException as exc:  # the module's own code failed: a NameError, sys.exit(0)
+        # A SystemExit, above all, must not end the gate with its code (0 would pass it).
         raise ConfigurationError(f"importing {spec!r} failed: {exc!r}") from exc
     if ":" in spec:
         if not isinstance(found, WorkflowRegistry):
@@ -427,15 +428,24 @@ def _replay(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from orchestrator import gate
 
-    written, left_out = gate.export_history(
-        _kafka_settings(),
-        Path(args.out),
-        include_closed=args.all,
-        limit=args.limit,
-        workflow_ids=args.workflow_id,
-        progress=gate.Progress(_to_stderr),
-        timeout_s=args.timeout,
-    )
+    settings = _kafka_settings()
+    try:
+        written, left_out = gate.export_history(
+            settings,
+            Path(args.out),
+            include_closed=args.all,
+            limit=args.limit,
+            workflow_ids=args.workflow_id,
+            progress=gate.Progress(_to_stderr),
+            timeout_s=args.timeout,
+        )
+    except SagalineError:
+        raise
+    except Exception:
+        # Exit 1 says "some were left out": a crash (Kafka failing mid-read, a record the
+        # Avro writer rejects) must not say that.
+        log.exception("export failed")
+        return EXIT_FATAL
     for verdict in left_out:
         _to_stderr(f"left out: {verdict.line()}")
     dropped = f"; {len(left_out)} left out (cannot decode)" if left_out else ""
@@ -660,8 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the latest record of workflows on the history topic to an Avro "
         "Object Container File of io.sagaline.WorkflowRecord (any Avro tool reads it; "
         "'sagaline replay --file' replays it): the open workflows, every one with --all, "
-        "or exactly the --workflow-id ones; sorted by id, at most --limit. Exits 1 if "
-        "some could not be decoded (listed on stderr, left out).",
+        "or exactly the --workflow-id ones; sorted by id, at most --limit. Exits 0 if all "
+        "were written, 1 if some could not be decoded (listed on stderr, left out), "
+        f"{EXIT_CONFIG} on a configuration error (Kafka out of reach, an unknown "
+        f"--workflow-id, a file that cannot be written), {EXIT_FATAL} if the export itself "
+        "fails.",
     )
     exp.add_argument("--out", required=True, help="the file to write (replaced whole)")
     exp.add_argument("--all", action="store_true", help="closed workflows too")

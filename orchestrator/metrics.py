@@ -52,8 +52,9 @@ WORKFLOWS_STARTED = Counter(
 )
 WORKFLOWS_CLOSED = Counter(
     "sagaline_workflows_closed_total",
-    "Workflows that reached a terminal status (completed, failed, "
-    "compensated, compensation_failed).",
+    "Workflow runs that closed, by status (completed, failed, compensated, "
+    "compensation_failed, cancelled, terminated; continued_as_new: a run that handed over "
+    "to the next run of the same workflow).",
     ["workflow_type", "status"],
 )
 WORKFLOWS_STUCK = Counter(
@@ -63,7 +64,7 @@ WORKFLOWS_STUCK = Counter(
 )
 WORKFLOW_DURATION = Histogram(
     "sagaline_workflow_duration_seconds",
-    "Start to terminal status.",
+    "A run's start to its closing status.",
     ["workflow_type", "status"],
     buckets=_LATENCY_BUCKETS,
 )

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, Final, Literal
 
-from orchestrator.convert import DEFAULT_CONVERTER, return_hint
+from orchestrator.convert import DEFAULT_CONVERTER, DataConverter, return_hint
 from orchestrator.errors import ConfigurationError, SagalineError
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
@@ -152,11 +152,17 @@ class ActivityScript:
     answer arrives; ``heartbeats`` are ``(seconds after it was sent, details)`` pairs,
     each sent as the participant's ``ctx.heartbeat(details)`` would (details None: the
     latest details again, of this attempt or the task's).
+
+    ``converter`` checks the scripted values as they are given (the tester's registry's
+    converter, for scripts from :meth:`WorkflowTester.activity` and
+    :meth:`WorkflowTester.child`).
     """
 
-    __slots__ = ("_child", "_outcomes", "name")
+    __slots__ = ("_child", "_converter", "_outcomes", "name")
 
-    def __init__(self, name: str, *, child: bool = False) -> None:
+    def __init__(
+        self, name: str, *, child: bool = False, converter: DataConverter = DEFAULT_CONVERTER
+    ) -> None:
         if child:
             problem = signal_name_problem(name)
             problem = None if problem is None else problem.replace("a signal name", "a type")
@@ -167,6 +173,7 @@ class ActivityScript:
             raise ConfigurationError(f"{call}({_shown(name)}): {problem}")
         self.name = f"{CHILD_SCRIPT}.{name}" if child else str.__str__(name)
         self._child = child
+        self._converter = converter
         self._outcomes: list[_Outcome] = []
 
     def returns(
@@ -181,7 +188,7 @@ class ActivityScript:
         (called when the attempt is sent, with the activity's decoded argument).
 
         Raises:
-            ConfigurationError: ``value`` is not JSON-serialisable (and not callable), or
+            ConfigurationError: ``value`` cannot be converted (and is not callable), or
                 ``after``, ``heartbeats`` or ``times`` is invalid.
         """
         if not callable(value):
@@ -299,7 +306,7 @@ class ActivityScript:
 
     def _json(self, value: Any, what: str) -> Payload:
         try:
-            return DEFAULT_CONVERTER.to_payload(value)
+            return self._converter.to_payload(value)
         except Exception as exc:
             raise ConfigurationError(f"{self._where(what)}: {exc}") from exc
 
@@ -565,7 +572,7 @@ class WorkflowTester:
         Raises:
             ConfigurationError: ``name`` is not a valid activity name.
         """
-        script = ActivityScript(name)
+        script = ActivityScript(name, converter=self.registry.converter)
         self._scripts[script.name] = script
         return script
 
@@ -580,7 +587,7 @@ class WorkflowTester:
         Raises:
             ConfigurationError: ``workflow_type`` is not 1-200 characters of text.
         """
-        script = ActivityScript(workflow_type, child=True)
+        script = ActivityScript(workflow_type, child=True, converter=self.registry.converter)
         self._scripts[script.name] = script
         return script
 

@@ -801,7 +801,7 @@ class Scheduler(Protocol):
         ...
 
     def history_length(self) -> int:
-        """How many history events lie before the point the code has reached."""
+        """How far the code has got: commands made plus outcomes delivered."""
         ...
 
 
@@ -1128,11 +1128,13 @@ class WorkflowContext:
         else: old``. A run that reaches this point after the deploy (every new run, and
         every running one that had not got this far) gets True, and history records that
         the patch is on for it; a run whose history shows it passed this point with the
-        old code gets False, so its replay matches what it did. The first answer in a run
-        holds for the rest of the run, so a loop asks once. Later, when no run that took
-        the old path is open any more, replace the call with
-        :meth:`deprecate_patch` and drop the old branch; once no run that recorded the
-        patch is open, drop that call too. See docs/evolution.md.
+        old code (a step recorded after it, an input taken after it) gets False, so its
+        replay matches what it did. The first answer in a run holds for the rest of the
+        run, so a loop asks once. Query and update handlers see the run's answer.
+
+        Later, when no run that took the old path is open any more, replace the call
+        with :meth:`deprecate_patch` and drop the old branch; once no run that recorded
+        the patch is open, drop that call too. See docs/evolution.md.
 
         Raises nothing; an id that is not a non-empty string of at most 200 characters
         parks the workflow.
@@ -1152,10 +1154,10 @@ class WorkflowContext:
             self._scheduler.patched(str.__str__(patch_id), True)
 
     def _valid_patch_id(self, patch_id: object) -> bool:
-        if isinstance(patch_id, str) and 0 < len(patch_id) <= MAX_NAME_CHARS:
+        if isinstance(patch_id, str) and signal_name_problem(patch_id) is None:
             return True
         self._scheduler.misuse(
-            f"a patch id is a non-empty string of at most {MAX_NAME_CHARS} characters, "
+            f"a patch id is 1-{MAX_NAME_CHARS} characters of UTF-8 text without NUL, "
             f"got {safe_text(repr(patch_id), MAX_NAME_CHARS)}"
         )
         return False
@@ -1165,7 +1167,9 @@ class WorkflowContext:
 
         The next run has the same workflow id and type, a new run id, an empty history
         but for the signals this run received and no wait took (they arrive again, in
-        order), and starts in the same transaction that closes this one
+        order, as received when it starts), remembers the signal and update ids this run
+        took (a resent one is not applied again), and starts in the same transaction that
+        closes this one
         (``CONTINUED_AS_NEW``). Use it to keep the record of a workflow that loops
         forever (a subscription, a poller) bounded: continue when
         :attr:`history_length` grows large. Steps this run scheduled and did not await,
@@ -1179,9 +1183,11 @@ class WorkflowContext:
 
     @property
     def history_length(self) -> int:
-        """The number of history events before the point the code has reached: it grows
-        as the run advances and is the same on every replay. Compare it with the
-        orchestrator's ``max_events`` (default 1,000) to continue as new in time."""
+        """How far the run has got: the commands it made (steps, timers, promises,
+        children) and the outcomes it has seen (results, fired timers, signals, updates)
+        so far, the same on every replay. The record holds at least this many events
+        (each step two, retries, start reports and heartbeats more): continue as new
+        well before the orchestrator's ``max_events`` (default 1,000)."""
         return self._scheduler.history_length()
 
     def on_query(self, name: str, handler: Handler) -> None:

@@ -22,7 +22,12 @@ import psycopg
 
 from orchestrator.convert import DEFAULT_CONVERTER, DataConverter, input_hint
 from orchestrator.errors import ConfigurationError
-from orchestrator.protocol.failures import MAX_NAME_CHARS, failure_from_exception, safe_text
+from orchestrator.protocol.failures import (
+    MAX_NAME_CHARS,
+    describe,
+    failure_from_exception,
+    safe_text,
+)
 from orchestrator.protocol.payloads import PayloadEncodingError
 from orchestrator.protocol.records import (
     ActivityResult,
@@ -491,6 +496,12 @@ class Participant:
             activity = safe_text(task.activity, MAX_NAME_CHARS)
             bad_input = PayloadEncodingError(f"input of activity {self._name}.{activity}: {exc}")
             return Outcome.failed(failure_from_exception(bad_input, retryable=False), now_ms())
+        except BaseException as exc:
+            # Not an Exception (the converter turns those into PayloadEncodingError): a
+            # validator, link or codec raised SystemExit or the like. As from a handler,
+            # it is this task's failure, never the process's; and since the same bytes
+            # meet the same code on every attempt, a failure for good.
+            return self._unconvertible_input(task, exc, now_ms())
         started_at_ms = now_ms()
         deadline = attempt_deadline(task, started_at_ms)
         if deadline is not None and deadline.at_ms <= started_at_ms:
@@ -582,18 +593,40 @@ class Participant:
             return Outcome.failed(deadline.failure(task, ran=True, late=True), finished_ms)
         return Outcome.completed(payload, finished_ms)
 
+    def _unconvertible_input(
+        self, task: ActivityTask, exc: BaseException, finished_at_ms: int
+    ) -> Outcome:
+        activity = safe_text(task.activity, MAX_NAME_CHARS)
+        failure = failure_from_exception(exc, retryable=False)
+        failure = replace(
+            failure,
+            message=safe_text(
+                f"input of activity {self._name}.{activity}: converting it raised {describe(exc)}"
+            ),
+        )
+        log.warning(
+            "activity input conversion raised participant=%s activity=%s activity_id=%s "
+            "error_type=%s",
+            self._name,
+            activity,
+            safe_text(task.activity_id, 300),
+            failure.error_type,
+            exc_info=True,
+        )
+        return Outcome.failed(failure, finished_at_ms)
+
     def _previous_details(self, task: ActivityTask) -> Any:
         if task.heartbeat_details is None:
             return None
         try:
             return self._converter.from_payload(task.heartbeat_details)
-        except PayloadEncodingError as exc:
+        except BaseException as exc:  # a codec's SystemExit must not escape run_task either
             log.warning(
                 "heartbeat details unreadable, handing the handler None participant=%s "
                 "activity_id=%s error=%s",
                 self._name,
                 safe_text(task.activity_id, 300),
-                exc,
+                exc if isinstance(exc, PayloadEncodingError) else describe(exc),
             )
             return None
 

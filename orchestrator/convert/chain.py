@@ -26,7 +26,14 @@ from orchestrator.convert.hints import (
     qualified_name,
     type_name,
 )
-from orchestrator.convert.links import DEFAULT_LINKS, UNHANDLED, ValueConverter
+from orchestrator.convert.links import (
+    DEFAULT_LINKS,
+    UNHANDLED,
+    Dataclasses,
+    PydanticModels,
+    StandardTypes,
+    ValueConverter,
+)
 from orchestrator.errors import ConfigurationError
 from orchestrator.protocol.failures import describe, safe_text
 from orchestrator.protocol.payloads import PayloadEncodingError
@@ -39,6 +46,11 @@ _SEQUENCES: Final = frozenset(
 _SETS: Final = frozenset((set, frozenset, cabc.Set, cabc.MutableSet))
 _MAPPINGS: Final = frozenset((dict, cabc.Mapping, cabc.MutableMapping))
 _CONTAINERS: Final = _SEQUENCES | _SETS | _MAPPINGS | {tuple}
+# Links whose output is JSON-native by construction (they convert what they hold through
+# the path): the walk need not check it again. Any other link's output is walked.
+_NATIVE_LINKS: Final = frozenset((PydanticModels, Dataclasses, StandardTypes))
+# How json.dumps writes the dict keys it accepts that are not text.
+_KEY_TEXT: Final = {True: "true", False: "false", None: "null"}
 
 
 class ValuePath:
@@ -120,7 +132,7 @@ class DataConverter:
         order = converter.from_payload(payload, Order)
     """
 
-    __slots__ = ("_by_name", "_codecs", "_encoding", "_links")
+    __slots__ = ("_by_name", "_codecs", "_encoding", "_json", "_links")
 
     def __init__(
         self,
@@ -141,6 +153,8 @@ class DataConverter:
                 raise ConfigurationError(f"payload codec {name!r} is given twice")
             self._by_name[name] = codec
         self._encoding = JSON_ENCODING + "".join(f"+{c.name}" for c in self._codecs)
+        # Writes plain values itself; asks the links, through `default`, for the rest.
+        self._json = _encoder(self._default)
 
     def __repr__(self) -> str:
         links = ", ".join(type(link).__name__ for link in self._links)
@@ -162,11 +176,12 @@ class DataConverter:
         data = self._dumps(value)
         for codec in self._codecs:
             try:
-                data = codec.encode(data)
+                encoded = codec.encode(data)
             except Exception as exc:
                 raise PayloadEncodingError(
                     f"payload codec {codec.name!r} could not encode: {describe(exc)}"
                 ) from exc
+            data = _codec_bytes(encoded, codec.name, "encoded")
         return Payload(data=data, encoding=self._encoding)
 
     def from_payload(self, payload: Payload, hint: Any = Any) -> Any:
@@ -194,15 +209,16 @@ class DataConverter:
                     f"{have}); give this process a DataConverter(codecs=...) with it"
                 )
             try:
-                data = codec.decode(data)
+                decoded = codec.decode(data)
             except Exception as exc:
                 raise PayloadEncodingError(
                     f"payload codec {name!r} could not decode: {describe(exc)}"
                 ) from exc
+            data = _codec_bytes(decoded, name, "decoded")
         try:
             value = json.loads(data)
-        except ValueError as exc:
-            raise PayloadEncodingError(f"payload is not valid JSON: {exc}") from exc
+        except (ValueError, TypeError) as exc:  # TypeError: data that is not bytes or text
+            raise PayloadEncodingError(f"payload is not valid JSON: {describe(exc)}") from exc
         except RecursionError:
             raise PayloadEncodingError("payload JSON is nested too deeply") from None
         return self.from_json(value, hint)
@@ -211,10 +227,12 @@ class DataConverter:
         """``value`` as a JSON-native value: what :meth:`to_payload` writes as JSON.
 
         Dict keys that are int, float, bool or None are kept as they are: the JSON layer
-        sorts them as they are, then writes them as text, as ``json.dumps`` does.
+        sorts them as they are, then writes them as text, as ``json.dumps`` does. What a
+        link returns is walked again, so the result holds JSON-native values only.
 
         Raises:
-            PayloadEncodingError: as :meth:`to_payload`.
+            PayloadEncodingError: as :meth:`to_payload`, and for dict keys that convert to
+                the same text (``{Colour.RED: 1, "red": 2}``): one entry would be lost.
         """
         try:
             return self._to_json(value, ValuePath(self, None, hint_label(type(value))))
@@ -227,6 +245,10 @@ class DataConverter:
 
     def from_json(self, data: Any, hint: Any = Any) -> Any:
         """JSON-native ``data`` as a value of type ``hint`` (``Any``: ``data`` as it is).
+
+        Dict keys are text in JSON: under a key hint of ``int`` (an ``IntEnum``, a
+        ``NewType`` over int), ``float`` or ``bool`` they are parsed back, as ``json.dumps``
+        wrote them (``"2"``, ``"1.5"``, ``"true"``).
 
         Raises:
             PayloadEncodingError: ``data`` does not fit ``hint``; the message names where,
@@ -253,12 +275,12 @@ class DataConverter:
         # the walk runs: it names where the value went wrong, or converts the dict keys
         # json refuses (enum members, UUIDs).
         try:
-            return _json_bytes(value, self._default)
+            return _json_bytes(value, self._json)
         except Exception:  # the walk below reports it, with the path
             pass
         tree = self.to_json(value)
         try:
-            return _json_bytes(tree, None)
+            return _json_bytes(tree)
         except RecursionError:
             raise PayloadEncodingError("value is nested too deeply, or contains itself") from None
         except Exception as exc:  # keys of mixed types cannot be sorted
@@ -277,11 +299,23 @@ class DataConverter:
         if isinstance(value, dict):
             out: dict[Any, Any] = {}
             for key, item in value.items():
-                out[self._key(key, path)] = self._to_json(item, ValuePath(self, path, key))
+                name = self._key(key, path)
+                if name in out:  # only a converted key can meet another: plain keys differ
+                    raise self._collision(value, key, name, path)
+                out[name] = self._to_json(item, ValuePath(self, path, key))
             return out
         if isinstance(value, list | tuple):
             return [self._to_json(item, ValuePath(self, path, i)) for i, item in enumerate(value)]
         return self._object(value, path)
+
+    def _collision(
+        self, record: dict[Any, Any], key: Any, name: Any, path: ValuePath
+    ) -> PayloadEncodingError:
+        other = next((k for k in record if k is not key and self._key(k, path) == name), "?")
+        return path.error(
+            f"dict keys {safe_text(repr(other), 100)} and {safe_text(repr(key), 100)} are "
+            f"both written as {safe_text(repr(name), 100)}: one entry would be lost"
+        )
 
     def _key(self, key: Any, path: ValuePath) -> Any:
         if key is None or isinstance(key, str | int | float):
@@ -296,7 +330,7 @@ class DataConverter:
         if isinstance(value, set | frozenset):
             items = [self._to_json(item, ValuePath(self, path, i)) for i, item in enumerate(value)]
             # Set order follows hashes, which differ between processes: sort for the bytes.
-            return sorted(items, key=lambda item: _json_bytes(item, None))
+            return sorted(items, key=_json_bytes)
         for link in self._links:
             try:
                 out = link.to_json(value, path)
@@ -304,8 +338,17 @@ class DataConverter:
                 raise
             except Exception as exc:
                 raise path.error(f"{type(link).__name__} failed: {describe(exc)}") from exc
-            if out is not UNHANDLED:
+            if out is UNHANDLED:
+                continue
+            if type(link) in _NATIVE_LINKS:
                 return out
+            if out is value:  # walking it again would ask this link forever
+                raise path.error(
+                    f"{type(link).__name__} returned the value it was given, not its JSON"
+                )
+            # Another link may return values it did not convert itself (a Decimal in a
+            # dict): walk its output, so it converts the same wherever it is.
+            return self._to_json(out, path)
         raise path.error(
             f"no converter for a value of type {qualified_name(type(value))}; use JSON "
             "values, a dataclass or a pydantic model, or add a ValueConverter for it"
@@ -379,6 +422,8 @@ class DataConverter:
         if kind in _MAPPINGS:
             key_hint, item_hint = args if len(args) == 2 else (Any, Any)
             record = _expect(data, dict, path)
+            if item_hint is Any and (key_hint is str or key_hint is Any):
+                return dict(record)  # dict[str, Any]: nothing to convert
             return {
                 self._decode_key(k, key_hint, path): self._from_json(
                     v, item_hint, ValuePath(self, path, k)
@@ -394,7 +439,12 @@ class DataConverter:
                 for i, (x, h) in enumerate(zip(items, args, strict=True))
             )
         item_hint = args[0] if args else Any
-        out = [self._from_json(x, item_hint, ValuePath(self, path, i)) for i, x in enumerate(items)]
+        if item_hint is Any:
+            out = list(items)
+        else:
+            out = [
+                self._from_json(x, item_hint, ValuePath(self, path, i)) for i, x in enumerate(items)
+            ]
         if kind is tuple:
             return tuple(out)
         if kind in _SETS:
@@ -407,25 +457,91 @@ class DataConverter:
     def _decode_key(self, key: str, hint: Any, path: ValuePath) -> Any:
         if hint is str or hint is Any:
             return key
-        at = ValuePath(self, path, key)
-        if hint is int:  # object keys are text in JSON: json.dumps wrote int keys as digits
-            try:
-                return int(key)
+        return self._key_from_text(key, hint, ValuePath(self, path, key))
+
+    def _key_from_text(self, key: str, hint: Any, at: ValuePath) -> Any:
+        """A dict key of type ``hint`` from the text JSON keeps it as: json.dumps writes
+        int, float, bool and None keys as text (``"2"``, ``"1.5"``, ``"true"``,
+        ``"null"``); other keys were converted to text by the links."""
+        base = hint
+        while True:  # NewType and Annotated keep their base's key text
+            if isinstance(base, typing.NewType):
+                base = base.__supertype__
+            elif typing.get_origin(base) is typing.Annotated:
+                base = typing.get_args(base)[0]
+            else:
+                break
+        origin = typing.get_origin(base)
+        if origin is typing.Union or origin is types.UnionType:
+            members = typing.get_args(base)
+            errors: list[str] = []
+            for member in members:  # the first member that accepts the key wins
+                try:
+                    return self._key_from_text(key, member, at)
+                except PayloadEncodingError as exc:
+                    errors.append(f"as {hint_name(member)}, {exc}")
+            names = " | ".join(hint_name(m) for m in members)
+            raise at.error(f"key matches no member of {names}: " + "; ".join(errors[:3]))
+        if origin is typing.Literal:
+            for value in typing.get_args(base):
+                plain = value.value if isinstance(value, enum.Enum) else value
+                if _key_text(plain) == key:
+                    return value
+            return self._from_json(key, hint, at)  # the literal's own error
+        if base is bool:
+            if key in ("true", "false"):
+                return key == "true"
+            raise at.error(f"key {safe_text(key, 100)!r} is not a bool ('true' or 'false')")
+        if base is None or base is NONE_TYPE:
+            if key == "null":
+                return None
+            raise at.error(f"key {safe_text(key, 100)!r} is not None ('null')")
+        if isinstance(base, type) and issubclass(base, int | float):
+            number: Any
+            try:  # an IntEnum or a NewType over int: the int first, then the type
+                number = int(key) if issubclass(base, int) else float(key)
             except ValueError:
-                raise at.error(f"key {safe_text(key, 100)!r} is not an int") from None
+                kind = "an int" if issubclass(base, int) else "a float"
+                raise at.error(f"key {safe_text(key, 100)!r} is not {kind}") from None
+            return self._from_json(number, hint, at)
         return self._from_json(key, hint, at)
 
 
-DEFAULT_CONVERTER: Final = DataConverter()
-"""The converter used where none is given: the default links, no codec."""
+def _encoder(default: Callable[[Any], Any] | None) -> json.JSONEncoder:
+    # encode_json's settings exactly: the bytes of plain values depend on them. The one
+    # json.dumps would build on each call, built once (it keeps no state between calls).
+    return json.JSONEncoder(separators=(",", ":"), sort_keys=True, allow_nan=False, default=default)
 
 
-def _json_bytes(value: Any, default: Callable[[Any], Any] | None) -> bytes:
-    # encode_json's settings exactly: the bytes of plain values depend on them.
-    text = json.dumps(
-        value, separators=(",", ":"), sort_keys=True, allow_nan=False, default=default
-    )
-    return text.encode()
+_PLAIN_JSON: Final = _encoder(None)
+
+
+def _json_bytes(value: Any, encoder: json.JSONEncoder = _PLAIN_JSON) -> bytes:
+    return encoder.encode(value).encode()
+
+
+def _codec_bytes(data: Any, name: str, done: str) -> bytes:
+    """What a codec returned, as bytes; anything that is not a buffer is its error."""
+    if type(data) is bytes:
+        return data
+    try:
+        with memoryview(data) as view:  # bytearray, memoryview, any buffer
+            return view.tobytes()
+    except Exception:
+        raise PayloadEncodingError(
+            f"payload codec {name!r} {done} to {type_name(data)}, not bytes"
+        ) from None
+
+
+def _key_text(key: Any) -> str | None:
+    """The text json.dumps writes for a dict key; None for a key it does not take."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool):
+        return _KEY_TEXT[key]
+    if isinstance(key, int | float):
+        return (int.__repr__ if isinstance(key, int) else float.__repr__)(key)
+    return None
 
 
 def _scalar(data: Any, hint: type[Any], path: ValuePath) -> Any:
@@ -454,3 +570,7 @@ def _expect(data: Any, kind: type[Any], path: ValuePath) -> Any:
         what = "an object" if kind is dict else "a list"
         raise path.error(f"expected {what}, got {type_name(data)}")
     return data
+
+
+DEFAULT_CONVERTER: Final = DataConverter()
+"""The converter used where none is given: the default links, no codec."""

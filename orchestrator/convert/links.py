@@ -15,6 +15,7 @@ import datetime as dt
 import decimal
 import enum
 import functools
+import json
 import typing
 import uuid
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -171,11 +172,17 @@ class StandardTypes:
         if issubclass(hint, enum.Enum):
             try:
                 return hint(data)
-            except ValueError:
-                values = ", ".join(repr(m.value) for m in hint)
-                raise path.error(
-                    f"{safe_text(repr(data), 100)} is not a value of {hint.__name__} ({values})"
-                ) from None
+            except (ValueError, TypeError):  # TypeError: a list or dict is not hashable
+                pass
+            # A member whose value JSON does not keep (a tuple is written as an array, a
+            # Decimal as text): the member whose value is written as this data.
+            member = _member_written_as(hint, data, path)
+            if member is not None:
+                return member
+            values = ", ".join(repr(m.value) for m in hint)
+            raise path.error(
+                f"{safe_text(repr(data), 100)} is not a value of {hint.__name__} ({values})"
+            )
         if issubclass(hint, dt.date | dt.time | uuid.UUID | decimal.Decimal):
             return _parse_text(hint, data, path)
         return UNHANDLED
@@ -201,6 +208,26 @@ def _parse_text(hint: type[Any], data: Any, path: ValuePath) -> Any:
         return hint(data)
     except (ValueError, decimal.InvalidOperation):
         raise path.error(f"{safe_text(repr(data), 100)} is not a valid {hint.__name__}") from None
+
+
+def _member_written_as(hint: type[enum.Enum], data: Any, path: ValuePath) -> Any:
+    """The member of ``hint`` whose value converts to the JSON ``data``, or None."""
+    try:
+        wanted = _canonical(data)
+    except (TypeError, ValueError):
+        return None
+    for member in hint:
+        try:
+            if _canonical(path.to_json(member.value)) == wanted:
+                return member
+        except (PayloadEncodingError, TypeError, ValueError):
+            continue  # a value that does not convert is not what was written
+    return None
+
+
+def _canonical(data: Any) -> str:
+    # The settings of the JSON layer, so values compare as the bytes they are written as.
+    return json.dumps(data, separators=(",", ":"), sort_keys=True, allow_nan=False)
 
 
 def _substitute(hint: Any, bound: dict[Any, Any]) -> Any:

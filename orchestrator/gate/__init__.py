@@ -14,6 +14,8 @@ from orchestrator.gate.judge import (
     counts,
     exit_code,
     judge,
+    newer,
+    one_line,
     report,
     undecodable,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "file_schema",
     "gate_codec",
     "judge",
+    "newer",
+    "one_line",
     "read_history",
     "read_records",
     "replay_files",

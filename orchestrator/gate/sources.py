@@ -7,6 +7,7 @@ source talks to Kafka, and imports it when it is used.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import time
 import uuid
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import fastavro
+from fastavro.schema import to_parsing_canonical_form
 
 from orchestrator.protocol.codec import (
     WORKFLOW,
@@ -24,7 +26,7 @@ from orchestrator.protocol.codec import (
     _workflow_from_avro,
     _workflow_to_avro,
 )
-from orchestrator.protocol.failures import describe
+from orchestrator.protocol.failures import MAX_NAME_CHARS, describe, safe_text
 from orchestrator.protocol.records import WorkflowRecord
 from orchestrator.workflow import WorkflowRegistry
 
@@ -40,6 +42,8 @@ from orchestrator.gate.judge import (
     counts,
     exit_code,
     judge,
+    newer,
+    one_line,
     report,
     undecodable,
 )
@@ -49,6 +53,9 @@ from orchestrator.gate.judge import (
 _READ_ANY_SIZE: Final = 1 << 30
 _HELD_KEY: Final = b"\xff"  # history keys of inputs held for a parked workflow
 _BATCH: Final = 10_000
+# How much of why a record of an export does not resolve its verdict quotes.
+_REASON_CHARS: Final = 300
+_PATH_CHARS: Final = 4096
 
 # --- export files -----------------------------------------------------------------------
 
@@ -107,28 +114,43 @@ def write_records(
 
 def read_records(path: Path, codec: AvroCodec) -> list[Entry]:
     """The records of an export, in the current shape: files written by older versions are
-    read through Avro schema resolution, like older records on the topic.
+    read through Avro schema resolution, like older records on the topic, one record at a
+    time, so that one record this version cannot resolve (an event kind or status added
+    later, without a default) is a ``SKIPPED`` verdict in its place and the others are
+    judged.
 
-    A record that does not convert is a ``BROKEN`` verdict in its place.
+    A record that resolves but does not convert is a ``BROKEN`` verdict in its place.
 
     Raises:
-        ReplaySourceError: ``path`` cannot be read, or is not an Avro file of WorkflowRecords.
+        ReplaySourceError: ``path`` cannot be read, is not an Avro file of WorkflowRecords,
+            or is damaged (a block that does not decode with the file's own schema).
     """
     reader_schema = fastavro.parse_schema(file_schema(codec))
     entries: list[Entry] = []
     try:
         with path.open("rb") as stream:
+            # Read with the writer's schema alone: fastavro's resolution to a reader schema
+            # raises out of the iteration, and the rest of the file would be lost with the
+            # one record it cannot resolve.
             reader = fastavro.reader(
-                stream,
-                reader_schema=reader_schema,
-                return_record_name=True,
-                return_record_name_override=True,
+                stream, return_record_name=True, return_record_name_override=True
             )
             written_as = reader.writer_schema
             name = written_as.get("name") if isinstance(written_as, dict) else written_as
             if name != WORKFLOW:
-                raise ReplaySourceError(f"{path} holds {name} records, not {WORKFLOW}")
-            entries.extend(_entry(datum) for datum in reader)
+                raise ReplaySourceError(
+                    f"{path} holds {one_line(str(name), MAX_NAME_CHARS)} records, not {WORKFLOW}"
+                )
+            writer_schema = fastavro.parse_schema(written_as)
+            same = to_parsing_canonical_form(writer_schema) == to_parsing_canonical_form(
+                reader_schema
+            )
+            added = [] if same else _additions(writer_schema, reader_schema)
+            for datum in reader:
+                if same:
+                    entries.append(_entry(datum))
+                else:
+                    entries.append(_resolved(datum, writer_schema, reader_schema, added))
     except ReplaySourceError:
         raise
     except OSError as exc:
@@ -140,12 +162,105 @@ def read_records(path: Path, codec: AvroCodec) -> list[Entry]:
     return entries
 
 
+def _resolved(datum: Any, writer_schema: Any, reader_schema: Any, added: list[str]) -> Entry:
+    """``datum`` (decoded with the file's schema) in the current schema: Avro resolution,
+    one record at a time. A record that does not resolve is ``SKIPPED`` when the file's
+    schema has types or symbols this version lacks (``added``: a newer version wrote it),
+    else ``BROKEN``."""
+    buffer = io.BytesIO()
+    try:
+        fastavro.schemaless_writer(buffer, writer_schema, datum)
+        buffer.seek(0)
+        current = fastavro.schemaless_reader(
+            buffer,
+            writer_schema,
+            reader_schema,
+            return_record_name=True,
+            return_record_name_override=True,
+        )
+    except Exception as exc:  # SchemaResolutionError: a union branch, an enum symbol
+        head = datum if isinstance(datum, dict) else {}
+        workflow_id = _text(head.get("workflow_id"), "?")
+        if not added:
+            return undecodable(workflow_id, safe_text(describe(exc), _REASON_CHARS))
+        # Union branches show their names; an enum symbol or a lone record does not.
+        used = sorted(_branches(datum) & set(added))
+        holds = f"it holds {', '.join(used)}" if used else f"it may hold {', '.join(added)}"
+        return newer(
+            workflow_id,
+            _text(head.get("run_id")),
+            _text(head.get("workflow_type")),
+            safe_text(f"{holds}, unknown here", _REASON_CHARS),
+        )
+    return _entry(current)
+
+
+def _additions(writer_schema: Any, reader_schema: Any) -> list[str]:
+    """The named types and enum symbols (``Name.SYMBOL``) of ``writer_schema`` that
+    ``reader_schema`` lacks, sorted."""
+    ours = _named(reader_schema)
+    added: list[str] = []
+    for name, schema in _named(writer_schema).items():
+        known = ours.get(name)
+        if known is None:
+            added.append(name)
+        elif schema.get("type") == "enum":
+            symbols = set(known.get("symbols", ()))
+            added.extend(f"{name}.{s}" for s in schema.get("symbols", ()) if s not in symbols)
+    return sorted(added)
+
+
+def _named(
+    schema: Any, found: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The named types (records, enums, fixed) a parsed schema defines, by full name."""
+    found = {} if found is None else found
+    if isinstance(schema, list):
+        for branch in schema:
+            _named(branch, found)
+    elif isinstance(schema, dict):
+        kind = schema.get("type")
+        name = schema.get("name")
+        if kind in ("record", "error", "enum", "fixed") and isinstance(name, str):
+            found.setdefault(name, schema)
+        for field in schema.get("fields", ()):
+            if isinstance(field, dict):
+                _named(field.get("type"), found)
+        for key in ("items", "values"):
+            if key in schema:
+                _named(schema[key], found)
+        if isinstance(kind, dict | list):
+            _named(kind, found)
+    return found
+
+
+def _branches(datum: Any) -> set[str]:
+    """The record names of the union branches ``datum`` holds (``(name, value)`` pairs, as
+    fastavro reads them with ``return_record_name``)."""
+    names: set[str] = set()
+    stack = [datum]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            names.add(item[0])
+            stack.append(item[1])
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return names
+
+
+def _text(value: Any, otherwise: str = "") -> str:
+    return value if isinstance(value, str) else otherwise
+
+
 def _entry(datum: Any) -> Entry:
     try:
         return _workflow_from_avro(datum)
-    except Exception as exc:  # e.g. a history event or status this version lacks
+    except Exception as exc:  # a value the current code rejects
         found = datum.get("workflow_id") if isinstance(datum, dict) else None
-        return undecodable(found if isinstance(found, str) else "?", describe(exc))
+        return undecodable(_text(found, "?"), describe(exc))
 
 
 def avro_files(directory: Path) -> list[Path]:
@@ -349,7 +464,7 @@ def replay_files(
         entries = read_records(path, codec)
         verdicts = judge(entries, registry, total=len(entries), progress=progress)
         if len(paths) > 1:
-            print(f"== {path}", file=out)
+            print(f"== {one_line(str(path), _PATH_CHARS)}", file=out)
         print(report(verdicts, max_lines=max_lines), file=out)
         everything.extend(verdicts)
     if len(paths) > 1:

@@ -233,7 +233,7 @@ _SPLICED_FIELDS: Final = (
         "earlier_requests",
         "input",
     ),
-    ("result", "failure", "started_at_ms", "updated_at_ms", "revision", "parent"),
+    ("result", "failure", "started_at_ms", "updated_at_ms", "revision", "parent", "earlier_inputs"),
 )
 
 
@@ -1157,6 +1157,7 @@ def _workflow_tail(r: WorkflowRecord) -> dict[str, Any]:
         "updated_at_ms": r.updated_at_ms,
         "revision": r.revision,
         "parent": _parent_to_avro(r.parent),
+        "earlier_inputs": list(r.earlier_inputs),
     }
 
 
@@ -1192,4 +1193,5 @@ def _workflow_from_avro(d: Mapping[str, Any]) -> WorkflowRecord:
         earlier_requests=tuple(
             RunRequest(e["request_id"], e["run_id"]) for e in d.get("earlier_requests", ())
         ),
+        earlier_inputs=tuple(d.get("earlier_inputs", ())),
     )

@@ -560,6 +560,9 @@ class WorkflowRecord:
     request_id: str | None = None
     earlier_requests: tuple[RunRequest, ...] = ()
     parent: ParentRef | None = None
+    earlier_inputs: tuple[str, ...] = ()
+    """Signal ids (``s:<id>``) and update ids (``u:<id>``) earlier runs took, newest
+    first, carried by ``ctx.continue_as_new`` so a resent one is not applied again."""
 
 
 def promise_id(workflow_id: str, run_id: str, seq: int) -> str:

@@ -264,8 +264,12 @@ class _Replayer:
         workflow_id: str = "",
         run_id: str = "",
         converter: DataConverter = DEFAULT_CONVERTER,
+        recorded_before: int | None = None,
     ) -> None:
         self.workflow_id = workflow_id
+        # Events before this index were in history before the input being applied: the
+        # code as it was then has already run past them.
+        self.recorded_before = len(events) if recorded_before is None else recorded_before
         self.run_id = run_id
         self.converter = converter
         self.recorded: dict[int, Command] = {}
@@ -273,20 +277,25 @@ class _Replayer:
         self.closed_timers: set[int] = set()
         # Patches recorded on, by id; what this replay answered, by id.
         self.markers: dict[str, PatchMarker] = {}
+        self.marker_at: dict[str, int] = {}
         self.patches: dict[str, bool] = {}
         self.new_markers: list[PatchMarker] = []
-        for event in events:
+        for index, event in enumerate(events):
             command = command_of(event)
             if command is not None:
                 self.recorded[command.seq] = command
             elif isinstance(event, TimerFired | TimerCancelled):
                 self.closed_timers.add(event.seq)
-            elif type(event) is PatchMarker:
-                self.markers.setdefault(event.patch_id, event)
+            elif type(event) is PatchMarker and event.patch_id not in self.markers:
+                self.markers[event.patch_id] = event
+                self.marker_at[event.patch_id] = index
         self.last_recorded = max(self.recorded, default=-1)
-        # Recorded outcomes not yet delivered to the code, and the index after the last
-        # one delivered (what ``ctx.history_length`` says); set by ``_drive``.
+        # Recorded outcomes not yet delivered to the code, those of them that were in
+        # history before this input, how many were delivered, and the index after the
+        # last one delivered; kept by ``_drive``.
         self.undelivered = 0
+        self.undelivered_before = 0
+        self.delivered = 0
         self.position = 0
         self.finals: list[tuple[int, HistoryEvent]] = []
         self.continued: Payload | None = None
@@ -443,13 +452,9 @@ class _Replayer:
         try:
             value: Any = self.converter.from_payload(signal.payload)
             error: BaseException | None = None
-        except Exception as exc:  # not JSON, or nested past the recursion limit
+        except BaseException as exc:  # not JSON, nested too deep, a codec that raises
             value = None
-            error = (
-                exc
-                if isinstance(exc, PayloadEncodingError)
-                else PayloadEncodingError(f"signal payload is not readable JSON: {describe(exc)}")
-            )
+            error = self.unreadable(exc, "signal payload")
         self.arrived[self.signals.arrive(signal.name, value, error)] = signal
 
     def wait_signal(self, handle: SignalHandle) -> None:
@@ -475,15 +480,19 @@ class _Replayer:
             self.updates[name] = (handler, validator)
 
     def patched(self, patch_id: str, deprecated: bool) -> bool:
-        """On if history recorded the patch; off if the code is still where history
-        shows it went on (the run passed this point before the patch existed); else on,
-        recorded now. The first answer of a replay holds for the rest of it."""
+        """On if history recorded the patch; off if the code is still where history from
+        before this input shows it went on (the run passed this point before the patch
+        existed); else on, recorded now. The first answer of a replay holds for the rest
+        of it. Handlers record nothing: they see the code's answer, or else whether
+        history had the patch on before the point they run at."""
         known = self.patches.get(patch_id)
         if known is not None:
             return known
         marker = self.markers.get(patch_id)
-        if self.handling or self.closing or self.problem is not None:
-            return marker is not None  # asked from a handler or a closing coroutine
+        if self.handling:
+            return marker is not None and self.marker_at.get(patch_id, 0) < self.position
+        if self.closing or self.problem is not None:
+            return marker is not None  # a closing coroutine: nothing it does counts
         if marker is not None:
             if marker.position != self.next_seq:
                 self.flag(
@@ -493,7 +502,7 @@ class _Replayer:
                     f"{self.next_seq - 1}",
                 )
             on = True
-        elif self.undelivered or self.next_seq <= self.last_recorded:
+        elif self.undelivered_before or self.next_seq <= self.last_recorded:
             on = False
         else:
             marker = PatchMarker(patch_id, self.next_seq, deprecated, self.clock_ms)
@@ -519,7 +528,9 @@ class _Replayer:
             self.continued = payload
 
     def history_length(self) -> int:
-        return self.position
+        # Commands made and outcomes seen: what the code reached, never the events the
+        # engine adds or replaces beside them (start reports, heartbeats, retries).
+        return self.next_seq + self.delivered
 
     def _not_handling(self, what: str) -> None:
         if self.handling:
@@ -573,9 +584,9 @@ class _Replayer:
             return
         try:
             value: Any = self.converter.from_payload(event.args)
-        except Exception as exc:  # not JSON, or nested past the recursion limit
+        except BaseException as exc:  # not JSON, nested too deep, a codec that raises
             outcome.updates[event.update_id] = HandlerOutcome(
-                error=PayloadEncodingError(f"update argument is not readable JSON: {exc}")
+                error=self.unreadable(exc, "update argument")
             )
             return
         outcome.updates[event.update_id] = self.call(entry[0], value)
@@ -598,6 +609,19 @@ class _Replayer:
         if validator is None:
             return HandlerOutcome()
         return self.call(validator, ask.value, answer=False)
+
+    def unreadable(self, exc: BaseException, what: str) -> PayloadEncodingError:
+        """The error a wait raises for a value that could not be read; one that is not an
+        ``Exception`` (a user validator's ``SystemExit``) shows the code is wrong."""
+        if not isinstance(exc, Exception):
+            self.flag(
+                DEFINITION,
+                f"reading a {what} raised {_raised(exc)}, a BaseException that is not an "
+                "Exception (in a converter link, validator or codec)",
+            )
+        if isinstance(exc, PayloadEncodingError):
+            return exc
+        return PayloadEncodingError(f"{what} is not readable: {describe(exc)}")
 
     def flag(self, error_type: str, message: str) -> None:
         """Note why the workflow must park; the first reason wins, closing notes nothing."""
@@ -636,6 +660,7 @@ def replay(
     run_id: str = "",
     ask: Ask | None = None,
     converter: DataConverter = DEFAULT_CONVERTER,
+    recorded_before: int | None = None,
 ) -> ReplayResult:
     """Run ``fn`` over ``events`` and report new steps, completion or a problem.
 
@@ -643,10 +668,12 @@ def replay(
     replayed (and before the coroutine is closed), call that query handler or update
     validator; its outcome is ``answer`` (None if the code had a problem first).
     ``converter`` turns ``input_value`` (plain JSON) into the type of the function's input
-    parameter, and values into payloads and back (the registry's). Never raises for
-    anything the workflow code does.
+    parameter, and values into payloads and back (the registry's). ``recorded_before``:
+    how many of ``events`` were in history before the input being applied (default all:
+    a replay that applies nothing new); ``ctx.patched`` goes on past them. Never raises
+    for anything the workflow code does.
     """
-    replayer = _Replayer(events, started_at_ms, workflow_id, run_id, converter)
+    replayer = _Replayer(events, started_at_ms, workflow_id, run_id, converter, recorded_before)
     outcome = ReplayResult()
     with installed(LoopGuard(replayer.misuse)):
         context = WorkflowContext(workflow_id, workflow_type, replayer, run_id=run_id)
@@ -705,22 +732,16 @@ _SETTLES: Final[dict[type, type]] = {
 }
 
 
-def _settle_promise(
-    handle: CommandHandle, event: PromiseCompleted, converter: DataConverter
-) -> None:
+def _settle_promise(handle: CommandHandle, event: PromiseCompleted, replayer: _Replayer) -> None:
     assert isinstance(handle, PromiseHandle)
     if event.failure is not None:
         failure = event.failure
         handle.reject(PromiseFailedError(repr(handle.name), failure.error_type, failure.message))
         return
     try:
-        handle.resolve(converter.from_payload(event.payload or _UNENCODED))
-    except Exception as exc:  # not JSON, or nested past the recursion limit
-        handle.reject(
-            exc
-            if isinstance(exc, PayloadEncodingError)
-            else PayloadEncodingError(f"promise value is not readable JSON: {describe(exc)}")
-        )
+        handle.resolve(replayer.converter.from_payload(event.payload or _UNENCODED))
+    except BaseException as exc:  # not JSON, nested too deep, a codec that raises
+        handle.reject(replayer.unreadable(exc, "promise value"))
 
 
 def _recorded_name(command: Command) -> str:
@@ -733,9 +754,9 @@ def _create(
     """The workflow's coroutine, or why it could not be made."""
     try:
         input_value = converter.from_json(input_value, input_hint(fn, 1))
-    except PayloadEncodingError as exc:
+    except BaseException as exc:  # a validator or link of the user's may raise anything
         # Parked, not failed: the input may be right and the type hint a deploy's mistake.
-        return f"the workflow's input does not convert to its parameter's type: {exc}"
+        return f"the workflow's input does not convert to its parameter's type: {_raised(exc)}"
     try:
         coro: object = fn(ctx, input_value)
     except BaseException as exc:  # a signature that does not take (ctx, input), a wrapper
@@ -753,12 +774,16 @@ def _drive(
 ) -> None:
     attempts = {e.seq: e.attempt for e in events if isinstance(e, ActivityScheduled)}
     finals = replayer.finals = _final_positions(events)
+    boundary = replayer.recorded_before
     replayer.undelivered = len(finals)
+    replayer.undelivered_before = sum(1 for index, _ in finals if index < boundary)
     _step(coro, replayer, outcome)
     for index, event in finals:
         if outcome.finished or replayer.problem is not None:
             return
         replayer.undelivered -= 1
+        replayer.undelivered_before -= index < boundary
+        replayer.delivered += 1
         replayer.position = index + 1
         if isinstance(event, SignalReceived):
             # Not a command's outcome: it joins its name's queue, and the code runs on in
@@ -804,17 +829,13 @@ def _drive(
         if isinstance(event, TimerFired):
             handle.resolve(None)
         elif isinstance(event, PromiseCompleted):
-            _settle_promise(handle, event, replayer.converter)
+            _settle_promise(handle, event, replayer)
         elif isinstance(event, ActivityCompleted):
             assert isinstance(handle, ActivityHandle)
             try:
                 handle.resolve(replayer.converter.from_payload(event.result, handle.result_type))
-            except Exception as exc:  # not JSON, or nested past the recursion limit
-                handle.reject(
-                    exc
-                    if isinstance(exc, PayloadEncodingError)
-                    else PayloadEncodingError(f"result is not readable JSON: {describe(exc)}")
-                )
+            except BaseException as exc:  # not JSON, does not fit result_type, ...
+                handle.reject(replayer.unreadable(exc, "result"))
         else:
             assert isinstance(event, ActivityFailed) and isinstance(handle, ActivityHandle)
             failure = event.failure

@@ -426,7 +426,10 @@ def _new_run(
     transition = CodeRun(fresh, now_ms, registry, limits).transition()
     record = transition.record
     assert record is not None  # a code run always leaves a record
-    reply = start_reply(start, record.run_id, record.status, now_ms, created=True)
+    # The run the start made, even if it continued as new at once (as a retried start
+    # is answered from the starts the next run remembers).
+    made = fresh.run_id if transition.replaced is not None else record.run_id
+    reply = start_reply(start, made, record.status, now_ms, created=True)
     return dataclasses.replace(transition, reply=reply)
 
 
@@ -629,6 +632,16 @@ def _apply_update(
     for event in record.events:
         if type(event) is UpdateAccepted and event.update_id == update.update_id:
             return _answer_again(record, event, now_ms, registry)
+    if record.earlier_inputs and f"u:{update.update_id}" in record.earlier_inputs:
+        failure = Failure(
+            "AnswerUnavailable",
+            f"update {safe_text(update.update_id, 200)!r} was applied by an earlier run of "
+            "the workflow, which continued as new since; it is not applied again, and its "
+            "answer is no longer kept",
+        )
+        return Transition(
+            None, ignored=DUPLICATE_UPDATE, reply=_refusal(update, record, failure, now_ms)
+        )
     validated = _ask(record, Ask("validate", update.name, None), update.args, registry)
     if isinstance(validated, Failure):
         return refuse(UPDATE_REFUSED, validated)
@@ -763,7 +776,7 @@ def _apply_signal(
             return Transition(None, ignored=WORKFLOW_CLOSED)
         if any(
             type(e) is SignalReceived and e.signal_id == signal.signal_id for e in record.events
-        ):
+        ) or (record.earlier_inputs and f"s:{signal.signal_id}" in record.earlier_inputs):
             return Transition(None, ignored=DUPLICATE_SIGNAL)
         base = record
     received = SignalReceived(signal.name, signal.payload, signal.signal_id, now_ms)
@@ -1111,10 +1124,19 @@ def _wake(
         updated = revise(record, now_ms, events=wake.events)
         return Transition(updated, wake.tasks(updated))
     base = dataclasses.replace(record, events=wake.events)
-    ran = CodeRun(base, now_ms, registry, limits).transition()
+    ran = CodeRun(base, now_ms, registry, limits, recorded_before=len(record.events)).transition()
     assert ran.record is not None  # a code run always leaves a record
     if ran.replaced is not None:
-        return ran  # the run continued as new: its retries died with it
+        # The run continued as new: the retries this wake-up would have sent die with it,
+        # unsent, and its closed history does not list them.
+        unsent = {(a.seq, a.attempt) for a in wake.sent}
+        ended = ran.replaced
+        kept = tuple(
+            e
+            for e in ended.events
+            if not (type(e) is ActivityScheduled and (e.seq, e.attempt) in unsent)
+        )
+        return dataclasses.replace(ran, replaced=dataclasses.replace(ended, events=kept))
     return dataclasses.replace(ran, tasks=(*wake.tasks(ran.record), *ran.tasks))
 
 

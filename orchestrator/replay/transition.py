@@ -49,9 +49,11 @@ from orchestrator.protocol.records import (
     PromiseCreated,
     Reply,
     RunRequest,
+    SignalReceived,
     TimerCancelled,
     TimerFired,
     TimerStarted,
+    UpdateAccepted,
     WorkflowRecord,
     WorkflowStatus,
     activity_id,
@@ -85,6 +87,24 @@ _SUCCESSOR_NAMESPACE: Final = uuid.UUID("6f1d3c1e-4a8b-5e57-9c2d-5a6761c1b7e0")
 def successor_run_id(run_id: str) -> str:
     """The run id of the run that ``ctx.continue_as_new`` starts after run ``run_id``."""
     return uuid.uuid5(_SUCCESSOR_NAMESPACE, run_id).hex
+
+
+# Signal and update ids of earlier runs a run remembers, newest first.
+MAX_EARLIER_INPUTS: Final = 128
+
+
+def taken_inputs(ended: WorkflowRecord, carried: list[SignalReceived]) -> tuple[str, ...]:
+    """What the run after ``ended`` remembers of the inputs taken before it: the signals
+    ``ended`` took (not the ``carried`` ones: the next run takes them) and the updates it
+    applied, newest first, then what ``ended`` remembered; at most ``MAX_EARLIER_INPUTS``."""
+    passed_on = {e.signal_id for e in carried}
+    taken: list[str] = []
+    for event in reversed(ended.events):
+        if type(event) is SignalReceived and event.signal_id not in passed_on:
+            taken.append(f"s:{event.signal_id}")
+        elif type(event) is UpdateAccepted:
+            taken.append(f"u:{event.update_id}")
+    return (*taken, *ended.earlier_inputs)[:MAX_EARLIER_INPUTS]
 
 
 def remembered_requests(record: WorkflowRecord) -> tuple[RunRequest, ...]:
@@ -124,7 +144,8 @@ class CodeRun:
     ``base`` is the record before the input (a fresh one with revision 0 for a start);
     ``outcome`` the history event the input adds, if any, and ``step`` the attempt it
     settles. ``carried_in``: ``base`` is a run that ``ctx.continue_as_new`` starts in this
-    same transition, with that many signals.
+    same transition, with that many signals. ``recorded_before``: how many of
+    ``base.events`` were in history before this input (default: all of them).
     """
 
     def __init__(
@@ -137,8 +158,12 @@ class CodeRun:
         outcome: HistoryEvent | None = None,
         step: ActivityScheduled | None = None,
         carried_in: int | None = None,
+        recorded_before: int | None = None,
     ) -> None:
         self.base = base
+        # How many of ``base.events`` were in history before this input (the rest were
+        # added by it, as a WakeUp's fired timers are): ctx.patched goes on past them.
+        self.recorded_before = len(base.events) if recorded_before is None else recorded_before
         # Set when this run was started by its predecessor's continue_as_new in this same
         # transition: the number of signals it was handed.
         self.carried_in = carried_in
@@ -204,6 +229,7 @@ class CodeRun:
                 base.started_at_ms,
                 run_id=base.run_id,
                 converter=self.registry.converter,
+                recorded_before=self.recorded_before,
             )
             self.updates = result.updates
             if result.problem is not None:
@@ -406,7 +432,9 @@ class CodeRun:
                 "before it continues",
             )
             return self._settle(self._record(first, WorkflowStatus.STUCK, failure=failure))
-        ended = self._closed(self._without_unsent(events), WorkflowStatus.CONTINUED_AS_NEW)
+        ended = self._closed(
+            self._without_unsent(events), WorkflowStatus.CONTINUED_AS_NEW, failure=None
+        )
         if not self.limits.fits(ended, Tier.CLOSE):
             return self._settle(None)
         assert result.continued is not None
@@ -418,10 +446,12 @@ class CodeRun:
             started_at_ms=self.now_ms,
             updated_at_ms=self.now_ms,
             revision=0,
-            events=tuple(result.carried),
+            # Received now, by this run: its clock never goes back to when they came.
+            events=tuple(dataclasses.replace(e, at_ms=self.now_ms) for e in result.carried),
             run_id=successor_run_id(base.run_id),
             earlier_requests=remembered_requests(base),
             parent=base.parent,
+            earlier_inputs=taken_inputs(ended, result.carried),
         )
         if not self.limits.fits(successor, Tier.NORMAL):
             # Nothing is lost: this run keeps its history and says why it stopped.
@@ -434,7 +464,12 @@ class CodeRun:
             kept = self._without_unsent(events)
             return self._settle(self._closed(kept, WorkflowStatus.FAILED, failure=failure))
         following = CodeRun(
-            successor, self.now_ms, self.registry, self.limits, carried_in=len(result.carried)
+            successor,
+            self.now_ms,
+            self.registry,
+            self.limits,
+            carried_in=len(result.carried),
+            recorded_before=0,  # a new run: no code ran past any of its events yet
         ).transition()
         # A run that took some of its signals and continued at once is not written: the
         # last run of this transition follows the one that was open before it.

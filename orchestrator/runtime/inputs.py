@@ -537,17 +537,21 @@ class InputProcessor:
             else:
                 batch.ignored.append(transition.ignored)
             return True
-        # A new run replaces the id's record: the run it ends (terminated now, or closed
-        # earlier in this batch and not written yet) goes to history first.
-        previous = transition.replaced
-        if previous is None and closed is not None:
+        # A new run replaces the id's record: the runs it ends go to history first, in
+        # order: one closed earlier in this batch and not written yet, then one this
+        # transition closed (terminated by the start, or a first run that continued as
+        # new at once).
+        previous: list[WorkflowRecord] = []
+        if closed is not None:
             staged = self.store.staged_record(body.workflow_id or "")
             if staged is not None and staged.status.terminal:
-                previous = staged
+                previous.append(staged)
+        if transition.replaced is not None:
+            previous.append(transition.replaced)
         try:
             planned = self._plan(transition)
         except _Unroutable as exc:
-            if previous is not None or closed is not None:
+            if starts and (previous or closed is not None):
                 # The new run cannot start as it is: it is parked, not the run it replaces,
                 # and it keeps the starts of the runs before it.
                 self._write_previous(previous, item, batch)
@@ -558,6 +562,8 @@ class InputProcessor:
                     self._send(tuple(owed), item, batch)
                 earlier = () if transition.record is None else transition.record.earlier_requests
                 return self._park(item, None, body, exc.failure, batch, now_ms, earlier=earlier)
+            # A run that continued as new into a run that cannot start stays as it was,
+            # parked: nothing of the transition is written.
             return self._park(item, current, body, exc.failure, batch, now_ms)
         finally:
             # The bytes measured for the engine's size check are the bytes produced.
@@ -577,10 +583,12 @@ class InputProcessor:
             metrics.child(metrics.ACTIVITIES_SCHEDULED, f"{task.participant}.{task.activity}").inc()
         return True
 
-    def _write_previous(self, previous: WorkflowRecord | None, item: Input, batch: Batch) -> None:
-        """Write the closing record of a run a new run replaces, before the new run's."""
-        if previous is None:
-            return
+    def _write_previous(self, previous: list[WorkflowRecord], item: Input, batch: Batch) -> None:
+        """Write the closing records of the runs a new run replaces, before the new run's."""
+        for ended in previous:
+            self._write_ended(ended, item, batch)
+
+    def _write_ended(self, previous: WorkflowRecord, item: Input, batch: Batch) -> None:
         try:
             ended = self.codec.encode_workflow(previous)
         except Exception:  # cannot happen for a record this code wrote; say so

@@ -36,6 +36,7 @@ from orchestrator.protocol.records import (
     PromiseCreated,
     ResumeWorkflow,
     SignalReceived,
+    SignalWorkflow,
     StartWorkflow,
     TimerCancelled,
     TimerFired,
@@ -222,6 +223,18 @@ def failed(
         finished_at_ms=now_ms,
         failure=Failure(error_type, message, retryable, effects_committed),
     )
+
+
+def registry_with(fn: Any, name: str) -> WorkflowRegistry:
+    """A registry holding ``fn`` as workflow type ``name``."""
+    registry = WorkflowRegistry()
+    registry.workflow(name)(fn)
+    return registry
+
+
+def signal_to(run: WorkflowRun, name: str, value: Any, signal_id: str) -> SignalWorkflow:
+    """Signal ``name`` with ``value`` for ``run``'s workflow, sent now."""
+    return SignalWorkflow(run.workflow_id, name, encode_json(value), signal_id, run.now_ms)
 
 
 class WorkflowRun:

@@ -260,7 +260,7 @@ CURRENT_IDS = {
     "io.sagaline.TerminateWorkflow": 1034556011,
     INBOX: 435445526,
     TASK: 2066444304,
-    WORKFLOW: 1080364819,
+    WORKFLOW: 1721366363,
 }
 
 

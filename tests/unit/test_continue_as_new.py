@@ -13,7 +13,6 @@ from orchestrator.protocol.payloads import decode_json, encode_json
 from orchestrator.protocol.records import (
     ActivityResult,
     ParentRef,
-    SignalWorkflow,
     StartWorkflow,
     TerminateWorkflow,
     WakeUp,
@@ -28,17 +27,16 @@ from tests.unit.conftest import (
     assert_status,
     completed,
     history_lines,
+    registry_with,
+    signal_to,
 )
 
 
 def _registry(fn: Any, name: str = "loop") -> WorkflowRegistry:
-    registry = WorkflowRegistry()
-    registry.workflow(name)(fn)
-    return registry
+    return registry_with(fn, name)
 
 
-def _signal(run: WorkflowRun, name: str, value: Any, sid: str) -> SignalWorkflow:
-    return SignalWorkflow(run.workflow_id, name, encode_json(value), sid, run.now_ms)
+_signal = signal_to
 
 
 async def _counter(ctx: WorkflowContext, state: Any) -> Any:
@@ -394,3 +392,20 @@ def test_activity_error_inside_a_continued_run_fails_that_run_only() -> None:
     assert transition.replaced.status is WorkflowStatus.CONTINUED_AS_NEW
     run.fail(0, "Boom")
     assert_status(run.record, WorkflowStatus.FAILED, ActivityError.__name__)
+
+
+def test_a_start_that_continues_at_once_answers_with_the_run_it_made() -> None:
+    async def hop(ctx: WorkflowContext, state: Any) -> Any:
+        if state == "first":
+            ctx.continue_as_new("second")
+        await ctx.sleep(1)
+        return state
+
+    registry = _registry(hop)
+    start = StartWorkflow("w", "loop", encode_json("first"), 0, request_id="req-1")
+    made = advance(None, start, 1, registry, run_id="r1")
+    assert made.replaced is not None and made.replaced.run_id == "r1"
+    assert made.record is not None and made.record.run_id == successor_run_id("r1")
+    assert made.reply is not None and made.reply.run_id == "r1" and made.reply.created
+    again = advance(made.record, start, 2, registry, run_id="r9")
+    assert again.reply is not None and again.reply.run_id == "r1"

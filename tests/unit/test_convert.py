@@ -7,10 +7,12 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import gc
 import logging
 import os
 import subprocess
 import sys
+import weakref
 import zlib
 from collections.abc import Callable
 from decimal import Decimal
@@ -25,6 +27,7 @@ from typing import (
     TypedDict,
     TypeVar,
     cast,
+    get_args,
 )
 from uuid import UUID
 
@@ -34,6 +37,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from orchestrator import WorkflowContext, WorkflowRegistry
 from orchestrator.client import RequestFailedError, WorkflowClient
 from orchestrator.convert import (
     DEFAULT_CONVERTER,
@@ -48,6 +52,7 @@ from orchestrator.convert import (
 from orchestrator.errors import ConfigurationError
 from orchestrator.protocol.payloads import decode_json, encode_json
 from orchestrator.protocol.records import (
+    ActivityCompleted,
     ActivityTask,
     CompletePromise,
     Failure,
@@ -58,10 +63,14 @@ from orchestrator.protocol.records import (
     ReplyKind,
     SignalWorkflow,
     StartWorkflow,
+    UpdateAccepted,
     UpdateWorkflow,
     WorkflowRecord,
     WorkflowStatus,
 )
+from orchestrator.replay import advance
+from orchestrator.replay.driver import replay
+from orchestrator.testing import WorkflowTester
 from participants import ActivityContext, Participant
 from participants.participant import Outcome
 
@@ -819,3 +828,511 @@ def test_callables_with_unhashable_types_are_read_uncached() -> None:
 
     handler = cast(Callable[..., Any], Unhashable())
     assert input_hint(handler, 0) is Order and return_hint(handler) is Item
+
+
+# --- BaseExceptions from conversion: the converter lets them through, its users decide ---
+
+
+class Halt(BaseException):
+    """What user code (a validator, a link, a codec) may raise: not an Exception."""
+
+
+class Picky(pydantic.BaseModel):
+    x: int
+
+    @pydantic.field_validator("x")
+    @classmethod
+    def _not_13(cls, x: int) -> int:
+        if x == 13:
+            raise Halt("unlucky")
+        return x
+
+
+class HaltingLink:
+    def to_json(self, value: Any, path: ValuePath) -> Any:
+        if isinstance(value, Item):
+            raise Halt("to_json")
+        return UNHANDLED
+
+    def from_json(self, data: Any, hint: Any, path: ValuePath) -> Any:
+        if hint is Item:
+            raise Halt("from_json")
+        return UNHANDLED
+
+
+class HaltingCodec:
+    name = "halting"
+
+    def __init__(self, encode: bool = False) -> None:
+        self._encode = encode
+
+    def encode(self, data: bytes) -> bytes:
+        if self._encode:
+            raise Halt("codec encode")
+        return data
+
+    def decode(self, data: bytes) -> bytes:
+        raise Halt("codec decode")
+
+
+def test_the_converter_lets_a_base_exception_through_unchanged() -> None:
+    # Every Exception becomes a PayloadEncodingError; a BaseException that is not one is
+    # left to the caller (the engine, the participant), which knows what it means there.
+    linked = DataConverter(links=(HaltingLink(), *DEFAULT_LINKS))
+    for call in (
+        lambda: linked.to_payload([Item("a")]),
+        lambda: linked.to_payload({Priority.RUSH: Item("a")}),  # the walk, not json's default
+        lambda: linked.to_json(Item("a")),
+        lambda: linked.from_json({"sku": "a"}, Item),
+        lambda: linked.from_payload(encode_json([{"sku": "a"}]), list[Item]),
+        lambda: DataConverter(codecs=(HaltingCodec(encode=True),)).to_payload(1),
+        lambda: DataConverter(codecs=(HaltingCodec(),)).from_payload(
+            Payload(b"1", "json/plain+halting")
+        ),
+        lambda: DEFAULT_CONVERTER.from_payload(encode_json({"x": 13}), Picky),
+    ):
+        with pytest.raises(Halt):
+            call()
+
+
+async def picky_input(ctx: WorkflowContext, value: Picky) -> int:
+    return value.x
+
+
+async def picky_result(ctx: WorkflowContext, value: Any) -> int:
+    result = await ctx.activity("p.a", 1, result_type=Picky)
+    return cast(int, result.x)
+
+
+def test_a_base_exception_from_the_input_hints_validator_does_not_escape_replay() -> None:
+    # replay(): "Never raises for anything the workflow code does". A validator on the
+    # input's model is workflow code; it must park the workflow (a problem), not raise.
+    try:
+        result = replay(picky_input, "w", "t", {"x": 13}, (), 0)
+    except BaseException as exc:
+        pytest.fail(f"replay() raised {type(exc).__name__}: {exc}")
+    assert result.problem is not None
+
+
+def test_a_base_exception_from_a_result_types_validator_does_not_escape_replay() -> None:
+    first = replay(picky_result, "w", "t", None, (), 0)
+    [scheduled] = first.new_steps
+    events = (scheduled, ActivityCompleted(0, 1, encode_json({"x": 13}), 1))
+    try:
+        result = replay(picky_result, "w", "t", None, events, 0)
+    except BaseException as exc:
+        pytest.fail(f"replay() raised {type(exc).__name__}: {exc}")
+    assert result.problem is not None
+
+
+def test_advance_does_not_raise_for_a_validator_base_exception() -> None:
+    registry = WorkflowRegistry()
+    registry.workflow("t")(picky_input)
+    start = StartWorkflow("w", "t", encode_json({"x": 13}), NOW)
+    try:
+        transition = advance(None, start, NOW, registry, run_id="r")
+    except BaseException as exc:
+        pytest.fail(f"advance() raised {type(exc).__name__}: {exc}")
+    assert transition.record is not None
+    assert transition.record.status is WorkflowStatus.STUCK
+
+
+@pytest.mark.parametrize("how", ["validator", "codec"])
+def test_a_participant_answers_a_task_whose_input_conversion_raises_a_base_exception(
+    how: str,
+) -> None:
+    # run_task never raises for what the handler does, and its input's validator or the
+    # participant's codec is no different: escaping, a BaseException would stop the
+    # participant with the offset uncommitted, and the same task would stop it again
+    # after every restart. The same bytes meet the same code on every attempt: for good.
+    converter = DataConverter(codecs=(HaltingCodec(),)) if how == "codec" else DEFAULT_CONVERTER
+    svc = Participant("inventory", converter=converter)
+
+    @svc.activity("reserve")
+    def reserve(value: Picky, *, ctx: ActivityContext) -> int:
+        raise AssertionError("must not run")
+
+    payload = (
+        Payload(b'{"x":1}', "json/plain+halting") if how == "codec" else encode_json({"x": 13})
+    )
+    try:
+        outcome = svc.run_task(_task("reserve", payload), NO_DB, now_ms=lambda: NOW)
+    except BaseException as exc:
+        pytest.fail(f"run_task raised {type(exc).__name__}: {exc}")
+    assert outcome.failure is not None and not outcome.failure.retryable
+    assert outcome.failure.error_type == "Halt"
+    reason = "codec decode" if how == "codec" else "unlucky"
+    assert outcome.failure.message == (
+        f"input of activity inventory.reserve: converting it raised Halt: {reason}"
+    )
+
+
+def test_heartbeat_details_a_codec_cannot_read_reach_the_handler_as_none() -> None:
+    svc = Participant("inventory", converter=DataConverter(codecs=(HaltingCodec(),)))
+    previous: list[Any] = []
+
+    @svc.activity("resume")
+    def resume(value: Any, *, ctx: ActivityContext) -> None:
+        previous.append(ctx.heartbeat_details)
+
+    details = Payload(b"{}", "json/plain+halting")
+    task = _task("resume", encode_json(None), heartbeat_details=details)
+    assert svc.run_task(task, NO_DB, now_ms=lambda: NOW).is_completed
+    assert previous == [None]
+
+
+# --- hints are cached per def, holding no function ------------------------------------
+
+
+@dataclasses.dataclass
+class Add:
+    n: int
+
+
+class _State:
+    pass
+
+
+_states: list[weakref.ref[_State]] = []
+
+
+async def with_update_handler(ctx: WorkflowContext, value: Any) -> None:
+    state = _State()
+    _states.append(weakref.ref(state))
+    total = [0]
+
+    def on_add(item: Add) -> int:  # a closure: a new function object on every replay
+        total[0] += item.n
+        assert state is not None
+        return total[0]
+
+    ctx.on_update("add", on_add)
+    await ctx.wait_signal("never")
+
+
+def test_replays_do_not_keep_each_replays_handler_closures_alive() -> None:
+    # Update and query handlers are closures defined in the workflow body: each replay's
+    # handler is a new function, and what it captures (the workflow's state, ctx and
+    # through it the replayer) must go with its replay, not live on in a hint cache.
+    _states.clear()
+    events = tuple(UpdateAccepted(f"u{i}", "add", encode_json({"n": i}), i) for i in range(3))
+    for _ in range(20):
+        result = replay(with_update_handler, "w", "t", None, events, 0)
+        assert result.problem is None, result.problem
+    gc.collect()
+    alive = sum(1 for ref in _states if ref() is not None)
+    assert alive == 0, f"{alive} of {len(_states)} replays' workflow state still alive"
+
+
+async def with_unresolvable_handler_hint(ctx: WorkflowContext, value: Any) -> None:
+    def on_add(item: NotDefinedAnywhere) -> None:  # type: ignore[name-defined]  # noqa: F821
+        pass
+
+    ctx.on_update("add", on_add)
+    await ctx.wait_signal("never")
+
+
+def test_an_unresolvable_handler_hint_is_warned_once_not_on_every_replay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events = (UpdateAccepted("u0", "add", encode_json({"n": 1}), 1),)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.convert"):
+        for _ in range(5):
+            replay(with_unresolvable_handler_hint, "w", "t", None, events, 0)
+    warned = [r for r in caplog.records if "NotDefinedAnywhere" in r.getMessage()]
+    assert len(warned) == 1, f"warned {len(warned)} times"
+
+
+def test_a_local_class_in_an_evaluated_annotation_is_resolved_for_each_closure() -> None:
+    # Without the future import a local class is the annotation itself (set here by hand,
+    # as this module has the import): it is resolved, and each closure of the def gets
+    # its own class, never the one an earlier closure (an earlier replay) had.
+    def define() -> tuple[Callable[..., Any], type[Any]]:
+        @dataclasses.dataclass
+        class Local:
+            x: int
+
+        def handler(value, *, ctx):  # type: ignore[no-untyped-def]
+            raise AssertionError("not called")
+
+        handler.__annotations__ = {"value": Local, "return": list[Local]}
+        return handler, Local
+
+    (first, first_cls), (second, second_cls) = define(), define()
+    assert input_hint(first, 0) is first_cls and input_hint(second, 0) is second_cls
+    assert get_args(return_hint(second)) == (second_cls,)
+    assert get_args(return_hint(first)) == (first_cls,)
+    assert DEFAULT_CONVERTER.from_json({"x": 1}, input_hint(second, 0)) == second_cls(1)
+
+
+def test_functions_wrapped_by_one_decorator_keep_their_own_hints() -> None:
+    def logged(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:  # one code object for both
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    @logged
+    def takes_order(order: Order) -> Item:
+        raise AssertionError("not called")
+
+    @logged
+    def takes_item(item: Item) -> Order:
+        raise AssertionError("not called")
+
+    assert (input_hint(takes_order, 0), return_hint(takes_order)) == (Order, Item)
+    assert (input_hint(takes_item, 0), return_hint(takes_item)) == (Item, Order)
+
+
+def test_bound_methods_do_not_keep_their_instance_alive() -> None:
+    handlers = Handlers()
+    ref = weakref.ref(handlers)
+    assert input_hint(handlers.charge, 0) is Order and return_hint(handlers.charge) is Money
+    del handlers
+    gc.collect()
+    assert ref() is None
+
+
+# --- dict keys and enums: what the converter writes, it reads back ----------------------
+
+UnitId = NewType("UnitId", int)
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+class Corner(enum.Enum):
+    TOP_LEFT = (0, 0)
+    BOTTOM_RIGHT = (1, 1)
+
+
+class Rate(enum.Enum):
+    LOW = Decimal("0.5")
+    HIGH = Decimal("1.5")
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ({Size.LARGE: 3}, dict[Size, int]),  # json.dumps writes an IntEnum key as "2"
+        ({True: 1, False: 0}, dict[bool, int]),
+        ({1.5: 1, -2.0: 2}, dict[float, int]),
+        ({UnitId(7): "a"}, dict[UnitId, str]),
+        ({None: 1}, dict[int | None, int]),
+        ({Colour.RED: 1}, dict[Colour, int]),
+        ({1: "a", 2: "b"}, dict[Literal[1, 2], str]),
+        ({3: "x"}, dict[Annotated[int, "doc"], str]),
+    ],
+    ids=["IntEnum", "bool", "float", "NewType", "Optional", "Enum", "Literal", "Annotated"],
+)
+def test_dict_keys_the_converter_writes_are_read_back(value: Any, hint: Any) -> None:
+    decoded = DEFAULT_CONVERTER.from_payload(DEFAULT_CONVERTER.to_payload(value), hint)
+    assert decoded == value
+    assert [type(k) for k in decoded] == [type(k) for k in value]
+
+
+@pytest.mark.parametrize(
+    ("data", "hint", "message"),
+    [
+        ({"x": 1}, dict[int, int], "value.x: key 'x' is not an int"),
+        ({"yes": 1}, dict[bool, int], "value.yes: key 'yes' is not a bool"),
+        ({"1,5": 1}, dict[float, int], "value['1,5']: key '1,5' is not a float"),
+        ({"7": 1}, dict[Size, int], "value['7']: 7 is not a value of Size"),
+        ({"3": 1}, dict[Literal[1, 2], int], "value['3']: expected one of 1, 2, got '3'"),
+    ],
+)
+def test_dict_keys_that_do_not_fit_name_the_key(data: Any, hint: Any, message: str) -> None:
+    with pytest.raises(PayloadEncodingError) as caught:
+        DEFAULT_CONVERTER.from_json(data, hint)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_an_enum_whose_value_json_does_not_keep_round_trips() -> None:
+    assert DEFAULT_CONVERTER.to_json(Corner.BOTTOM_RIGHT) == [1, 1]
+    assert _round_trip(Corner.BOTTOM_RIGHT, Corner) is Corner.BOTTOM_RIGHT
+    assert _round_trip([Rate.HIGH, Rate.LOW], list[Rate]) == [Rate.HIGH, Rate.LOW]
+    with pytest.raises(PayloadEncodingError, match=r"\[1, 0\] is not a value of Corner"):
+        DEFAULT_CONVERTER.from_json([1, 0], Corner)
+
+
+def test_dict_keys_that_collide_once_converted_are_an_error_not_a_silent_loss() -> None:
+    with pytest.raises(PayloadEncodingError, match="both written as 'red': one entry would be"):
+        DEFAULT_CONVERTER.to_payload({Colour.RED: 1, "red": 2})
+    with pytest.raises(PayloadEncodingError, match=r"both written as '12\.5'"):
+        DEFAULT_CONVERTER.to_json({"12.5": 1, Decimal("12.5"): 2})
+    # Plain dicts are as encode_json has them: keys json cannot sort together fail there
+    # too, and keys of different types stay apart in the tree to_json gives.
+    for plain in ({1: "a", "1": "b"}, {None: 1, "null": 2}):
+        with pytest.raises(PayloadEncodingError, match="value is not JSON-serialisable"):
+            encode_json(plain)
+        with pytest.raises(PayloadEncodingError, match="value is not JSON-serialisable"):
+            DEFAULT_CONVERTER.to_payload(plain)
+        assert DEFAULT_CONVERTER.to_json(plain) == plain
+    mixed = {True: 1, 2: "b", 1.5: None}
+    assert DEFAULT_CONVERTER.to_payload(mixed) == encode_json(mixed)
+
+
+# --- codecs and links whose output is not what the chain expects ---------------------
+
+
+class TextCodec:
+    """Hands back text, as a careless base64 codec does."""
+
+    name = "text"
+
+    def encode(self, data: bytes) -> bytes:
+        return cast(bytes, data.decode())
+
+    def decode(self, data: bytes) -> bytes:
+        return cast(bytes, data.decode())
+
+
+class NoneCodec:
+    name = "none"
+
+    def encode(self, data: bytes) -> bytes:
+        return cast(bytes, None)
+
+    def decode(self, data: bytes) -> bytes:
+        return cast(bytes, None)
+
+
+class BufferCodec:
+    """Hands back a bytearray and a memoryview: bytes-like, so fine."""
+
+    name = "buffer"
+
+    def encode(self, data: bytes) -> bytes:
+        return cast(bytes, bytearray(data[::-1]))
+
+    def decode(self, data: bytes) -> bytes:
+        return cast(bytes, memoryview(data[::-1]))
+
+
+@pytest.mark.parametrize("codec", [TextCodec(), NoneCodec()], ids=["text", "None"])
+def test_a_codec_that_returns_no_bytes_is_a_payload_encoding_error(codec: Any) -> None:
+    # A str in Payload.data would break far away: in the Avro encoding of the record.
+    converter = DataConverter(codecs=(codec,))
+    kind = "str" if isinstance(codec, TextCodec) else "None"
+    with pytest.raises(PayloadEncodingError, match=f"codec '{codec.name}' encoded to {kind}, "):
+        converter.to_payload({"a": 1})
+    encoded = Payload(b"{}", f"json/plain+{codec.name}")
+    with pytest.raises(PayloadEncodingError, match=f"codec '{codec.name}' decoded to {kind}, "):
+        converter.from_payload(encoded)
+
+
+def test_a_codec_may_return_any_bytes_like_object() -> None:
+    converter = DataConverter(codecs=(BufferCodec(),))
+    payload = converter.to_payload(ORDER)
+    assert type(payload.data) is bytes
+    assert payload.data == encode_json(ORDER_JSON).data[::-1]
+    assert converter.from_payload(payload, Order) == ORDER
+
+
+def test_payload_data_that_is_not_bytes_is_a_payload_encoding_error() -> None:
+    with pytest.raises(PayloadEncodingError, match="not valid JSON: TypeError"):
+        DEFAULT_CONVERTER.from_payload(Payload(cast(bytes, 5)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fee:
+    amount: Decimal
+    currency: str
+
+
+class FeeAsObject:
+    """A link that returns its children as they are (not through path.to_json)."""
+
+    def to_json(self, value: Any, path: ValuePath) -> Any:
+        if not isinstance(value, Fee):
+            return UNHANDLED
+        return {"amount": value.amount, "currency": value.currency, "paid": {Colour.RED}}
+
+    def from_json(self, data: Any, hint: Any, path: ValuePath) -> Any:
+        return UNHANDLED
+
+
+class Stubborn:
+    """A link that hands back the value it was given."""
+
+    def to_json(self, value: Any, path: ValuePath) -> Any:
+        return value if isinstance(value, Fee) else UNHANDLED
+
+    def from_json(self, data: Any, hint: Any, path: ValuePath) -> Any:
+        return UNHANDLED
+
+
+FEE_JSON = {"amount": "1.50", "currency": "EUR", "paid": ["red"]}
+
+
+def test_whether_a_link_output_encodes_does_not_depend_on_unrelated_parts_of_the_value() -> None:
+    # The fast path (json.dumps asking the links) and the walk (taken when a dict key is
+    # not a JSON key, e.g. an enum) give the same JSON for the same link output.
+    converter = DataConverter(links=(FeeAsObject(), *DEFAULT_LINKS))
+    fee = Fee(Decimal("1.50"), "EUR")
+    assert converter.to_payload({"price": fee}) == encode_json({"price": FEE_JSON})
+    together = converter.to_payload({"price": fee, Colour.RED: 1})
+    assert together == encode_json({"price": FEE_JSON, "red": 1})
+
+
+def test_to_json_returns_only_json_native_values() -> None:
+    converter = DataConverter(links=(FeeAsObject(), *DEFAULT_LINKS))
+    assert converter.to_json(Fee(Decimal("1.50"), "EUR")) == FEE_JSON
+    assert converter.to_json([Box(Fee(Decimal("2"), "USD"), [])]) == [
+        {"content": {**FEE_JSON, "amount": "2", "currency": "USD"}, "spares": []}
+    ]
+
+
+def test_a_link_that_returns_the_value_it_was_given_is_an_error() -> None:
+    converter = DataConverter(links=(Stubborn(), *DEFAULT_LINKS))
+    with pytest.raises(PayloadEncodingError, match=r"^value\[0\]: Stubborn returned the value"):
+        converter.to_payload([Fee(Decimal(1), "EUR")])
+
+
+# --- the docs' promises elsewhere ------------------------------------------------------
+
+
+class Price:
+    """Not a dataclass: only the registry's own link converts it."""
+
+    def __init__(self, amount: Decimal, currency: str) -> None:
+        self.amount, self.currency = amount, currency
+
+
+class PriceAsText:
+    def to_json(self, value: Any, path: ValuePath) -> Any:
+        if not isinstance(value, Price):
+            return UNHANDLED
+        return f"{value.currency} {value.amount}"
+
+    def from_json(self, data: Any, hint: Any, path: ValuePath) -> Any:
+        if hint is not Price:
+            return UNHANDLED
+        currency, amount = data.split(" ")
+        return Price(Decimal(amount), currency)
+
+
+async def quoted(ctx: WorkflowContext, value: Any) -> str:
+    price = await ctx.activity("billing.quote", value, result_type=Price)
+    return f"{price.amount}"
+
+
+def test_the_tester_scripts_values_with_the_registrys_converter() -> None:
+    registry = WorkflowRegistry(converter=DataConverter(links=(PriceAsText(), *DEFAULT_LINKS)))
+    registry.workflow("quote")(quoted)
+    tester = WorkflowTester(registry)
+    try:
+        tester.activity("billing.quote").returns(Price(Decimal("2.00"), "EUR"))
+    except ConfigurationError as exc:
+        pytest.fail(f"refused a value the registry's converter converts: {exc}")
+    assert tester.run("quote", None).result == "2.00"
+    with pytest.raises(ConfigurationError, match=r"returns\(value\): Price: no converter"):
+        WorkflowTester(WorkflowRegistry()).activity("billing.quote").returns(Price(Decimal(1), ""))
+
+
+def test_json_from_other_writers_may_hold_what_the_converter_never_writes() -> None:
+    # Documented (docs/payloads.md, Pitfalls): read as Python's json reads it.
+    values = DEFAULT_CONVERTER.from_payload(Payload(b"[NaN,Infinity,1e400]"), list[float])
+    assert [str(v) for v in values] == ["nan", "inf", "inf"]

@@ -7,6 +7,7 @@ engine as the orchestrator would) and judges it with another, as a deploy would.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import io
@@ -18,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+import pydantic
 import pytest
 
-from orchestrator import WorkflowCancelledError, WorkflowContext, WorkflowRegistry
+from orchestrator import WorkflowCancelledError, WorkflowContext, WorkflowRegistry, gate
 from orchestrator.cli import main
 from orchestrator.gate import (
     HistorySnapshot,
@@ -50,7 +52,9 @@ from orchestrator.protocol.records import (
     ParentRef,
     Payload,
     RunRequest,
+    SignalWorkflow,
     StartWorkflow,
+    TerminateWorkflow,
     WakeUp,
     WorkflowRecord,
     WorkflowStatus,
@@ -572,3 +576,297 @@ def test_a_run_that_continued_as_new_must_continue_again_on_replay() -> None:
     verdict = check(ended, changed)
     assert verdict.kind is Kind.DIVERGES
     assert "ended CONTINUED_AS_NEW, but the code now completes" in verdict.message
+
+
+# --- open workflows the code would end ----------------------------------------------------
+
+HELD = "shop.held"
+
+
+async def held_v1(ctx: WorkflowContext, order: dict[str, Any]) -> Any:
+    reservation = await ctx.activity("inventory.reserve", order)
+    await ctx.wait_signal("release")
+    return await ctx.activity("payment.charge", reservation)
+
+
+@dataclasses.dataclass
+class Reservation:
+    reservation_id: str
+
+
+async def held_typed(ctx: WorkflowContext, order: dict[str, Any]) -> Any:
+    # The deploy adds a result type; the results recorded by v1 do not fit it.
+    reservation = await ctx.activity("inventory.reserve", order, result_type=Reservation)
+    await ctx.wait_signal("release")
+    return await ctx.activity("payment.charge", reservation)
+
+
+async def held_renamed(ctx: WorkflowContext, order: dict[str, Any]) -> Any:
+    reservation = await ctx.activity("inventory.reserve", order)
+    await ctx.wait_signal("release")
+    return await ctx.activity("billing.charge", reservation)
+
+
+async def held_halts(ctx: WorkflowContext, order: dict[str, Any]) -> Any:
+    await ctx.activity("inventory.reserve", order)
+    await ctx.wait_signal("release")
+    raise Halt("half deployed")
+
+
+async def held_released(ctx: WorkflowContext, order: dict[str, Any]) -> Any:
+    reservation = await ctx.activity("inventory.reserve", order)
+    await ctx.wait_signal("release")
+    return reservation
+
+
+async def held_loops(ctx: WorkflowContext, order: dict[str, Any]) -> Any:
+    await ctx.activity("inventory.reserve", order)
+    ctx.continue_as_new(order)
+
+
+def _held_registry(fn: Any) -> WorkflowRegistry:
+    registry = WorkflowRegistry()
+    registry.workflow(HELD)(fn)
+    return registry
+
+
+def _held(registry: WorkflowRegistry | None = None) -> WorkflowRun:
+    """Reserved (v1's result, without ``reservation_id``), waiting for the release."""
+    run = WorkflowRun(
+        registry or _held_registry(held_v1), HELD, workflow_id="order-7", run_id="run-7"
+    )
+    run.start(ORDER)
+    run.complete(0, {"id": "r-1"})
+    assert run.status is WorkflowStatus.RUNNING
+    return run
+
+
+def _release(run: WorkflowRun) -> None:
+    run.send(SignalWorkflow("order-7", "release", encode_json(None), "s-1", run.now_ms))
+
+
+def test_an_open_workflow_the_new_code_would_end_on_its_recorded_history_diverges() -> None:
+    record = _held().record
+    assert record is not None
+    verdict = check(record, _held_registry(held_typed))
+    # What the deploy does to it: at its next input (the release signal), the engine
+    # replays the new code, the await raises PayloadEncodingError and the workflow closes
+    # FAILED, where v1 would have charged the card.
+    run = _held()
+    run.registry = _held_registry(held_typed)
+    _release(run)
+    assert_status(run.record, WorkflowStatus.FAILED, "PayloadEncodingError")
+    _assert_verdict(
+        verdict,
+        Kind.DIVERGES,
+        "the code now ends it where history shows it still running (its next input would "
+        "close it): it fails with PayloadEncodingError: Reservation: missing field "
+        "'reservation_id'",
+    )
+    assert exit_code([verdict]) == 1
+    _assert_verdict(
+        check(record, _held_registry(held_loops)),
+        Kind.DIVERGES,
+        "still running (its next input would close it): it continues as new",
+    )
+    # Code that waits where v1 waited, or goes on past history, is the next step.
+    _assert_verdict(check(record, _held_registry(held_released)), Kind.OK)
+
+
+def _parked(parking: Any) -> WorkflowRun:
+    """Parked by a deploy of ``parking`` when the release arrived (held_halts), or when
+    the charge's result arrived (held_renamed)."""
+    run = _held()
+    if parking is held_halts:
+        run.registry = _held_registry(held_halts)
+        _release(run)
+        assert_status(run.record, WorkflowStatus.STUCK, "WorkflowDefinitionError")
+    else:
+        _release(run)
+        run.registry = _held_registry(parking)
+        run.complete(1, {"charge_id": "c-1"})
+        assert_status(run.record, WorkflowStatus.STUCK, "NonDeterminismError")
+    return run
+
+
+def test_a_stuck_workflow_may_end_on_the_input_it_was_parked_at_but_not_before() -> None:
+    # Parked at the release: history holds the signal, which no code has run past yet.
+    at_release = _parked(held_halts).record
+    assert at_release is not None
+    _assert_verdict(check(at_release, _held_registry(held_v1)), Kind.RESUMES)
+    _assert_verdict(
+        check(at_release, _held_registry(held_released)),
+        Kind.RESUMES,
+        "replays cleanly now and ends on resume: it completes; parked with WorkflowDefinitionError",
+    )
+    # Ending at the reservation, which v1 waited after, is what no resume should do.
+    _assert_verdict(
+        check(at_release, _held_registry(held_typed)),
+        Kind.DIVERGES,
+        "the code now ends it before the input it was parked at, where history shows it "
+        "still running: it fails with PayloadEncodingError",
+    )
+    # Parked at the charge's result: a rollback resumes it and it completes.
+    at_charge = _parked(held_renamed).record
+    assert at_charge is not None
+    _assert_verdict(
+        check(at_charge, _held_registry(held_v1)),
+        Kind.RESUMES,
+        "replays cleanly now and ends on resume: it completes; parked with NonDeterminismError",
+    )
+
+
+# --- terminated workflows -----------------------------------------------------------------
+
+
+def test_a_workflow_terminated_because_it_was_stuck_does_not_fail_the_gate() -> None:
+    # The usual way out of STUCK (terminate it, as evolution.md advises) must not leave a
+    # record that fails `replay --topic --all` for the closed retention: no code runs a
+    # TERMINATED workflow again.
+    run = _parked(held_renamed)
+    run.send(TerminateWorkflow("order-7", "operator gave up on it", run.now_ms))
+    assert_status(run.record, WorkflowStatus.TERMINATED)
+    assert run.record is not None
+    verdict = check(run.record, _held_registry(held_renamed))
+    _assert_verdict(
+        verdict,
+        Kind.TERMINATED,
+        "never runs again; the code would diverge: step 1 is activity 'billing.charge'",
+    )
+    assert not verdict.kind.fails and exit_code([verdict]) == 0
+    assert verdict.line().startswith("TERMINATED order-7 (run run-7, shop.held, TERMINATED, ")
+    gone = check(run.record, _registry(order_v1))  # its type is no longer registered
+    _assert_verdict(gone, Kind.TERMINATED, "the code would not run it: type 'shop.held'")
+    assert counts([verdict, gone, check(run.record, _held_registry(held_v1))]) == (
+        "replayed 3 workflows: 1 ok, 0 diverge, 0 broken, 2 terminated (would not replay)"
+    )
+
+
+# --- one line per workflow ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("odd", ["\n", "\r", "\x0b", "\x1c", "\x85", "\u2028", "\x1b[2K"])
+def test_the_report_has_one_line_per_workflow_whatever_its_id(odd: str) -> None:
+    # Ids are not validated (a client may start "a\nb"): the report escapes them, as it
+    # does types, run ids and messages, so a CI job reading it line by line sees one
+    # line per workflow.
+    record = _held().record
+    assert record is not None
+    weird = dataclasses.replace(
+        record,
+        workflow_id=f"order-1{odd}replayed 0 workflows",
+        run_id=f"run{odd}7",
+        workflow_type=f"shop{odd}held",
+    )
+    registry = WorkflowRegistry()
+    registry.workflow(weird.workflow_type)(held_typed)
+    verdict = check(weird, registry)
+    assert verdict.kind is Kind.DIVERGES
+    lines = report([verdict]).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"DIVERGES order-1{odd.encode('unicode_escape').decode()}")
+    assert "\x1b" not in lines[0]
+
+
+# --- export files written by a newer version ----------------------------------------------
+
+
+def _newer_schema(**branch: Any) -> dict[str, Any]:
+    """The current file schema with one more history event kind, as a newer version's."""
+    newer = copy.deepcopy(file_schema(gate_codec()))
+    events = next(f for f in newer["fields"] if f["name"] == "events")
+    events["type"]["items"].append(
+        {"type": "record", "name": "io.sagaline.FutureEvent", "fields": [branch]}
+    )
+    return newer
+
+
+def test_an_export_with_one_record_of_a_newer_event_kind_is_judged_record_by_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _held().record
+    assert first is not None
+    second = dataclasses.replace(first, workflow_id="order-8")
+    datums = [_workflow_to_avro(r) for r in (first, second)]
+    datums[1]["events"] = [*datums[1]["events"], ("io.sagaline.FutureEvent", {"seq": 9})]
+    path = tmp_path / "newer.avro"
+    with path.open("wb") as out:
+        newer = _newer_schema(name="seq", type="long")
+        fastavro.writer(out, fastavro.parse_schema(newer), datums)
+    entries = read_records(path, gate_codec())
+    assert entries[0] == first
+    skipped = entries[1]
+    assert isinstance(skipped, Verdict)
+    _assert_verdict(
+        skipped,
+        Kind.SKIPPED,
+        "written by a newer version of sagaline (it holds io.sagaline.FutureEvent, unknown "
+        "here); not replayed",
+    )
+    assert skipped.line().startswith("SKIPPED order-8 (run run-7, shop.held): ")
+    registry_path = f"{__name__}:V1"  # any registry: neither record is shop.order's
+    assert main(["replay", registry_path, "--file", str(path)]) == 1  # shop.held: BROKEN
+    assert capsys.readouterr().out.endswith(
+        "replayed 1 workflow: 0 ok, 0 diverge, 1 broken; 1 skipped (written by a newer version)\n"
+    )
+
+
+# --- the commands' exit codes ---------------------------------------------------------------
+
+
+def test_sagaline_export_exits_3_when_it_crashes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Exit 1 says "some records could not be decoded": a KafkaException from the consumer
+    # mid-read or a fastavro error from the writer must not say that.
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("broker connection lost mid-read")
+
+    monkeypatch.setattr(gate, "export_history", broken)
+    assert main(["export", "--out", str(tmp_path / "x.avro")]) == 3
+    assert "export failed" in caplog.text
+    assert "broker connection lost mid-read" in caplog.text
+
+
+@pytest.mark.parametrize("raised", ["SystemExit(0)", "SystemExit(1)", "GeneratorExit()"])
+def test_a_module_that_exits_while_imported_is_a_configuration_error(
+    raised: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # sys.exit(0) at import must not end the gate with exit 0 (a pass).
+    name = f"gate_exiting_{raised[:4].lower()}_{raised[-2]}"
+    (tmp_path / f"{name}.py").write_text(f"raise {raised}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in (name, f"{name}:registry"):
+        sys.modules.pop(name, None)
+        assert main(["replay", spec, "--dir", str(tmp_path)]) == 2
+        assert f"importing {spec!r} failed: {raised}" in caplog.text
+
+
+# --- conversions that raise a BaseException -------------------------------------------------
+
+
+class Picky(pydantic.BaseModel):
+    x: int
+
+    @pydantic.field_validator("x")
+    @classmethod
+    def _not_13(cls, x: int) -> int:
+        if x == 13:
+            raise Halt("unlucky")
+        return x
+
+
+async def picky(ctx: WorkflowContext, value: Picky) -> int:
+    await ctx.sleep(1)
+    return value.x
+
+
+def test_a_validator_base_exception_is_a_definition_problem_not_a_gate_bug() -> None:
+    # The input's validator raising a BaseException is a problem of the workflow's code
+    # (replay() parks it), not a failure of the replay that sagaline should be told of.
+    run = WorkflowRun(_held_registry(held_v1), HELD, workflow_id="order-9", run_id="run-9")
+    run.start({"x": 13})
+    assert run.record is not None
+    verdict = check(run.record, _held_registry(picky))
+    assert verdict.kind is Kind.BROKEN
+    assert "please report it" not in verdict.message, verdict.message

@@ -223,9 +223,10 @@ def test_a_patch_asked_at_another_point_than_recorded_is_nondeterminism() -> Non
     assert "patch 'fraud-check' went on after step 0" in run.record.failure.message
 
 
-def test_a_signal_wait_after_the_patch_point_decides_by_delivered_history() -> None:
-    # No command after the point: the run can take the new path if the old one had not
-    # recorded anything past it (the state between is rebuilt by every replay anyway).
+def test_a_signal_wait_after_the_patch_point_decides_by_recorded_commands() -> None:
+    # No command after the point: the run takes the new path even though the old code
+    # passed it (waiting on the second signal), since nothing it recorded depends on it
+    # and the state between is rebuilt by every replay.
     async def old(ctx: WorkflowContext, _: Any) -> Any:
         first = await ctx.wait_signal("go")
         second = await ctx.wait_signal("go")
@@ -241,9 +242,37 @@ def test_a_signal_wait_after_the_patch_point_decides_by_delivered_history() -> N
     run.send(SignalWorkflow(run.workflow_id, "go", encode_json(1), "s1", run.now_ms))
     _deploy(run, new)
     run.send(SignalWorkflow(run.workflow_id, "go", encode_json(2), "s2", run.now_ms))
-    # The second signal is delivered after the point: the patch asks past the first,
-    # which history already held, so it is off.
-    assert _result(run) == [1, 2, "old"]
+    assert _result(run) == [1, 2, "new"]
+
+
+def test_a_patch_stays_off_where_an_outcome_recorded_before_the_input_is_pending() -> None:
+    # The old code took s1 and s2 in earlier inputs and waits on "late"; the patch sits
+    # between the two signals, so the old code passed it with s2 still to come then:
+    # the new code must see the point as passed (off), or it would diverge.
+    async def old(ctx: WorkflowContext, _: Any) -> Any:
+        first = await ctx.wait_signal("go")
+        await ctx.activity("p.after_first", first)
+        second = await ctx.wait_signal("go")
+        await ctx.activity("p.after_second", second)
+        return await ctx.wait_signal("late")
+
+    async def new(ctx: WorkflowContext, _: Any) -> Any:
+        first = await ctx.wait_signal("go")
+        if ctx.patched("extra"):
+            await ctx.activity("p.extra", first)
+        await ctx.activity("p.after_first", first)
+        second = await ctx.wait_signal("go")
+        await ctx.activity("p.after_second", second)
+        return await ctx.wait_signal("late")
+
+    run = _run(old)
+    run.send(SignalWorkflow(run.workflow_id, "go", encode_json(1), "s1", run.now_ms))
+    run.complete(0)
+    run.send(SignalWorkflow(run.workflow_id, "go", encode_json(2), "s2", run.now_ms))
+    _deploy(run, new)
+    run.complete(1)
+    assert_status(run.record, WorkflowStatus.RUNNING)
+    assert not any(isinstance(e, PatchMarker) for e in run.record.events)  # type: ignore[union-attr]
 
 
 # --- deploy 2: ctx.deprecate_patch --------------------------------------------------------
