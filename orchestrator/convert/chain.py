@@ -192,6 +192,14 @@ class DataConverter:
                 converter does not have, the bytes are not JSON, or the JSON does not fit
                 ``hint`` (the message names where).
         """
+        if payload.encoding == JSON_ENCODING and hint is Any:
+            # What nearly every replayed result is: plain JSON, no codec, no type.
+            try:
+                return json.loads(payload.data)
+            except (ValueError, TypeError) as exc:
+                raise PayloadEncodingError(f"payload is not valid JSON: {describe(exc)}") from exc
+            except RecursionError:
+                raise PayloadEncodingError("payload JSON is nested too deeply") from None
         base, _, names = payload.encoding.partition("+")
         if base != JSON_ENCODING:
             raise PayloadEncodingError(
@@ -255,6 +263,10 @@ class DataConverter:
                 e.g. ``Order.items[2].sku: expected str, got int``.
         """
         if hint is Any:
+            return data
+        plain = _plain_container(hint)
+        if plain is not None and type(data) is plain:
+            # dict[str, Any], list[Any], dict, list: JSON as it is, nothing to check inside.
             return data
         try:
             return self._from_json(data, hint, ValuePath(self, None, hint_label(hint)))
@@ -574,3 +586,27 @@ def _expect(data: Any, kind: type[Any], path: ValuePath) -> Any:
 
 DEFAULT_CONVERTER: Final = DataConverter()
 """The converter used where none is given: the default links, no codec."""
+
+
+_PLAIN_CONTAINERS: Final[dict[Any, type | None]] = {}
+
+
+def _plain_container(hint: Any) -> type | None:
+    """``dict`` or ``list`` when ``hint`` is one of them holding anything (``dict``,
+    ``dict[str, Any]``, ``list``, ``list[Any]``); else None. Cached per hint, as the
+    workflow's input hint is asked on every replay."""
+    try:
+        return _PLAIN_CONTAINERS[hint]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable hint
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    kind: type | None = None
+    if hint is dict or (origin is dict and args in ((str, Any), (Any, Any))):
+        kind = dict
+    elif hint is list or (origin is list and args == (Any,)):
+        kind = list
+    if len(_PLAIN_CONTAINERS) < 4096:
+        _PLAIN_CONTAINERS[hint] = kind
+    return kind

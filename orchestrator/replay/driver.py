@@ -221,17 +221,12 @@ def final_outcomes(events: tuple[HistoryEvent, ...]) -> list[HistoryEvent]:
     """The events that settle a command, in history order: completions, fired timers, and
     failures with no retry after them and none waiting (``retry_at_ms`` None); and the
     signals received, which settle waits."""
-    return [e for _, e in _final_positions(events)]
-
-
-def _final_positions(events: tuple[HistoryEvent, ...]) -> list[tuple[int, HistoryEvent]]:
-    """``final_outcomes`` with each event's index in ``events``."""
     retried = {
         (e.seq, e.attempt - 1) for e in events if type(e) is ActivityScheduled and e.attempt > 1
     }
     return [
-        (index, e)
-        for index, e in enumerate(events)
+        e
+        for e in events
         if type(e) in _ALWAYS_FINAL
         or (
             type(e) is ActivityFailed
@@ -239,6 +234,26 @@ def _final_positions(events: tuple[HistoryEvent, ...]) -> list[tuple[int, Histor
             and (e.seq, e.attempt) not in retried
         )
     ]
+
+
+def _added_outcomes(finals: list[HistoryEvent], added: tuple[HistoryEvent, ...]) -> int:
+    """How many of ``finals`` (in history order) are among ``added``, the last events of
+    the same history: walked from the end, as ``added`` holds one input's few events."""
+    count, index, position = 0, len(finals), len(added) - 1
+    while index and position >= 0:
+        if finals[index - 1] is added[position]:
+            count += 1
+            index -= 1
+        position -= 1
+    return count
+
+
+def _index_of(events: tuple[HistoryEvent, ...], event: HistoryEvent | None) -> int:
+    """Where ``event`` (that very object) is in ``events``; -1 if it is not."""
+    for index, candidate in enumerate(events):
+        if candidate is event:
+            return index
+    return -1
 
 
 # Events that always settle something (event classes are final: their type is exact).
@@ -277,27 +292,27 @@ class _Replayer:
         self.closed_timers: set[int] = set()
         # Patches recorded on, by id; what this replay answered, by id.
         self.markers: dict[str, PatchMarker] = {}
-        self.marker_at: dict[str, int] = {}
         self.patches: dict[str, bool] = {}
         self.new_markers: list[PatchMarker] = []
-        for index, event in enumerate(events):
+        self.events = events
+        self.last_recorded = -1  # the highest command number in history
+        for event in events:
             command = command_of(event)
             if command is not None:
                 self.recorded[command.seq] = command
+                self.last_recorded = max(self.last_recorded, command.seq)
             elif isinstance(event, TimerFired | TimerCancelled):
                 self.closed_timers.add(event.seq)
             elif type(event) is PatchMarker and event.patch_id not in self.markers:
                 self.markers[event.patch_id] = event
-                self.marker_at[event.patch_id] = index
-        self.last_recorded = max(self.recorded, default=-1)
         # Recorded outcomes not yet delivered to the code, those of them that were in
-        # history before this input, how many were delivered, and the index after the
-        # last one delivered; kept by ``_drive``.
+        # history before this input, how many were delivered, and the one delivered last;
+        # kept by ``_drive``.
         self.undelivered = 0
         self.undelivered_before = 0
         self.delivered = 0
-        self.position = 0
-        self.finals: list[tuple[int, HistoryEvent]] = []
+        self.current: HistoryEvent | None = None
+        self.finals: list[HistoryEvent] = []
         self.continued: Payload | None = None
         # What the code awaits now, for messages.
         self.blocked_on: CommandHandle | None = None
@@ -490,7 +505,11 @@ class _Replayer:
             return known
         marker = self.markers.get(patch_id)
         if self.handling:
-            return marker is not None and self.marker_at.get(patch_id, 0) < self.position
+            # A handler runs where history has its input: the patch counts if it was
+            # recorded before that point.
+            return marker is not None and (
+                _index_of(self.events, marker) < _index_of(self.events, self.current)
+            )
         if self.closing or self.problem is not None:
             return marker is not None  # a closing coroutine: nothing it does counts
         if marker is not None:
@@ -773,18 +792,20 @@ def _drive(
     events: tuple[HistoryEvent, ...],
 ) -> None:
     attempts = {e.seq: e.attempt for e in events if isinstance(e, ActivityScheduled)}
-    finals = replayer.finals = _final_positions(events)
-    boundary = replayer.recorded_before
+    finals = replayer.finals = final_outcomes(events)
     replayer.undelivered = len(finals)
-    replayer.undelivered_before = sum(1 for index, _ in finals if index < boundary)
+    replayer.undelivered_before = len(finals) - _added_outcomes(
+        finals, events[replayer.recorded_before :]
+    )
     _step(coro, replayer, outcome)
-    for index, event in finals:
+    for event in finals:
         if outcome.finished or replayer.problem is not None:
             return
         replayer.undelivered -= 1
-        replayer.undelivered_before -= index < boundary
+        if replayer.undelivered_before:
+            replayer.undelivered_before -= 1  # finals come in history order: these first
         replayer.delivered += 1
-        replayer.position = index + 1
+        replayer.current = event
         if isinstance(event, SignalReceived):
             # Not a command's outcome: it joins its name's queue, and the code runs on in
             # case it waits for it (a wait on anything else just waits again).
@@ -880,7 +901,7 @@ def _step(
         # The signals no wait took, then those history holds that the code never reached.
         outcome.carried = [replayer.arrived[o] for o in replayer.signals.untaken()]
         later = replayer.finals[len(replayer.finals) - replayer.undelivered :]
-        outcome.carried.extend(e for _, e in later if type(e) is SignalReceived)
+        outcome.carried.extend(e for e in later if type(e) is SignalReceived)
         return
     except BaseException as exc:  # nothing workflow code raises may escape
         if replayer.continued is not None:
