@@ -508,12 +508,14 @@ class PromiseHandle(CommandHandle):
     Awaiting a failed promise raises :class:`~orchestrator.errors.PromiseFailedError`.
     """
 
-    __slots__ = ("id", "name")
+    __slots__ = ("id", "name", "value_type")
 
     def __init__(self, scheduler: Scheduler, seq: int, name: str, promise_id: str) -> None:
         super().__init__(scheduler, seq)
         self.name = name
         self.id = promise_id
+        # What the completion's value converts to (ctx.promise's value_type).
+        self.value_type: Any = Any
 
     def _describe(self) -> str:
         return f"promise {self.name!r} (step {self.seq})"
@@ -530,11 +532,12 @@ class SignalHandle(CommandHandle):
     alone or in a race, makes it a new wait.
     """
 
-    __slots__ = ("_consumed", "_registered", "name")
+    __slots__ = ("_consumed", "_registered", "name", "value_type")
 
-    def __init__(self, scheduler: Scheduler, name: str) -> None:
+    def __init__(self, scheduler: Scheduler, name: str, value_type: Any = Any) -> None:
         super().__init__(scheduler, -1)  # not a command: signals are inputs, not steps
         self.name = name
+        self.value_type = value_type
         self._consumed = False
         self._registered = True
         scheduler.wait_signal(self)
@@ -561,7 +564,10 @@ class SignalHandle(CommandHandle):
 
     def _outcome(self) -> Any:
         self._consumed = True
-        return super()._outcome()
+        value = super()._outcome()
+        if self.value_type is Any:
+            return value
+        return self._scheduler.convert(value, self.value_type)
 
     def _release(self) -> None:
         if not self._consumed and self._registered:
@@ -804,6 +810,11 @@ class Scheduler(Protocol):
         """How far the code has got: commands made plus outcomes delivered."""
         ...
 
+    def convert(self, value: Any, hint: Any) -> Any:
+        """Plain JSON ``value`` as type ``hint`` by the registry's converter; raises
+        ``PayloadEncodingError`` when it does not fit."""
+        ...
+
 
 Handler = Callable[..., Any]
 """A query handler, update handler or update validator: a plain function called with the
@@ -975,7 +986,7 @@ class WorkflowContext:
             raise self._misuse("ctx.first() needs at least one handle; it would wait forever")
         return First(self._scheduler, self._handles("ctx.first", handles))
 
-    def promise(self, name: str) -> PromiseHandle:
+    def promise(self, name: str, *, value_type: Any = Any) -> PromiseHandle:
         """A promise that something outside the workflow completes later: a person's
         approval, a payment provider's callback, any system given :attr:`PromiseHandle.id`.
 
@@ -984,7 +995,9 @@ class WorkflowContext:
         failed promise raises :class:`~orchestrator.errors.PromiseFailedError`. Like any
         handle it takes ``with_timeout``, ``ctx.gather`` and ``ctx.first``. The id is
         ``<workflow id>/<run id>/p<step>``, stable across replays; a promise completes
-        once (later completions are ignored).
+        once (later completions are ignored). ``value_type``: what the value converts to
+        (a dataclass, a pydantic model; default plain JSON); one that does not fit raises
+        ``PayloadEncodingError`` at the ``await``.
 
         Raises:
             ConfigurationError: ``name`` is not 1-200 characters of UTF-8 text without
@@ -995,16 +1008,22 @@ class WorkflowContext:
             raise self._misuse(
                 f"ctx.promise({_shown(name)}): {problem.replace('signal', 'promise')}"
             )
-        return self._scheduler.promise(str.__str__(name))
+        handle = self._scheduler.promise(str.__str__(name))
+        handle.value_type = value_type
+        return handle
 
     @overload
-    def wait_signal(self, name: str, timeout: None = None) -> SignalHandle: ...
+    def wait_signal(
+        self, name: str, timeout: None = None, *, value_type: Any = Any
+    ) -> SignalHandle: ...
 
     @overload
-    def wait_signal(self, name: str, timeout: float | timedelta) -> Timeout[Any]: ...
+    def wait_signal(
+        self, name: str, timeout: float | timedelta, *, value_type: Any = Any
+    ) -> Timeout[Any]: ...
 
     def wait_signal(
-        self, name: str, timeout: float | timedelta | None = None
+        self, name: str, timeout: float | timedelta | None = None, *, value_type: Any = Any
     ) -> SignalHandle | Timeout[Any]:
         """Wait for the signal ``name``: ``await`` it for the signal's value.
 
@@ -1014,7 +1033,9 @@ class WorkflowContext:
         signals sent before the wait are not lost. With ``timeout`` (seconds or
         timedelta) a durable timer races the signal and awaiting raises
         :class:`~orchestrator.errors.WorkflowTimeoutError` if it fires first; the signal
-        is then left for a later wait.
+        is then left for a later wait. ``value_type``: what the signal's value converts
+        to (a dataclass, a pydantic model; default plain JSON); one that does not fit
+        raises ``PayloadEncodingError`` at the ``await`` (the signal is taken).
 
         Raises:
             ConfigurationError: ``name`` is not 1-200 characters of UTF-8 text without
@@ -1024,7 +1045,7 @@ class WorkflowContext:
         problem = signal_name_problem(name)
         if problem is not None:
             raise self._misuse(f"ctx.wait_signal({_shown(name)}): {problem}")
-        handle = SignalHandle(self._scheduler, str.__str__(name))
+        handle = SignalHandle(self._scheduler, str.__str__(name), value_type)
         if timeout is None:
             return handle
         return handle.with_timeout(timeout)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
 
+from orchestrator.errors import UnknownSchemaError
 from orchestrator.protocol.codec import (
     WORKFLOW,
     AvroCodec,
@@ -311,7 +312,10 @@ class HistorySnapshot:
         for workflow_id in workflow_ids:
             try:
                 yield codec.decode_workflow(self.latest[workflow_id])
-            except Exception as exc:  # an unknown schema id, garbage, a newer event kind
+            except UnknownSchemaError as exc:
+                # A schema id a newer version wrote, as files report it: not the code's fault.
+                yield newer(workflow_id, "", "", safe_text(describe(exc), _REASON_CHARS))
+            except Exception as exc:  # garbage, a newer event kind under a known id
                 yield undecodable(workflow_id, describe(exc))
 
 

@@ -546,6 +546,9 @@ class _Replayer:
         if self.continued is None:
             self.continued = payload
 
+    def convert(self, value: Any, hint: Any) -> Any:
+        return self.converter.from_json(value, hint)
+
     def history_length(self) -> int:
         # Commands made and outcomes seen: what the code reached, never the events the
         # engine adds or replaces beside them (start reports, heartbeats, retries).
@@ -758,7 +761,8 @@ def _settle_promise(handle: CommandHandle, event: PromiseCompleted, replayer: _R
         handle.reject(PromiseFailedError(repr(handle.name), failure.error_type, failure.message))
         return
     try:
-        handle.resolve(replayer.converter.from_payload(event.payload or _UNENCODED))
+        value_type = handle.value_type
+        handle.resolve(replayer.converter.from_payload(event.payload or _UNENCODED, value_type))
     except BaseException as exc:  # not JSON, nested too deep, a codec that raises
         handle.reject(replayer.unreadable(exc, "promise value"))
 

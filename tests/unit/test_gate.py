@@ -422,20 +422,24 @@ def test_a_snapshot_selects_open_workflows_and_reports_what_it_cannot_decode() -
     running, completed, stuck = _running(), _completed(), _stuck()
     newer = dataclasses.replace(running, workflow_id="order-9", status=WorkflowStatus.UNKNOWN)
     latest = {r.workflow_id: codec.encode_workflow(r) for r in (running, completed, stuck, newer)}
-    latest["order-0"] = b"\x00\x00\x00\x00\x01garbage"
+    latest["order-0"] = b"\x07not a framed record"
+    latest["order-8"] = b"\x00\x00\x00\x00\x01written by a newer version"
     snapshot = HistorySnapshot("p.history", latest, records=9)
     chosen = snapshot.select(codec, include_closed=False)
-    assert chosen == ["order-0", "order-1", "order-3", "order-9"]
+    assert chosen == ["order-0", "order-1", "order-3", "order-8", "order-9"]
     assert snapshot.select(codec, include_closed=True) == sorted(latest)
     verdicts = judge(snapshot.entries(codec, chosen), V1, total=len(chosen))
     assert [(v.workflow_id, v.kind) for v in verdicts] == [
         ("order-0", Kind.BROKEN),
         ("order-1", Kind.OK),
         ("order-3", Kind.RESUMES),
+        ("order-8", Kind.SKIPPED),
         ("order-9", Kind.SKIPPED),
     ]
-    _assert_verdict(verdicts[0], Kind.BROKEN, "cannot decode: UnknownSchemaError")
     assert verdicts[0].line().startswith("BROKEN order-0: cannot decode: ")
+    # An unknown schema id is a newer version's record, as in files: not the code's fault.
+    _assert_verdict(verdicts[3], Kind.SKIPPED, "written by a newer version of sagaline")
+    assert "UnknownSchemaError" in verdicts[3].message
 
 
 def test_progress_is_written_at_most_once_per_interval() -> None:

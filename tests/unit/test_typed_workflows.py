@@ -160,3 +160,45 @@ def test_the_tester_scripts_and_returns_typed_values() -> None:
     assert result.status is WorkflowStatus.COMPLETED
     assert result.result == Receipt("o-5", "r-5", 1)
     assert result.calls[0].value == {"items": [{"qty": 1, "sku": "a"}], "order_id": "o-5"}
+
+
+@dataclasses.dataclass
+class Approval:
+    by: str
+    level: int = 1
+
+
+def test_signals_and_promises_take_their_value_type() -> None:
+    async def approved(ctx: WorkflowContext, _: Any) -> Any:
+        approval = await ctx.wait_signal("approve", value_type=Approval)
+        paid = await ctx.promise("paid", value_type=Item)
+        late = await ctx.wait_signal("late", timeout=60, value_type=list[Item])
+        return [approval.by, approval.level, paid.sku, [i.qty for i in late]]
+
+    tester = WorkflowTester(_registry_of(approved))
+    tester.signal("approve", {"by": "ann"}, at=1)
+    tester.complete_promise("paid", {"sku": "tea", "qty": 3}, after=1)
+    tester.signal("late", [{"sku": "a"}, {"sku": "b", "qty": 2}], at=3)
+    result = tester.run("approved")
+    assert result.status is WorkflowStatus.COMPLETED, result
+    assert result.result == ["ann", 1, "tea", [1, 2]]
+
+
+def test_a_signal_that_does_not_fit_raises_at_the_await() -> None:
+    async def strict(ctx: WorkflowContext, _: Any) -> Any:
+        try:
+            await ctx.wait_signal("approve", value_type=Approval)
+        except Exception as exc:
+            return type(exc).__name__
+        return "fit"
+
+    tester = WorkflowTester(_registry_of(strict))
+    tester.signal("approve", {"level": 2}, at=1)  # no "by"
+    result = tester.run("strict")
+    assert result.result == "PayloadEncodingError"
+
+
+def _registry_of(fn: Any) -> WorkflowRegistry:
+    registry = WorkflowRegistry()
+    registry.workflow(fn.__name__)(fn)
+    return registry
