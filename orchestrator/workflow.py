@@ -22,6 +22,7 @@ import functools
 import inspect
 import itertools
 import math
+import re
 import uuid
 from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Any, Final, Generic, NoReturn, Protocol, TypeVar, cast, overl
 
 from orchestrator.convert import DEFAULT_CONVERTER, DataConverter
 from orchestrator.errors import ConfigurationError, ContinueAsNewError, WorkflowTimeoutError
+from orchestrator.protocol.celery import CELERY_PARTICIPANT, DEFAULT_QUEUE
 from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
 from orchestrator.protocol.records import ParentClosePolicy
 from orchestrator.protocol.topics import activity_name_problem
@@ -40,6 +42,8 @@ F = TypeVar("F", bound=WorkflowFn)
 T = TypeVar("T")
 H = TypeVar("H", bound="CommandHandle")
 
+# A Celery queue is a Kafka topic (kombu's confluentkafka transport).
+_QUEUE: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
 # Attempts travel as an Avro int.
 MAX_ATTEMPTS: Final = 2**31 - 1
 # The longest interval, timeout or sleep: 100 years keeps every time in the record a long.
@@ -917,6 +921,56 @@ class WorkflowContext:
         )
         handle.result_type = result_type
         return handle
+
+    def celery(
+        self,
+        task_name: str,
+        *args: Any,
+        queue: str = DEFAULT_QUEUE,
+        retry: RetryPolicy | None = None,
+        compensation: bool = False,
+        schedule_to_close: float | timedelta | None = None,
+        start_to_close: float | timedelta | None = None,
+        result_type: Any = Any,
+        **kwargs: Any,
+    ) -> ActivityHandle:
+        """Run the Celery task registered as ``task_name`` with ``args`` and ``kwargs`` on a
+        Celery worker that consumes ``queue``, as a step of this workflow.
+
+        The orchestrator sends the task message in its transaction to the Kafka topic
+        named ``queue``, which an unmodified ``celery worker -Q <queue>`` on a
+        ``confluentkafka://`` broker consumes; the Celery task id is the activity id. The
+        worker-side integration (``participants.celery.attach(app)``) reports the outcome.
+        ``retry``, ``compensation``, ``schedule_to_close`` and ``result_type`` work as for
+        :meth:`activity`; ``start_to_close`` is also the task's hard time limit. Keyword
+        arguments named like these options cannot be passed to the task.
+
+        Raises:
+            ConfigurationError: an invalid task name, queue or option (the workflow is
+                parked as ``STUCK``).
+        """
+        name = f"{CELERY_PARTICIPANT}.{task_name}" if isinstance(task_name, str) else task_name
+        problem = _name_problem(name)
+        if problem is not None or not isinstance(task_name, str):
+            raise self._misuse(
+                f"ctx.celery({_shown(task_name)}): a task name must be 1-200 letters, "
+                "digits, '_', '.' and '-', starting with a letter, digit or '_'"
+            )
+        if not isinstance(queue, str) or not _QUEUE.fullmatch(queue):
+            raise self._misuse(
+                f"ctx.celery({_shown(task_name)}, queue={_shown(queue)}): a queue is 1-200 "
+                "letters, digits, '_', '.' and '-' (it is a Kafka topic name)"
+            )
+        value = {"args": list(args), "kwargs": kwargs, "queue": str.__str__(queue)}
+        return self.activity(
+            name,
+            value,
+            retry=retry,
+            compensation=compensation,
+            schedule_to_close=schedule_to_close,
+            start_to_close=start_to_close,
+            result_type=result_type,
+        )
 
     def sleep(self, seconds: float | timedelta) -> TimerHandle:
         """A durable timer that fires ``seconds`` (int, float or timedelta) from now.

@@ -33,14 +33,18 @@ from orchestrator.errors import (
     FatalKafkaError,
     RecordDecodeError,
 )
+from orchestrator.protocol.celery import CELERY_PARTICIPANT
+from orchestrator.protocol.celery import task_message as celery_message
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.failures import describe, safe_text
 from orchestrator.protocol.partitioning import partition_for
+from orchestrator.protocol.payloads import PayloadEncodingError
 from orchestrator.protocol.records import (
     ActivityHeartbeat,
     ActivityResult,
     ActivityStarted,
     ActivityStatus,
+    ActivityTask,
     CancelWorkflow,
     CompletePromise,
     Failure,
@@ -631,6 +635,37 @@ class InputProcessor:
             )
             self.store.stage_release(partition, wid, offset)
 
+    def _celery_task(
+        self, record: WorkflowRecord, task: ActivityTask, key: bytes
+    ) -> tuple[str, bytes, bytes]:
+        """The Celery message of ``task`` on its queue's topic (see protocol.celery)."""
+        try:
+            queue, data = celery_message(task)
+        except PayloadEncodingError as exc:
+            raise _Unroutable(Failure("InvalidCeleryCall", safe_text(exc))) from None
+        if not self.topics.valid(queue):
+            raise _Unroutable(
+                Failure("InvalidTaskTopic", safe_text(f"{queue!r} is not a valid topic name"))
+            )
+        if not self.directory.exists(queue):
+            raise _Unroutable(
+                Failure(
+                    "MissingTasksTopic",
+                    f"Celery queue topic {queue} does not exist: start a Celery worker with "
+                    f"-Q {queue} (it creates the topic) or create it, then resume the "
+                    f"workflow (sagaline resume {safe_text(record.workflow_id, 200)})",
+                )
+            )
+        if len(key) + len(data) > self.max_record_bytes:
+            raise _Unroutable(
+                Failure(
+                    "RecordTooLarge",
+                    f"the Celery message for {safe_text(task.activity, 200)} is "
+                    f"{len(data)} bytes, above {self.max_record_bytes}",
+                )
+            )
+        return queue, key, data
+
     def _plan(
         self, transition: Transition
     ) -> tuple[WorkflowRecord, bytes, list[tuple[str, bytes, bytes]]]:
@@ -641,6 +676,9 @@ class InputProcessor:
         encoded = self._checked("the workflow's record", key, lambda: self._encode(record))
         tasks: list[tuple[str, bytes, bytes]] = []
         for task in transition.tasks:
+            if task.participant == CELERY_PARTICIPANT:
+                tasks.append(self._celery_task(record, task, key))
+                continue
             topic = self.topics.tasks(task.participant)
             if not self.topics.valid(topic):
                 raise _Unroutable(
