@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 from typing import Any, Final
 
-from celery.signals import task_failure, task_prerun, task_success
-from confluent_kafka import Producer
+from celery.signals import task_failure, task_prerun, task_success, task_unknown
+from confluent_kafka import KafkaError, Message, Producer
 
 from orchestrator.convert import DEFAULT_CONVERTER, DataConverter
 from orchestrator.protocol.celery import (
@@ -47,6 +49,7 @@ from orchestrator.protocol.records import (
     InboxBody,
 )
 from orchestrator.settings import KafkaSettings
+from participants.delivery import ResultDeliveryError, result_record
 from participants.participant import handler_failure, wall_clock_ms
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,11 @@ class CeleryOutcomes:
         *,
         converter: DataConverter = DEFAULT_CONVERTER,
         codec: AvroCodec | None = None,
+        max_record_bytes: int = 900_000,
     ) -> None:
+        """``max_record_bytes``: the largest inbox record the orchestrators take (their
+        ``SAGALINE_MAX_RECORD_BYTES``); a larger result is reported as ``ResultTooLarge``
+        (its effects committed), as native participants do."""
         self.topics = settings.topics
         self.converter = converter
         self.codec = codec or AvroCodec()
@@ -78,17 +85,20 @@ class CeleryOutcomes:
         }
         self._producer: Producer | None = None
         self._pid = 0
+        self._lock = threading.Lock()
+        self.max_record_bytes = max_record_bytes
         self.published = 0
 
     @property
     def producer(self) -> Producer:
         """This process's producer. ``attach`` runs in the worker's main process, before
         the prefork pool forks its children, and a Kafka client does not survive a fork:
-        each process makes its own on first use."""
-        if self._producer is None or self._pid != os.getpid():
-            self._producer = Producer(self._config)
-            self._pid = os.getpid()
-        return self._producer
+        each process makes its own on first use (once, whatever threads ask at once)."""
+        with self._lock:
+            if self._producer is None or self._pid != os.getpid():
+                self._producer = Producer(self._config)
+                self._pid = os.getpid()
+            return self._producer
 
     def starting(self, sender: Any = None, **_: Any) -> None:
         """``task_prerun`` handler: report the start of a step whose start-to-close
@@ -108,7 +118,13 @@ class CeleryOutcomes:
         try:
             payload = self.converter.to_payload(result)
         except PayloadEncodingError as exc:
-            failure = Failure("PayloadEncodingError", safe_text(f"task result: {exc}"))
+            # The task ran to its end: whatever it wrote stays written.
+            failure = Failure(
+                "PayloadEncodingError",
+                safe_text(f"task result: {exc}"),
+                retryable=False,
+                effects_committed=True,
+            )
             self._publish(step, ActivityStatus.FAILED, failure=failure)
             return
         self._publish(step, ActivityStatus.COMPLETED, result=payload)
@@ -119,8 +135,31 @@ class CeleryOutcomes:
         step = _step_of(sender)
         if step is None:
             return
-        error = exception if exception is not None else RuntimeError("the task failed")
+        # Celery hands the signal a picklable stand-in of the exception (a wrapper, or
+        # the nearest picklable base class); where the task raised, the original is the
+        # one being handled, with its own class name and retryable flag.
+        raised = sys.exc_info()[1]
+        error = raised if raised is not None else exception
+        if error is None:
+            error = RuntimeError("the task failed")
         self._publish(step, ActivityStatus.FAILED, failure=handler_failure(error))
+
+    def unknown(self, message: Any = None, name: str = "", **_: Any) -> None:
+        """``task_unknown`` handler: no task of that name is registered on this worker (a
+        misspelt name, workers of another version on the queue); the step fails,
+        retryably, as a native participant answers an activity it lacks."""
+        step = _step_in(getattr(message, "headers", None))
+        if step is None:
+            return
+        failure = Failure(
+            "UnknownTask",
+            safe_text(
+                f"no task {name!r} is registered on the Celery worker that took it; "
+                "deploy the task or fix the name"
+            ),
+            retryable=True,
+        )
+        self._publish(step, ActivityStatus.FAILED, failure=failure)
 
     def _publish(
         self,
@@ -141,25 +180,43 @@ class CeleryOutcomes:
             result=result,
             failure=failure,
         )
-        if self._send(outcome, workflow_id, activity_id):
+        try:
+            # Too large for the inbox: a ResultTooLarge failure instead, as participants do.
+            record = result_record(outcome, self.topics, self.codec, self.max_record_bytes)
+        except ResultDeliveryError:
+            log.exception("cannot report the outcome of %s", safe_text(activity_id, 300))
+            return
+        if self._produce(record.value, workflow_id, activity_id):
             self.published += 1
 
     def _send(self, body: InboxBody, workflow_id: str, activity_id: str) -> bool:
-        """Produce ``body`` to the inbox and wait until Kafka has it; False if it could
-        not (logged: the step's timeout then retries it)."""
+        return self._produce(self.codec.encode_inbox(body), workflow_id, activity_id)
+
+    def _produce(self, value: bytes | None, workflow_id: str, activity_id: str) -> bool:
+        """Produce ``value`` to the inbox and wait for Kafka's delivery report; False if
+        it was not delivered (logged: the step's timeout then retries it)."""
+        errors: list[KafkaError] = []
+        delivered: list[bool] = []
+
+        def report(error: KafkaError | None, _msg: Message) -> None:
+            if error is None:
+                delivered.append(True)
+            else:
+                errors.append(error)
+
+        producer = self.producer  # one producer for both calls
         try:
-            self.producer.produce(
-                self.topics.inbox, self.codec.encode_inbox(body), workflow_id.encode()
-            )
-            left = self.producer.flush(DELIVERY_TIMEOUT_S)
+            producer.produce(self.topics.inbox, value, workflow_id.encode(), on_delivery=report)
+            producer.flush(DELIVERY_TIMEOUT_S)
         except Exception:  # a full queue, a record Kafka refuses: say so, never crash a task
             log.exception("cannot publish for %s", safe_text(activity_id, 300))
             return False
-        if left:
+        if not delivered:
             log.error(
-                "a record for %s was not delivered within %.0f s",
+                "a record for %s was not delivered within %.0f s: %s",
                 safe_text(activity_id, 300),
                 DELIVERY_TIMEOUT_S,
+                errors[0] if errors else "no delivery report",
             )
             return False
         return True
@@ -169,10 +226,29 @@ def _step_of(task: Any) -> tuple[str, str, int, int] | None:
     """The workflow step a task's request answers (workflow id, activity id, step,
     attempt), or None for a task no workflow sent."""
     request = getattr(task, "request", None)
-    workflow_id = getattr(request, WORKFLOW_ID_HEADER, None)
-    seq = getattr(request, SEQ_HEADER, None)
-    attempt = getattr(request, ATTEMPT_HEADER, None)
-    task_id = getattr(request, "id", None)
+    return _step(
+        getattr(request, WORKFLOW_ID_HEADER, None),
+        getattr(request, "id", None),
+        getattr(request, SEQ_HEADER, None),
+        getattr(request, ATTEMPT_HEADER, None),
+    )
+
+
+def _step_in(headers: Any) -> tuple[str, str, int, int] | None:
+    """``_step_of`` for a message's headers (a task the worker could not run)."""
+    if not isinstance(headers, dict):
+        return None
+    return _step(
+        headers.get(WORKFLOW_ID_HEADER),
+        headers.get("id"),
+        headers.get(SEQ_HEADER),
+        headers.get(ATTEMPT_HEADER),
+    )
+
+
+def _step(
+    workflow_id: Any, task_id: Any, seq: Any, attempt: Any
+) -> tuple[str, str, int, int] | None:
     if (
         not isinstance(workflow_id, str)
         or not isinstance(task_id, str)
@@ -206,6 +282,11 @@ def attach(
         if sender is not None and getattr(sender, "app", None) is app:
             outcomes.starting(sender, **kwargs)
 
+    def unknown(sender: Any = None, **kwargs: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            outcomes.unknown(**kwargs)
+
+    task_unknown.connect(unknown, weak=False)
     task_prerun.connect(starting, weak=False)
     task_success.connect(succeeded, weak=False)
     task_failure.connect(failed, weak=False)

@@ -22,6 +22,7 @@ import psycopg
 
 from orchestrator.convert import DEFAULT_CONVERTER, DataConverter, input_hint
 from orchestrator.errors import ConfigurationError
+from orchestrator.protocol.celery import CELERY_PARTICIPANT
 from orchestrator.protocol.failures import (
     MAX_NAME_CHARS,
     describe,
@@ -393,6 +394,11 @@ class Participant:
             raise ConfigurationError(
                 f"participant name {name!r} must be 1-100 letters, digits, '_' or '-' "
                 "(it is part of a topic name and of '<participant>.<activity>')"
+            )
+        if name == CELERY_PARTICIPANT:
+            raise ConfigurationError(
+                f"participant name {name!r} is reserved: workflows' ctx.celery steps are "
+                "sent to Celery workers under it; choose another name"
             )
         self._name = name
         self._setup_sql = setup_sql

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from orchestrator.protocol.payloads import PayloadEncodingError
@@ -86,7 +87,9 @@ def task_message(task: ActivityTask) -> tuple[str, bytes]:
         "id": task.activity_id,
         "shadow": None,
         "eta": None,
-        "expires": None,
+        # A task still queued when the step's deadline passed is not run: the workflow
+        # gave up on it (and may have compensated).
+        "expires": _iso(task.deadline_ms),
         "group": None,
         "group_index": None,
         "retries": 0,
@@ -124,6 +127,13 @@ def task_message(task: ActivityTask) -> tuple[str, bytes]:
         },
     }
     return queue, json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _iso(epoch_ms: int | None) -> str | None:
+    """``epoch_ms`` as Celery writes ``expires``: ISO 8601, UTC."""
+    if epoch_ms is None:
+        return None
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat()
 
 
 def _repr(value: Any) -> str:

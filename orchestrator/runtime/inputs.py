@@ -647,6 +647,16 @@ class InputProcessor:
             raise _Unroutable(
                 Failure("InvalidTaskTopic", safe_text(f"{queue!r} is not a valid topic name"))
             )
+        if queue.startswith(f"{self.topics.prefix}."):
+            raise _Unroutable(
+                Failure(
+                    "InvalidTaskTopic",
+                    safe_text(
+                        f"Celery queue {queue!r} is under sagaline's topic prefix "
+                        f"{self.topics.prefix!r}: name the queue outside it"
+                    ),
+                )
+            )
         if not self.directory.exists(queue):
             raise _Unroutable(
                 Failure(

@@ -31,7 +31,7 @@ APP = "tests.integration.celery_flows:registry"
 def celery_worker(saga: Saga, tmp_path: Path) -> Iterator[str]:
     """A real ``celery worker`` (prefork pool, as Celery runs by default) consuming this
     test's queue; yields the queue."""
-    queue = f"{saga.topics.prefix}.payments"
+    queue = f"{saga.topics.prefix}-payments"  # outside sagaline's own topics
     log_path = tmp_path / "celery-worker.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
