@@ -2,7 +2,8 @@
 
 Each test states what the feature promises (docs/celery.md, the docstrings) or what
 Celery's own ``send_task`` / sagaline's native participants do, and checks the Celery path
-against it. The worker-side tests run a real Celery worker (solo pool) embedded in this
+against it; its docstring describes the failure of the first version that it pins (fixed
+since). The worker-side tests run a real Celery worker (solo pool) embedded in this
 process on kombu's in-memory transport: the message put on its queue is exactly the
 envelope ``protocol.celery.task_message`` writes (as kombu's ``confluentkafka`` transport
 hands it over: ``kombu.utils.json.loads`` of the record), and ``attach``'s publisher
