@@ -14,6 +14,9 @@ from typing import Any
 
 from celery import Celery
 
+from orchestrator.client import WorkflowClient
+from orchestrator.protocol.records import IfRunning
+from orchestrator.settings import KafkaSettings
 from participants import ActivityFailure
 from participants.celery import attach
 
@@ -51,3 +54,31 @@ def slow_quote(self: Any, order_id: str, hang_s: float) -> str:
     if getattr(self.request, "sagaline_attempt", 1) == 1:
         time.sleep(hang_s)
     return f"quote for {order_id} (attempt {self.request.sagaline_attempt})"
+
+
+_client: WorkflowClient | None = None
+_client_pid = 0
+
+
+def workflows() -> WorkflowClient:
+    """This process's workflow client: made on first use in each process (a Kafka client
+    does not survive the prefork pool's fork)."""
+    global _client, _client_pid
+    if _client is None or _client_pid != os.getpid():
+        _client, _client_pid = WorkflowClient(KafkaSettings()), os.getpid()
+    return _client
+
+
+@app.task(name="shop.tasks.place_order", acks_late=True)
+def place_order(order: dict[str, Any]) -> str:
+    """Starts the checkout workflow for an order from Celery code, as a Django or Flask
+    view would; a redelivered task starts nothing twice (the order id is the workflow id
+    and the request id)."""
+    started = workflows().start_workflow(
+        "celery.checkout",
+        order,
+        workflow_id=order["order_id"],
+        request_id=f"place:{order['order_id']}",
+        if_running=IfRunning.USE_EXISTING,
+    )
+    return started.run_id

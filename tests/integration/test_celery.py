@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from orchestrator.protocol.payloads import decode_json
 from orchestrator.protocol.records import (
@@ -136,3 +137,21 @@ def test_a_hung_task_times_out_by_the_steps_start_to_close_and_is_retried(
     assert failures in (["StartToCloseTimeout"], ["TimeLimitExceeded"]), failures
     assert any(isinstance(e, AttemptStarted) and e.attempt == 1 for e in record.events)
     client.close()
+
+
+def test_celery_code_starts_a_workflow_with_the_client(saga: Saga, celery_worker: str) -> None:
+    saga.orchestrator("a", app=APP)
+    order = {"order_id": "o-from-celery", "amount": 3, "card": "visa", "queue": celery_worker}
+    # What a Django view does: send a Celery task by name; the task starts the workflow.
+    sender = Celery("view", broker=f"confluentkafka://{saga.bootstrap}", set_as_current=False)
+    sender.send_task("shop.tasks.place_order", args=[order], queue=celery_worker)
+    wait_until(
+        saga,
+        lambda: status_of(saga, "o-from-celery") is WorkflowStatus.COMPLETED,
+        "the workflow a Celery task started to complete",
+        90,
+    )
+    record = saga.watcher.latest["o-from-celery"]
+    assert record.request_id == "place:o-from-celery"
+    assert record.result is not None
+    assert decode_json(record.result) == {"charge_id": "ch-o-from-celery", "amount": 3}
