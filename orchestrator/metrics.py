@@ -192,6 +192,22 @@ PARTICIPANT_WORKERS_ABANDONED = Counter(
     ["participant"],
 )
 
+# --- Celery workers (participants.celery) -------------------------------------------
+CELERY_OUTCOMES = Counter(
+    "sagaline_celery_outcomes_published_total",
+    "Outcomes of workflow steps Celery workers ran, delivered to the workflows' inbox "
+    "(counted on Kafka's delivery report); status: completed or failed. Redeliveries "
+    "answered from the idempotency table count in sagaline_activity_duplicates_total "
+    "(activity celery.<task>).",
+    ["task", "status"],
+)
+CELERY_OUTCOMES_LOST = Counter(
+    "sagaline_celery_outcome_publish_failures_total",
+    "Outcomes a Celery worker could not deliver to Kafka within its timeout; the step "
+    "waits for its own timeout and is retried.",
+    ["task"],
+)
+
 
 def serve(port: int, host: str = "127.0.0.1") -> int:
     """Serve ``/metrics`` on ``host:port`` in a daemon thread; port 0 disables it.

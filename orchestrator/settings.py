@@ -149,3 +149,27 @@ class ParticipantSettings(KafkaSettings):
     db_connect_timeout_s: float = Field(10.0, gt=0, description="PostgreSQL connect timeout")
     metrics_port: int = Field(9410, ge=0, description="0 disables /metrics")
     metrics_host: str = "127.0.0.1"
+
+
+class CelerySettings(KafkaSettings):
+    """Settings of the sagaline integration in a Celery worker (``participants.celery``)."""
+
+    postgres_dsn: SecretStr = Field(
+        SecretStr("postgresql://sagaline@127.0.0.1:5432/sagaline"),
+        description="PostgreSQL of the idempotency inbox and the tasks' writes "
+        "(ExactlyOnceTask); other tasks never connect",
+    )
+    db_connect_timeout_s: float = Field(10.0, gt=0, description="PostgreSQL connect timeout")
+    max_record_bytes: int = Field(
+        900_000,
+        ge=1_024,
+        description="largest outcome published (the orchestrators' SAGALINE_MAX_RECORD_BYTES); "
+        "larger results become ResultTooLarge failures",
+    )
+    celery_metrics_port: int = Field(
+        0,
+        ge=0,
+        description="serve /metrics from the worker's main process on this port (0: not "
+        "served); a prefork pool needs PROMETHEUS_MULTIPROC_DIR",
+    )
+    metrics_host: str = "127.0.0.1"

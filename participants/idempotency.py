@@ -28,7 +28,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -37,7 +37,7 @@ from orchestrator import metrics
 from orchestrator.errors import SagalineError
 from orchestrator.protocol.failures import MAX_NAME_CHARS, describe, safe_text
 from orchestrator.protocol.records import ActivityStatus, ActivityTask, Failure, Payload
-from participants.participant import AttemptReporter, Outcome, Participant, wall_clock_ms
+from participants.participant import AttemptReporter, Outcome, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,41 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 
 
+class InboxOwner(Protocol):
+    """Whose rows the inbox keeps: a :class:`~participants.Participant`, or the Celery
+    integration (``participants.celery``)."""
+
+    @property
+    def name(self) -> str:
+        """The inbox rows' ``participant`` key."""
+        ...
+
+    @property
+    def setup_sql(self) -> str:
+        """Business tables' SQL, run by :func:`ensure_schema` (idempotent)."""
+        ...
+
+
+class TaskRunner(InboxOwner, Protocol):
+    """What the inbox runs tasks with: a participant, or one Celery task call."""
+
+    def metric_label(self, activity: str) -> str:
+        """The ``activity`` label of metrics about ``activity``."""
+        ...
+
+    def run_task(
+        self,
+        task: ActivityTask,
+        db: psycopg.Connection[Any],
+        *,
+        now_ms: Callable[[], int] = ...,
+        reporter: AttemptReporter | None = None,
+    ) -> Outcome:
+        """Run the task's code once with ``db`` inside the inbox's transaction; never
+        raises for what that code does."""
+        ...
+
+
 class InboxUnavailableError(SagalineError):
     """PostgreSQL refused even a plain failure row: the inbox table itself is unusable
     (dropped, no privileges), not the task. Fix the database; a restart recreates the
@@ -149,7 +184,7 @@ def _retry_as_is(exc: BaseException, conn: psycopg.Connection[Any]) -> bool:
     return is_connection_level(exc) or conn.broken or conn.closed
 
 
-def ensure_schema(conn: psycopg.Connection[Any], participant: Participant) -> None:
+def ensure_schema(conn: psycopg.Connection[Any], participant: InboxOwner) -> None:
     """Create the idempotency table and run the participant's ``setup_sql``, in one transaction.
 
     Adding a column waits for the table's lock at most ``_ALTER_LOCK_TIMEOUT`` at a time:
@@ -181,7 +216,7 @@ _ALTER_LOCK_TIMEOUT = "2s"
 _ALTER_ATTEMPTS = 10
 
 
-def _ensure_schema_txn(conn: psycopg.Connection[Any], participant: Participant) -> None:
+def _ensure_schema_txn(conn: psycopg.Connection[Any], participant: InboxOwner) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
     conn.execute(SCHEMA_SQL)
     for column, kind in _ADDED_COLUMNS:
@@ -194,7 +229,7 @@ def _ensure_schema_txn(conn: psycopg.Connection[Any], participant: Participant) 
 
 def execute_task(
     conn: psycopg.Connection[Any],
-    participant: Participant,
+    participant: TaskRunner,
     task: ActivityTask,
     *,
     now_ms: Callable[[], int] = wall_clock_ms,
@@ -242,7 +277,7 @@ def execute_task(
 
 
 def _invalid_id(
-    participant: Participant, task: ActivityTask, now_ms: Callable[[], int]
+    participant: TaskRunner, task: ActivityTask, now_ms: Callable[[], int]
 ) -> Outcome | None:
     key = task.activity_id
     try:
@@ -272,7 +307,7 @@ def _invalid_id(
 
 def _execute(
     conn: psycopg.Connection[Any],
-    participant: Participant,
+    participant: TaskRunner,
     task: ActivityTask,
     now_ms: Callable[[], int],
     reporter: AttemptReporter | None = None,
@@ -413,7 +448,7 @@ def _end_transaction(conn: psycopg.Connection[Any]) -> None:
 
 
 def _refusal(
-    participant: Participant, task: ActivityTask, exc: BaseException, finished_at_ms: int
+    participant: TaskRunner, task: ActivityTask, exc: BaseException, finished_at_ms: int
 ) -> Outcome:
     """The non-retryable failure stored when PostgreSQL refused an attempt's outcome."""
     activity = safe_text(task.activity, MAX_NAME_CHARS)
@@ -439,7 +474,7 @@ def _refusal(
 
 def _store_refusal(
     conn: psycopg.Connection[Any],
-    participant: Participant,
+    participant: TaskRunner,
     task: ActivityTask,
     exc: Exception,
     now_ms: Callable[[], int],
@@ -447,9 +482,27 @@ def _store_refusal(
     return _store_fresh(conn, participant, task, _refusal(participant, task, exc, now_ms()), exc)
 
 
+def settle_attempt(
+    conn: psycopg.Connection[Any], owner: InboxOwner, task: ActivityTask, outcome: Outcome
+) -> Execution:
+    """The outcome of an attempt that ended outside its handler (its process died, a time
+    limit ended it): the one stored, if its transaction committed one, else ``outcome``,
+    stored now so that every later delivery of the attempt gets it too.
+
+    Waits for the attempt's lock, so a transaction of the attempt still open (its process
+    just died) is over first; ``lock_timeout`` on the connection bounds that wait.
+
+    Raises:
+        psycopg.Error: a connection-level error (``LockNotAvailable`` included): the
+            answer is unknown.
+        InboxUnavailableError: the inbox refused the row.
+    """
+    return _store_fresh(conn, owner, task, outcome)
+
+
 def _store_fresh(
     conn: psycopg.Connection[Any],
-    participant: Participant,
+    participant: InboxOwner,
     task: ActivityTask,
     outcome: Outcome,
     cause: BaseException | None = None,

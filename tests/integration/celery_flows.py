@@ -25,8 +25,14 @@ async def checkout(ctx: WorkflowContext, order: dict[str, Any]) -> Any:
             retry=RetryPolicy(max_attempts=3, non_retryable_error_types=("CardDeclined",)),
         )
     except ActivityError as failure:
+        # The compensation is retried by the workflow's policy like any step.
         refunded = await ctx.celery(
-            "shop.tasks.refund", order["order_id"], queue=queue, compensation=True
+            "shop.tasks.refund",
+            order["order_id"],
+            fail_attempts=order.get("refund_fails", 0),
+            queue=queue,
+            compensation=True,
+            retry=RetryPolicy(max_attempts=4, initial_interval=0.1),
         )
         return {"declined": failure.error_type, "refund": refunded}
 

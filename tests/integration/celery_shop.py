@@ -41,9 +41,18 @@ def charge_card(order_id: str, amount: int = 0, card: str = "visa") -> dict[str,
     return {"charge_id": f"ch-{order_id}", "amount": amount}
 
 
-@app.task(name="shop.tasks.refund", acks_late=True)
-def refund(order_id: str) -> str:
-    """Refunds whatever was charged for the order."""
+class RefundUnavailable(ActivityFailure):
+    """The payment provider cannot refund right now; a later attempt may."""
+
+    retryable = True
+
+
+@app.task(name="shop.tasks.refund", bind=True, acks_late=True)
+def refund(self: Any, order_id: str, fail_attempts: int = 0) -> str:
+    """Refunds whatever was charged for the order; fails the workflow's first
+    ``fail_attempts`` attempts (a provider outage)."""
+    if getattr(self.request, "sagaline_attempt", 1) <= fail_attempts:
+        raise RefundUnavailable(f"refund of {order_id} unavailable, try again")
     return f"refunded {order_id}"
 
 

@@ -72,13 +72,19 @@ def admin(kafka_bootstrap: str) -> AdminClient:
 @pytest.fixture
 def topics(admin: AdminClient) -> Iterator[Topics]:
     """A fresh set of sagaline topics (4 partitions) under a prefix unique to the test,
-    deleted afterwards (with any other topic the test made under the prefix), so a local
+    deleted afterwards (with any other topic the test made under the prefix, Celery
+    queues named "<prefix>-..." included), so a local
     broker does not pile up thousands of partitions over many runs."""
     names = Topics(f"t{uuid.uuid4().hex[:10]}")
     ensure_topics(admin, names, partitions=4, participants=PARTICIPANTS)
     yield names
     try:
-        ours = [t for t in admin.list_topics(timeout=10).topics if t.startswith(names.prefix + ".")]
+        # Celery queues of the test are named "<prefix>-...".
+        ours = [
+            t
+            for t in admin.list_topics(timeout=10).topics
+            if t.startswith((names.prefix + ".", names.prefix + "-"))
+        ]
         for future in admin.delete_topics(ours, operation_timeout=30).values():
             future.result(60)
     except Exception as exc:  # cleanup only: the test's verdict stands

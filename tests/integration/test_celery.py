@@ -5,9 +5,6 @@ with ``ctx.celery``, and ``participants.celery.attach`` reports their outcomes b
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +18,10 @@ from orchestrator.protocol.records import (
     AttemptStarted,
     WorkflowStatus,
 )
+from tests.integration.celery_process import CeleryWorker
 from tests.integration.pipeline import Saga
 from tests.integration.test_hardening import client_for, status_of, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.integration.celery_flows:registry"
 
 
@@ -33,53 +30,17 @@ def celery_worker(saga: Saga, tmp_path: Path) -> Iterator[str]:
     """A real ``celery worker`` (prefork pool, as Celery runs by default) consuming this
     test's queue; yields the queue."""
     queue = f"{saga.topics.prefix}-payments"  # outside sagaline's own topics
-    log_path = tmp_path / "celery-worker.log"
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tests.integration.celery_shop",
-                "worker",
-                "-Q",
-                queue,
-                "--pool",
-                "prefork",
-                "--concurrency",
-                "1",
-                "--loglevel",
-                "INFO",
-                "--without-mingle",
-                "--without-gossip",
-                "--without-heartbeat",
-                "-n",
-                f"{queue}@%h",
-            ],
-            cwd=ROOT,
-            env={**os.environ, **saga.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    worker = CeleryWorker(
+        "tests.integration.celery_shop", [queue], {**os.environ, **saga.env}, tmp_path / "w.log"
+    )
     try:
-        deadline = time.monotonic() + 60
-        while b" ready." not in log_path.read_bytes():
-            if worker.poll() is not None:
-                pytest.fail(f"celery worker exited:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"celery worker not ready in 60 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)  # polling a log file for a condition, with a deadline
+        worker.start()
         yield queue
     finally:
-        worker.terminate()
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        worker.stop()
 
 
-def test_a_workflow_runs_celery_tasks_and_compensates_with_one(
+def test_a_workflow_runs_celery_tasks_and_retries_a_failing_compensation(
     saga: Saga, celery_worker: str
 ) -> None:
     saga.orchestrator("a", app=APP)
@@ -87,6 +48,13 @@ def test_a_workflow_runs_celery_tasks_and_compensates_with_one(
     orders = {
         "paid": {"order_id": "o-paid", "amount": 12, "card": "visa"},
         "declined": {"order_id": "o-declined", "amount": 7, "card": "declined"},
+        # The refund fails twice (a provider outage) and is retried by the workflow.
+        "flaky-refund": {
+            "order_id": "o-flaky",
+            "amount": 5,
+            "card": "declined",
+            "refund_fails": 2,
+        },
     }
     for wid, order in orders.items():
         client.start("celery.checkout", {**order, "queue": celery_worker}, workflow_id=wid)
@@ -94,7 +62,7 @@ def test_a_workflow_runs_celery_tasks_and_compensates_with_one(
     wait_until(
         saga,
         lambda: all(status_of(saga, wid) is WorkflowStatus.COMPLETED for wid in orders),
-        "both checkouts to complete through the Celery worker",
+        "the checkouts to complete through the Celery worker",
         90,
     )
     paid = saga.watcher.latest["paid"]
@@ -112,6 +80,21 @@ def test_a_workflow_runs_celery_tasks_and_compensates_with_one(
         ("celery.shop.tasks.charge_card", 1, False),
         ("celery.shop.tasks.refund", 1, True),
     ]
+    flaky = saga.watcher.latest["flaky-refund"]
+    assert flaky.result is not None
+    assert decode_json(flaky.result)["refund"] == "refunded o-flaky"
+    refunds = [
+        (e.attempt, e.compensation)
+        for e in flaky.events
+        if isinstance(e, ActivityScheduled) and e.name == "celery.shop.tasks.refund"
+    ]
+    assert refunds == [(1, True), (2, True), (3, True)]
+    refund_failures = [
+        e.failure.error_type
+        for e in flaky.events
+        if isinstance(e, ActivityFailed) and e.failure.error_type == "RefundUnavailable"
+    ]
+    assert refund_failures == ["RefundUnavailable", "RefundUnavailable"]
     client.close()
 
 
