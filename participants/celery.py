@@ -48,7 +48,14 @@ from typing import Any, Final
 import psycopg
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
-from celery.signals import task_failure, task_prerun, task_success, task_unknown, worker_init
+from celery.signals import (
+    task_failure,
+    task_prerun,
+    task_success,
+    task_unknown,
+    worker_init,
+    worker_shutdown,
+)
 from confluent_kafka import KafkaError, Message, Producer
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
 from psycopg.pq import TransactionStatus
@@ -79,6 +86,7 @@ from orchestrator.protocol.records import (
 from orchestrator.settings import CelerySettings, KafkaSettings, ParticipantSettings
 from participants.delivery import ResultDeliveryError, result_record
 from participants.idempotency import (
+    MAX_ACTIVITY_ID_BYTES,
     ensure_schema,
     execute_task,
     is_connection_level,
@@ -134,6 +142,8 @@ class CeleryOutcomes:
             Callable[[Any, tuple[str, str, int, int], Failure, float], Outcome | None] | None
         ) = None
         self._settling: set[str] = set()
+        self._threads: set[threading.Thread] = set()
+        os.register_at_fork(after_in_child=self._after_fork)
         self._lock = threading.Lock()
         self.max_record_bytes = max_record_bytes
         self.published = 0
@@ -158,7 +168,9 @@ class CeleryOutcomes:
         if step is None or getattr(sender.request, REPORT_START_HEADER, False) is not True:
             return
         workflow_id, activity_id, seq, attempt = step
-        started = ActivityStarted(workflow_id, activity_id, seq, attempt, wall_clock_ms())
+        # The start the workflow counts from is the one the task's deadline counts from.
+        first = _first_start_ms(sender.request)
+        started = ActivityStarted(workflow_id, activity_id, seq, attempt, first)
         self._send(started, workflow_id, activity_id)
 
     def succeeded(self, sender: Any = None, result: Any = None, **_: Any) -> None:
@@ -204,6 +216,7 @@ class CeleryOutcomes:
         the worker's main process ended it (a pool process lost, a hard time limit)."""
         exactly_once = isinstance(sender, ExactlyOnceTask)
         step = _step_of(sender)
+        without_request = step is None
         if step is None and exactly_once:
             # A hard time limit is reported without the task's request: the task id is
             # the activity id, which names the step.
@@ -224,7 +237,11 @@ class CeleryOutcomes:
         if exactly_once and self.settle is not None:
             # No outcome was stored by this call: the body may still have committed (the
             # pool's process died between COMMIT and the publish), so the inbox decides.
-            if isinstance(error, _POOL_ENDINGS) or isinstance(exception, _POOL_ENDINGS):
+            if (
+                without_request
+                or isinstance(error, _POOL_ENDINGS)
+                or isinstance(exception, _POOL_ENDINGS)
+            ):
                 # Reported by the worker's main process, which may not have stopped the
                 # pool's process yet (a hard time limit kills it after this signal): its
                 # transaction still holds the attempt's lock, so wait for it off the loop.
@@ -266,7 +283,25 @@ class CeleryOutcomes:
                 with self._lock:
                     self._settling.discard(step[1])
 
-        threading.Thread(target=settle, name="sagaline-settle", daemon=True).start()
+        thread = threading.Thread(target=settle, name="sagaline-settle", daemon=True)
+        with self._lock:
+            self._threads = {t for t in self._threads if t.is_alive()} | {thread}
+        thread.start()
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait for settles under way (``worker_shutdown``): a settle lost with the process
+        leaves its step to its timeout."""
+        end = time.monotonic() + timeout_s
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
+
+    def _after_fork(self) -> None:
+        # A fork copies a lock held by another thread (a settle) as held for ever.
+        self._lock = threading.Lock()
+        self._settling = set()
+        self._threads = set()
 
     def unknown(self, message: Any = None, name: str = "", **_: Any) -> None:
         """``task_unknown`` handler: no task of that name is registered on this worker (a
@@ -383,6 +418,18 @@ _NO_PAYLOAD: Final = Payload(b"null")
 # process just died; PostgreSQL ends it when it notices): longer, and the answer is
 # left to the step's timeout.
 _SETTLE_LOCK_TIMEOUT_MS: Final = 5_000
+STARTS_TABLE: Final = "sagaline_celery_attempt_starts"
+_STARTS_SQL: Final = f"""CREATE TABLE IF NOT EXISTS {STARTS_TABLE} (
+    activity_id text PRIMARY KEY,
+    started_ms bigint NOT NULL
+)"""
+# The first start of an attempt, whichever delivery of it asks: a message delivered again
+# after its worker died counts its start-to-close from the start the workflow counts from.
+_RECORD_START_SQL: Final = f"""
+INSERT INTO {STARTS_TABLE} (activity_id, started_ms) VALUES (%s, %s)
+ON CONFLICT (activity_id) DO UPDATE SET activity_id = EXCLUDED.activity_id
+RETURNING started_ms
+"""
 # How long the worker's main process waits in the background for a pool process it is
 # stopping (a hard time limit: SIGTERM, then SIGKILL) to let go of the attempt.
 _SETTLE_PATIENCE_S: Final = 60.0
@@ -518,6 +565,8 @@ class _Call:
             return Outcome.failed(deadline.failure(task, ran=True, late=True), finished)
         try:
             payload = self.converter.to_payload(returned)
+        except (SystemExit, KeyboardInterrupt) as ending:
+            raise _Bypass(ending) from None
         except BaseException as exc:
             failure = Failure(
                 "PayloadEncodingError",
@@ -538,10 +587,11 @@ class _Sessions:
         self, settings: CelerySettings, setup_sql: str, *, lock_timeout_ms: int = 0
     ) -> None:
         self._dsn = settings.postgres_dsn
+        os.register_at_fork(after_in_child=self._after_fork)
         # The session's default (RESET ALL in the inbox's statements keeps it).
         self._options = f"-c lock_timeout={lock_timeout_ms}" if lock_timeout_ms else ""
         self._timeout_s = max(2, math.ceil(settings.db_connect_timeout_s))
-        self._schema = _Schema(setup_sql)
+        self._schema = _Schema(f"{_STARTS_SQL};\n{setup_sql}")
         self._local = threading.local()
         self._lock = threading.Lock()
         self._schema_pid = 0
@@ -585,6 +635,9 @@ class _Sessions:
             _close(conn)
             raise
         return conn
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def drop(self) -> None:
         """Forget this thread's connection (after a connection-level error)."""
@@ -714,6 +767,8 @@ class _Integration:
             conn: psycopg.Connection[Any] | None = None
             try:
                 conn = self.sessions.get()
+                if attempt_task.start_to_close_ms is not None and call.started_ms is not None:
+                    call.started_ms = _recorded_start(conn, step[1], call.started_ms)
                 execution = execute_task(conn, call, attempt_task)
                 break
             except _Bypass as bypass:
@@ -772,6 +827,19 @@ def _attempt_task(task: Any, step: tuple[str, str, int, int]) -> ActivityTask:
         deadline_ms=_epoch_ms(getattr(request, "expires", None)),
         start_to_close_ms=_hard_limit_ms(getattr(request, "timelimit", None)),
     )
+
+
+def _recorded_start(conn: psycopg.Connection[Any], attempt_id: str, started_ms: int) -> int:
+    """The attempt's first start, recorded now if this is it (one autocommit statement);
+    ``started_ms`` for an id the inbox refuses anyway (InvalidActivityId)."""
+    try:
+        size = len(attempt_id.encode())
+    except UnicodeEncodeError:
+        return started_ms
+    if "\x00" in attempt_id or size > MAX_ACTIVITY_ID_BYTES:
+        return started_ms
+    row = conn.execute(_RECORD_START_SQL, (attempt_id, started_ms)).fetchone()
+    return started_ms if row is None else int(row[0])
 
 
 def _roll_back(conn: psycopg.Connection[Any]) -> bool:
@@ -873,7 +941,10 @@ class ExactlyOnceTask(Task):  # type: ignore[misc]  # Celery is untyped
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         integration = _integration(self.app)
-        step = None if self.request.called_directly else _step_of(self)
+        # Called from the body of a running task (itself included): that task's request
+        # is still the current one, but this call is a plain one inside its transaction.
+        nested = _running_session() is not None
+        step = None if nested or self.request.called_directly else _step_of(self)
         if step is None:
             return integration.run_plain(self, args, kwargs)
         return integration.run_step(self, step, args, kwargs)
@@ -982,7 +1053,11 @@ def attach(
         if getattr(sender, "app", None) is app:
             _serve_metrics(config)
 
+    def drain(sender: Any = None, **_: Any) -> None:
+        outcomes.drain()
+
     worker_init.connect(serve_metrics, weak=False)
+    worker_shutdown.connect(drain, weak=False)
     task_unknown.connect(unknown, weak=False)
     task_prerun.connect(starting, weak=False)
     task_success.connect(succeeded, weak=False)

@@ -47,7 +47,7 @@ from orchestrator.protocol.records import (
 )
 from orchestrator.settings import CelerySettings
 from participants import ActivityFailure
-from participants.celery import CeleryOutcomes, ExactlyOnceTask, attach
+from participants.celery import _STARTS_SQL, CeleryOutcomes, ExactlyOnceTask, attach
 from participants.participant import wall_clock_ms
 from tests.unit.conftest import WorkflowRun, history_lines
 from tests.unit.test_celery_worker import _Recorder
@@ -843,8 +843,8 @@ def test_a_celery_retry_due_after_the_steps_start_to_close_timeout_does_not_run(
     assert PROBE.runs(task.activity_id) == 1  # the retried run never reached the body
     starts = [b for b in harness.recorder.bodies() if isinstance(b, ActivityStarted)]
     assert len(starts) == 2
-    # The retried run started after the step's deadline, as the workflow counts it.
-    assert starts[1].started_at_ms - starts[0].started_at_ms > 200
+    # The retried run reports the attempt's first start, which its deadline counts from.
+    assert starts[1].started_at_ms == starts[0].started_at_ms
     # The workflow's side, through the real engine, fed what the worker published: the
     # second start report is ignored, the timeout fires 200 ms after the first, the next
     # attempt is sent, and the retried run's outcome comes too late to count.
@@ -857,10 +857,51 @@ def test_a_celery_retry_due_after_the_steps_start_to_close_timeout_does_not_run(
     assert "fail 0#1 StartToCloseTimeout" in " ".join(history_lines(run.record.events))
     assert run.send(result).ignored == "late-result"
     assert result.status is ActivityStatus.FAILED and result.failure is not None, (
-        f"a run that began {starts[1].started_at_ms - starts[0].started_at_ms} ms after "
-        "the attempt's start, past its 200 ms start-to-close timeout, committed "
+        "a run retried past the attempt's 200 ms start-to-close timeout committed "
         f"{harness.ledger()} and published {result.status.value}"
     )
     assert result.failure.error_type == "StartToCloseTimeout", result.failure
     assert "was not run" in result.failure.message
     assert harness.ledger() == []
+
+
+def test_a_delivery_after_the_attempts_first_start_plus_its_timeout_does_not_run(
+    harness: Harness,
+) -> None:
+    """A message delivered again after its worker died (kill -9 mid-task) carries no
+    trace of the first run; the workflow counts the step's start-to-close from that first
+    start and has moved on by now. The first start is recorded in PostgreSQL, so the late
+    delivery is refused instead of running beside the next attempt."""
+    task = harness.step("eo.record", "k-late", start_to_close=0.5)
+    with psycopg.connect(harness.dsn, autocommit=True) as conn:
+        conn.execute(_STARTS_SQL)  # as the worker makes it on its first connection
+        conn.execute(
+            "INSERT INTO sagaline_celery_attempt_starts (activity_id, started_ms) VALUES (%s, %s)",
+            (task.activity_id, int(time.time() * 1000) - 2_000),  # the killed first run
+        )
+    harness.deliver(task)
+    (result,) = harness.wait_results(task.activity_id, 1)
+    harness.wait_finished(task.activity_id)
+
+    assert PROBE.runs(task.activity_id) == 0
+    assert result.failure is not None and result.failure.error_type == "StartToCloseTimeout"
+    assert "was not run" in result.failure.message
+    assert harness.ledger() == []
+
+
+def test_the_first_delivery_records_its_start_once(harness: Harness) -> None:
+    task = harness.step("eo.record", "k-start", start_to_close=30)
+    harness.deliver(task)
+    harness.wait_results(task.activity_id, 1)
+    harness.wait_finished(task.activity_id)
+    harness.deliver(task)  # a redelivery: answered from the inbox, its start unchanged
+    harness.wait_results(task.activity_id, 2)
+    harness.wait_finished(task.activity_id, 2)
+
+    starts = harness.query(
+        "SELECT started_ms FROM sagaline_celery_attempt_starts WHERE activity_id = %s",
+        (task.activity_id,),
+    )
+    assert len(starts) == 1
+    assert abs(starts[0][0] - time.time() * 1000) < 60_000
+    assert len(harness.ledger()) == 1
