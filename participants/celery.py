@@ -143,7 +143,7 @@ class CeleryOutcomes:
         ) = None
         self._settling: set[str] = set()
         self._threads: set[threading.Thread] = set()
-        os.register_at_fork(after_in_child=self._after_fork)
+        _after_fork_in_child(self._after_fork)
         self._lock = threading.Lock()
         self.max_record_bytes = max_record_bytes
         self.published = 0
@@ -587,7 +587,7 @@ class _Sessions:
         self, settings: CelerySettings, setup_sql: str, *, lock_timeout_ms: int = 0
     ) -> None:
         self._dsn = settings.postgres_dsn
-        os.register_at_fork(after_in_child=self._after_fork)
+        _after_fork_in_child(self._after_fork)
         # The session's default (RESET ALL in the inbox's statements keeps it).
         self._options = f"-c lock_timeout={lock_timeout_ms}" if lock_timeout_ms else ""
         self._timeout_s = max(2, math.ceil(settings.db_connect_timeout_s))
@@ -948,6 +948,19 @@ class ExactlyOnceTask(Task):  # type: ignore[misc]  # Celery is untyped
         if step is None:
             return integration.run_plain(self, args, kwargs)
         return integration.run_step(self, step, args, kwargs)
+
+
+def _after_fork_in_child(method: Callable[[], None]) -> None:
+    """Call the bound ``method`` in every forked child while its object lives (held
+    weakly: a fork hook can never be removed)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        found = ref()
+        if found is not None:
+            found()
+
+    os.register_at_fork(after_in_child=call)
 
 
 def _step_of(task: Any) -> tuple[str, str, int, int] | None:

@@ -3,6 +3,7 @@ request fields, and how one call's return or exception becomes the attempt's out
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any, cast
@@ -14,8 +15,10 @@ from celery.exceptions import Ignore, Reject, Retry
 from orchestrator.convert import DEFAULT_CONVERTER
 from orchestrator.protocol.payloads import decode_json
 from orchestrator.protocol.records import ActivityStatus, ActivityTask, Failure, Payload
+from orchestrator.settings import KafkaSettings
 from participants import ActivityFailure
 from participants.celery import (
+    CeleryOutcomes,
     ExactlyOnceTask,
     StepFailedError,
     _Bypass,
@@ -185,3 +188,18 @@ def test_a_task_id_names_its_step_only_when_it_is_an_activity_id(
     task_id: Any, expected: Any
 ) -> None:
     assert _step_from_activity_id(task_id) == expected
+
+
+def test_a_fork_while_a_thread_holds_the_publishers_lock_leaves_the_child_a_free_one() -> None:
+    """A settle thread may hold the lock when the pool forks a replacement process; the
+    child would inherit it held for ever."""
+    outcomes = CeleryOutcomes(KafkaSettings(kafka_bootstrap="127.0.0.1:1"))
+    outcomes._lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if its lock is free
+            os._exit(0 if outcomes._lock.acquire(timeout=5) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        outcomes._lock.release()
+    assert os.waitstatus_to_exitcode(status) == 0
