@@ -137,6 +137,8 @@ def _create_topics(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
+    if args.id == "":
+        raise ConfigurationError("--id must not be empty (leave it out for a generated id)")
     value = _json_option(args.input, "--input")
     client = _client()
     if args.no_wait:

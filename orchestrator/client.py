@@ -2,7 +2,7 @@
 
 Every request is an inbox record; any language can do the same: an Avro ``InboxRecord``
 in the Confluent wire format, keyed by the workflow id (UTF-8), on ``<prefix>.inbox``
-(docs/wire.md). Requests that want an answer (a start with a request id, a query, an
+(docs/protocol.md). Requests that want an answer (a start with a request id, a query, an
 update) read a ``Reply`` keyed by their request id from ``<prefix>.replies``.
 """
 
@@ -70,7 +70,7 @@ class RequestFailedError(SagalineError):
     """The orchestrator answered a start, query or update with a failure.
 
     ``error_type`` names it: the class of what a query or update handler raised, or one of
-    the codes docs/wire.md lists (``WorkflowAlreadyRunning``, ``WorkflowIdReuseRejected``,
+    the codes docs/protocol.md lists (``WorkflowAlreadyRunning``, ``WorkflowIdReuseRejected``,
     ``WorkflowNotFound``, ``WorkflowClosed``, ``WorkflowStuck``, ``UnknownQuery``,
     ``UnknownUpdate``, ``UpdateRejected``, ...). ``run_id`` and ``status`` describe the run
     concerned ("" when there is none).
@@ -170,8 +170,9 @@ class WorkflowClient:
 
         Raises:
             PayloadEncodingError: ``value`` cannot be converted (the message says where).
+            ValueError: ``workflow_id`` is empty.
         """
-        wid = workflow_id or str(uuid.uuid4())
+        wid = _workflow_id(workflow_id)
         record = StartWorkflow(
             workflow_id=wid,
             workflow_type=workflow_type,
@@ -210,13 +211,14 @@ class WorkflowClient:
             timeout_s: how long to wait for the answer.
 
         Raises:
+            ValueError: ``workflow_id`` is empty.
             RequestFailedError: the policy refused (``WorkflowAlreadyRunning``,
                 ``WorkflowIdReuseRejected``).
             ReplyTimeoutError: no answer in time; the start may still be applied, and
                 sending it again with the same ``request_id`` (the error's
                 ``request_id``) is safe.
         """
-        wid = workflow_id or str(uuid.uuid4())
+        wid = _workflow_id(workflow_id)
         rid = request_id or str(uuid.uuid4())
         payload = self.converter.to_payload(value)
         start = StartWorkflow(wid, workflow_type, payload, _now_ms(), rid, if_running, if_closed)
@@ -606,6 +608,15 @@ def _status(symbol: str) -> WorkflowStatus:
 def _ended(record: WorkflowRecord) -> bool:
     """True when ``record`` closes the workflow, not just a run that continued as new."""
     return record.status.terminal and record.status is not WorkflowStatus.CONTINUED_AS_NEW
+
+
+def _workflow_id(given: str | None) -> str:
+    """``given``, or a new UUID for None; an empty id would be dead-lettered."""
+    if given is None:
+        return str(uuid.uuid4())
+    if given == "":
+        raise ValueError("workflow_id must not be empty: pass None for a generated id")
+    return given
 
 
 def _now_ms() -> int:

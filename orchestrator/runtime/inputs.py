@@ -255,6 +255,17 @@ class InputProcessor:
                 batch,
             )
             return
+        if not wid:
+            # No workflow can have the empty id: a start would create one no client could
+            # address apart from every other mistake of the same kind.
+            self._reject_message(
+                msg,
+                "empty-workflow-id",
+                "the workflow id is empty; every input names its workflow by a non-empty id, "
+                "which is also its record key",
+                batch,
+            )
+            return
         self.apply_input(Input(partition, offset, key, msg.value() or b""), body, batch, now_ms)
 
     def apply_input(self, item: Input, body: InboxBody, batch: Batch, now_ms: int) -> None:

@@ -68,6 +68,7 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
         # Fits as an input, but the workflow record it would create does not.
         "oversized-record": (b"grow-1", _start_just_below(codec, "grow-1", LIMIT)),
         "key-mismatch": (b"other-key", _start(codec, "mismatch-1")),
+        "empty-workflow-id": (b"", _start(codec, "")),
         "unknown-workflow": (
             b"ghost-1",
             codec.encode_inbox(
@@ -108,6 +109,7 @@ def test_each_kind_of_bad_input_is_dead_lettered_and_the_loop_continues(
         "wrong-record-type": 1,
         "oversized": 3,
         "key-mismatch": 1,
+        "empty-workflow-id": 1,
         "unknown-workflow": 1,
         "wrong-partition": 1,
     }
