@@ -10,6 +10,8 @@ from typing import Any, Final, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from orchestrator.errors import ConfigurationError
+
 M = TypeVar("M", Counter, Gauge, Histogram)
 # prometheus_client's labels() validates and locks on every call, a few microseconds that
 # the orchestrator's loop would pay per input; children are never removed, so they can be
@@ -213,8 +215,19 @@ def serve(port: int, host: str = "127.0.0.1") -> int:
     """Serve ``/metrics`` on ``host:port`` in a daemon thread; port 0 disables it.
 
     Returns the port served, or 0 when disabled.
+
+    Raises:
+        ConfigurationError: the port cannot be bound (in use: two processes on one host
+            with the default, or a host name that does not resolve here).
     """
     if port == 0:
         return 0
-    start_http_server(port, addr=host)
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve /metrics on {host}:{port} ({exc.strerror or exc}): set "
+            "SAGALINE_METRICS_PORT to a free port (0 disables it), or SAGALINE_METRICS_HOST "
+            "to an address of this host"
+        ) from exc
     return port

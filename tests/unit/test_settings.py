@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -213,3 +216,39 @@ def test_printing_the_settings_object_shows_no_secret(
     for text in (repr(settings), str(settings)):
         leaked = [secret for secret in (*SECRETS, "s3cr3t-db-pw") if secret in text]
         assert not leaked, f"{cls.__name__} prints the secrets {leaked}"
+
+
+@pytest.mark.parametrize(
+    "role",
+    [
+        ["orchestrator", "examples.order_saga.workflows:registry"],
+        ["participant", "examples.order_saga.services:payment"],
+    ],
+)
+def test_a_metrics_port_in_use_stops_the_process_at_start_naming_the_variable(
+    role: list[str],
+) -> None:
+    """Two processes on one host keeping the default port: the second one used to die
+    with an OSError traceback and exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *role],
+            cwd=Path(__file__).resolve().parents[2],
+            env={
+                **os.environ,
+                "SAGALINE_METRICS_PORT": str(port),
+                # Never reached: the port is checked before Kafka or PostgreSQL.
+                "SAGALINE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+                "SAGALINE_POSTGRES_DSN": "postgresql://nobody@127.0.0.1:1/none",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert "SAGALINE_METRICS_PORT" in done.stderr
+    assert "Traceback" not in done.stderr
