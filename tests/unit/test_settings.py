@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from orchestrator.settings import OrchestratorSettings, ParticipantSettings
+from orchestrator.settings import CelerySettings, OrchestratorSettings, ParticipantSettings
 
 SASL = {
     "security.protocol": "SASL_SSL",
@@ -252,3 +252,18 @@ def test_a_metrics_port_in_use_stops_the_process_at_start_naming_the_variable(
     assert done.returncode == 2, done.stderr
     assert "SAGALINE_METRICS_PORT" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_every_setting_is_documented_with_its_variable() -> None:
+    """docs/operations.md is where operators look a variable up; a field added to a
+    settings model without a line there is a setting nobody knows of."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    missing = []
+    for model in (OrchestratorSettings, ParticipantSettings, CelerySettings):
+        for name in model.model_fields:
+            variable = f"SAGALINE_{name.upper()}"
+            # "SAGALINE_METRICS_PORT` / `_HOST`" documents both in one row.
+            shorthand = variable.endswith("_HOST") and "_PORT` / `_HOST`" in text
+            if f"`{variable}`" not in text and not shorthand:
+                missing.append(f"{model.__name__}.{name} ({variable})")
+    assert not missing, f"not in docs/operations.md: {missing}"
