@@ -870,11 +870,13 @@ def _first_start_ms(request: Any) -> int:
     """When the attempt's first run began (epoch ms): the step's start-to-close counts from
     it in the workflow, so a Celery retry of the attempt counts from it too. Written into
     the request's headers, which Celery copies into the retried message."""
-    found = getattr(request, FIRST_START_HEADER, None)
-    if type(found) is int and found > 0:
-        return found
-    now = wall_clock_ms()
     headers = request.headers if isinstance(request.headers, dict) else {}
+    # A retried message carries it as a request attribute; this run stamped it in the
+    # headers if it began with the start report.
+    for found in (getattr(request, FIRST_START_HEADER, None), headers.get(FIRST_START_HEADER)):
+        if type(found) is int and found > 0:
+            return found
+    now = wall_clock_ms()
     headers[FIRST_START_HEADER] = now
     request.headers = headers
     return now

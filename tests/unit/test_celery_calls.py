@@ -18,12 +18,14 @@ from orchestrator.protocol.records import ActivityStatus, ActivityTask, Failure,
 from orchestrator.settings import KafkaSettings
 from participants import ActivityFailure
 from participants.celery import (
+    FIRST_START_HEADER,
     CeleryOutcomes,
     ExactlyOnceTask,
     StepFailedError,
     _Bypass,
     _Call,
     _epoch_ms,
+    _first_start_ms,
     _hard_limit_ms,
     _session_of_current_task,
     _step_from_activity_id,
@@ -203,3 +205,14 @@ def test_a_fork_while_a_thread_holds_the_publishers_lock_leaves_the_child_a_free
     finally:
         outcomes._lock.release()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_first_start_is_stamped_once_and_read_back_from_a_retried_message() -> None:
+    """The start report stamps it and the task's run reads the same value (the first
+    version stamped twice, a millisecond apart, and reported the second to a retry)."""
+    request = SimpleNamespace(headers=None)
+    first = _first_start_ms(request)
+    assert _first_start_ms(request) == first
+    assert request.headers == {FIRST_START_HEADER: first}
+    retried = SimpleNamespace(headers={FIRST_START_HEADER: 123}, **{FIRST_START_HEADER: 123})
+    assert _first_start_ms(retried) == 123
