@@ -14,8 +14,9 @@ from orchestrator.errors import ConfigurationError
 
 M = TypeVar("M", Counter, Gauge, Histogram)
 # prometheus_client's labels() validates and locks on every call, a few microseconds that
-# the orchestrator's loop would pay per input; children are never removed, so they can be
-# kept (label values come from a deploy's names and partitions: few, but bounded anyway).
+# the orchestrator's loop would pay per input; so children are kept here (label values come
+# from a deploy's names and partitions: few, but bounded anyway). A child removed from its
+# metric must leave this cache too (``forget``), or later updates would go to an orphan.
 _CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
 MAX_CACHED_CHILDREN: Final = 10_000
 
@@ -29,6 +30,13 @@ def child(metric: M, *labels: str) -> M:
             _CHILDREN.clear()
         found = _CHILDREN[key] = metric.labels(*labels)
     return found
+
+
+def forget(metric: Counter | Gauge | Histogram, *labels: str) -> None:
+    """Remove ``metric``'s series with ``labels`` (a partition given away), if it exists,
+    so it is no longer exported; a later ``child`` or ``labels`` call starts it afresh."""
+    _CHILDREN.pop((id(metric), labels), None)
+    metric.remove(*labels)
 
 
 _LATENCY_BUCKETS = (
@@ -150,6 +158,36 @@ PENDING_WAKES = Gauge(
     "Running workflows with a timer, a backoff or a timeout pending, per owned partition.",
     ["partition"],
 )
+# Refreshed every GAUGE_REFRESH_S by the orchestrator's loop, never per input.
+GAUGE_REFRESH_S: Final = 2.0
+WORKFLOWS_IN_FLIGHT_STUCK = Gauge(
+    "sagaline_workflows_in_flight_stuck",
+    "Open workflows parked as STUCK now (a part of sagaline_workflows_in_flight), per owned "
+    "partition.",
+    ["partition"],
+)
+STUCK_OLDEST_AGE = Gauge(
+    "sagaline_workflows_stuck_oldest_age_seconds",
+    "How long the longest-parked STUCK workflow of an owned partition has been parked, from "
+    "its record's last write (0: none is stuck).",
+    ["partition"],
+)
+INBOX_LAG = Gauge(
+    "sagaline_inbox_lag_records",
+    "Inbox records of an owned partition not processed yet: the partition's high watermark "
+    "minus the offset the orchestrator last committed (transaction markers and records of "
+    "open or aborted transactions after it count too).",
+    ["partition"],
+)
+PARTITIONS_OWNED = Gauge(
+    "sagaline_partitions_owned",
+    "Inbox partitions this orchestrator has restored and processes (not those still "
+    "being restored).",
+)
+INBOX_PARTITIONS = Gauge(
+    "sagaline_inbox_partitions",
+    "Partitions of the inbox topic: each needs exactly one orchestrator owning it.",
+)
 
 # --- participants -------------------------------------------------------------------
 ACTIVITY_SECONDS = Histogram(
@@ -208,6 +246,29 @@ CELERY_OUTCOMES_LOST = Counter(
     "Outcomes a Celery worker could not deliver to Kafka within its timeout; the step "
     "waits for its own timeout and is retried.",
     ["task"],
+)
+
+
+# --- projector (sagaline projector) ---------------------------------------------------
+PROJECTOR_LAG = Gauge(
+    "sagaline_projector_lag_records",
+    "History records on a partition the projector has not applied yet (high watermark "
+    "minus its position; includes transaction markers).",
+    ["partition"],
+)
+PROJECTOR_APPLIED = Counter(
+    "sagaline_projector_records_total",
+    "History records the projector applied to PostgreSQL, by kind (workflow, tombstone, "
+    "skipped: held inputs and records it cannot read).",
+    ["kind"],
+)
+PROJECTOR_LAST_APPLIED = Gauge(
+    "sagaline_projector_last_applied_timestamp_seconds",
+    "When the projector last committed a batch to PostgreSQL (Unix time).",
+)
+PROJECTOR_UNREADABLE = Counter(
+    "sagaline_projector_unreadable_records_total",
+    "History records the projector could not decode (a newer schema, garbage); skipped and logged.",
 )
 
 

@@ -98,6 +98,13 @@ class OrchestratorSettings(KafkaSettings):
         "raise it only with the topics' max.message.bytes",
     )
     max_history_events: int = Field(1_000, ge=10)
+    archive_dsn: SecretStr | None = Field(
+        None,
+        repr=False,
+        description="PostgreSQL of the visibility projector (sagaline projector); when "
+        "set, retention tombstones a closed workflow only once the projector has archived "
+        "its last run there. Unset: retention does not wait",
+    )
     metrics_port: int = Field(9400, ge=0, description="0 disables /metrics")
     metrics_host: str = "127.0.0.1"
 
@@ -173,3 +180,32 @@ class CelerySettings(KafkaSettings):
         "served); a prefork pool needs PROMETHEUS_MULTIPROC_DIR",
     )
     metrics_host: str = "127.0.0.1"
+
+
+class ProjectorSettings(KafkaSettings):
+    """Settings of the visibility projector and its web UI (``sagaline projector``,
+    ``sagaline ui``)."""
+
+    postgres_dsn: SecretStr = Field(
+        SecretStr("postgresql://sagaline@127.0.0.1:5432/sagaline"),
+        description="PostgreSQL of the visibility tables (sagaline_workflows, "
+        "sagaline_workflow_events)",
+    )
+    db_connect_timeout_s: float = Field(10.0, gt=0, description="PostgreSQL connect timeout")
+    projector_group_id: str = Field(
+        "", description="the projector's consumer group; default '<topic_prefix>.projector'"
+    )
+    max_batch_records: int = Field(
+        2_000, ge=1, description="history records applied per PostgreSQL transaction, at most"
+    )
+    metrics_port: int = Field(9420, ge=0, description="0 disables /metrics")
+    metrics_host: str = "127.0.0.1"
+    ui_port: int = Field(
+        9430, ge=0, description="the web UI's port (sagaline projector and sagaline ui); 0: none"
+    )
+    ui_host: str = Field("127.0.0.1", description="address the web UI listens on")
+
+    @property
+    def consumer_group(self) -> str:
+        """The projector's consumer group: one per deployment (topic prefix)."""
+        return self.projector_group_id or f"{self.topic_prefix}.projector"

@@ -22,7 +22,7 @@ import functools
 import logging
 import uuid
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -102,17 +102,18 @@ class RetentionHook(Protocol):
     record disappears; the default releases every one.
     """
 
-    def release(self, partition: int, workflow_ids: list[str]) -> Collection[str]:
-        """The ids among ``workflow_ids`` that may be deleted from history now."""
+    def release(self, partition: int, runs: Mapping[str, str]) -> Collection[str]:
+        """The workflow ids among ``runs`` (workflow id -> the run id of its last, closed
+        run) that may be deleted from history now."""
         ...
 
 
 class ReleaseAll:
     """The default retention hook: nothing to archive first."""
 
-    def release(self, partition: int, workflow_ids: list[str]) -> Collection[str]:
+    def release(self, partition: int, runs: Mapping[str, str]) -> Collection[str]:
         """Every id may go."""
-        return workflow_ids
+        return list(runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,12 +455,13 @@ class InputProcessor:
     def sweep(self, now_ms: int, retention_ms: int, batch: Batch, limit: int) -> None:
         """Tombstone up to ``limit`` closed workflows whose retention is over."""
         for state in self.store.partitions():
-            expired: list[str] = []
+            expired: dict[str, str] = {}
             for wid, closed_at in state.closed.items():
                 if closed_at + retention_ms > now_ms or len(expired) >= limit:
                     break
                 if self.store.staged_record(wid) is None:
-                    expired.append(wid)
+                    closed_run = state.closed_runs.get(wid)
+                    expired[wid] = closed_run[1] if closed_run is not None else ""
             if not expired:
                 continue
             try:
@@ -468,7 +470,7 @@ class InputProcessor:
                 log.exception("retention hook failed partition=%d", state.partition)
                 continue
             for wid in released:
-                if Ref("tombstone", state.partition, wid) in self.poison:
+                if wid not in expired or Ref("tombstone", state.partition, wid) in self.poison:
                     continue
                 self.store.stage_tombstone(state.partition, wid)
                 batch.tombstones += 1

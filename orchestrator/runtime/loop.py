@@ -33,7 +33,12 @@ from confluent_kafka.admin import AdminClient
 
 from orchestrator import metrics
 from orchestrator.admin import check_copartitioned
-from orchestrator.errors import FatalKafkaError, RecordRejectedError, TransactionAbortableError
+from orchestrator.errors import (
+    FatalKafkaError,
+    RecordDecodeError,
+    RecordRejectedError,
+    TransactionAbortableError,
+)
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.records import WorkflowStatus
 from orchestrator.protocol.topics import held_key
@@ -51,6 +56,7 @@ from orchestrator.transport import (
     producer_message_max_bytes,
     session_timeout_ms,
 )
+from orchestrator.visibility.archive import archive_gate
 from orchestrator.workflow import WorkflowRegistry
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,29 @@ _SWEEP_LIMIT: Final = 1_000
 _REDRIVES_PER_ROUND: Final = 200
 # The longest a poll waits for input when nothing is pending.
 _IDLE_POLL_S: Final = 0.1
+# Restored STUCK workflows decoded per gauge refresh to learn when they were parked.
+_DATES_PER_REFRESH: Final = 200
+# Gauges of an owned partition, removed when it is given away.
+_PARTITION_GAUGES: Final = (
+    metrics.WORKFLOWS_IN_FLIGHT,
+    metrics.WORKFLOWS_RETAINED,
+    metrics.PENDING_WAKES,
+    metrics.WORKFLOWS_IN_FLIGHT_STUCK,
+    metrics.STUCK_OLDEST_AGE,
+    metrics.INBOX_LAG,
+)
+
+
+def inbox_lag(low: int, high: int, committed: int) -> int | None:
+    """Inbox records of a partition not processed yet, from its cached watermarks and its
+    committed offset (negative: nothing committed yet, so from the low watermark); None
+    while the watermarks are unknown (no fetch response yet)."""
+    if high < 0:
+        return None
+    start = committed if committed >= 0 else low
+    if start < 0:
+        return None
+    return max(0, high - start)
 
 
 class Orchestrator:
@@ -90,6 +119,7 @@ class Orchestrator:
         self._idle = True
         self._aborts_in_a_row = 0
         self._next_sweep = 0.0
+        self._next_gauges = 0.0
         self._budget_s = settings.transaction_timeout_ms * settings.transaction_budget / 1000
         common = settings.kafka_common()
         self._kafka_config = common
@@ -160,7 +190,7 @@ class Orchestrator:
             max_events=settings.max_history_events,
             max_record_bytes=settings.max_record_bytes,
             partition_count=0,
-            retention_hook=retention_hook,
+            retention_hook=retention_hook or archive_gate(settings),
         )
 
     # --- lifecycle --------------------------------------------------------------------
@@ -173,6 +203,8 @@ class Orchestrator:
         """
         partitions = check_copartitioned(self.admin, self.topics)
         self.processor.partition_count = partitions
+        metrics.INBOX_PARTITIONS.set(partitions)
+        metrics.PARTITIONS_OWNED.set(0)
         log.info(
             "orchestrator instance=%s transactional_id=%s partitions=%d session_timeout_ms=%d "
             "types=%s",
@@ -195,6 +227,7 @@ class Orchestrator:
                 self._restore_assigned()
                 self._redrive_queued()
                 self._sweep_retention()
+                self._refresh_gauges()
                 # Timers first, with a share of the batch of their own: a backlog of inbox
                 # input must not hold back the timers, backoffs and timeouts that fall due.
                 self._fire_timers()
@@ -261,8 +294,11 @@ class Orchestrator:
         self.store.drop(gone)
         for partition in gone:
             self._committed.pop(partition, None)
-            metrics.WORKFLOWS_IN_FLIGHT.labels(str(partition)).set(0)
-            metrics.WORKFLOWS_RETAINED.labels(str(partition)).set(0)
+            # Another instance exports this partition now: a series left here would be
+            # counted twice in every sum over instances.
+            for gauge in _PARTITION_GAUGES:
+                metrics.forget(gauge, str(partition))
+        metrics.PARTITIONS_OWNED.set(sum(1 for _ in self.store.partitions()))
         self._to_restore = [p for p in self._to_restore if p not in gone]
         self._carry = [m for m in self._carry if m.partition() not in gone]
         queue = self.processor.redrive_queue
@@ -317,6 +353,8 @@ class Orchestrator:
         gc.collect()
         gc.freeze()
         self.consumer.resume(inbox)
+        metrics.PARTITIONS_OWNED.set(sum(1 for _ in self.store.partitions()))
+        self._next_gauges = 0.0  # the restored partitions' gauges, at once
         now = time.monotonic()
         waited = max(now - self._assigned_at.pop(p, now) for p in partitions)
         log.info("resumed partitions=%s since_assigned_s=%.3f", partitions, waited)
@@ -346,6 +384,47 @@ class Orchestrator:
         )
         if self._batch.tombstones > before:
             self._note_activity()
+
+    def _refresh_gauges(self) -> None:
+        """Set the gauges of the owned partitions that are not kept up per commit (inbox
+        lag, stuck workflows), at most every ``metrics.GAUGE_REFRESH_S``: off the per-input
+        path, and cheap (cached watermarks, no request to the broker)."""
+        now = time.monotonic()
+        if now < self._next_gauges:
+            return
+        self._next_gauges = now + metrics.GAUGE_REFRESH_S
+        now_ms = int(time.time() * 1000)
+        inbox = self.topics.inbox
+        for state in self.store.partitions():
+            partition = state.partition
+            label = str(partition)
+            metrics.child(metrics.WORKFLOWS_IN_FLIGHT_STUCK, label).set(len(state.stuck))
+            # Also kept per commit; here too, so a partition restored while the inbox is
+            # quiet (no commit yet) is exported.
+            metrics.child(metrics.PENDING_WAKES, label).set(len(state.wake))
+            if state.stuck_since:
+                self.store.date_stuck(partition, self._parked_at, _DATES_PER_REFRESH)
+            oldest = state.oldest_stuck()
+            age = 0.0 if oldest is None else max(0, now_ms - oldest) / 1000
+            metrics.child(metrics.STUCK_OLDEST_AGE, label).set(age)
+            try:
+                low, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(inbox, partition), cached=True
+                )
+            except KafkaException:
+                continue  # not known to the consumer (yet): leave the last value
+            lag = inbox_lag(low, high, self._committed.get(partition, OFFSET_BEGINNING))
+            if lag is not None:
+                metrics.child(metrics.INBOX_LAG, label).set(lag)
+
+    def _parked_at(self, encoded: bytes) -> int:
+        """When a restored STUCK workflow was parked: its record's last write."""
+        try:
+            return self.codec.decode_workflow(encoded).updated_at_ms
+        except RecordDecodeError:
+            # Its head was readable at restore but the rest is not: dating it now gives a
+            # lower bound of its age rather than none.
+            return int(time.time() * 1000)
 
     def _poll_once(self) -> None:
         if self._carry:

@@ -17,7 +17,7 @@ Rules of this module:
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -43,6 +43,9 @@ class PartitionState:
     Attributes:
         open: encoded records of workflows that take input (RUNNING or STUCK).
         stuck: ids among ``open`` whose status is STUCK.
+        stuck_since: the ids of ``stuck`` -> when they were parked (epoch ms: the record's
+            last write once it was STUCK), 0 until known: a restore reads only records'
+            heads, so restored ones are dated later (``WorkflowStore.date_stuck``).
         closed: closed workflow id -> ``closed_at_ms``, roughly in closing order; kept until
             retention tombstones them, so late duplicates are still recognised.
         unwritable: id -> why this code must not write the workflow (its record cannot be
@@ -60,6 +63,7 @@ class PartitionState:
     partition: int
     open: dict[str, bytes] = field(default_factory=dict)
     stuck: set[str] = field(default_factory=set)
+    stuck_since: dict[str, int] = field(default_factory=dict)
     closed: dict[str, int] = field(default_factory=dict)
     unwritable: dict[str, str] = field(default_factory=dict)
     held: dict[str, dict[int, bytes]] = field(default_factory=dict)
@@ -79,11 +83,13 @@ class PartitionState:
         run_id: str = "",
         request_id: str | None = None,
         earlier: tuple[RunRequest, ...] = (),
+        stuck_at: int = 0,
     ) -> None:
         """Store the committed version of a workflow, given its peeked head.
 
         ``closed_at``, ``run_id`` and ``request_id`` are used only when ``status`` is
-        terminal, ``wake_at`` only when it is RUNNING.
+        terminal, ``wake_at`` only when it is RUNNING, ``stuck_at`` (when it was parked;
+        0: unknown) only when it is STUCK and was not stuck already.
         """
         self.unwritable.pop(workflow_id, None)
         if status is WorkflowStatus.UNKNOWN:
@@ -106,9 +112,13 @@ class PartitionState:
             self.closed_runs.pop(workflow_id, None)
             self.open[workflow_id] = encoded
             if status is WorkflowStatus.STUCK:
+                # A workflow re-parked for another reason has been stuck all along.
+                if not self.stuck_since.get(workflow_id):
+                    self.stuck_since[workflow_id] = stuck_at
                 self.stuck.add(workflow_id)
-            else:
+            elif workflow_id in self.stuck:
                 self.stuck.discard(workflow_id)
+                del self.stuck_since[workflow_id]
             if wake_at is None or status is not WorkflowStatus.RUNNING:
                 self.wake.pop(workflow_id, None)
             else:
@@ -177,9 +187,16 @@ class PartitionState:
             if not kept:
                 del self.held[workflow_id]
 
+    def oldest_stuck(self) -> int | None:
+        """When the longest-parked STUCK workflow with a known parking time was parked
+        (epoch ms), or None when there is none."""
+        return min((at for at in self.stuck_since.values() if at), default=None)
+
     def _forget(self, workflow_id: str) -> None:
         self.open.pop(workflow_id, None)
-        self.stuck.discard(workflow_id)
+        if workflow_id in self.stuck:
+            self.stuck.discard(workflow_id)
+            del self.stuck_since[workflow_id]
         self.wake.pop(workflow_id, None)
 
 
@@ -348,6 +365,7 @@ class WorkflowStore:
                 record.run_id,
                 record.request_id,
                 record.earlier_requests,
+                record.updated_at_ms,
             )
             if record.status.terminal:
                 self._cache.pop(workflow_id, None)
@@ -370,6 +388,30 @@ class WorkflowStore:
         self._staged_held.clear()
         for state in self._partitions.values():
             state.settle()
+
+    def date_stuck(self, partition: int, parked_at: Callable[[bytes], int], limit: int) -> int:
+        """Date the STUCK workflows of ``partition`` whose parking time is unknown (those
+        a restore read), from the decoded cache or, for at most ``limit`` of them, from
+        ``parked_at(committed bytes)``; returns how many stay undated.
+
+        Bounded so that a restore that found many parked workflows costs the loop little
+        per call; the re-drive after each restore usually leaves them in the cache.
+        """
+        state = self._partitions[partition]
+        since = state.stuck_since
+        undated = [wid for wid, at in since.items() if not at]
+        left = 0
+        for wid in undated:
+            record = self._cache.get(wid)
+            # 0 stands for "unknown": a time of 0 (never written) must not be taken for it.
+            if record is not None:
+                since[wid] = max(1, record.updated_at_ms)
+            elif limit > 0:
+                limit -= 1
+                since[wid] = max(1, parked_at(state.open[wid]))
+            else:
+                left += 1
+        return left
 
     def next_wake(self) -> int | None:
         """The earliest wake time of any owned partition, or None."""
