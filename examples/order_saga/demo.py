@@ -1,4 +1,5 @@
-"""The demo: 1,000 order sagas through one orchestrator and three participant services.
+"""The demo: 1,000 order sagas through one orchestrator and three participant services,
+with the visibility projector serving the web UI beside them.
 
 Run by ``bin/demo`` after the local stack is up; reads SAGALINE_KAFKA_BOOTSTRAP and
 SAGALINE_POSTGRES_DSN from the environment.
@@ -7,9 +8,12 @@ SAGALINE_POSTGRES_DSN from the environment.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import sys
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterable
@@ -26,6 +30,7 @@ from examples.order_saga.harness import (
     base_env,
     expected_status,
     figures,
+    free_port,
     make_orders,
     publish,
     start_pipeline,
@@ -35,6 +40,10 @@ from orchestrator.client import WorkflowClient
 from orchestrator.protocol.records import WorkflowRecord, WorkflowStatus
 from orchestrator.protocol.topics import Topics
 from orchestrator.settings import KafkaSettings
+
+UI_PORT = 9430
+# How long the summary waits for the projector to have every saga of the run in PostgreSQL.
+PROJECTION_WAIT_S = 60.0
 
 
 def main() -> int:
@@ -79,12 +88,61 @@ def main() -> int:
 
     env = base_env(bootstrap, dsn, topics.prefix)
     processes, ports = start_pipeline(env, log_dir)
+    ui = start_projector(env, log_dir, processes, ports)
     print(f"started {len(processes)} processes; logs in {log_dir}")
+    print(f"web UI at {ui} (the projector fills it as the sagas run)")
     try:
-        return _drive(args, bootstrap, dsn, topics, run_id, processes, ports, log_dir)
+        return _drive(args, bootstrap, dsn, topics, run_id, processes, ports, log_dir, ui)
     finally:
         for process in processes:
             process.stop()
+
+
+def start_projector(
+    env: dict[str, str],
+    log_dir: Path,
+    processes: list[SagalineProcess],
+    ports: dict[str, int],
+) -> str:
+    """Start ``sagaline projector`` serving the web UI (on port 9430 when it is free)
+    and /metrics; add it to ``processes`` and ``ports``; return the UI's address."""
+    ui_port = UI_PORT if _port_free(UI_PORT) else free_port()
+    ports["projector"] = free_port()
+    projector = SagalineProcess(
+        "projector",
+        ["projector"],
+        {**env, "SAGALINE_UI_PORT": str(ui_port), "SAGALINE_METRICS_PORT": str(ports["projector"])},
+        log_dir / "projector.log",
+    ).start()
+    processes.append(projector)
+    return f"http://127.0.0.1:{ui_port}/"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def projected(ui: str, id_prefix: str, expected: int, deadline_s: float) -> int:
+    """How many closed runs whose id starts with ``id_prefix`` the UI counts, once that
+    is ``expected`` or after ``deadline_s`` (the projector may still be catching up)."""
+    url = f"{ui}api/workflows?limit=1&id_prefix={urllib.parse.quote(id_prefix)}"
+    end = time.monotonic() + deadline_s
+    seen = 0
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                counts = json.load(resp)["counts"]
+            seen = sum(n for status, n in counts.items() if status not in ("RUNNING", "STUCK"))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not up yet, or its tables are still being created
+        if seen >= expected or time.monotonic() >= end:
+            return seen
+        time.sleep(0.5)  # polling another process's progress, bounded by the deadline
 
 
 def _drive(
@@ -96,6 +154,7 @@ def _drive(
     processes: list[SagalineProcess],
     ports: dict[str, int],
     log_dir: Path,
+    ui: str,
 ) -> int:
     orders = make_orders(args.sagas, declined_every=args.declined_every, run_id=run_id)
     watcher = HistoryWatcher(bootstrap, topics.history)
@@ -158,6 +217,12 @@ def _drive(
         + ", ".join(f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items())
     )
     print(f"logs             {log_dir}")
+    # The warm-up saga's id has the run's prefix too.
+    shown = projected(ui, f"order-{run_id}-", len(ids) + 1, PROJECTION_WAIT_S)
+    print(
+        f"web UI           {ui} (this run: {ui}#/?id_prefix=order-{run_id}-; "
+        f"{shown} of {len(ids) + 1} sagas projected as closed)"
+    )
     print("orchestrator metrics (excerpt):")
     for line in _scrape(ports["orchestrator"]):
         print(f"  {line}")
