@@ -6,6 +6,7 @@ Each process serves ``/metrics`` with :func:`serve`. Names follow Prometheus con
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Final, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -36,7 +37,10 @@ def forget(metric: Counter | Gauge | Histogram, *labels: str) -> None:
     """Remove ``metric``'s series with ``labels`` (a partition given away), if it exists,
     so it is no longer exported; a later ``child`` or ``labels`` call starts it afresh."""
     _CHILDREN.pop((id(metric), labels), None)
-    metric.remove(*labels)
+    # prometheus_client before 0.22 raises for a series never set (a partition revoked
+    # before its first refresh); the rebalance callback must not die of it.
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)
 
 
 _LATENCY_BUCKETS = (
@@ -265,6 +269,11 @@ PROJECTOR_APPLIED = Counter(
 PROJECTOR_LAST_APPLIED = Gauge(
     "sagaline_projector_last_applied_timestamp_seconds",
     "When the projector last committed a batch to PostgreSQL (Unix time).",
+)
+PROJECTOR_APPLY_FAILURES = Counter(
+    "sagaline_projector_apply_failures_total",
+    "Batches PostgreSQL could not take (unreachable, timed out); each is retried with "
+    "backoff and nothing is committed to Kafka meanwhile.",
 )
 PROJECTOR_UNREADABLE = Counter(
     "sagaline_projector_unreadable_records_total",

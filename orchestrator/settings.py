@@ -8,21 +8,48 @@ never logged (``redacted()`` hides them).
 
 from __future__ import annotations
 
+import json
 import socket
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from orchestrator.protocol.topics import Topics
 
 _SECRET_HINTS = ("password", "secret", "key", "token", "sasl.jaas")
 
 
+def _valid_dsn(value: SecretStr) -> SecretStr:
+    # Parsed here, at start, because libpq's parse errors quote the text around the
+    # mistake, which in a DSN is often the password: the message must not carry it.
+    from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+
+    try:
+        conninfo_to_dict(value.get_secret_value())
+    except Exception:
+        raise ValueError(
+            "not a valid PostgreSQL connection string (a URI such as "
+            "postgresql://user:password@host:5432/db, with special characters in the "
+            "password percent-encoded, or key=value pairs)"
+        ) from None
+    return value
+
+
+Dsn = Annotated[SecretStr, AfterValidator(_valid_dsn)]
+"""A PostgreSQL connection string, checked at start and never shown."""
+
+
 class KafkaSettings(BaseSettings):
     """How to reach Kafka; shared by orchestrators, participants and clients."""
 
-    model_config = SettingsConfigDict(env_prefix="SAGALINE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SAGALINE_",
+        extra="ignore",
+        # A bad value may be a secret (a DSN, SAGALINE_KAFKA_EXTRA): errors name the
+        # variable, never its value.
+        hide_input_in_errors=True,
+    )
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="bootstrap.servers")
     topic_prefix: str = Field("sagaline", description="prefix of every sagaline topic")
@@ -98,7 +125,7 @@ class OrchestratorSettings(KafkaSettings):
         "raise it only with the topics' max.message.bytes",
     )
     max_history_events: int = Field(1_000, ge=10)
-    archive_dsn: SecretStr | None = Field(
+    archive_dsn: Dsn | None = Field(
         None,
         repr=False,
         description="PostgreSQL of the visibility projector (sagaline projector); when "
@@ -141,7 +168,7 @@ class ParticipantSettings(KafkaSettings):
         description="stable per process and unique among the replicas of a participant: "
         "its static group member id, so a restart keeps its partitions",
     )
-    postgres_dsn: SecretStr = Field(
+    postgres_dsn: Dsn = Field(
         SecretStr("postgresql://sagaline@127.0.0.1:5432/sagaline"),
         description="PostgreSQL for the idempotency inbox and business tables",
     )
@@ -161,7 +188,7 @@ class ParticipantSettings(KafkaSettings):
 class CelerySettings(KafkaSettings):
     """Settings of the sagaline integration in a Celery worker (``participants.celery``)."""
 
-    postgres_dsn: SecretStr = Field(
+    postgres_dsn: Dsn = Field(
         SecretStr("postgresql://sagaline@127.0.0.1:5432/sagaline"),
         description="PostgreSQL of the idempotency inbox and the tasks' writes "
         "(ExactlyOnceTask); other tasks never connect",
@@ -182,11 +209,21 @@ class CelerySettings(KafkaSettings):
     metrics_host: str = "127.0.0.1"
 
 
+def _host_list(value: Any) -> Any:
+    # SAGALINE_UI_ALLOWED_HOSTS arrives as text: a JSON list, or names separated by commas.
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [name.strip() for name in text.split(",") if name.strip()]
+    return value
+
+
 class ProjectorSettings(KafkaSettings):
     """Settings of the visibility projector and its web UI (``sagaline projector``,
     ``sagaline ui``)."""
 
-    postgres_dsn: SecretStr = Field(
+    postgres_dsn: Dsn = Field(
         SecretStr("postgresql://sagaline@127.0.0.1:5432/sagaline"),
         description="PostgreSQL of the visibility tables (sagaline_workflows, "
         "sagaline_workflow_events)",
@@ -204,6 +241,12 @@ class ProjectorSettings(KafkaSettings):
         9430, ge=0, description="the web UI's port (sagaline projector and sagaline ui); 0: none"
     )
     ui_host: str = Field("127.0.0.1", description="address the web UI listens on")
+    ui_allowed_hosts: Annotated[list[str], NoDecode, BeforeValidator(_host_list)] = Field(
+        default_factory=list,
+        description="host names (optionally name:port) the web UI answers besides localhost "
+        "and loopback addresses, e.g. an Ingress or proxy name; JSON list or comma-separated. "
+        "Any other Host header is refused (DNS rebinding)",
+    )
 
     @property
     def consumer_group(self) -> str:

@@ -36,6 +36,7 @@ import functools
 import logging
 import math
 import queue
+import re
 import threading
 import time
 import weakref
@@ -111,6 +112,23 @@ HEARTBEAT_MIN_INTERVAL_S: Final = 0.25
 # waits on them, so they are sent at most this often.
 DETAILS_ONLY_INTERVAL_S: Final = 10.0
 IN_FLIGHT_PER_WORKER: Final = 4
+
+
+_RUN_ID: Final = re.compile(r"[0-9a-f]{32}")
+
+
+def _task_context(task: ActivityTask, partition: int, offset: int) -> dict[str, object]:
+    """The fields a structured (JSON) log line carries for one task."""
+    parts = task.activity_id.rsplit("/", 3)
+    # <workflow id>/<run id>/<seq>/<attempt>; ids written before run ids have no run part.
+    run_id = parts[1] if len(parts) == 4 and parts[0] and _RUN_ID.fullmatch(parts[1]) else ""
+    return {
+        "workflow_id": task.workflow_id,
+        "run_id": run_id,
+        "activity_id": task.activity_id,
+        "partition": partition,
+        "offset": offset,
+    }
 
 
 class _InFlightSetting(BaseSettings):
@@ -395,6 +413,7 @@ class _AttemptReports:
                 self._loop.name,
                 safe_text(task.activity_id, 300),
                 describe(exc),
+                extra={"workflow_id": task.workflow_id, "activity_id": task.activity_id},
             )
             return
         self._send(record)
@@ -415,6 +434,7 @@ class _AttemptReports:
                 self._loop.name,
                 safe_text(task.activity_id, 300),
                 describe(exc),
+                extra={"workflow_id": task.workflow_id, "activity_id": task.activity_id},
             )
             return
         self._details = latest
@@ -653,6 +673,7 @@ class _ParticipantLoop:
                     exc.reason,
                     partition,
                     offset,
+                    extra={"partition": partition, "offset": offset},
                 )
                 continue
             self.workers.submit(_Job(task, ticket, partition, offset))
@@ -714,6 +735,7 @@ class _ParticipantLoop:
                 busy.job.offset,
                 wall_clock_ms() - (busy.deadline_ms or 0),
                 self.workers.written_off,
+                extra=_task_context(busy.job.task, busy.job.partition, busy.job.offset),
             )
         for busy in stuck:
             log.error(
@@ -725,6 +747,7 @@ class _ParticipantLoop:
                 busy.job.partition,
                 busy.job.offset,
                 self.workers.written_off,
+                extra=_task_context(busy.job.task, busy.job.partition, busy.job.offset),
             )
 
     # --- group membership ----------------------------------------------------------------
@@ -836,6 +859,7 @@ class _ParticipantLoop:
                         task.activity_id,
                         retries,
                         describe(exc),
+                        extra=_task_context(task, job.partition, job.offset),
                     )
                     delay = _DB_RETRY_DELAYS_S[min(retries, len(_DB_RETRY_DELAYS_S)) - 1]
                     if self._halted(delay):
@@ -847,6 +871,7 @@ class _ParticipantLoop:
                             safe_text(task.activity_id, 300),
                             job.partition,
                             job.offset,
+                            extra=_task_context(task, job.partition, job.offset),
                         )
                         return
         finally:

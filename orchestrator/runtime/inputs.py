@@ -91,6 +91,9 @@ from orchestrator.workflow import WorkflowRegistry
 log = logging.getLogger(__name__)
 SOURCE: Final = "orchestrator"
 PARK, DEAD_LETTER = 1, 2
+# A closed workflow the retention hook kept is asked about again this much later.
+_WITHHOLD_MS: Final = 60_000
+_MAX_WITHHELD: Final = 100_000
 # When a wake found nothing due, look again this much later.
 _RECHECK_MS: Final = 1_000
 
@@ -209,6 +212,8 @@ class InputProcessor:
         self.max_record_bytes = max_record_bytes
         self.partition_count = partition_count
         self.retention_hook: RetentionHook = retention_hook or ReleaseAll()
+        # Closed workflow id -> when (epoch ms) the retention hook may be asked again.
+        self._withheld: dict[str, int] = {}
         self.limits = Limits(
             max_events=max_events,
             max_record_bytes=max_record_bytes,
@@ -456,9 +461,12 @@ class InputProcessor:
         """Tombstone up to ``limit`` closed workflows whose retention is over."""
         for state in self.store.partitions():
             expired: dict[str, str] = {}
+            withheld = self._withheld
             for wid, closed_at in state.closed.items():
                 if closed_at + retention_ms > now_ms or len(expired) >= limit:
                     break
+                if withheld and withheld.get(wid, 0) > now_ms:
+                    continue  # the hook kept it a moment ago: ask about later ones first
                 if self.store.staged_record(wid) is None:
                     closed_run = state.closed_runs.get(wid)
                     expired[wid] = closed_run[1] if closed_run is not None else ""
@@ -469,9 +477,17 @@ class InputProcessor:
             except Exception:
                 log.exception("retention hook failed partition=%d", state.partition)
                 continue
+            kept = expired.keys() - set(released)
+            if kept:
+                # Workflows the hook keeps (not archived yet, or never archivable) must not
+                # fill every sweep's limit and hold back the partition's retention.
+                if len(withheld) > _MAX_WITHHELD:
+                    withheld.clear()
+                withheld.update(dict.fromkeys(kept, now_ms + _WITHHOLD_MS))
             for wid in released:
                 if wid not in expired or Ref("tombstone", state.partition, wid) in self.poison:
                     continue
+                withheld.pop(wid, None)
                 self.store.stage_tombstone(state.partition, wid)
                 batch.tombstones += 1
 
@@ -818,6 +834,12 @@ class InputProcessor:
             item.offset,
             failure.error_type,
             failure.message,
+            extra={
+                "workflow_id": wid,
+                "run_id": record.run_id,
+                "partition": item.partition,
+                "offset": item.offset,
+            },
         )
         metrics.WORKFLOWS_PARKED.labels(failure.error_type).inc()
         self.store.stage(item.partition, record, encoded)
@@ -1033,6 +1055,7 @@ class InputProcessor:
             item.partition,
             item.offset,
             safe_text(error),
+            extra={"partition": item.partition, "offset": item.offset},
         )
         ref = Ref("dlq", item.partition, item.offset)
         refused, why = self.poison.get(ref, (0, ""))

@@ -395,6 +395,9 @@ class Orchestrator:
         self._next_gauges = now + metrics.GAUGE_REFRESH_S
         now_ms = int(time.time() * 1000)
         inbox = self.topics.inbox
+        # One budget for the whole refresh, not one per partition: after a restore that
+        # found many parked workflows, the loop pays for at most this many decodes.
+        budget = _DATES_PER_REFRESH
         for state in self.store.partitions():
             partition = state.partition
             label = str(partition)
@@ -402,8 +405,12 @@ class Orchestrator:
             # Also kept per commit; here too, so a partition restored while the inbox is
             # quiet (no commit yet) is exported.
             metrics.child(metrics.PENDING_WAKES, label).set(len(state.wake))
-            if state.stuck_since:
-                self.store.date_stuck(partition, self._parked_at, _DATES_PER_REFRESH)
+            metrics.child(metrics.WORKFLOWS_IN_FLIGHT, label).set(len(state.open))
+            metrics.child(metrics.WORKFLOWS_RETAINED, label).set(len(state.closed))
+            if state.stuck_since and budget > 0:
+                undated_before = sum(1 for at in state.stuck_since.values() if not at)
+                left = self.store.date_stuck(partition, self._parked_at, budget)
+                budget -= max(0, undated_before - left)
             oldest = state.oldest_stuck()
             age = 0.0 if oldest is None else max(0, now_ms - oldest) / 1000
             metrics.child(metrics.STUCK_OLDEST_AGE, label).set(age)

@@ -8,6 +8,9 @@ import time
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from orchestrator.visibility.projection import clean
+from orchestrator.visibility.store import CONNECT_OPTIONS
+
 if TYPE_CHECKING:
     from orchestrator.runtime.inputs import RetentionHook
     from orchestrator.settings import OrchestratorSettings
@@ -18,6 +21,9 @@ log = logging.getLogger(__name__)
 _STATEMENT_TIMEOUT_MS: Final = 2_000
 _CONNECT_TIMEOUT_S: Final = 2
 _WARN_EVERY_S: Final = 60.0
+# After a failure the loop does not wait on the database again for this long: at most one
+# connect timeout per period, whatever the number of partitions.
+_RETRY_AFTER_S: Final = 30.0
 
 # A run counts as archived when the projector holds its closed state. The run id pins
 # the run the orchestrator is about to delete, not an earlier one of the same id.
@@ -35,19 +41,26 @@ class ArchiveGate:
     workflows whose closed run is in the visibility tables.
 
     Connects lazily and again after any error; a database that is down or slow releases
-    nothing (retention waits), with a warning at most once a minute.
+    nothing (retention waits) and is not asked again for 30 s, so the loop waits on it
+    at most one connect or statement timeout (2 s) per 30 s; a warning at most once a
+    minute. The message names the error's type only: libpq's text can quote the DSN.
     """
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         self._conn: Any = None
         self._warned_at = 0.0
+        self._retry_at = 0.0
 
     def release(self, partition: int, runs: Mapping[str, str]) -> Collection[str]:
         """The ids among ``runs`` whose run the projector has archived as closed."""
         import psycopg  # noqa: PLC0415 (only deployments that archive need it)
 
-        ids = list(runs)
+        now = time.monotonic()
+        if now < self._retry_at:
+            return ()  # it failed a moment ago: do not stall the loop on it again
+        # The projector stores ids as clean() makes them; answer with the orchestrator's.
+        ids = {clean(wid): wid for wid in runs}
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(
@@ -55,15 +68,25 @@ class ArchiveGate:
                     autocommit=True,
                     connect_timeout=_CONNECT_TIMEOUT_S,
                     options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS}",
+                    **CONNECT_OPTIONS,
                 )
             rows = self._conn.execute(
-                _ARCHIVED_SQL, {"ids": ids, "runs": [runs[i] for i in ids]}
+                _ARCHIVED_SQL,
+                {"ids": list(ids), "runs": [clean(runs[wid]) for wid in ids.values()]},
             ).fetchall()
         except psycopg.Error as exc:
             self._drop()
-            self._warn(f"cannot ask PostgreSQL which closed workflows are archived: {exc}")
+            if isinstance(exc, psycopg.OperationalError):
+                # Unreachable or timed out: the kind that costs the loop seconds. (A missing
+                # table, before the projector's first run, is answered at once.)
+                self._retry_at = time.monotonic() + _RETRY_AFTER_S
+            self._warn(
+                "cannot ask PostgreSQL (SAGALINE_ARCHIVE_DSN) which closed workflows are "
+                f"archived ({type(exc).__name__}); retention waits and asks again in "
+                f"{_RETRY_AFTER_S:g} s"
+            )
             return ()
-        released = [row[0] for row in rows]
+        released = [ids[row[0]] for row in rows if row[0] in ids]
         if len(released) < len(ids):
             self._warn(
                 f"partition {partition}: {len(ids) - len(released)} closed workflows wait "

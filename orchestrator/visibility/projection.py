@@ -29,6 +29,13 @@ MAX_PAYLOAD_CHARS: Final = 16_384
 _COLUMNS: Final = frozenset(("seq", "attempt", "at_ms", "name"))
 
 
+def clean(text: str) -> str:
+    """``text`` as PostgreSQL stores it: NUL, which no text or jsonb value may hold, shown
+    as U+FFFD. Any client can put one in a workflow type, a signal id or a payload, and
+    one such record must not stop the projection."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 def payload_text(payload: Payload | None) -> str | None:
     """A payload as readers see it: JSON as sent, other encodings as a size note.
 
@@ -37,8 +44,8 @@ def payload_text(payload: Payload | None) -> str | None:
     if payload is None:
         return None
     if payload.encoding != JSON_ENCODING:
-        return f"<{len(payload.data)} bytes {payload.encoding}>"
-    text = payload.data.decode("utf-8", "replace")
+        return clean(f"<{len(payload.data)} bytes {payload.encoding}>")
+    text = clean(payload.data.decode("utf-8", "replace"))
     if len(text) > MAX_PAYLOAD_CHARS:
         return f"{text[:MAX_PAYLOAD_CHARS]}… ({len(payload.data)} bytes)"
     return text
@@ -47,8 +54,8 @@ def payload_text(payload: Payload | None) -> str | None:
 def failure_json(failure: Failure) -> dict[str, Any]:
     """A failure as JSON: its type, message and whether it was retryable."""
     return {
-        "error_type": failure.error_type,
-        "message": failure.message,
+        "error_type": clean(failure.error_type),
+        "message": clean(failure.message),
         "retryable": failure.retryable,
     }
 
@@ -62,6 +69,8 @@ def _jsonable(value: Any) -> Any:
         return value.value
     if isinstance(value, tuple | list):
         return [_jsonable(v) for v in value]
+    if isinstance(value, str):
+        return clean(value)
     return value
 
 
@@ -81,9 +90,13 @@ def event_row(index: int, event: HistoryEvent) -> EventRow:
         at_ms=event.at_ms,
         seq=getattr(event, "seq", None),
         attempt=getattr(event, "attempt", None),
-        name=getattr(event, "name", None) or getattr(event, "patch_id", None),
+        name=_text(getattr(event, "name", None) or getattr(event, "patch_id", None)),
         detail=detail,
     )
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None else clean(value)
 
 
 def waiting_on(record: WorkflowRecord) -> tuple[str | None, int]:
@@ -102,7 +115,7 @@ def waiting_on(record: WorkflowRecord) -> tuple[str | None, int]:
             label = event.child_workflow_id if event.child_workflow_id else event.name
             if event.compensation:
                 kind = "compensation"
-            pending[event.seq] = (f"{kind} {label}", event.attempt)
+            pending[event.seq] = (clean(f"{kind} {label}"), event.attempt)
             last_attempt = event.attempt
         elif isinstance(event, ActivityCompleted) or (
             isinstance(event, ActivityFailed) and event.retry_at_ms is None
@@ -113,7 +126,7 @@ def waiting_on(record: WorkflowRecord) -> tuple[str | None, int]:
         elif isinstance(event, TimerFired | TimerCancelled | PromiseCompleted):
             pending.pop(event.seq, None)
         elif isinstance(event, PromiseCreated):
-            pending[event.seq] = (f"promise {event.name}", 0)
+            pending[event.seq] = (clean(f"promise {event.name}"), 0)
     if record.status.terminal:
         return None, last_attempt
     if record.status.value == "STUCK":
@@ -131,9 +144,9 @@ def project(
     step, attempts = waiting_on(record)
     failure = record.failure
     row = WorkflowRow(
-        workflow_id=record.workflow_id,
-        run_id=record.run_id,
-        workflow_type=record.workflow_type,
+        workflow_id=clean(record.workflow_id),
+        run_id=clean(record.run_id),
+        workflow_type=clean(record.workflow_type),
         status=record.status.value,
         started_at_ms=record.started_at_ms,
         updated_at_ms=record.updated_at_ms,
@@ -141,11 +154,11 @@ def project(
         revision=record.revision,
         current_step=step,
         attempts=attempts,
-        error_type=failure.error_type if failure else None,
-        error_message=failure.message if failure else None,
+        error_type=clean(failure.error_type) if failure else None,
+        error_message=clean(failure.message) if failure else None,
         result=payload_text(record.result),
         input=payload_text(record.input),
-        parent_workflow_id=record.parent.workflow_id if record.parent else None,
+        parent_workflow_id=clean(record.parent.workflow_id) if record.parent else None,
         partition=partition,
         offset=offset,
     )

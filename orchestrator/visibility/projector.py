@@ -30,13 +30,18 @@ from orchestrator.protocol.topics import HELD_PREFIX
 from orchestrator.settings import ProjectorSettings
 from orchestrator.transport import poll_batch
 from orchestrator.visibility.models import EventRow, WorkflowRow
-from orchestrator.visibility.projection import project
+from orchestrator.visibility.projection import clean, project
 from orchestrator.visibility.store import VisibilityStore
 
 log = logging.getLogger(__name__)
 _POLL_S: Final = 0.5
 _LAG_EVERY_S: Final = 5.0
 _BACKOFF_S: Final = (0.5, 1.0, 2.0, 5.0, 10.0)
+# Errors about the data, not the database's health: the same rows fail again on retry.
+_REFUSED: Final = (psycopg.DataError, psycopg.IntegrityError)
+# The history topic takes records up to 8 MiB (orchestrator.protocol.topics): the
+# projector reads whatever the orchestrators were allowed to write.
+_MAX_READ_BYTES: Final = 16 << 20
 
 
 @dataclass(slots=True)
@@ -65,7 +70,7 @@ def collapse(codec: AvroCodec, messages: Sequence[Message]) -> Collapsed:
             continue
         value = msg.value()
         if value is None:
-            batch.tombstones.append((key.decode("utf-8", "replace"), offset))
+            batch.tombstones.append((clean(key.decode("utf-8", "replace")), offset))
             continue
         try:
             record = codec.decode_workflow(value)
@@ -94,7 +99,7 @@ class Projector:
     def __init__(self, settings: ProjectorSettings, store: VisibilityStore) -> None:
         self.settings = settings
         self.store = store
-        self.codec = AvroCodec()
+        self.codec = AvroCodec(max_record_bytes=_MAX_READ_BYTES)
         self.topic = settings.topics.history
         self._assigned: set[int] = set()
         self._next_lag = 0.0
@@ -160,7 +165,14 @@ class Projector:
             try:
                 self.store.apply(list(batch.runs.values()), batch.tombstones)
                 break
+            except _REFUSED:
+                # The database refuses something in the batch itself: retrying cannot
+                # help, and one bad run must not stop the projection. Apply the batch a run
+                # at a time and skip (count, log) the ones it refuses.
+                self._apply_each(batch)
+                break
             except psycopg.Error as exc:
+                metrics.PROJECTOR_APPLY_FAILURES.inc()
                 delay = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
                 attempt += 1
                 log.warning(
@@ -170,6 +182,9 @@ class Projector:
                     delay,
                     exc,
                 )
+                # The lag gauge must keep moving while nothing is applied, or an outage
+                # would look like a projector that is keeping up.
+                self._refresh_lag()
                 if stop.wait(delay):
                     return  # not committed: the next projector replays the batch
         metrics.PROJECTOR_LAST_APPLIED.set(time.time())
@@ -183,6 +198,31 @@ class Projector:
             # A rebalance took the partition: its new owner replays from the last commit,
             # which the store's revision guard absorbs.
             log.info("offset commit failed (replayed by the next owner): %s", exc)
+
+    def _apply_each(self, batch: Collapsed) -> None:
+        for run in batch.runs.values():
+            try:
+                self.store.apply([run])
+            except _REFUSED as exc:
+                batch.skipped += 1
+                batch.workflows -= 1
+                metrics.PROJECTOR_UNREADABLE.inc()
+                row = run[0]
+                log.error(
+                    "PostgreSQL refused workflow %r run %r (partition %d offset %d), skipped: %s",
+                    row.workflow_id,
+                    row.run_id,
+                    row.partition,
+                    row.offset,
+                    exc,
+                    extra={
+                        "workflow_id": row.workflow_id,
+                        "run_id": row.run_id,
+                        "partition": row.partition,
+                        "offset": row.offset,
+                    },
+                )
+        self.store.apply([], batch.tombstones)
 
     def _refresh_lag(self) -> None:
         now = time.monotonic()

@@ -137,12 +137,43 @@ WHERE (e.kind, e.at_ms, e.seq, e.attempt, e.name, e.detail)
 """
 # Only what the tombstone deleted: runs written before it. A run started again under the
 # same id after the tombstone is written after it too, so order within a batch is moot.
+# A run still open here was closed and deleted while the projector was behind (no archive
+# gate): it is closed as UNKNOWN with the reason, rather than shown RUNNING for ever.
 _ARCHIVE: Final = """
-UPDATE sagaline_workflows w SET archived = true
+UPDATE sagaline_workflows w SET archived = true,
+       status = CASE WHEN w.closed_at_ms IS NULL THEN 'UNKNOWN' ELSE w.status END,
+       current_step = CASE WHEN w.closed_at_ms IS NULL THEN NULL ELSE w.current_step END,
+       error_type = CASE WHEN w.closed_at_ms IS NULL THEN 'Unprojected' ELSE w.error_type END,
+       error_message = CASE WHEN w.closed_at_ms IS NULL
+           THEN 'retention deleted this run from the history topic before the projector '
+                'read how it ended' ELSE w.error_message END,
+       closed_at_ms = COALESCE(w.closed_at_ms, w.updated_at_ms)
   FROM unnest(%s::text[], %s::bigint[]) AS t(workflow_id, kafka_offset)
- WHERE w.workflow_id = t.workflow_id AND w.kafka_offset < t.kafka_offset
-   AND w.closed_at_ms IS NOT NULL AND NOT w.archived
+ WHERE w.workflow_id = t.workflow_id AND w.kafka_offset < t.kafka_offset AND NOT w.archived
 """
+# A newer run under the same id means every earlier one ended, even when compaction
+# removed its closing record before the projector read it (continue-as-new, a start that
+# terminated the running one). Those still open here are closed as UNKNOWN, with the reason.
+_SUPERSEDE: Final = """
+UPDATE sagaline_workflows w SET status = 'UNKNOWN', current_step = NULL,
+       error_type = 'Unprojected',
+       error_message = 'run ' || t.run_id || ' replaced this run before the projector read '
+                       'how it ended',
+       closed_at_ms = t.started_at_ms
+  FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
+       AS t(workflow_id, run_id, kafka_offset, started_at_ms)
+ WHERE w.workflow_id = t.workflow_id AND w.run_id <> t.run_id
+   AND w.kafka_offset < t.kafka_offset AND w.closed_at_ms IS NULL
+"""
+# The UI and the orchestrators' archive gate wait on these: a database that hangs must
+# fail a call, not hold it for the kernel's TCP timeout.
+CONNECT_OPTIONS: Final[dict[str, Any]] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 
 
 def _like_prefix(prefix: str) -> str:
@@ -186,9 +217,12 @@ class VisibilityStore:
     after it breaks; errors surface as ``psycopg.Error``.
     """
 
-    def __init__(self, dsn: str, *, connect_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, dsn: str, *, connect_timeout_s: float = 10.0, statement_timeout_ms: int = 30_000
+    ) -> None:
         self._dsn = dsn
         self._timeout = connect_timeout_s
+        self._statement_timeout_ms = statement_timeout_ms
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._lock = threading.Lock()
 
@@ -199,6 +233,8 @@ class VisibilityStore:
                 autocommit=True,
                 connect_timeout=max(1, round(self._timeout)),
                 row_factory=tuple_row,
+                options=f"-c statement_timeout={self._statement_timeout_ms}",
+                **CONNECT_OPTIONS,
             )
         return self._conn
 
@@ -244,6 +280,16 @@ class VisibilityStore:
                             columns[i].append(getattr(row, _FIELD.get(name, name)))
                     cur = conn.execute(_UPSERT, columns)
                     changed = {(r[0], r[1]) for r in cur.fetchall()}
+                if runs:
+                    conn.execute(
+                        _SUPERSEDE,
+                        (
+                            [r.workflow_id for r, _ in runs],
+                            [r.run_id for r, _ in runs],
+                            [r.offset for r, _ in runs],
+                            [r.started_at_ms for r, _ in runs],
+                        ),
+                    )
                 if changed:
                     self._write_events(
                         conn, [(r, e) for r, e in runs if (r.workflow_id, r.run_id) in changed]

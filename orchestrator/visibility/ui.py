@@ -12,29 +12,36 @@ API (every answer is JSON; failures are ``{"ok": false, "error": "<one line>"}``
 - ``GET /api/workflows?type=&status=&id_prefix=&since=&until=&limit=&before=``: the runs
   that match, newest first, the counts by status of the same filter (status aside) and
   ``next``, the cursor of the next page (``before=``), or null on the last page.
-- ``GET /api/workflows/<id>?run=<run id>``: one run (the latest by default), every run
+- ``GET /api/workflow?id=<id>&run=<run id>``: one run (the latest by default), every run
   of the id and the run's history events.
-- ``POST /api/workflows/<id>/cancel`` ``{"reason"}``, ``/signal`` ``{"name", "payload"}``,
-  ``/resume`` ``{}``: answer ``{"ok": true, "message"}`` once Kafka has the request.
-- ``GET /healthz``: 200 while the server runs.
+- ``POST /api/workflow/cancel?id=<id>`` ``{"reason"}``, ``/signal`` ``{"name", "payload",
+  "signal_id"}``, ``/resume`` ``{}``: answer ``{"ok": true, "message"}`` once Kafka has
+  confirmed the request.
+- ``GET /healthz``: 200 while the server runs, whatever the ``Host``.
 
-Ids in paths are percent-encoded whole (``/`` as ``%2F``). The server has no
-authentication of its own: it listens on loopback by default; put it behind a proxy that
-authenticates before exposing it. Other sites' pages are kept out: actions need a JSON
-body (no cross-site form can send one) and a same-origin ``Sec-Fetch-Site``; on loopback
-only requests for a loopback host are answered (DNS rebinding); the page's
-Content-Security-Policy allows its own script only. docs/ui.md has the details.
+``/api/workflows/<id>`` and ``/api/workflows/<id>/<action>`` work too, with the id
+percent-encoded whole (``/`` as ``%2F``), except for the ids ``.`` and ``..``, which
+browsers and URL libraries remove from paths as dot segments; the query form carries any
+id. The server has no authentication of its own: it listens on loopback by default; put it
+behind a proxy that authenticates before exposing it. Other sites' pages are kept out:
+actions need a JSON body (no cross-site form can send one) and a same-origin
+``Sec-Fetch-Site``; only requests whose ``Host`` is a loopback name or one of
+``SAGALINE_UI_ALLOWED_HOSTS`` are answered, whatever address the server binds (DNS
+rebinding); the page's Content-Security-Policy allows its own script only. docs/ui.md has
+the details.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import json
 import logging
+import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -60,6 +67,18 @@ MAX_BODY_BYTES: Final = 1_048_576
 MAX_TEXT_CHARS: Final = 1_000
 # How long an action waits for Kafka to take its request before answering 503.
 FLUSH_TIMEOUT_S: Final = 10.0
+# How long a request waits for the shared PostgreSQL connection before answering 503: a
+# statement stuck on a dead or slow server must not hang every page that polls behind it.
+STORE_WAIT_S: Final = 10.0
+# API requests served at once; more are answered 503 at once rather than piling up threads
+# that each wait on a slow PostgreSQL or Kafka.
+MAX_REQUESTS: Final = 16
+# Connections held at once (each is a thread while it is open, idle keep-alive included);
+# more are answered 503 and closed without a thread.
+MAX_CONNECTIONS: Final = 64
+# Numbers go to bigint columns: anything outside is a 400 here, not a driver error (500).
+INT64_LIMIT: Final = 2**63
+MAX_SIGNAL_ID_CHARS: Final = 200
 
 _FILTER_PARAMS: Final = frozenset(("type", "status", "id_prefix", "since", "until", "limit"))
 _LIST_PARAMS: Final = _FILTER_PARAMS | {"before"}
@@ -86,12 +105,16 @@ _SECURITY_HEADERS: Final = (
 
 
 class UiRequestError(Exception):
-    """A request the UI answers with an HTTP error; ``message`` is one line for the user."""
+    """A request the UI answers with an HTTP error; ``message`` is one line for the user,
+    ``headers`` extra response headers (``Allow`` for a 405)."""
 
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    def __init__(
+        self, status: HTTPStatus, message: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = tuple(headers)
 
 
 def bad_request(message: str) -> UiRequestError:
@@ -111,7 +134,7 @@ def parse_time_ms(name: str, text: str) -> int:
     """
     text = text.strip()
     if text.isdigit() and text.isascii():
-        return int(text)
+        return _int64(name, text)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -122,6 +145,19 @@ def parse_time_ms(name: str, text: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
+
+
+def _int64(name: str, digits: str) -> int:
+    """``digits`` (ASCII digits) as an int that fits a bigint column.
+
+    Raises:
+        UiRequestError: 400 naming ``name``; checked on the text first, since int() of
+            thousands of digits is refused (and slow).
+    """
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > 19 or int(significant) >= INT64_LIMIT:
+        raise bad_request(f"{name}: {_shown(digits)} is out of range (at most {INT64_LIMIT - 1})")
+    return int(significant)
 
 
 def parse_statuses(values: Sequence[str]) -> tuple[str, ...]:
@@ -178,7 +214,7 @@ def parse_filter(params: Mapping[str, Sequence[str]]) -> WorkflowFilter:
     limit_text = _single(params, "limit").strip()
     limit = DEFAULT_LIMIT
     if limit_text:
-        if not (limit_text.isascii() and limit_text.isdigit()) or not (
+        if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 4) or not (
             1 <= int(limit_text) <= MAX_LIMIT
         ):
             raise bad_request(f"limit: {_shown(limit_text)} is not a number from 1 to {MAX_LIMIT}")
@@ -217,7 +253,12 @@ def decode_cursor(text: str) -> tuple[int, str, str]:
         started, workflow_id, run_id = json.loads(raw)
     except (binascii.Error, ValueError, TypeError):
         raise bad_request("before: not a page cursor (use the next value of an answer)") from None
-    if not (type(started) is int and isinstance(workflow_id, str) and isinstance(run_id, str)):
+    if not (
+        type(started) is int
+        and -INT64_LIMIT <= started < INT64_LIMIT
+        and isinstance(workflow_id, str)
+        and isinstance(run_id, str)
+    ):
         raise bad_request("before: not a page cursor (use the next value of an answer)")
     return started, workflow_id, run_id
 
@@ -238,8 +279,10 @@ class Route:
 def route(method: str, target: str) -> Route:
     """Map a request line's method and target (path and query, as sent) to a :class:`Route`.
 
-    The target is split on ``/`` before its segments are percent-decoded, so an id that
-    holds ``/`` (sent as ``%2F``) stays one segment.
+    ``/api/workflow?id=<id>`` and ``/api/workflow/<action>?id=<id>`` take the id from the
+    query (its ``id`` is not in :attr:`Route.query`), which holds any id, ``.`` and ``..``
+    included. In ``/api/workflows/<id>`` the target is split on ``/`` before its segments
+    are percent-decoded, so an id that holds ``/`` (sent as ``%2F``) stays one segment.
 
     Raises:
         UiRequestError: 404 for an unknown path, 405 for a method the path does not take,
@@ -256,6 +299,8 @@ def route(method: str, target: str) -> Route:
         if path == "/healthz":
             return Route("health", query)
         return Route("static", query, static=path)
+    if path in ("/api/workflow", "/api/workflow/") or path.startswith("/api/workflow/"):
+        return _query_route(method, path, query)
     segments = path.split("/")
     # "/api/workflows" -> ["", "api", "workflows"]; a trailing slash is the same path.
     if segments[-1] == "" and len(segments) > 3:
@@ -281,6 +326,62 @@ def route(method: str, target: str) -> Route:
     return Route("action", query, workflow_id=workflow_id, action=action)
 
 
+def _query_route(method: str, path: str, query: Mapping[str, Sequence[str]]) -> Route:
+    """The route of ``/api/workflow[/<action>]?id=<id>``."""
+    prefix = "/api/workflow/"
+    action = path[len(prefix) :].rstrip("/") if path.startswith(prefix) else ""
+    if action and action not in _ACTIONS:
+        raise UiRequestError(
+            HTTPStatus.NOT_FOUND,
+            f"no action {_shown(action)} (actions: {', '.join(_ACTIONS)})",
+        )
+    _allow(method, "POST" if action else "GET")
+    workflow_id = _single(query, "id")
+    if not workflow_id:
+        raise bad_request("id: the workflow id is required (?id=<percent-encoded id>)")
+    rest = {name: values for name, values in query.items() if name != "id"}
+    if action:
+        return Route("action", rest, workflow_id=workflow_id, action=action)
+    return Route("describe", rest, workflow_id=workflow_id)
+
+
+def _split_host(host: str) -> tuple[str, str | None]:
+    """A Host header (or an allowed-hosts entry) as its lower-case name, without IPv6
+    brackets or a trailing dot, and its port (None without one)."""
+    text = host.strip().lower()
+    if text.startswith("["):  # "[::1]:9430"
+        end = text.find("]")
+        if end < 0:
+            return text[1:], None
+        rest = text[end + 1 :]
+        return text[1:end], rest[1:] if rest.startswith(":") else None
+    if text.count(":") == 1:  # "example.com:9430"
+        name, port = text.split(":")
+        return name.rstrip("."), port
+    return text.rstrip("."), None  # "example.com", or a bare IPv6 address
+
+
+def host_allowed(host: str, allowed: Collection[str]) -> bool:
+    """True when a request's ``Host`` header names this UI: a loopback name or address
+    (any port), or an entry of ``allowed`` (``SAGALINE_UI_ALLOWED_HOSTS``; an entry
+    without a port allows any port).
+
+    Checked whatever address the server binds: a page of another site whose name is
+    re-pointed at the UI's address (DNS rebinding) sends its own name as ``Host``, and is
+    refused, though the browser lets it read the answer as same-origin.
+    """
+    if loopback_host(host):
+        return True
+    name, port = _split_host(host)
+    if not name:
+        return False
+    for entry in allowed:
+        entry_name, entry_port = _split_host(entry)
+        if entry_name == name and entry_port in (None, port):
+            return True
+    return False
+
+
 def loopback_host(host: str) -> bool:
     """True when ``host`` (a Host header, with or without its port, or a bind address)
     names this machine's loopback: ``localhost``, 127.0.0.0/8 or ::1."""
@@ -300,7 +401,9 @@ def loopback_host(host: str) -> bool:
 def _allow(method: str, allowed: str) -> None:
     if method != allowed:
         raise UiRequestError(
-            HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed here (only {allowed})"
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            f"{method} is not allowed here (only {allowed})",
+            headers=(("Allow", allowed),),
         )
 
 
@@ -345,6 +448,24 @@ def signal_request(body: Mapping[str, Any]) -> tuple[str, Any]:
     return name, body.get("payload")
 
 
+def signal_id_of(body: Mapping[str, Any]) -> str | None:
+    """The ``signal_id`` of a signal action, or None when the body has none (the client
+    then makes one). The page sends the same id again when the same signal is resent, so
+    the orchestrator applies it once.
+
+    Raises:
+        UiRequestError: 400 when it is not printable text of 1-200 characters.
+    """
+    given = body.get("signal_id")
+    if given is None or given == "":
+        return None
+    if not (isinstance(given, str) and len(given) <= MAX_SIGNAL_ID_CHARS and given.isprintable()):
+        raise bad_request(
+            f"signal_id: must be printable text of at most {MAX_SIGNAL_ID_CHARS} characters"
+        )
+    return given
+
+
 def _reason(body: Mapping[str, Any]) -> str:
     reason = body.get("reason", "")
     if reason is None:
@@ -378,7 +499,9 @@ class Actions(Protocol):
     """What the UI sends: :class:`~orchestrator.client.WorkflowClient`."""
 
     def cancel(self, workflow_id: str, reason: str = "") -> None: ...
-    def signal(self, workflow_id: str, name: str, value: Any = None) -> str: ...
+    def signal(
+        self, workflow_id: str, name: str, value: Any = None, *, signal_id: str | None = None
+    ) -> str: ...
     def resume(self, workflow_id: str) -> None: ...
     def flush(self, timeout_s: float = 30.0) -> None: ...
     def close(self) -> None: ...
@@ -389,33 +512,87 @@ class UiApp:
     the JSON answer, or raises :class:`UiRequestError`.
 
     ``store`` and ``actions`` are made on first use by the factories (so the page is
-    served while PostgreSQL or Kafka are down) and shared by the request threads: the
-    store serialises its calls and reconnects after a failure; the client's sends are
-    serialised here, so one request's flush answers for its own send.
+    served while PostgreSQL or Kafka are down) and shared by the request threads.
+
+    The store is one connection, used by one request at a time: a request waits at most
+    ``store_wait_s`` for its turn (one stuck statement must not hang every page behind
+    it), then answers 503.
+
+    The client is one Kafka producer, shared: its flush waits for everything queued, by
+    any request, and a delivery failure it reports may be an earlier request's (one whose
+    own flush timed out). So a flush that times out is answered "not confirmed; it may
+    still be delivered", never "failed", and the page resends a signal with the same
+    signal id, which the orchestrator applies once.
     """
 
-    def __init__(self, store: Callable[[], Store], actions: Callable[[], Actions]) -> None:
+    def __init__(
+        self,
+        store: Callable[[], Store],
+        actions: Callable[[], Actions],
+        *,
+        store_wait_s: float = STORE_WAIT_S,
+        flush_timeout_s: float = FLUSH_TIMEOUT_S,
+    ) -> None:
         self._store_factory = store
         self._actions_factory = actions
         self._store: Store | None = None
         self._actions: Actions | None = None
         self._store_lock = threading.Lock()
         self._actions_lock = threading.Lock()
+        self._store_wait_s = store_wait_s
+        self._flush_timeout_s = flush_timeout_s
 
     def _read(self, fn: Callable[[Store], Any]) -> Any:
-        with self._store_lock:
+        # Held across the call, not just the store's creation: the store serialises its
+        # calls behind a lock without a timeout, so waiting here, with one, is the only
+        # place a request can give up on a stuck connection.
+        if not self._store_lock.acquire(timeout=self._store_wait_s):
+            raise UiRequestError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"PostgreSQL is slow or unreachable: the visibility tables did not answer "
+                f"within {self._store_wait_s:g} s (see the UI server's log); try again",
+            )
+        try:
             if self._store is None:
                 self._store = self._store_factory()
-            store = self._store
-        return fn(store)
+            return fn(self._store)
+        finally:
+            self._store_lock.release()
 
-    def _send(self, fn: Callable[[Actions], Any]) -> Any:
+    def _send(
+        self,
+        fn: Callable[[Actions], Any],
+        what: str,
+        again: str = "check the workflow before sending it again",
+    ) -> Any:
+        """Queue a request with ``fn`` and wait until Kafka confirms it; ``what`` names it
+        and ``again`` says whether resending is safe, in the 503 of a flush that times out
+        or fails."""
+        from orchestrator.client import StartFailedError  # noqa: PLC0415 (loads Kafka)
+
+        # Only the client's creation is serialised: sends and flushes of concurrent
+        # requests go through one producer in parallel (each flush waits for all).
         with self._actions_lock:
             if self._actions is None:
                 self._actions = self._actions_factory()
-            result = fn(self._actions)
-            self._actions.flush(FLUSH_TIMEOUT_S)
-            return result
+            actions = self._actions
+        result = fn(actions)
+        try:
+            actions.flush(self._flush_timeout_s)
+        except StartFailedError as exc:
+            if "unacknowledged" in str(exc):
+                raise UiRequestError(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    f"{what} was not confirmed within {self._flush_timeout_s:g} s; it may "
+                    f"still be delivered (Kafka is slow or unreachable): {again}",
+                ) from exc
+            raise UiRequestError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"{what} may not have been delivered: Kafka reported a failed delivery "
+                f"({exc}), which may be an earlier request's (the UI's producer is shared): "
+                f"{again}",
+            ) from exc
+        return result
 
     def list_workflows(self, query: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         """``GET /api/workflows``: one page of runs, the counts by status, the next cursor."""
@@ -515,7 +692,7 @@ class UiApp:
             )
         if action == "cancel":
             reason = _reason(body)
-            self._send(lambda client: client.cancel(workflow_id, reason))
+            self._send(lambda client: client.cancel(workflow_id, reason), "the cancel")
             message = (
                 f"asked workflow {workflow_id} to cancel; its compensations run before it "
                 "closes CANCELLED"
@@ -524,7 +701,14 @@ class UiApp:
                 message += " (it is STUCK: the cancel waits until it is resumed)"
         elif action == "signal":
             name, payload = signal_request(body)
-            signal_id = self._send(lambda client: client.signal(workflow_id, name, payload))
+            given = signal_id_of(body)
+            signal_id = self._send(
+                lambda client: client.signal(workflow_id, name, payload, signal_id=given),
+                f"the signal {name!r}",
+                f"sending it again with signal id {given} is applied once"
+                if given
+                else "check the workflow before sending it again",
+            )
             message = f"sent signal {name!r} to workflow {workflow_id} (signal id {signal_id})"
         else:
             if latest.status != WorkflowStatus.STUCK.value:
@@ -533,7 +717,7 @@ class UiApp:
                     f"workflow {_shown(workflow_id)} is {latest.status}, not STUCK: a resume "
                     "changes nothing",
                 )
-            self._send(lambda client: client.resume(workflow_id))
+            self._send(lambda client: client.resume(workflow_id), "the resume")
             message = (
                 f"asked the orchestrators to resume workflow {workflow_id} with the code "
                 "deployed now (if the cause is not fixed, it stays STUCK)"
@@ -541,10 +725,16 @@ class UiApp:
         return {"ok": True, "message": message}
 
     def close(self) -> None:
-        """Close the store and the client (flushing what it queued)."""
-        with self._store_lock:
-            store, self._store = self._store, None
-        _close_quietly(store)
+        """Close the store and the client (flushing what it queued); a store still stuck
+        in a call after ``store_wait_s`` is left to the process's exit."""
+        if self._store_lock.acquire(timeout=self._store_wait_s):
+            try:
+                store, self._store = self._store, None
+            finally:
+                self._store_lock.release()
+            _close_quietly(store)
+        else:
+            log.warning("the web UI's PostgreSQL connection is stuck in a call: not closed")
         with self._actions_lock:
             actions, self._actions = self._actions, None
         _close_quietly(actions)
@@ -611,6 +801,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # A client that stops sending (or keeps an idle connection) frees its thread then.
     timeout = 60
+    # Whether this request's body has been read (so the connection can serve another).
+    _body_read = False
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -624,35 +816,67 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._handle("DELETE")
 
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    # Without these the standard library answers 501 with an HTML page.
+    def do_HEAD(self) -> None:
+        self._handle("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        self._handle("OPTIONS")
+
     def _handle(self, method: str) -> None:
+        self._body_read = False
         try:
             answer = self._dispatch(method)
         except Exception as exc:
             status, message = _error_answer(exc)
             if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
                 log.error("ui %s %s failed: %s", method, self.path, message, exc_info=exc)
-            self._send_json(status, {"ok": False, "error": message})
+            headers = exc.headers if isinstance(exc, UiRequestError) else ()
+            self._send_json(status, {"ok": False, "error": message}, headers)
             return
         if answer is not None:
             self._send_json(HTTPStatus.OK, answer)
 
     def _dispatch(self, method: str) -> dict[str, Any] | None:
-        if self.server.loopback_only and not loopback_host(self.headers.get("Host", "")):
-            # A page of another site whose name was re-pointed at 127.0.0.1 (DNS
-            # rebinding) would otherwise read and act as if it were this page.
+        self._check_framing()
+        path = urlsplit(self.path).path
+        host = self.headers.get("Host", "")
+        # /healthz answers any Host: Kubernetes probes send the pod's IP address.
+        if path != "/healthz" and not host_allowed(host, self.server.allowed_hosts):
+            # A page of another site whose name was re-pointed at this server (DNS
+            # rebinding) would otherwise read and act as if it were this page. Checked
+            # whatever address is bound: 0.0.0.0 in a container is reached as localhost
+            # through a published port or a port-forward.
             raise UiRequestError(
                 HTTPStatus.FORBIDDEN,
-                "the UI listens on loopback and answers only requests for localhost or a "
-                "loopback address",
+                f"this UI answers requests for localhost, a loopback address or a name in "
+                f"SAGALINE_UI_ALLOWED_HOSTS only, not for host {_shown(host)}",
             )
         found = route(method, self.path)
-        app = self.server.app
         if found.kind == "static":
             name, content_type = _STATIC[found.static or "/"]
             self._send(HTTPStatus.OK, self.server.static[name], content_type)
             return None
         if found.kind == "health":
             return {"ok": True}
+        # API requests wait on PostgreSQL or Kafka: past the bound, answer now rather than
+        # queue one more thread behind a slow server.
+        if not self.server.requests.acquire(blocking=False):
+            raise UiRequestError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the UI server is busy: too many requests are waiting on PostgreSQL or Kafka; "
+                "try again shortly",
+            )
+        try:
+            return self._api(found)
+        finally:
+            self.server.requests.release()
+
+    def _api(self, found: Route) -> dict[str, Any]:
+        app = self.server.app
         if found.kind == "list":
             return app.list_workflows(found.query)
         workflow_id = found.workflow_id or ""
@@ -660,6 +884,27 @@ class _Handler(BaseHTTPRequestHandler):
             return app.describe(workflow_id, found.query)
         body = self._action_body()
         return app.act(workflow_id, found.action or "", body)
+
+    def _check_framing(self) -> None:
+        """Refuse bodies this server cannot delimit: it reads only Content-Length bodies,
+        and one misread would take the rest for the next request on the connection."""
+        if "Transfer-Encoding" in self.headers:
+            raise UiRequestError(
+                HTTPStatus.LENGTH_REQUIRED,
+                "Transfer-Encoding is not supported: send the body with a Content-Length",
+            )
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1 or not all(v.isascii() and v.strip().isdigit() for v in lengths):
+            raise bad_request("Content-Length is not one number")
+
+    def _unread_body(self) -> bool:
+        """True when the request may have a body this handler did not read."""
+        headers = getattr(self, "headers", None)
+        if headers is None or self._body_read:
+            return False
+        if "Transfer-Encoding" in headers:
+            return True
+        return any(value.strip().lstrip("0") for value in headers.get_all("Content-Length") or [])
 
     def _action_body(self) -> dict[str, Any]:
         # A JSON content type cannot be sent across sites without a CORS preflight, which
@@ -673,47 +918,124 @@ class _Handler(BaseHTTPRequestHandler):
         fetch_site = self.headers.get("Sec-Fetch-Site", "same-origin").lower()
         if fetch_site not in ("same-origin", "none"):
             raise UiRequestError(HTTPStatus.FORBIDDEN, "actions come from the UI's own page")
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise bad_request("Content-Length is not a number") from None
-        if length < 0 or length > MAX_BODY_BYTES:
+        length_text = self.headers.get("Content-Length", "0").strip()  # checked: digits
+        if len(length_text.lstrip("0")) > 9 or int(length_text) > MAX_BODY_BYTES:
             raise UiRequestError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is over {MAX_BODY_BYTES} bytes"
             )
-        return parse_json_body(self.rfile.read(length))
+        body = self.rfile.read(int(length_text))
+        self._body_read = True
+        return parse_json_body(body)
 
-    def _send_json(self, status: HTTPStatus, answer: Mapping[str, Any]) -> None:
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer the errors the standard library finds itself (a malformed request line or
+        headers, an unknown method) as JSON too, and close: the request was not understood,
+        so neither is where the next one starts."""
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.BAD_REQUEST
+        self.close_connection = True
+        self._send_json(status, {"ok": False, "error": message or status.phrase})
+
+    def _send_json(
+        self,
+        status: HTTPStatus,
+        answer: Mapping[str, Any],
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         body = json.dumps(answer, separators=(",", ":")).encode()
-        self._send(status, body, "application/json; charset=utf-8")
+        self._send(status, body, "application/json; charset=utf-8", headers)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for name, value in _SECURITY_HEADERS:
+        for name, value in (*_SECURITY_HEADERS, *headers):
             self.send_header(name, value)
-        if status >= HTTPStatus.BAD_REQUEST and self.command == "POST":
-            # The body of a refused POST may be unread: do not parse it as the next request.
+        if self.close_connection or self._unread_body():
+            # An unread body, whatever the method, would be parsed as the next request.
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(body)
+        if getattr(self, "command", None) != "HEAD":  # a HEAD answer has no body
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("ui %s %s", self.address_string(), format % args)
 
 
+_BUSY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+
+
 class _UiHttpServer(ThreadingHTTPServer):
+    """The HTTP server: a thread per connection, at most ``max_connections`` at once, and
+    at most ``max_requests`` API requests in progress."""
+
     daemon_threads = True
     # A restarted UI must get its port back at once, not after TIME_WAIT.
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: UiApp, static: dict[str, bytes]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        app: UiApp,
+        static: dict[str, bytes],
+        allowed_hosts: Collection[str] = (),
+        *,
+        max_requests: int = MAX_REQUESTS,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.app = app
         self.static = static
-        self.loopback_only = loopback_host(address[0])
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.requests = threading.BoundedSemaphore(max_requests)
+        self._connections = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start a thread for the connection, or refuse it when the bound is reached."""
+        if not self._connections.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in its thread, then give its place back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        # Answered from the accepting thread, so never waiting on the client: what it has
+        # sent already is drained (closing over unread data would reset the connection,
+        # losing the answer), then a fixed 503 and close.
+        body = json.dumps(
+            {"ok": False, "error": "the UI server has too many connections; try again shortly"}
+        ).encode()
+        try:
+            request.setblocking(False)
+            with contextlib.suppress(OSError):  # nothing sent yet
+                request.recv(65536)
+            request.sendall(_BUSY % (len(body), body))
+        except OSError:
+            log.debug("refusing a connection failed", exc_info=True)
+        finally:
+            self.shutdown_request(request)
 
 
 class UiServer:
@@ -747,6 +1069,8 @@ def start_ui(
     port: int | None = None,
     store: Callable[[], Store] | None = None,
     actions: Callable[[], Actions] | None = None,
+    max_requests: int = MAX_REQUESTS,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> UiServer:
     """Serve the UI on ``settings.ui_host``:``settings.ui_port`` (or ``port``; 0 picks a
     free one) from a daemon thread, and return it running.
@@ -754,7 +1078,9 @@ def start_ui(
     ``store`` and ``actions`` make the reader and the sender (default: a
     :class:`~orchestrator.visibility.store.VisibilityStore` on ``settings.postgres_dsn``
     and a :class:`~orchestrator.client.WorkflowClient` on the settings' Kafka); each is
-    made on first use.
+    made on first use. Requests whose ``Host`` is neither a loopback name nor one of
+    ``settings.ui_allowed_hosts`` are refused. ``max_requests`` API requests and
+    ``max_connections`` connections are served at once; more are answered 503.
 
     Raises:
         ConfigurationError: the address cannot be bound (the port is in use, or the host
@@ -781,7 +1107,14 @@ def start_ui(
 
     app = UiApp(store or make_store, actions or make_actions)
     try:
-        server = _UiHttpServer((host, bind_port), app, _load_static())
+        server = _UiHttpServer(
+            (host, bind_port),
+            app,
+            _load_static(),
+            settings.ui_allowed_hosts,
+            max_requests=max_requests,
+            max_connections=max_connections,
+        )
     except OSError as exc:
         raise ConfigurationError(
             f"cannot serve the web UI on {host}:{bind_port} ({exc.strerror or exc}): set "

@@ -16,11 +16,13 @@ from confluent_kafka import Consumer, TopicPartition
 from examples.order_saga.harness import make_orders
 from orchestrator.errors import ConfigurationError
 from orchestrator.gate.sources import read_history
-from orchestrator.protocol.records import WorkflowStatus
+from orchestrator.protocol.codec import AvroCodec
+from orchestrator.protocol.records import Failure, Payload, WorkflowRecord, WorkflowStatus
 from orchestrator.protocol.topics import Topics
 from orchestrator.settings import KafkaSettings, ProjectorSettings
 from orchestrator.visibility.archive import ArchiveGate
 from orchestrator.visibility.models import WorkflowFilter, WorkflowRow
+from orchestrator.visibility.projection import project
 from orchestrator.visibility.projector import run_projector
 from orchestrator.visibility.store import VisibilityStore
 from tests.integration.pipeline import Saga, wait_for_log
@@ -288,3 +290,55 @@ def test_a_missing_history_topic_stops_the_projector_with_one_clear_error(
     )
     with pytest.raises(ConfigurationError, match=r"no-such-deployment\.history does not exist"):
         run_projector(settings, threading.Event())
+
+
+def test_runs_whose_end_the_projector_never_saw_are_closed_as_unknown(
+    postgres_dsn: str,
+) -> None:
+    store = VisibilityStore(postgres_dsn)
+    store.ensure_schema()
+    # "a" run r1 was open when last seen; its closing record was compacted away, and now
+    # run r2 of the same id arrives.
+    store.apply([(_row("a", "r1", 1, None), [])])
+    store.apply([(_row("a", "r2", 9, None), [])])
+    old = store.describe("a", "r1")
+    assert old is not None and (old.status, old.error_type, old.closed_at_ms) == (
+        "UNKNOWN",
+        "Unprojected",
+        9,
+    ), old
+    assert "r2 replaced this run" in (old.error_message or "")
+    current = store.describe("a")
+    assert current is not None and (current.run_id, current.status) == ("r2", "RUNNING")
+    # "b" was deleted by retention while the projector was behind: the tombstone closes it.
+    store.apply([(_row("b", "r1", 3, None), [])])
+    store.apply([], [("b", 50)])
+    gone = store.describe("b")
+    assert gone is not None and (gone.archived, gone.status) == (True, "UNKNOWN"), gone
+    # Applying it all again changes nothing.
+    before = snapshot(postgres_dsn)
+    store.apply([(_row("a", "r1", 1, None), []), (_row("a", "r2", 9, None), [])], [("b", 50)])
+    assert snapshot(postgres_dsn) == before
+    store.close()
+
+
+def test_text_postgresql_cannot_store_does_not_stop_the_projection(postgres_dsn: str) -> None:
+    codec = AvroCodec()
+    record = WorkflowRecord(
+        workflow_id="nul\x00id",
+        workflow_type="type\x00with nul",
+        status=WorkflowStatus.STUCK,
+        input=Payload(b'"\\u0000 in JSON"'),
+        started_at_ms=1,
+        updated_at_ms=2,
+        run_id="r1",
+        failure=Failure("Bad\x00Type", "message \x00"),
+    )
+    row, events = project(codec.decode_workflow(codec.encode_workflow(record)), 0, 7)
+    store = VisibilityStore(postgres_dsn)
+    store.ensure_schema()
+    store.apply([(row, events)])
+    found = store.describe("nul\ufffdid")
+    assert found is not None and found.workflow_type == "type\ufffdwith nul"
+    assert found.error_type == "Bad\ufffdType"
+    store.close()

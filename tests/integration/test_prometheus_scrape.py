@@ -249,6 +249,7 @@ def test_prometheus_scrapes_the_processes_and_evaluates_the_alerts(
         "SagalineDeadLetters",
         "SagalineInboxLagHigh",
         "SagalineProjectorLagHigh",
+        "SagalineProjectorCannotWrite",
     }, states
     assert all(rule["type"] == "alerting" for rule in rules)
 

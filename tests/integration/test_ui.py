@@ -2,9 +2,10 @@
 orchestrator and the example participants, the projector writes them to PostgreSQL and
 serves the UI, and headless Chromium (Debian's package, driven by Playwright) uses it as a
 person would: counts, filters, a compensated saga's timeline, and a signal, a cancel and a
-resume sent from the page. It keeps screenshots in the test's directory and in
-.stack/artifacts/ (``SAGALINE_UPDATE_SCREENSHOT=1`` also refreshes docs/ui.png, the committed
-one), so a test run leaves the working tree clean.
+resume sent from the page (the resume to a workflow whose id, ``..``, is a URL dot segment).
+It keeps screenshots in the test's directory and in .stack/artifacts/
+(``SAGALINE_UPDATE_SCREENSHOT=1`` also refreshes docs/ui.png, the committed one), so a test
+run leaves the working tree clean.
 
 The orchestrator runs ``registry`` below (``tests.integration.test_ui:registry``): the
 order saga beside two workflows of ``tests.integration.control`` that wait for control.
@@ -106,10 +107,11 @@ def projector_with_ui(settings: ProjectorSettings) -> Iterator[str]:
     assert not failure, f"the projector failed: {failure[0]!r}"
 
 
-def get_json(url: str) -> tuple[int, Any]:
+def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """GET ``url``; the status and the JSON body, for success and failure alike."""
     try:
-        with urllib.request.urlopen(url, timeout=10) as answer:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=10) as answer:
             return answer.status, json.load(answer)
     except urllib.error.HTTPError as exc:
         return exc.code, json.load(exc)
@@ -135,7 +137,9 @@ def test_the_ui_lists_explains_and_acts_on_real_workflows(saga: Saga, tmp_path: 
     declined = sorted(o["order_id"] for o in orders if o["card"] == "declined")
     waiting_for_signal = f"approval-{run}/needs a signal"  # "/" and " " travel encoded
     holding_stock = f"hold-{run}"
-    stuck = f"stuck-{run}"
+    # The database is the test's own: an id browsers drop from URL paths (a dot segment)
+    # has to be shown and acted on all the same.
+    stuck = ".."
 
     saga.orchestrator("ui", app=APP)
     saga.start_participants()
@@ -168,6 +172,12 @@ def test_the_ui_lists_explains_and_acts_on_real_workflows(saga: Saga, tmp_path: 
         status, answer = get_json(f"{url}api/workflows?status=NOPE")
         assert status == 400, answer
         assert answer["error"].startswith("status: unknown status 'NOPE'"), answer
+        # A page of another site re-pointed here by DNS sends its own name: refused, but
+        # probes (any Host) are answered.
+        status, answer = get_json(f"{url}api/workflows", {"Host": "rebound.example:9430"})
+        assert status == 403, answer
+        assert "SAGALINE_UI_ALLOWED_HOSTS" in answer["error"], answer
+        assert get_json(f"{url}healthz", {"Host": "10.1.2.3"}) == (200, {"ok": True})
 
         browser = playwright.chromium.launch(executable_path=chromium, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 960})
@@ -240,8 +250,14 @@ def test_the_ui_lists_explains_and_acts_on_real_workflows(saga: Saga, tmp_path: 
             page.fill("#signal-name", "approve")
             # Markup in data is shown as text, never parsed.
             page.fill("#signal-payload", '{"by": "the ui test <b>in bold?</b>"}')
-            page.click("#signal-send")
-            expect(page.locator("#action-message.ok")).to_contain_text("sent signal 'approve'")
+            with page.expect_request(lambda r: "/signal?" in r.url) as sending:
+                page.click("#signal-send")
+            # The page names the signal (so a resend is applied once); the server keeps it.
+            signal_id = json.loads(sending.value.post_data or "{}")["signal_id"]
+            assert uuid.UUID(signal_id).version == 4, signal_id
+            expect(page.locator("#action-message.ok")).to_contain_text(
+                f"sent signal 'approve' to workflow {waiting_for_signal} (signal id {signal_id})"
+            )
             expect(page.locator("#wf-status")).to_have_text("COMPLETED")
             received = timeline.locator('li[data-kind="SignalReceived"]')
             expect(received).to_contain_text("signal approve received")
@@ -274,6 +290,8 @@ def test_the_ui_lists_explains_and_acts_on_real_workflows(saga: Saga, tmp_path: 
 
             # A STUCK workflow shows why, and Resume asks the orchestrators to re-drive it
             # (its type is still not deployed, so it stays STUCK).
+            status, answer = get_json(f"{url}api/workflow?id={quote(stuck, safe='')}")
+            assert (status, answer["workflow"]["workflow_id"]) == (200, stuck), answer
             open_workflow(page, url, stuck)
             expect(page.locator("#wf-status")).to_have_text("STUCK")
             expect(page.locator("#wf-problem")).to_contain_text("UnknownWorkflowType")

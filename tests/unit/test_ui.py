@@ -3,9 +3,12 @@ filters, routes and action bodies, and the HTTP answers over an in-memory store.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any
@@ -13,19 +16,23 @@ from typing import Any
 import psycopg
 import pytest
 
+from orchestrator.client import WorkflowClient
 from orchestrator.errors import ConfigurationError
-from orchestrator.settings import ProjectorSettings
+from orchestrator.settings import KafkaSettings, ProjectorSettings
 from orchestrator.visibility.models import EventRow, WorkflowFilter, WorkflowRow
 from orchestrator.visibility.ui import (
+    UiApp,
     UiRequestError,
     UiServer,
     decode_cursor,
     encode_cursor,
+    host_allowed,
     loopback_host,
     parse_filter,
     parse_json_body,
     parse_time_ms,
     route,
+    signal_id_of,
     signal_request,
     start_ui,
 )
@@ -112,6 +119,21 @@ class BrokenStore(MemoryStore):
         )
 
 
+class BlockedStore(MemoryStore):
+    """A store whose list call hangs (a statement stuck on a dead connection) until the
+    test lets it go; ``entered`` is set once a call is inside."""
+
+    def __init__(self) -> None:
+        super().__init__([], {})
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def list_workflows(self, flt: WorkflowFilter) -> list[WorkflowRow]:
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the store"
+        return []
+
+
 class SentRequests:
     """Records what the UI asked the client to send."""
 
@@ -122,9 +144,11 @@ class SentRequests:
     def cancel(self, workflow_id: str, reason: str = "") -> None:
         self.sent.append(("cancel", workflow_id, reason))
 
-    def signal(self, workflow_id: str, name: str, value: Any = None) -> str:
-        self.sent.append(("signal", workflow_id, name, value))
-        return "sig-1"
+    def signal(
+        self, workflow_id: str, name: str, value: Any = None, *, signal_id: str | None = None
+    ) -> str:
+        self.sent.append(("signal", workflow_id, name, value, signal_id))
+        return signal_id or "sig-1"
 
     def resume(self, workflow_id: str) -> None:
         self.sent.append(("resume", workflow_id))
@@ -180,6 +204,11 @@ def test_filter_values_are_parsed() -> None:
         ({"type": ["a\x00b"]}, "type: must be at most"),
         ({"id_prefix": ["x" * 1001]}, "id_prefix"),
         ({"before": ["not-a-cursor"]}, "before: not a page cursor"),
+        # Past a bigint: refused here, not a driver error (500) at the database.
+        ({"since": ["99999999999999999999"]}, "since: '99999999999999999999' is out of range"),
+        ({"until": ["9223372036854775808"]}, "until: '9223372036854775808' is out of range"),
+        ({"since": ["1" * 5000]}, "since: "),
+        ({"limit": ["1" * 5000]}, "limit: "),
     ],
 )
 def test_a_bad_filter_value_is_a_400_with_one_line(query: dict[str, list[str]], names: str) -> None:
@@ -206,7 +235,10 @@ def test_a_cursor_round_trips_and_resists_tampering() -> None:
         "a/b ü?&",
         "run-a/b ü?&",
     )
-    for forged in ("WzEsMl0", "eyJhIjoxfQ", "WyIxIiwiYSIsImIiXQ", "!!!"):
+    huge = json.dumps([2**63, "a", "b"]).encode()
+    past_bigint = base64.urlsafe_b64encode(huge).decode().rstrip("=")
+    assert parse_time_ms("since", "0009223372036854775807") == 2**63 - 1
+    for forged in ("WzEsMl0", "eyJhIjoxfQ", "WyIxIiwiYSIsImIiXQ", "!!!", past_bigint):
         with pytest.raises(UiRequestError, match="before"):
             decode_cursor(forged)
 
@@ -223,6 +255,11 @@ def test_routes() -> None:
     assert (one.kind, one.workflow_id, one.query) == ("describe", "order/1?x y", {"run": ["r1"]})
     act = route("POST", "/api/workflows/%C3%BC%2F2/signal")
     assert (act.kind, act.workflow_id, act.action) == ("action", "ü/2", "signal")
+    # The query form carries the ids "." and "..", which no path can (dot segments).
+    dots = route("GET", "/api/workflow?id=..&run=r1")
+    assert (dots.kind, dots.workflow_id, dots.query) == ("describe", "..", {"run": ["r1"]})
+    act = route("POST", "/api/workflow/cancel/?id=%2E")
+    assert (act.kind, act.workflow_id, act.action, act.query) == ("action", ".", "cancel", {})
 
 
 @pytest.mark.parametrize(
@@ -237,6 +274,13 @@ def test_routes() -> None:
         ("POST", "/", HTTPStatus.METHOD_NOT_ALLOWED),
         ("GET", "/api/workflows/%FF", HTTPStatus.BAD_REQUEST),
         ("GET", "/api/workflows?type=%FF", HTTPStatus.BAD_REQUEST),
+        ("GET", "/api/workflow", HTTPStatus.BAD_REQUEST),
+        ("GET", "/api/workflow?id=a&id=b", HTTPStatus.BAD_REQUEST),
+        ("POST", "/api/workflow/explode?id=a", HTTPStatus.NOT_FOUND),
+        ("GET", "/api/workflow/cancel?id=a", HTTPStatus.METHOD_NOT_ALLOWED),
+        ("POST", "/api/workflow?id=a", HTTPStatus.METHOD_NOT_ALLOWED),
+        ("HEAD", "/", HTTPStatus.METHOD_NOT_ALLOWED),
+        ("OPTIONS", "/api/workflow/cancel?id=a", HTTPStatus.METHOD_NOT_ALLOWED),
     ],
 )
 def test_bad_routes(method: str, target: str, status: HTTPStatus) -> None:
@@ -259,6 +303,12 @@ def test_action_bodies() -> None:
     for bad in ({}, {"name": ""}, {"name": 3}, {"name": "a\x00"}, {"name": "x" * 201}):
         with pytest.raises(UiRequestError, match="name"):
             signal_request(bad)
+    assert signal_id_of({}) is None
+    assert signal_id_of({"signal_id": ""}) is None
+    assert signal_id_of({"signal_id": "3f2c-ü"}) == "3f2c-ü"
+    for bad_id in (5, "a\nb", "x" * 201, ["x"]):
+        with pytest.raises(UiRequestError, match="signal_id"):
+            signal_id_of({"signal_id": bad_id})
 
 
 def test_loopback_hosts() -> None:
@@ -266,6 +316,31 @@ def test_loopback_hosts() -> None:
         assert loopback_host(host), host
     for host in ("evil.example:9430", "10.0.0.1", "0.0.0.0", "[::]:1", "", "127.0.0.1.nip.io"):
         assert not loopback_host(host), host
+
+
+def test_allowed_hosts_are_loopback_and_the_configured_names() -> None:
+    allowed = ["ui.example.com", "proxy.internal:8443", "[fd00::1]", "10.0.0.7"]
+    for host in (
+        "localhost:9430",
+        "[::1]:1",
+        "UI.Example.com",
+        "ui.example.com.:443",
+        "proxy.internal:8443",
+        "[fd00::1]:9430",
+        "10.0.0.7:9430",
+    ):
+        assert host_allowed(host, allowed), host
+    for host in (
+        "",
+        "evil.example",
+        "ui.example.com.evil.example",
+        "proxy.internal",
+        "proxy.internal:80",
+        "0.0.0.0:9430",
+        "10.0.0.8",
+    ):
+        assert not host_allowed(host, allowed), host
+    assert not host_allowed("ui.example.com", [])
 
 
 # --- over HTTP ---------------------------------------------------------------------------
@@ -404,10 +479,48 @@ def test_actions_send_requests_for_open_workflows(ui: UiServer, sent: SentReques
     assert (status, answer["ok"]) == (200, True)
     assert sent.sent == [
         ("cancel", "order/3", "by hand"),
-        ("signal", "order/3", "approve", [1, "x"]),
+        ("signal", "order/3", "approve", [1, "x"], None),
         ("resume", "stuck-4"),
     ]
     assert sent.flushes == 3
+
+
+def test_a_resent_signal_keeps_the_page_s_signal_id(ui: UiServer, sent: SentRequests) -> None:
+    """The page makes the id when its form opens: sending the form again (after a 503 that
+    it was not confirmed) passes the same id, which the orchestrator applies once."""
+    body = {"name": "approve", "payload": None, "signal_id": "5b0e7c4e-page"}
+    for _ in range(2):
+        status, answer = _json(ui, "POST", "/api/workflow/signal?id=order%2F3", body)
+        assert (status, answer["ok"]) == (200, True)
+        assert "(signal id 5b0e7c4e-page)" in answer["message"]
+    assert sent.sent == [("signal", "order/3", "approve", None, "5b0e7c4e-page")] * 2
+    status, answer = _json(
+        ui, "POST", "/api/workflow/signal?id=order%2F3", {**body, "signal_id": "a\tb"}
+    )
+    assert status == 400
+    assert answer["error"].startswith("signal_id:")
+    assert len(sent.sent) == 2
+
+
+def test_the_ids_dot_and_dot_dot_are_read_and_acted_on(sent: SentRequests) -> None:
+    rows = [_row(".", 1_000), _row("..", 2_000, "STUCK")]
+    server = start_ui(
+        ProjectorSettings(),
+        port=0,
+        store=lambda: MemoryStore(rows, {}),
+        actions=lambda: sent,
+    )
+    try:
+        for workflow_id in (".", ".."):
+            status, answer = _json(server, "GET", f"/api/workflow?id={workflow_id}")
+            assert (status, answer["workflow"]["workflow_id"]) == (200, workflow_id)
+        status, answer = _json(server, "POST", "/api/workflow/cancel?id=.", {"reason": "dots"})
+        assert (status, answer["ok"]) == (200, True)
+        status, answer = _json(server, "POST", "/api/workflow/resume?id=..", {})
+        assert (status, answer["ok"]) == (200, True)
+    finally:
+        server.close()
+    assert sent.sent == [("cancel", ".", "dots"), ("resume", "..")]
 
 
 @pytest.mark.parametrize(
@@ -453,6 +566,196 @@ def test_requests_naming_another_host_are_refused_on_loopback(ui: UiServer) -> N
     assert "loopback" in answer["error"]
     status, _ = _json(ui, "GET", "/api/workflows", headers={"Host": f"localhost:{ui.port}"})
     assert status == 200
+
+
+def test_the_host_is_checked_when_bound_to_every_address(sent: SentRequests) -> None:
+    """In a container the UI binds 0.0.0.0 and is reached as localhost through a published
+    port or a port-forward: a rebinding page (its own name as Host) is still refused."""
+    settings = ProjectorSettings(ui_host="0.0.0.0", ui_allowed_hosts=["ui.example.com"])
+    server = start_ui(
+        settings, port=0, store=lambda: MemoryStore(list(ROWS), EVENTS), actions=lambda: sent
+    )
+    try:
+        for method, path in (("GET", "/api/workflows"), ("GET", "/"), ("GET", "/static/app.js")):
+            status, _, data = _call(server, method, path, headers={"Host": "evil.example:9430"})
+            assert status == 403, path
+            assert "SAGALINE_UI_ALLOWED_HOSTS" in json.loads(data)["error"]
+        status, _ = _json(
+            server,
+            "POST",
+            "/api/workflows/order%2F3/cancel",
+            {},
+            headers={"Host": "evil.example:9430"},
+        )
+        assert status == 403
+        assert sent.sent == []
+        for host in (f"localhost:{server.port}", "127.0.0.1", "ui.example.com"):
+            status, _ = _json(server, "GET", "/api/workflows", headers={"Host": host})
+            assert status == 200, host
+        # Probes use the pod's address: /healthz answers any Host.
+        assert _json(server, "GET", "/healthz", headers={"Host": "10.1.2.3:9430"}) == (
+            200,
+            {"ok": True},
+        )
+    finally:
+        server.close()
+
+
+def _raw(server: UiServer, request: bytes) -> tuple[bytes, bool]:
+    """Send ``request`` as is; the whole answer up to the server's close (or one answer,
+    when it keeps the connection) and whether it closed the connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+        conn.sendall(request)
+        answer = http.client.HTTPResponse(conn)
+        answer.begin()
+        data = answer.read()
+        head = f"HTTP/1.1 {answer.status}\r\n".encode() + bytes(answer.headers)
+        closed = answer.will_close
+        if closed:
+            assert conn.recv(1) == b"", "the server kept sending after Connection: close"
+    return head + data, closed
+
+
+def test_a_chunked_body_is_refused_and_the_connection_closed(
+    ui: UiServer, sent: SentRequests
+) -> None:
+    """A chunked body would otherwise be read as length 0, and its chunks parsed as the
+    next request on the connection."""
+    smuggled = b"GET /api/workflows HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    body = b'{"reason": "x"}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    answer, closed = _raw(
+        ui,
+        b"POST /api/workflows/order%2F3/cancel HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunked
+        + smuggled,
+    )
+    assert answer.startswith(b"HTTP/1.1 411")
+    assert b"Transfer-Encoding is not supported" in answer
+    assert closed
+    assert sent.sent == []
+
+
+def test_an_unread_body_closes_the_connection_whatever_the_method(ui: UiServer) -> None:
+    smuggled = b"GET /api/workflows HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    answer, closed = _raw(
+        ui,
+        b"GET /api/workflows HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
+        % len(smuggled)
+        + smuggled,
+    )
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert closed
+    # Without a body the connection stays open for the next request.
+    _, closed = _raw(ui, b"GET /api/workflows HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert not closed
+    answer, closed = _raw(
+        ui, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1, 1\r\n\r\nx"
+    )
+    assert (answer[:12], closed) == (b"HTTP/1.1 400", True)
+
+
+def test_head_options_and_unknown_methods_get_json_errors(ui: UiServer) -> None:
+    status, headers, data = _call(ui, "HEAD", "/api/workflows")
+    assert (status, headers["Allow"], data) == (405, "GET", b"")
+    assert headers["Content-Type"].startswith("application/json")
+    status, headers, data = _call(ui, "OPTIONS", "/api/workflow/cancel?id=a")
+    assert (status, headers["Allow"]) == (405, "POST")
+    assert json.loads(data)["ok"] is False
+    status, headers, data = _call(ui, "BREW", "/")
+    assert status == 501
+    assert headers["Content-Type"].startswith("application/json")
+    assert json.loads(data)["ok"] is False
+
+
+def test_a_stuck_database_call_answers_503_instead_of_hanging_every_request() -> None:
+    store = BlockedStore()
+    app = UiApp(lambda: store, SentRequests, store_wait_s=0.2)
+    first = threading.Thread(target=app.list_workflows, args=({},))
+    first.start()
+    try:
+        assert store.entered.wait(10)
+        with pytest.raises(UiRequestError) as caught:
+            app.describe("order-1", {})
+        assert caught.value.status is HTTPStatus.SERVICE_UNAVAILABLE
+        assert "PostgreSQL is slow or unreachable" in caught.value.message
+    finally:
+        store.release.set()
+        first.join(10)
+    assert app.list_workflows({})["ok"] is True
+
+
+def test_requests_over_the_bound_are_answered_503_at_once() -> None:
+    store = BlockedStore()
+    server = start_ui(
+        ProjectorSettings(), port=0, store=lambda: store, actions=SentRequests, max_requests=1
+    )
+    first = threading.Thread(target=_call, args=(server, "GET", "/api/workflows"))
+    first.start()
+    try:
+        assert store.entered.wait(10)
+        status, answer = _json(server, "GET", "/api/workflow?id=order-1")
+        assert status == 503
+        assert "busy" in answer["error"]
+        # The page and the probe are still served.
+        assert _json(server, "GET", "/healthz") == (200, {"ok": True})
+        assert _call(server, "GET", "/")[0] == 200
+    finally:
+        store.release.set()
+        first.join(10)
+        server.close()
+
+
+def test_connections_over_the_bound_are_answered_503_and_closed() -> None:
+    server = start_ui(
+        ProjectorSettings(),
+        port=0,
+        store=lambda: MemoryStore([], {}),
+        actions=SentRequests,
+        max_connections=1,
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as held:
+            # The held connection has its thread once it is answered.
+            held.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            first = http.client.HTTPResponse(held)
+            first.begin()
+            assert first.status == 200
+            first.read()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+                data = b""
+                while chunk := extra.recv(4096):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 503")
+            assert b"too many connections" in data
+        # The place is given back once the held connection's thread sees it closed: polled,
+        # each refusal being immediate, until then.
+        deadline = time.monotonic() + 30
+        while _call(server, "GET", "/healthz")[0] != 200:
+            assert time.monotonic() < deadline, "the closed connection's place never came back"
+    finally:
+        server.close()
+
+
+def test_an_unconfirmed_action_may_still_be_delivered_not_failed() -> None:
+    """With the real client and no broker: the flush times out, and the answer says the
+    request is not confirmed and may still arrive (so a signal is resent with its id)."""
+    client = WorkflowClient(
+        KafkaSettings(kafka_bootstrap="127.0.0.1:1", kafka_extra={"message.timeout.ms": 3000})
+    )
+    store = MemoryStore(list(ROWS), EVENTS)
+    app = UiApp(lambda: store, lambda: client, flush_timeout_s=0.3)
+    try:
+        with pytest.raises(UiRequestError) as caught:
+            app.act("order/3", "signal", {"name": "approve", "signal_id": "page-1"})
+    finally:
+        app.close()
+    assert caught.value.status is HTTPStatus.SERVICE_UNAVAILABLE
+    message = caught.value.message
+    assert "not confirmed within 0.3 s; it may still be delivered" in message
+    assert "signal id page-1" in message
+    assert "failed" not in message
 
 
 def test_a_database_failure_is_a_503_that_shows_no_connection_details() -> None:

@@ -131,8 +131,25 @@
     return body;
   }
 
-  function workflowPath(id) {
-    return `/api/workflows/${encodeURIComponent(id)}`;
+  // The id goes in the query, not the path: browsers drop the ids "." and ".." from a
+  // path as dot segments (even percent-encoded), so /api/workflows/<id> cannot carry them.
+  function workflowApi(id, action) {
+    return `/api/workflow${action ? `/${action}` : ""}?id=${encodeURIComponent(id)}`;
+  }
+
+  // A new id for one signal: the same id is sent again when the same signal is resent
+  // (after an answer that it was not confirmed), so the orchestrator applies it once.
+  // crypto.randomUUID exists in secure contexts only (not on plain HTTP to a proxy name).
+  function newSignalId() {
+    if (window.crypto && typeof window.crypto.randomUUID === "function") {
+      return window.crypto.randomUUID();
+    }
+    const bytes = window.crypto.getRandomValues(new Uint8Array(16));
+    bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
+    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+    const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-` +
+      `${hex.slice(16, 20)}-${hex.slice(20)}`;
   }
 
   function workflowHash(id, run) {
@@ -372,7 +389,9 @@
 
   // --- one workflow ------------------------------------------------------------------
 
-  const detailState = {id: "", run: "", answer: null, drawn: ""};
+  // signalId: the id of the signal the open form sends (new when the form opens or its
+  // name or payload changes); acting: an action is in flight, so every button is off.
+  const detailState = {id: "", run: "", answer: null, drawn: "", signalId: "", acting: false};
 
   function showDetail(id, run) {
     const changed = id !== detailState.id || run !== detailState.run;
@@ -390,10 +409,10 @@
   }
 
   async function loadDetail(gen) {
-    const query = detailState.run ? `?run=${encodeURIComponent(detailState.run)}` : "";
+    const query = detailState.run ? `&run=${encodeURIComponent(detailState.run)}` : "";
     let open = true;
     try {
-      const answer = await api(`${workflowPath(detailState.id)}${query}`);
+      const answer = await api(`${workflowApi(detailState.id, "")}${query}`);
       if (gen !== generation) return;
       showError(byId("detail-error"), "");
       detailState.answer = answer;
@@ -496,31 +515,43 @@
     const wf = answer.workflow;
     const latest = wf.run_id === answer.latest_run_id;
     const open = OPEN.has(wf.status);
-    const usable = latest && open;
+    const usable = latest && open && !detailState.acting;
     byId("btn-cancel").disabled = !usable;
     byId("btn-signal").disabled = !usable;
     byId("btn-resume").disabled = !(usable && wf.status === "STUCK");
+    byId("cancel-confirm").disabled = !usable;
+    byId("signal-send").disabled = !usable;
     let note = "";
     if (!latest) note = "This is an earlier run: actions apply to the latest run only.";
     else if (!open) note = `Closed ${wf.status}: nothing more to do.`;
     else if (wf.status !== "STUCK") note = "Resume is for STUCK workflows.";
     byId("actions-note").textContent = note;
-    if (!usable) {
+    if (!(latest && open)) {
       byId("cancel-form").hidden = true;
       byId("signal-form").hidden = true;
     }
   }
 
+  // Buttons off while a request is in flight, so a double click sends one request.
+  function setActing(acting) {
+    detailState.acting = acting;
+    for (const id of ["btn-cancel", "btn-signal", "btn-resume", "cancel-confirm", "signal-send"]) {
+      if (acting) byId(id).disabled = true;
+    }
+    if (!acting && detailState.answer) drawActions(detailState.answer);
+  }
+
   async function act(action, body) {
     const answer = detailState.answer;
-    if (!answer) return;
+    if (!answer || detailState.acting) return;
     const wf = answer.workflow;
     const message = byId("action-message");
     message.className = "message pending";
     message.textContent = `sending ${action}…`;
     message.hidden = false;
+    setActing(true);
     try {
-      const result = await api(`${workflowPath(wf.workflow_id)}/${action}`, {
+      const result = await api(workflowApi(wf.workflow_id, action), {
         method: "POST",
         headers: {"Content-Type": "application/json"},
         body: JSON.stringify({...body, run_id: wf.run_id}),
@@ -529,9 +560,15 @@
       message.textContent = result.message;
       byId("cancel-form").hidden = true;
       byId("signal-form").hidden = true;
+      // Sent: the next signal from this page is another one.
+      if (action === "signal") detailState.signalId = "";
     } catch (err) {
+      // The signal form keeps its id: sending it again is applied once if the first
+      // one arrived after all.
       message.className = "message failed";
       message.textContent = err.message;
+    } finally {
+      setActing(false);
     }
     // Read it again now, and keep reading while it is open: the projector shows the
     // effect within moments.
@@ -547,8 +584,17 @@
     byId("btn-signal").addEventListener("click", () => {
       byId("cancel-form").hidden = true;
       byId("signal-form").hidden = !byId("signal-form").hidden;
-      if (!byId("signal-form").hidden) byId("signal-name").focus();
+      if (!byId("signal-form").hidden) {
+        detailState.signalId = newSignalId();
+        byId("signal-name").focus();
+      }
     });
+    // Another name or payload is another signal, with an id of its own.
+    for (const id of ["signal-name", "signal-payload"]) {
+      byId(id).addEventListener("input", () => {
+        detailState.signalId = newSignalId();
+      });
+    }
     for (const button of document.querySelectorAll(".form-close")) {
       button.addEventListener("click", () => {
         button.closest("form").hidden = true;
@@ -573,7 +619,8 @@
         message.hidden = false;
         return;
       }
-      act("signal", {name, payload});
+      if (!detailState.signalId) detailState.signalId = newSignalId();
+      act("signal", {name, payload, signal_id: detailState.signalId});
     });
   }
 
