@@ -145,10 +145,13 @@ def ensure_topics(
     min_insync_replicas: int | None = None,
     timeout_s: float = 30.0,
     progress: Callable[[str], None] | None = None,
+    partitions_given: bool = True,
 ) -> list[str]:
     """Create the inbox, history, DLQ, replies and task topics that do not exist yet.
 
-    Inbox and history must have the same partition count (they are co-partitioned); an
+    Inbox and history must have the same partition count (they are co-partitioned): when
+    one of them exists, the other is created with its count; if ``partitions_given`` (the
+    caller asked for ``partitions`` explicitly) and that differs, nothing is created. An
     existing pair that disagrees is a deployment error, reported rather than repaired.
     ``min_insync_replicas`` sets that config on the topics created (None: the broker's
     default). Topics that exist are left as they are: ``sagaline topics check`` says how
@@ -159,6 +162,7 @@ def ensure_topics(
     """
     say = progress or (lambda _text: None)
     existing = admin.list_topics(timeout=timeout_s).topics
+    pair = _pair_partitions(existing, topics, partitions, partitions_given)
     new: list[NewTopic] = []
     for spec in expected_topics(topics, participants):
         if spec.name in existing:
@@ -167,6 +171,8 @@ def ensure_topics(
         if min_insync_replicas is not None:
             config["min.insync.replicas"] = str(min_insync_replicas)
         count = spec.partitions if spec.partitions is not None else partitions
+        if spec.role in ("inbox", "history"):
+            count = pair
         new.append(
             NewTopic(
                 spec.name,
@@ -191,6 +197,34 @@ def ensure_topics(
     say("checking that the inbox and history partition counts match")
     check_copartitioned(admin, topics, timeout_s=timeout_s)
     return created
+
+
+def _pair_partitions(
+    existing: Mapping[str, Any], topics: Topics, partitions: int, given: bool
+) -> int:
+    """The partition count a missing inbox or history must be created with: the count of
+    the one that exists (a workflow lives in the same partition of both), else
+    ``partitions``.
+
+    Raises:
+        ConfigurationError: ``partitions`` was ``given`` and differs from the existing one's.
+    """
+    found = {
+        name: len(info.partitions)
+        for name in (topics.inbox, topics.history)
+        if (info := existing.get(name)) is not None and info.error is None and info.partitions
+    }
+    if len(found) != 1:
+        return partitions  # both missing: created alike; both there: nothing to create
+    for name, count in found.items():
+        if given and count != partitions:
+            raise ConfigurationError(
+                f"{name} exists with {count} partitions, not the --partitions {partitions} "
+                "asked for; inbox and history must be equal: created nothing (leave "
+                f"--partitions out, or give {count})"
+            )
+        return count
+    return partitions
 
 
 def check_copartitioned(admin: AdminClient, topics: Topics, *, timeout_s: float = 30.0) -> int:

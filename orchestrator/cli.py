@@ -3,7 +3,8 @@
 Built on click. ``main(argv)`` returns the exit code instead of exiting, so tests and
 scripts call it directly: 0 success; 1 the command ran and says no (a check found
 problems, an unknown id, a dead letter that cannot be sent again); 2 a bad argument or a
-configuration error, in one line; 3 a fatal error (see docs/cli.md).
+configuration error (Kafka out of reach too); 3 a fatal error, or any error nobody
+foresaw. Each is one line on stderr (see docs/cli.md).
 
 Everything heavy (the Kafka client, the runtime, PostgreSQL) is imported inside the
 commands that need it: ``sagaline replay --file`` and ``sagaline check`` work without a
@@ -15,13 +16,14 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import click
 
 from orchestrator.errors import ConfigurationError, SagalineError
-from orchestrator.logs import FORMATS, configure_logging, level_number
+from orchestrator.logs import ECHOED, FORMATS, configure_logging, level_number
 from orchestrator.protocol.records import IfClosed, IfRunning, WorkflowStatus
 
 if TYPE_CHECKING:  # the client (and Kafka) load only for the commands that use it
@@ -50,6 +52,29 @@ EXIT_USAGE = 2
 EXIT_FATAL = 3
 EXIT_INTERRUPTED = 130
 _S = TypeVar("_S", bound="BaseSettings")
+# Epoch milliseconds a time option may name: years 1 to 9999, as datetime and PostgreSQL's
+# bigint both hold them (a relative time of 99999999999999999w would overflow the query).
+MIN_MS: Final = -62_135_596_800_000
+MAX_MS: Final = 253_402_300_799_999
+MAX_COUNT: Final = 2**31 - 1  # counts and partitions: an Avro int, a PostgreSQL LIMIT
+MAX_OFFSET: Final = 2**63 - 1  # a Kafka offset is a signed 64-bit number
+MAX_SECONDS: Final = 365 * 86_400.0  # librdkafka takes timeouts as int milliseconds
+
+
+class _Seconds(click.FloatRange):
+    """Seconds: finite (nan would pass a plain range check), within the range."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return number
+
+
+SECONDS: Final = _Seconds(min=0, min_open=True, max=MAX_SECONDS)
+"""Every ``--timeout``: more than 0 seconds."""
+WAIT_SECONDS: Final = _Seconds(min=0, max=MAX_SECONDS)
+"""``--wait``: 0 means do not wait."""
 
 
 class CommandFailedError(SagalineError):
@@ -76,7 +101,10 @@ def load_object(spec: str) -> Any:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigurationError(f"{spec!r} must look like 'package.module:attribute'")
-    module = load_module(module_name)
+    try:
+        module = load_module(module_name)
+    except _ImportFailedError as exc:
+        raise _ImportFailedError(spec, exc.original) from exc.original
     try:
         return getattr(module, attribute)
     except AttributeError as exc:
@@ -90,6 +118,20 @@ def load_module(name: str) -> Any:
         return importlib.import_module(name)
     except ImportError as exc:
         raise ConfigurationError(f"cannot import {name!r}: {exc}") from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # the module's own code failed: a SyntaxError, NameError
+        # A SystemExit above all must not end the command with its code (0 would pass
+        # `sagaline check`): one configuration error line instead.
+        raise _ImportFailedError(name, exc) from exc
+
+
+class _ImportFailedError(ConfigurationError):
+    """Importing the user's module ran its code, and that code failed (``original``)."""
+
+    def __init__(self, spec: str, original: BaseException) -> None:
+        super().__init__(_one_line(f"importing {spec!r} failed: {original!r}"))
+        self.original = original
 
 
 def _workflow_registry(spec: str) -> WorkflowRegistry:
@@ -261,21 +303,25 @@ def parse_when(text: str, now_ms: int) -> int:
     ``2024-05-01T12:00:00+02:00``, ``...Z``; without an offset, UTC).
 
     Raises:
-        ValueError: neither form.
+        ValueError: neither form, or out of the years 1 to 9999.
     """
     stripped = text.strip()
     relative = _RELATIVE.fullmatch(stripped.lower())
     if relative is not None:
-        return now_ms - int(relative.group(1)) * _UNIT_MS[relative.group(2)]
-    try:
-        moment = datetime.fromisoformat(stripped)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is neither a time ago (15m, 2h, 3d) nor ISO-8601 (2024-05-01T12:00Z)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+        when = now_ms - int(relative.group(1)) * _UNIT_MS[relative.group(2)]
+    else:
+        try:
+            moment = datetime.fromisoformat(stripped)
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is neither a time ago (15m, 2h, 3d) nor ISO-8601 (2024-05-01T12:00Z)"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        when = int(moment.timestamp() * 1000)
+    if not MIN_MS <= when <= MAX_MS:
+        raise ValueError(f"{text!r} is out of range (years 1 to 9999)")
+    return when
 
 
 def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -308,13 +354,53 @@ def _partition_offsets(
     ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 ) -> tuple[tuple[int, int], ...]:
     """``--offset P:O`` values as (partition, offset) pairs."""
-    pairs = []
+    return tuple(_pair(value, ctx, param) for value in values)
+
+
+def _pair(value: str, ctx: click.Context, param: click.Parameter) -> tuple[int, int]:
+    """One ``PARTITION:OFFSET``, each within what Kafka can have."""
+    partition, sep, offset = value.strip().partition(":")
+    if not sep or not partition.isascii() or not partition.isdigit():
+        raise click.BadParameter(f"{value!r} is not PARTITION:OFFSET (e.g. 0:1207)", ctx, param)
+    if not offset.isascii() or not offset.isdigit():
+        raise click.BadParameter(f"{value!r} is not PARTITION:OFFSET (e.g. 0:1207)", ctx, param)
+    if int(partition) > MAX_COUNT or int(offset) > MAX_OFFSET:
+        raise click.BadParameter(f"{value!r} is out of range", ctx, param)
+    return int(partition), int(offset)
+
+
+def _high_water(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> dict[int, int] | None:
+    """``--after P:O[,P:O...]`` as {partition: offset} (a partition named twice: the
+    highest)."""
+    if value is None:
+        return None
+    marks: dict[int, int] = {}
+    for part in value.split(","):
+        if part.strip():
+            partition, offset = _pair(part, ctx, param)
+            marks[partition] = max(marks.get(partition, -1), offset)
+    if not marks:
+        raise click.BadParameter("give PARTITION:OFFSET[,PARTITION:OFFSET...]", ctx, param)
+    return marks
+
+
+def _dead_letter_reasons(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[str, ...]:
+    """``dlq retry --reason`` values, each a reason dead letters are written with (a typo
+    would select nothing and look like an empty DLQ)."""
+    from orchestrator.dlq import KNOWN_REASONS
+
     for value in values:
-        partition, sep, offset = value.partition(":")
-        if not sep or not partition.isdigit() or not offset.isdigit():
-            raise click.BadParameter(f"{value!r} is not PARTITION:OFFSET (e.g. 0:1207)", ctx, param)
-        pairs.append((int(partition), int(offset)))
-    return tuple(pairs)
+        if value not in KNOWN_REASONS:
+            raise click.BadParameter(
+                f"{value!r} is not a dead-letter reason ({', '.join(sorted(KNOWN_REASONS))})",
+                ctx,
+                param,
+            )
+    return values
 
 
 # --- the command group ---------------------------------------------------------------------
@@ -510,6 +596,13 @@ def _kafka_reach(settings: KafkaSettings, timeout_s: float) -> Iterator[None]:
         raise ConfigurationError(f"cannot reach {where} within {timeout_s:g} s: {said}") from exc
 
 
+def _reach(settings: KafkaSettings, timeout_s: float) -> None:
+    """Fail within ``timeout_s`` if Kafka does not answer: the client's own metadata waits
+    are 30 s whatever the command's --timeout."""
+    with _kafka_reach(settings, timeout_s):
+        _admin(settings).list_topics(timeout=timeout_s)
+
+
 @topics_group.command(
     "create", short_help="create the topics that are missing", context_settings=_CONTEXT
 )
@@ -524,7 +617,7 @@ def _kafka_reach(settings: KafkaSettings, timeout_s: float) -> Iterator[None]:
     default=None,
     help="min.insync.replicas of the topics created (default: the broker's)",
 )
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="seconds")
 def topics_create(
     partitions: int,
     participants: str,
@@ -532,8 +625,13 @@ def topics_create(
     min_insync_replicas: int | None,
     timeout: float,
 ) -> int:
-    """Create the topics that are missing (existing ones are left as they are)."""
+    """Create the topics that are missing (existing ones are left as they are). A missing
+    inbox or history is created with the partition count of the other one when it exists
+    (exit 2, creating nothing, if --partitions is given and differs)."""
     from orchestrator.admin import ensure_topics, participant_names
+
+    source = click.get_current_context().get_parameter_source("partitions")
+    given = source is not click.core.ParameterSource.DEFAULT
 
     if min_insync_replicas is not None and min_insync_replicas > replication_factor:
         raise click.UsageError(
@@ -552,6 +650,7 @@ def topics_create(
             min_insync_replicas=min_insync_replicas,
             timeout_s=timeout,
             progress=_progress(),
+            partitions_given=given,
         )
     click.echo(f"created {len(created)} topic(s): {', '.join(created) or 'none needed'}")
     return 0
@@ -561,7 +660,7 @@ def topics_create(
     "describe", short_help="show the topics beside what sagaline expects", context_settings=_CONTEXT
 )
 @click.option("--participants", default="", help="comma-separated participants expected")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="seconds")
 @_json_flag
 def topics_describe(participants: str, timeout: float, as_json: bool) -> int:
     """Show the deployment's topics as the broker has them, beside what sagaline expects."""
@@ -644,7 +743,7 @@ def topics_describe(participants: str, timeout: float, as_json: bool) -> int:
     show_default=True,
     help="the orchestrators' SAGALINE_MAX_RECORD_BYTES",
 )
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="seconds")
 @_json_flag
 def topics_check(
     participants: str,
@@ -719,7 +818,7 @@ def topics_check(
     help="when the id's last run has closed (default REJECT)",
 )
 @click.option("--request-id", default=None, help="dedupe id (default: a new UUID)")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds to wait")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="seconds to wait")
 @click.option(
     "--no-wait",
     is_flag=True,
@@ -739,10 +838,11 @@ def start_command(
     if workflow_id == "":
         raise ConfigurationError("--id must not be empty (leave it out for a generated id)")
     value = _json_option(input_json, "--input")
+    if no_wait and (if_running or if_closed or request_id):
+        raise click.UsageError("--no-wait takes no --if-running, --if-closed or --request-id")
+    _reach(_kafka_settings(), timeout)
     client = _client()
     if no_wait:
-        if if_running or if_closed or request_id:
-            raise ConfigurationError("--no-wait takes no --if-running, --if-closed or --request-id")
         wid = client.start(workflow_type, value, workflow_id=workflow_id)
         client.flush()
         click.echo(wid)
@@ -788,9 +888,10 @@ def _print_answer(answer: Any, as_json: bool) -> None:
     f"{EXIT_FATAL} if it does not close within --timeout.",
 )
 @click.argument("workflow_id", metavar="ID")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait")
+@click.option("--timeout", type=SECONDS, default=60.0, show_default=True, help="seconds to wait")
 @_json_flag
 def result_command(workflow_id: str, timeout: float, as_json: bool) -> int:
+    _reach(_kafka_settings(), timeout)
     client = _client()
     try:
         outcome = client.result(workflow_id, timeout_s=timeout)
@@ -883,7 +984,9 @@ def _closed_within(
 )
 @click.argument("workflow_id", metavar="ID")
 @click.option("--reason", default="", help="why (kept in its record)")
-@click.option("--wait", type=float, default=30.0, show_default=True, help="seconds (0: do not)")
+@click.option(
+    "--wait", type=WAIT_SECONDS, default=30.0, show_default=True, help="seconds (0: do not)"
+)
 def cancel_command(workflow_id: str, reason: str, wait: float) -> int:
     client = _client()
     client.cancel(workflow_id, reason)
@@ -919,7 +1022,9 @@ def cancel_command(workflow_id: str, reason: str, wait: float) -> int:
 )
 @click.argument("workflow_id", metavar="ID")
 @click.option("--reason", default="", help="why (kept in its record)")
-@click.option("--wait", type=float, default=30.0, show_default=True, help="seconds (0: do not)")
+@click.option(
+    "--wait", type=WAIT_SECONDS, default=30.0, show_default=True, help="seconds (0: do not)"
+)
 def terminate_command(workflow_id: str, reason: str, wait: float) -> int:
     client = _client()
     client.terminate(workflow_id, reason)
@@ -947,10 +1052,11 @@ def terminate_command(workflow_id: str, reason: str, wait: float) -> int:
 @click.argument("workflow_id", metavar="ID")
 @click.argument("name")
 @click.option("--value", default="null", help="JSON argument (default null)")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds to wait")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="seconds to wait")
 @_json_flag
 def query_command(workflow_id: str, name: str, value: str, timeout: float, as_json: bool) -> int:
     argument = _json_option(value, "--value")
+    _reach(_kafka_settings(), timeout)
     client = _client()
     try:
         answer = client.query(workflow_id, name, argument, timeout_s=timeout)
@@ -973,11 +1079,12 @@ def query_command(workflow_id: str, name: str, value: str, timeout: float, as_js
 @click.argument("name")
 @click.option("--value", default="null", help="JSON argument (default null)")
 @click.option("--update-id", default=None, help="dedupe id (default: a new UUID)")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds to wait")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="seconds to wait")
 def update_command(
     workflow_id: str, name: str, value: str, update_id: str | None, timeout: float
 ) -> int:
     argument = _json_option(value, "--value")
+    _reach(_kafka_settings(), timeout)
     client = _client()
     try:
         answer = client.update(workflow_id, name, argument, update_id=update_id, timeout_s=timeout)
@@ -1111,7 +1218,11 @@ def _unknown(workflow_id: str, run_id: str | None) -> CommandFailedError:
     "--until", callback=_when, metavar="WHEN", help="started before (15m, 2h, 3d, ISO-8601)"
 )
 @click.option(
-    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="at most N runs"
+    "--limit",
+    type=click.IntRange(min=1, max=MAX_COUNT),
+    default=50,
+    show_default=True,
+    help="at most N runs",
 )
 @_json_flag
 def list_command(
@@ -1297,9 +1408,13 @@ def _origin(letter: DeadLetterRecord) -> str | None:
 )
 @click.option("--reason", "reasons", multiple=True, help="only this reason (repeatable)")
 @click.option(
-    "--limit", type=click.IntRange(min=1), default=100, show_default=True, help="the last N"
+    "--limit",
+    type=click.IntRange(min=1, max=MAX_COUNT),
+    default=100,
+    show_default=True,
+    help="the last N",
 )
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Kafka timeout")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Kafka timeout")
 @_json_flag
 def dlq_list(
     topic_names: tuple[str, ...],
@@ -1383,28 +1498,62 @@ def dlq_list(
     help="the dead letter at PARTITION:OFFSET of the DLQ (repeatable)",
 )
 @click.option("--all", "everything", is_flag=True, help="every dead letter (see --reason)")
-@click.option("--reason", "reasons", multiple=True, help="only this reason (repeatable)")
+@click.option(
+    "--reason",
+    "reasons",
+    multiple=True,
+    callback=_dead_letter_reasons,
+    help="only this reason (repeatable)",
+)
+@click.option(
+    "--after",
+    callback=_high_water,
+    metavar="P:O[,P:O...]",
+    help="--all: only dead letters past these offsets (the mark the last run printed)",
+)
+@click.option(
+    "--max",
+    "most",
+    type=click.IntRange(min=1, max=1_000_000),
+    default=10_000,
+    show_default=True,
+    help="--all: at most N dead letters per run (the oldest)",
+)
+@click.option(
+    "--include-starts",
+    is_flag=True,
+    help="send starts and signal-with-starts too (check with describe first)",
+)
 @click.option("--topic", default=None, help="dead-letter topic (default <prefix>.dlq)")
 @click.option("--dry-run", is_flag=True, help="say what would be sent, send nothing")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Kafka timeout")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Kafka timeout")
 def dlq_retry(
     offsets: tuple[tuple[int, int], ...],
     everything: bool,
     reasons: tuple[str, ...],
+    after: dict[int, int] | None,
+    most: int,
+    include_starts: bool,
     topic: str | None,
     dry_run: bool,
     timeout: float,
 ) -> int:
     """Send dead letters again, whole, to the inbox they came from (keyed by workflow id,
-    to the partition the orchestrators read it from). Refused, with a line each: tasks
-    (re-running one could repeat effects), letters that lost their value for size, and
-    reasons the same bytes would meet again (malformed, wrong-record-type, key-mismatch,
-    empty-workflow-id). With --offset nothing is sent if any named letter is refused;
-    with --all the others are sent. Exits 1 if anything selected was not sent."""
-    from orchestrator.dlq import plan_retry, read_dead_letters
+    to the partition the orchestrators read it from). Refused, with a line each: tasks,
+    letters that lost their value for size or cannot be decoded, reasons the same bytes
+    would meet again, run-terminated inputs, starts and signal-with-starts (unless
+    --include-starts: a start is deduplicated only while its run's record remembers the
+    request id), and cancels and terminates unless named by --offset (they name no run).
+    With --offset nothing is sent if any named letter is refused; with --all the others
+    are sent, each distinct input once, and the run ends with the --after mark to pass
+    next time. Exits 1 if anything selected was refused or not sent, 3 on a fatal Kafka
+    error (see docs/cli.md)."""
+    from orchestrator.dlq import UNKNOWN, decoding_codec, plan_retry, read_dead_letters
 
     if bool(offsets) == everything:
         raise click.UsageError("give --offset P:O (repeatable) or --all")
+    if after and not everything:
+        raise click.UsageError("--after goes with --all (--offset names letters itself)")
     settings = _kafka_settings()
     dlq_topic = topic or settings.topics.dlq
     scan = read_dead_letters(
@@ -1412,6 +1561,8 @@ def dlq_retry(
         dlq_topic,
         reasons=reasons,
         offsets=offsets,
+        after=after,
+        keep_first=most if everything else None,
         timeout_s=timeout,
         progress=_progress(),
         client_config=_quiet_kafka(),
@@ -1421,7 +1572,17 @@ def dlq_retry(
     if absent:
         which = f" with reason {', '.join(reasons)}" if reasons else ""
         raise CommandFailedError(f"no dead letter{which} at {', '.join(absent)} of {dlq_topic}")
-    decisions = [plan_retry(letter, settings.topics) for letter in scan.letters]
+    codec = decoding_codec()
+    decisions = [
+        plan_retry(
+            letter,
+            settings.topics,
+            include_starts=include_starts,
+            named=bool(offsets),
+            codec=codec,
+        )
+        for letter in scan.letters
+    ]
     refused = [d for d in decisions if d.refusal is not None]
     for decision in refused:
         letter = decision.letter
@@ -1432,7 +1593,17 @@ def dlq_retry(
         )
     if offsets and refused:
         raise CommandFailedError(f"sent nothing: {len(refused)} of the named dead letters refused")
-    chosen = [d for d in decisions if d.refusal is None]
+    chosen, repeats = _distinct([d for d in decisions if d.refusal is None])
+    for repeat, kept in repeats:
+        click.echo(
+            f"skipped {repeat.letter.partition}:{repeat.letter.offset}: the same input as "
+            f"{kept.letter.partition}:{kept.letter.offset}, sent once"
+        )
+    more = (
+        f"; {scan.left:,} more past --max {most}: run again with the --after below"
+        if scan.left
+        else ""
+    )
     if dry_run or not chosen:
         for decision in chosen:
             letter = decision.letter
@@ -1441,10 +1612,13 @@ def dlq_retry(
                 f"{letter.reason}) to {decision.target}"
             )
         if not chosen:
-            click.echo(f"nothing to send from {dlq_topic}")
+            click.echo(f"nothing to send from {dlq_topic}{more}")
+        if everything and not dry_run:
+            _next_time(scan.marks, [])
         return EXIT_PROBLEMS if refused else 0
     outcome = _republish_with_bar(settings, chosen, timeout)
-    failed = 0
+    unsent: list[RetryDecision] = []
+    unknown = 0
     for decision, error in outcome:
         letter = decision.letter
         if error is None:
@@ -1452,17 +1626,54 @@ def dlq_retry(
                 f"sent {letter.partition}:{letter.offset} (key {cell(letter.key_text)}, "
                 f"{letter.reason}) to {decision.target}"
             )
+            continue
+        unsent.append(decision)
+        if error == UNKNOWN:
+            unknown += 1
+            click.echo(f"unknown {letter.partition}:{letter.offset}: {error}", err=True)
         else:
-            failed += 1
             click.echo(f"failed {letter.partition}:{letter.offset}: {error}", err=True)
+    failed = len(unsent) - unknown
     click.echo(
-        f"sent {len(outcome) - failed} of {len(decisions)} dead letter(s) from {dlq_topic}"
+        f"sent {len(outcome) - len(unsent)} of {len(decisions)} dead letter(s) from {dlq_topic}"
         + (f"; {len(refused)} refused" if refused else "")
+        + (f"; {len(repeats)} repeated input(s) skipped" if repeats else "")
         + (f"; {failed} failed" if failed else "")
+        + (f"; {unknown} unknown (may still be delivered)" if unknown else "")
+        + more
     )
-    if failed:
-        raise SagalineError(f"{failed} dead letter(s) could not be sent again")
-    return EXIT_PROBLEMS if refused else 0
+    if everything:
+        _next_time(scan.marks, unsent)
+    return EXIT_PROBLEMS if refused or unsent else 0
+
+
+def _distinct(
+    decisions: list[RetryDecision],
+) -> tuple[list[RetryDecision], list[tuple[RetryDecision, RetryDecision]]]:
+    """Each distinct input once (the newest letter of it), and the repeats with the one
+    sent instead. A resent input that fails again gets a new dead letter with the same
+    key and value; sending both would send the input twice, and again every run."""
+    newest: dict[tuple[bytes | None, bytes | None], RetryDecision] = {}
+    for decision in decisions:
+        newest[(decision.letter.key, decision.letter.value)] = decision  # later wins
+    kept_ids = {id(d) for d in newest.values()}
+    chosen = [d for d in decisions if id(d) in kept_ids]
+    repeats = [
+        (d, newest[(d.letter.key, d.letter.value)]) for d in decisions if id(d) not in kept_ids
+    ]
+    return chosen, repeats
+
+
+def _next_time(marks: Mapping[int, int], unsent: list[RetryDecision]) -> None:
+    """Print the ``--after`` mark for the next ``--all`` run: past every letter this run
+    read, but before the first one it could not send (so the next run tries it again)."""
+    mark = dict(marks)
+    for decision in unsent:
+        letter = decision.letter
+        mark[letter.partition] = min(mark.get(letter.partition, letter.offset), letter.offset - 1)
+    shown = ",".join(f"{p}:{o}" for p, o in sorted(mark.items()) if o >= 0)
+    if shown:
+        click.echo(f"next time: --after {shown}")
 
 
 def _republish_with_bar(
@@ -1541,9 +1752,13 @@ def check_command(modules: tuple[str, ...]) -> int:
 )
 @click.option("--all", "everything", is_flag=True, help="--topic: closed workflows too")
 @click.option(
-    "--max-lines", type=int, default=20, show_default=True, help="workflows listed per message"
+    "--max-lines",
+    type=click.IntRange(min=0, max=MAX_COUNT),
+    default=20,
+    show_default=True,
+    help="workflows listed per message",
 )
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Kafka timeout")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Kafka timeout")
 def replay_command(
     app: str,
     from_topic: bool,
@@ -1580,10 +1795,9 @@ def replay_command(
         )
     except SagalineError:
         raise
-    except Exception:
+    except Exception as exc:
         # A pipeline gating on this reads exit 1 as "diverges": a crash must not say that.
-        log.exception("replay failed")
-        return EXIT_FATAL
+        return _crashed("replay", exc)
 
 
 @cli.command(
@@ -1601,7 +1815,9 @@ def replay_command(
 )
 @click.option("--out", required=True, help="the file to write (replaced whole)")
 @click.option("--all", "everything", is_flag=True, help="closed workflows too")
-@click.option("--limit", type=int, default=None, help="at most this many workflows")
+@click.option(
+    "--limit", type=click.IntRange(min=1, max=MAX_COUNT), default=None, help="at most this many"
+)
 @click.option(
     "--workflow-id",
     "workflow_ids",
@@ -1609,7 +1825,7 @@ def replay_command(
     metavar="ID",
     help="only these workflows, whatever their status",
 )
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Kafka timeout")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Kafka timeout")
 # `--workflow-id A B` (the ids after the first) arrive here: the argparse CLI took an id list.
 @click.argument("more_ids", nargs=-1, metavar="[ID...]")
 def export_command(
@@ -1637,11 +1853,10 @@ def export_command(
         )
     except SagalineError:
         raise
-    except Exception:
+    except Exception as exc:
         # Exit 1 says "some were left out": a crash (Kafka failing mid-read, a record the
         # Avro writer rejects) must not say that.
-        log.exception("export failed")
-        return EXIT_FATAL
+        return _crashed("export", exc)
     for verdict in left_out:
         _to_stderr(f"left out: {verdict.line()}")
     dropped = f"; {len(left_out)} left out (cannot decode)" if left_out else ""
@@ -1661,8 +1876,36 @@ def _usage_line(exc: click.ClickException) -> str:
     return f"sagaline: {message}"
 
 
+def _bootstrap() -> str:
+    """The Kafka bootstrap the settings name, for an error line (never fails)."""
+    try:
+        return _kafka_settings().kafka_bootstrap
+    except Exception:  # the settings themselves are invalid: the raw variable, or nothing
+        return os.environ.get("SAGALINE_KAFKA_BOOTSTRAP", "?")
+
+
+def _kafka_failure(exc: Exception) -> str | None:
+    """The one line for a Kafka client error that reached ``main``, None if ``exc`` is not
+    one. Only checked when the Kafka modules are loaded (``--help`` never loads them)."""
+    kafka = sys.modules.get("confluent_kafka")
+    client = sys.modules.get("orchestrator.client")
+    where = f"Kafka at {_bootstrap()} (SAGALINE_KAFKA_BOOTSTRAP)"
+    if kafka is not None and isinstance(exc, kafka.KafkaException):
+        error = exc.args[0] if exc.args else None
+        said = error.str() if isinstance(error, kafka.KafkaError) else str(exc)
+        return _one_line(f"cannot reach {where} or it refused: {said}")
+    if client is not None and isinstance(exc, client.StartFailedError):
+        return _one_line(f"{where} did not take the request: {exc}")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sagaline`` console script; returns the exit code."""
+    """Entry point of the ``sagaline`` console script; returns the exit code.
+
+    Every error is one line on stderr, printed whatever ``--log-level`` and
+    ``--log-format`` say (it is the command's answer, not a log line); a traceback only
+    at ``--log-level DEBUG``.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         result = cli.main(args=args, prog_name="sagaline", standalone_mode=False)
@@ -1673,15 +1916,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         click.echo(_usage_line(exc), err=True)
         return exc.exit_code
     except ConfigurationError as exc:
-        log.error("configuration error: %s", exc)
-        return EXIT_CONFIG
+        return _fail(f"sagaline: {_one_line(str(exc))}", exc, EXIT_CONFIG)
     except CommandFailedError as exc:
-        click.echo(f"sagaline: {exc}", err=True)
-        return EXIT_PROBLEMS
-    except SagalineError as exc:
-        log.error("fatal: %s", exc)
-        return EXIT_FATAL
+        return _fail(f"sagaline: {_one_line(str(exc))}", exc, EXIT_PROBLEMS)
+    except Exception as exc:
+        kafka = _kafka_failure(exc)
+        if kafka is not None:
+            return _fail(f"sagaline: {kafka}", exc, EXIT_CONFIG)
+        if isinstance(exc, SagalineError):
+            return _fail(f"sagaline: fatal: {_one_line(str(exc))}", exc, EXIT_FATAL)
+        # Anything else is a bug or a failure nobody foresaw: still one line and exit 3,
+        # so a script never reads a crash as "the answer is no" (1).
+        line = _one_line(f"sagaline: {type(exc).__name__}: {exc}")
+        return _fail(line, exc, EXIT_FATAL)
     return result if isinstance(result, int) else 0
+
+
+def _crashed(what: str, exc: Exception) -> int:
+    """A replay or export that crashed: its line whatever the log level, and its traceback
+    logged (a gate's crash is worth its traceback in the pipeline's log); exit 3."""
+    click.echo(_one_line(f"sagaline: {what} failed: {type(exc).__name__}: {exc}"), err=True)
+    log.error("%s failed", what, exc_info=exc)
+    return EXIT_FATAL
+
+
+def _fail(line: str, exc: BaseException, code: int = EXIT_FATAL) -> int:
+    """Print ``line`` on stderr (whatever the log level: it is the command's answer), log
+    it too for other handlers (ours skips it: it is printed already) and the traceback at
+    DEBUG; return ``code``."""
+    click.echo(line, err=True)
+    log.error("%s", line.removeprefix("sagaline: "), extra={ECHOED: True})
+    log.debug("%s", line, exc_info=exc)
+    return code
 
 
 if __name__ == "__main__":

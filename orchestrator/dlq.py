@@ -7,12 +7,30 @@ under a throwaway group id that commits nothing, so no process of the deployment
 it, and re-publishes those it is safe to send again to the topic they came from.
 
 What is safe to send again: an inbox input, whole, whose reason is not a property of its
-bytes alone. Every inbox input is deduplicated or harmless when repeated (a start by its
-workflow id and request id, a signal by its signal id, a late activity result is ignored),
-and it is re-published keyed by its workflow id with the murmur2 partitioner, to the
-partition the orchestrators read that workflow from. A task is never sent again: its step
-has been timed out or retried under a new activity id by the orchestrator, so running it
-again could repeat effects nobody will undo.
+bytes alone, decoded to see what it is. It is re-published keyed by its workflow id with
+the murmur2 partitioner, to the partition the orchestrators read that workflow from.
+
+Not every input is harmless when repeated, so some are refused (:func:`plan_retry`):
+
+- a start, or a signal-with-start, unless the caller says so (``include_starts``): a start
+  is deduplicated only while the workflow's record remembers its request id, and the
+  record is tombstoned ``SAGALINE_CLOSED_RETENTION_MS`` (7 days) after the run closed
+  while the DLQ keeps letters 30 days; a start without a request id under
+  ``if_closed=ALLOW`` always makes a new run;
+- a cancel or a terminate unless named one by one (``named``): they carry no run id, so
+  they end whatever run the id has now, which may be newer than the one they meant;
+- an input held for a run that was then terminated (``run-terminated``): sent again it
+  would reach whatever run the id has now;
+- an ``oversized`` start the orchestrator recorded FAILED without its input: sent again
+  it is a duplicate start and changes nothing;
+- a ``signal-refused`` or ``promise-refused`` input whose bytes are the reason (an invalid
+  signal name or empty signal id, a start for another id; a promise id of another
+  workflow, or neither or both of a value and a failure).
+
+Signals (by signal id), updates (by update id) and promise completions are deduplicated by
+their workflow, and a late activity result is ignored. A task is never sent again: its
+step has been timed out or retried under a new activity id by the orchestrator, so running
+it again could repeat effects nobody will undo.
 """
 
 from __future__ import annotations
@@ -28,6 +46,16 @@ from typing import Any, Final
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from orchestrator.errors import ConfigurationError, SagalineError
+from orchestrator.protocol.codec import AvroCodec
+from orchestrator.protocol.records import (
+    CancelWorkflow,
+    CompletePromise,
+    InboxBody,
+    SignalWorkflow,
+    StartWorkflow,
+    TerminateWorkflow,
+    parse_promise_id,
+)
 from orchestrator.protocol.topics import Topics
 from orchestrator.settings import KafkaSettings
 from orchestrator.transport import (
@@ -43,6 +71,7 @@ from orchestrator.transport import (
     producer_message_max_bytes,
     record_size,
 )
+from orchestrator.workflow import signal_name_problem
 
 RETRY_OF: Final = "sagaline.dlq.retry-of"
 """Header of a re-published record: ``<dlq topic>:<partition>:<offset>`` it came from."""
@@ -54,6 +83,38 @@ SAME_AGAIN: Final[Mapping[str, str]] = {
     "key-mismatch": "its key is not the workflow id its value names",
     "empty-workflow-id": "its workflow id is empty",
 }
+# Reasons whose letters are never sent again although their bytes are fine.
+NEVER_AGAIN: Final[Mapping[str, str]] = {
+    "run-terminated": "it was held for a run that was then terminated: sent again it would "
+    "reach whatever run the id has now",
+}
+KNOWN_REASONS: Final = frozenset(
+    {
+        # orchestrators (orchestrator.runtime.inputs) and participants (decode errors)
+        "malformed",
+        "decode-error",
+        "unknown-schema",
+        "wrong-record-type",
+        "oversized",
+        "key-mismatch",
+        "wrong-partition",
+        "empty-workflow-id",
+        "unknown-workflow",
+        "signal-refused",
+        "promise-refused",
+        "undeliverable",
+        "unparkable",
+        "too-large-to-hold",
+        "run-terminated",
+    }
+)
+"""Every reason a dead letter can carry (``dlq retry --reason`` checks against them)."""
+# The orchestrator's own decode refusal of an oversized record starts so (the codec's
+# OversizedRecordError); any other oversized start was recorded FAILED without its input.
+_DECODE_OVERSIZED: Final = "record is "
+# Decodes a letter to decide: no limit of its own (the letter's size was checked when it
+# was written).
+_DECODE_LIMIT: Final = 1 << 31
 _BATCH: Final = 500
 
 
@@ -144,6 +205,11 @@ class DeadLetterScan:
     topic: str
     letters: list[DeadLetterRecord]
     total: int
+    left: int = 0
+    """Letters that matched but were not kept: past ``keep_first``."""
+    marks: Mapping[int, int] = field(default_factory=dict)
+    """Per partition, the highest offset this read covered: every matching letter at or
+    below it was kept (``--after`` for the next run)."""
 
 
 def read_dead_letters(
@@ -153,6 +219,8 @@ def read_dead_letters(
     reasons: Collection[str] = (),
     keep_last: int | None = None,
     offsets: Collection[tuple[int, int]] = (),
+    after: Mapping[int, int] | None = None,
+    keep_first: int | None = None,
     timeout_s: float = 30.0,
     stall_s: float = 60.0,
     progress: Callable[[str], None] | None = None,
@@ -163,8 +231,11 @@ def read_dead_letters(
     ``reasons``: keep only dead letters with one of these reasons. ``keep_last``: keep only
     the last that many read (the newest, on the usual one-partition topic). ``offsets``:
     keep only these ``(partition, offset)`` records, reading no further than they lie.
-    The kept letters come in partition and offset order. ``client_config``: librdkafka
-    settings under the deployment's (e.g. a quieter ``log_level`` for a command line).
+    ``after``: per partition, read only past this offset (a high-water mark an earlier run
+    reported). ``keep_first``: keep at most that many (the oldest; the others are counted
+    in ``left``, and ``marks`` stop before the first of them). The kept letters come in
+    partition and offset order. ``client_config``: librdkafka settings under the
+    deployment's (e.g. a quieter ``log_level`` for a command line).
 
     Raises:
         ConfigurationError: Kafka is out of reach or the topic does not exist.
@@ -211,12 +282,21 @@ def read_dead_letters(
             if partition in wanted:
                 low = max(low, min(wanted[partition]))
                 high = min(high, max(wanted[partition]) + 1)
+            if after and partition in after:
+                low = max(low, after[partition] + 1)
             if high > low:
                 spans[partition] = (low, high)
-        letters, total = _read(consumer, topic, spans, reasons, keep_last, wanted, stall_s, say)
+        letters, total, left = _read(
+            consumer, topic, spans, reasons, keep_last, keep_first, wanted, stall_s, say
+        )
     finally:
         consumer.close()
-    return DeadLetterScan(topic, letters, total)
+    marks = dict(after or {})
+    for partition, (_low, high) in spans.items():
+        marks[partition] = max(marks.get(partition, -1), high - 1)
+    for partition, (_count, first_left) in left.items():
+        marks[partition] = first_left - 1  # the letters from there on are still to do
+    return DeadLetterScan(topic, letters, total, sum(n for n, _ in left.values()), marks)
 
 
 def _read(
@@ -225,14 +305,17 @@ def _read(
     spans: dict[int, tuple[int, int]],
     reasons: Collection[str],
     keep_last: int | None,
+    keep_first: int | None,
     wanted: dict[int, set[int]],
     stall_s: float,
     say: Callable[[str], None],
-) -> tuple[list[DeadLetterRecord], int]:
+) -> tuple[list[DeadLetterRecord], int, dict[int, tuple[int, int]]]:
     kept: deque[DeadLetterRecord] = deque(maxlen=keep_last)
+    # Per partition: letters past keep_first (their values are not held), and the first.
+    left: dict[int, tuple[int, int]] = {}
     total = 0
     if not spans:
-        return [], 0
+        return [], 0, left
     consumer.assign([TopicPartition(topic, p, low) for p, (low, _high) in sorted(spans.items())])
     pending = set(spans)
     positions: dict[int, int] = {}
@@ -252,6 +335,10 @@ def _read(
             if reasons and letter.reason not in reasons:
                 continue
             if wanted and letter.offset not in wanted.get(letter.partition, ()):
+                continue
+            if keep_first is not None and (len(kept) >= keep_first or letter.partition in left):
+                count, first = left.get(letter.partition, (0, letter.offset))
+                left[letter.partition] = (count + 1, min(first, letter.offset))
                 continue
             kept.append(letter)
         now = time.monotonic()
@@ -273,7 +360,7 @@ def _read(
             said = now
             say(f"reading {topic}: {total:,} records")
     ordered = sorted(kept, key=lambda d: (d.partition, d.offset))
-    return ordered, total
+    return ordered, total, left
 
 
 def _letter(topic: str, msg: Message) -> DeadLetterRecord:
@@ -305,11 +392,28 @@ class RetryDecision:
     refusal: str | None
 
 
-def plan_retry(letter: DeadLetterRecord, topics: Topics) -> RetryDecision:
+def decoding_codec() -> AvroCodec:
+    """The codec :func:`plan_retry` decodes letters with: built once per command (it loads
+    the schema directory), with no size limit of its own."""
+    return AvroCodec(max_record_bytes=_DECODE_LIMIT)
+
+
+def plan_retry(
+    letter: DeadLetterRecord,
+    topics: Topics,
+    *,
+    include_starts: bool = False,
+    named: bool = False,
+    codec: AvroCodec | None = None,
+) -> RetryDecision:
     """Where ``letter`` may be sent again under the deployment ``topics``, or why not.
 
     Only inbox inputs of this deployment are sent again, whole (value and key kept), and
-    only when the reason is not a property of their bytes (see :data:`SAME_AGAIN`).
+    only when the reason is not a property of their bytes (see :data:`SAME_AGAIN`) nor
+    one of :data:`NEVER_AGAIN`. The value is decoded (with ``codec``) to see what it is:
+    one that cannot be decoded is refused; starts and signal-with-starts only with
+    ``include_starts``; cancels and terminates only when ``named`` one by one (see the
+    module's docstring for why).
     """
     origin, partition, offset = letter.origin
     where = f"{origin}[{partition}]@{offset}"
@@ -337,7 +441,66 @@ def plan_retry(letter: DeadLetterRecord, topics: Topics) -> RetryDecision:
     same = SAME_AGAIN.get(letter.reason)
     if same is not None:
         return refuse(f"{same} (reason {letter.reason}): it would be dead-lettered again")
-    return RetryDecision(letter, origin, None)
+    never = NEVER_AGAIN.get(letter.reason)
+    if never is not None:
+        return refuse(f"{never} (reason {letter.reason})")
+    try:
+        body = (codec or decoding_codec()).decode_inbox(letter.value)
+    except Exception as exc:  # any failure to read it is a refusal, never a crash
+        return refuse(f"this sagaline cannot decode it ({type(exc).__name__}: {exc})")
+    why = _body_refusal(letter, body, include_starts=include_starts, named=named)
+    return refuse(why) if why is not None else RetryDecision(letter, origin, None)
+
+
+def _body_refusal(
+    letter: DeadLetterRecord, body: InboxBody, *, include_starts: bool, named: bool
+) -> str | None:
+    """Why the decoded input ``body`` of ``letter`` must not be sent again, or None."""
+    reason = letter.reason
+    recorded = not (letter.error or "").startswith(_DECODE_OVERSIZED)
+    if isinstance(body, StartWorkflow) and reason == "oversized" and recorded:
+        return (
+            "an oversized start the orchestrator recorded FAILED without its input: sent "
+            "again it is a duplicate start and changes nothing (start it anew instead)"
+        )
+    if reason == "signal-refused" and isinstance(body, SignalWorkflow):
+        if not body.signal_id or not _valid_signal_name(body.name):
+            return "its signal name or signal id is invalid: it would be refused again"
+        if body.start is not None and body.start.workflow_id != body.workflow_id:
+            return "its start names another workflow id: it would be refused again"
+    if reason == "promise-refused" and isinstance(body, CompletePromise):
+        parsed = parse_promise_id(body.promise_id)
+        if parsed is None or parsed[0] != body.workflow_id:
+            return "its promise id names no promise of this workflow: it would be refused again"
+        if (body.payload is None) == (body.failure is None):
+            return "it has neither or both of a value and a failure: it would be refused again"
+    starts = isinstance(body, StartWorkflow) or (
+        isinstance(body, SignalWorkflow) and body.start is not None
+    )
+    if starts and not include_starts:
+        what = "a start" if isinstance(body, StartWorkflow) else "a signal-with-start"
+        return (
+            f"{what}: sent again it may start the workflow again (a request id is forgotten "
+            "once the run's record is removed, SAGALINE_CLOSED_RETENTION_MS after it closed; "
+            "without one, if_closed=ALLOW makes a new run); check with sagaline describe, "
+            "then pass --include-starts"
+        )
+    if isinstance(body, CancelWorkflow | TerminateWorkflow) and not named:
+        what = "a cancel" if isinstance(body, CancelWorkflow) else "a terminate"
+        return (
+            f"{what} names no run: sent again it ends whatever run the id has now; check "
+            "with sagaline describe, then name it with --offset"
+        )
+    return None
+
+
+def _valid_signal_name(name: str) -> bool:
+    return signal_name_problem(name) is None  # the engine's own rule
+
+
+UNKNOWN: Final = "unknown (may still be delivered)"
+"""The delivery error of a letter not acknowledged when the wait ended: it was purged from
+the producer, but one already on the wire may still be written."""
 
 
 def republish(
@@ -351,6 +514,9 @@ def republish(
     """Send each retryable decision's letter to its target, keyed as it was, with a
     :data:`RETRY_OF` header; wait until Kafka acknowledges them. ``on_acked`` is called
     for each one acknowledged; ``client_config`` as for :func:`read_dead_letters`.
+
+    Those not acknowledged within ``timeout_s`` are purged (the producer must not go on
+    sending behind the caller's back) and reported as :data:`UNKNOWN`.
 
     Returns:
         Each decision sent and its delivery error (None when delivered).
@@ -372,8 +538,12 @@ def republish(
         }
     )
     errors: dict[int, str | None] = {}
+    purging = False
 
     def delivered(index: int, error: KafkaError | None, _msg: Message) -> None:
+        if purging and error is not None:
+            errors[index] = UNKNOWN  # purged at the timeout: maybe written, maybe not
+            return
         errors[index] = None if error is None else str(error)
         if error is None and on_acked is not None:
             on_acked(chosen[index])
@@ -401,11 +571,11 @@ def republish(
                 break
         producer.poll(0)
     left = producer.flush(timeout_s)
+    if left:
+        purging = True
+        producer.purge()
+        producer.flush(0)  # serves the purged records' delivery reports
     outcome: list[tuple[RetryDecision, str | None]] = []
     for index, decision in enumerate(chosen):
-        if index in errors:
-            outcome.append((decision, errors[index]))
-        else:
-            unacked = f"not acknowledged within {timeout_s:g} s" if left else "no delivery report"
-            outcome.append((decision, unacked))
+        outcome.append((decision, errors.get(index, UNKNOWN)))
     return outcome

@@ -6,6 +6,9 @@ fields a log search can filter on::
 
     log.warning("dead letter reason=%s", reason, extra={"partition": 3, "offset": 1207})
 
+Today only the visibility projector's skipped-record warnings pass them; other lines carry
+the same facts in their message text.
+
 Only what the call passes is written: the formatter never looks at settings, so secrets
 stay out of the log as long as callers log settings through ``redacted()``.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from datetime import UTC, datetime
 from typing import IO, Any, Final
 
@@ -21,6 +25,11 @@ TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
 FORMATS: Final = ("text", "json")
 # Attributes a log call may set with extra=...; written as fields of their own.
 CONTEXT_FIELDS: Final = ("workflow_id", "run_id", "partition", "offset", "activity_id")
+ECHOED: Final = "sagaline_echoed"
+"""``extra={ECHOED: True}`` marks a record whose text the command line has already printed
+on stderr itself (its error line): the handler :func:`configure_logging` installs skips
+it, so it is not there twice, while other handlers (a test's, an embedding application's)
+still get it."""
 # Marks the handler configure_logging installed, so a second call re-formats it instead
 # of adding another (main() runs more than once in one process in tests).
 _OURS: Final = "_sagaline_handler"
@@ -56,7 +65,7 @@ class JsonFormatter(logging.Formatter):
             "ts": _timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _message(record),
         }
         for name in CONTEXT_FIELDS:
             if name in record.__dict__:
@@ -68,7 +77,31 @@ class JsonFormatter(logging.Formatter):
             entry["exc_info"] = record.exc_text
         if record.stack_info:
             entry["stack_info"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, default=str)
+        try:
+            return json.dumps(entry, default=str, allow_nan=False)
+        except Exception:
+            # NaN/Infinity are not JSON, and a str() that raises must not end the line
+            # stream either: every value as safe text.
+            return json.dumps({k: _safe_text(v) for k, v in entry.items()}, allow_nan=False)
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's message; if its ``%`` arguments do not fit it (or a ``__str__``
+    raises), the raw message and the arguments' repr, so the record still is one line."""
+    try:
+        return record.getMessage()
+    except Exception:
+        return f"{_safe_text(record.msg)} args={_safe_text(record.args, repr)}"
+
+
+def _safe_text(value: object, show: Any = str) -> str | int | bool | None:
+    """``value`` as JSON-safe text (strings, ints, bools and None stay as they are)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    try:
+        return str(show(value))
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 def _timestamp(created: float) -> str:
@@ -78,9 +111,11 @@ def _timestamp(created: float) -> str:
 
 def _json_value(value: object) -> Any:
     """``value`` if JSON writes it as it is, its text otherwise (a bytes key, an enum)."""
-    if value is None or isinstance(value, bool | int | float | str):
+    if value is None or isinstance(value, bool | int | str):
         return value
-    return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return value  # NaN and infinities are not JSON: written as text below
+    return _safe_text(value)
 
 
 def formatter(fmt: str) -> logging.Formatter:
@@ -122,4 +157,11 @@ def configure_logging(
         ours = [added]
     for handler in ours:
         handler.setFormatter(chosen)
+        if _not_echoed not in handler.filters:
+            handler.addFilter(_not_echoed)
     root.setLevel(number)
+
+
+def _not_echoed(record: logging.LogRecord) -> bool:
+    """False for a record already printed by the command line (see :data:`ECHOED`)."""
+    return not getattr(record, ECHOED, False)

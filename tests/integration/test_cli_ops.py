@@ -160,6 +160,39 @@ def test_topics_create_makes_only_what_is_missing(
     assert again.stdout.strip() == "created 0 topic(s): none needed", _explained(again)
 
 
+def _visible(admin: AdminClient, topic: str) -> None:
+    """Wait until the broker's metadata lists ``topic`` (just created by the test)."""
+    end = time.monotonic() + 30
+    while topic not in admin.list_topics(timeout=10).topics:
+        if time.monotonic() > end:
+            raise AssertionError(f"{topic} not in the metadata within 30 s")
+
+
+def test_topics_create_gives_a_missing_history_the_inbox_partition_count(
+    process_env: dict[str, str], topics: Topics, admin: AdminClient
+) -> None:
+    """Created with the default 4 beside a 3-partition inbox, the history would fail the
+    co-partition check and stay behind broken."""
+    lone = Topics(f"{topics.prefix}-lone")  # under the fixture's prefix: deleted after
+    env = {**process_env, "SAGALINE_TOPIC_PREFIX": lone.prefix}
+    for future in admin.create_topics([NewTopic(lone.inbox, 3, 1)]).values():
+        future.result(30)
+    _visible(admin, lone.inbox)
+
+    refused = _sagaline(env, "topics", "create", "--partitions", "4")
+    assert refused.returncode == 2, _explained(refused)
+    assert len(refused.stderr.splitlines()) == 1, _explained(refused)
+    assert f"{lone.inbox} exists with 3 partitions, not the --partitions 4" in refused.stderr
+    made = [t for t in admin.list_topics(timeout=30).topics if t.startswith(lone.prefix + ".")]
+    assert made == [lone.inbox], made
+
+    done = _sagaline(env, "topics", "create")
+    assert done.returncode == 0, _explained(done)
+    described = json.loads(_sagaline(env, "topics", "describe", "--json").stdout)
+    shown = {t["topic"]: t["partitions"] for t in described["topics"]}
+    assert shown[lone.history] == 3 and shown[lone.dlq] == 1, shown
+
+
 def test_an_unreachable_broker_is_exit_2_with_the_reason(process_env: dict[str, str]) -> None:
     env = {**process_env, "SAGALINE_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
     done = _sagaline(env, "topics", "check", "--timeout", "2")
@@ -283,15 +316,23 @@ def test_dlq_list_shows_dead_letters_and_retry_sends_back_what_is_safe(
     assert f"not sent {at} (key garbage-1)" in refused.stderr
     assert "would be dead-lettered again" in refused.stderr
     assert "sent nothing" in refused.stderr and refused.stdout == "", _explained(refused)
-    dry = _sagaline(saga.env, "dlq", "retry", "--all", "--dry-run")
+    dry = _sagaline(saga.env, "dlq", "retry", "--all", "--dry-run", "--include-starts")
     assert dry.returncode == 1, _explained(dry)  # the malformed one is not sendable
     assert f"would send {wrong['partition']}:{wrong['offset']} (key {wid}" in dry.stdout
+    assert "next time" not in dry.stdout, _explained(dry)  # a dry run moves no mark
+    assert _retried_on_inbox(kafka_bootstrap, topics.inbox, right) == []
+
+    # A start is sent again only when asked: its request id may be forgotten by now.
+    at = f"{wrong['partition']}:{wrong['offset']}"
+    start_refused = _sagaline(saga.env, "dlq", "retry", "--offset", at)
+    assert start_refused.returncode == 1, _explained(start_refused)
+    assert f"not sent {at} (key {wid}): a start" in start_refused.stderr
+    assert "--include-starts" in start_refused.stderr and start_refused.stdout == ""
     assert _retried_on_inbox(kafka_bootstrap, topics.inbox, right) == []
 
     # The misrouted start goes back keyed by its id, to the partition murmur2 gives it,
     # and its orchestrator starts the workflow.
-    at = f"{wrong['partition']}:{wrong['offset']}"
-    sent = _sagaline(saga.env, "dlq", "retry", "--offset", at)
+    sent = _sagaline(saga.env, "dlq", "retry", "--offset", at, "--include-starts")
     assert sent.returncode == 0, _explained(sent)
     assert sent.stdout.splitlines() == [
         f"sent {at} (key {wid}, wrong-partition) to {topics.inbox}",
@@ -304,6 +345,20 @@ def test_dlq_list_shows_dead_letters_and_retry_sends_back_what_is_safe(
         saga.watcher.poll()
     record = saga.watcher.latest.get(wid)
     assert record is not None and record.status is WorkflowStatus.RUNNING, orchestrator.tail()
+
+    # --all refuses both (a start, malformed bytes) and says where the next run starts,
+    # so a run repeated later does not send again what this one read.
+    everything = _sagaline(saga.env, "dlq", "retry", "--all")
+    assert everything.returncode == 1, _explained(everything)
+    mark = everything.stdout.splitlines()[-1]
+    assert mark.startswith("next time: --after 0:"), _explained(everything)
+    # Past the last letter (and the commit marker of the transaction that wrote it).
+    assert int(mark.rpartition(":")[2]) >= max(wrong["offset"], garbage["offset"])
+    assert everything.stderr.count("not sent ") == 2, _explained(everything)
+    after = mark.rpartition(" ")[2]
+    later = _sagaline(saga.env, "dlq", "retry", "--all", "--after", after)
+    assert later.returncode == 0, _explained(later)
+    assert later.stdout.splitlines() == [f"nothing to send from {topics.dlq}", mark]
 
     unknown = _sagaline(saga.env, "dlq", "retry", "--offset", "0:99999")
     assert unknown.returncode == 1, _explained(unknown)

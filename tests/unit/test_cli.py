@@ -11,11 +11,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from confluent_kafka import KafkaError, KafkaException
 
 from orchestrator import cli as cli_module
 from orchestrator import gate
@@ -35,6 +38,9 @@ from orchestrator.cli import (
 from orchestrator.dlq import DeadLetterRecord, plan_retry
 from orchestrator.errors import ConfigurationError
 from orchestrator.logs import JsonFormatter, configure_logging, formatter, level_number
+from orchestrator.protocol.codec import AvroCodec
+from orchestrator.protocol.payloads import encode_json
+from orchestrator.protocol.records import ActivityResult, ActivityStatus
 from orchestrator.protocol.topics import Topics, history_config, inbox_config
 from orchestrator.visibility import store as store_module
 from orchestrator.visibility.models import EventRow, WorkflowFilter, WorkflowRow
@@ -140,30 +146,40 @@ def test_the_export_id_list_keeps_its_argparse_form(monkeypatch: pytest.MonkeyPa
 
 
 def test_an_invalid_setting_is_one_line_naming_its_variable(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("SAGALINE_METRICS_PORT", "-1")
     assert main(["orchestrator", "examples.order_saga.workflows:registry"]) == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "\n" not in errors[0], errors
-    assert "SAGALINE_METRICS_PORT" in errors[0]
+    errors = _errors(capsys)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("sagaline: SAGALINE_METRICS_PORT")
 
 
-def test_a_configuration_error_is_exit_2(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_configuration_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["orchestrator", "json:dumps"]) == 2
-    assert "not a WorkflowRegistry" in caplog.text
+    assert "not a WorkflowRegistry" in capsys.readouterr().err
     assert main(["participant", "no.such.module:thing"]) == 2
-    assert "cannot import 'no.such.module'" in caplog.text
+    assert "cannot import 'no.such.module'" in capsys.readouterr().err
 
 
 def test_an_unreachable_postgres_is_one_line_without_the_dsn(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("SAGALINE_POSTGRES_DSN", "postgresql://ann:s3cr3t-pw@127.0.0.1:1/none")
     monkeypatch.setenv("SAGALINE_DB_CONNECT_TIMEOUT_S", "2")
     assert main(["list", "--status", "running", "--status", "Stuck"]) == 2
-    assert "cannot read the visibility tables (SAGALINE_POSTGRES_DSN)" in caplog.text
-    assert "s3cr3t-pw" not in caplog.text
+    errors = _errors(capsys)
+    assert len(errors) == 1, errors
+    assert "cannot read the visibility tables (SAGALINE_POSTGRES_DSN)" in errors[0]
+    assert "s3cr3t-pw" not in errors[0]
+
+
+def test_errors_are_printed_at_every_log_level(capsys: pytest.CaptureFixture[str]) -> None:
+    """A configuration or fatal error is the command's answer: CRITICAL does not hide it."""
+    assert main(["--log-level", "CRITICAL", "orchestrator", "json:dumps"]) == 2
+    errors = _errors(capsys)
+    assert len(errors) == 1 and errors[0].startswith("sagaline: json:dumps is a "), errors
+    assert errors[0].endswith("not a WorkflowRegistry")
 
 
 # --- times ---------------------------------------------------------------------------------
@@ -484,12 +500,10 @@ def test_log_format_json_writes_json_lines_from_the_command() -> None:
         check=False,
     )
     assert done.returncode == 2
-    entries = [json.loads(line) for line in done.stderr.splitlines()]
-    assert len(entries) == 1
-    assert entries[0]["level"] == "ERROR" and entries[0]["logger"] == "sagaline"
-    assert entries[0]["message"] == "configuration error: module 'json' defines no WorkflowRegistry"
-    text = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "--log-format", "text", "check", "json"],
+    # The error is the command's answer, one plain line whatever the log format.
+    assert done.stderr.splitlines() == ["sagaline: module 'json' defines no WorkflowRegistry"]
+    debug = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "--log-level", "DEBUG", "check", "json"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -497,7 +511,11 @@ def test_log_format_json_writes_json_lines_from_the_command() -> None:
         timeout=60,
         check=False,
     )
-    assert " ERROR sagaline configuration error: " in text.stderr  # the option beats the env
+    lines = debug.stderr.splitlines()
+    assert lines[0] == "sagaline: module 'json' defines no WorkflowRegistry", debug.stderr
+    entries = [json.loads(line) for line in lines[1:]]
+    logged = [e for e in entries if e["logger"] == "sagaline"]
+    assert logged and logged[-1]["level"] == "DEBUG" and "exc_info" in logged[-1]
 
 
 # --- topics check --------------------------------------------------------------------------
@@ -582,6 +600,12 @@ def test_participant_names_are_checked() -> None:
 # --- dlq retry: what may be sent again -----------------------------------------------------
 
 
+# An input sent again by `dlq retry` is decoded first: a late activity result, harmless.
+RESULT = AvroCodec().encode_inbox(
+    ActivityResult("order-1", "order-1/r/1", 1, 1, ActivityStatus.COMPLETED, 0, encode_json(1))
+)
+
+
 def _letter(reason: str, origin: str | None = TOPICS.inbox, **headers: str) -> DeadLetterRecord:
     named = {"sagaline.dlq.reason": reason, **headers}
     if origin is not None:
@@ -593,12 +617,13 @@ def _letter(reason: str, origin: str | None = TOPICS.inbox, **headers: str) -> D
             }
         )
     return DeadLetterRecord(
-        TOPICS.dlq, 0, 5, NOW, b"order-1", b"\x00value", {k: v.encode() for k, v in named.items()}
+        TOPICS.dlq, 0, 5, NOW, b"order-1", RESULT, {k: v.encode() for k, v in named.items()}
     )
 
 
 @pytest.mark.parametrize(
-    "reason", ["unknown-workflow", "wrong-partition", "unknown-schema", "oversized"]
+    "reason",
+    ["unknown-workflow", "wrong-partition", "unknown-schema", "oversized", "undeliverable"],
 )
 def test_inbox_inputs_go_back_to_the_inbox(reason: str) -> None:
     decision = plan_retry(_letter(reason), TOPICS)
@@ -628,5 +653,152 @@ def test_a_dead_letter_as_json() -> None:
     shown = _letter("unknown-workflow", **{"sagaline.dlq.error": "no workflow order-1"}).to_json()
     assert shown["origin"] == {"topic": "shop.inbox", "partition": 2, "offset": 9}
     assert shown["reason"] == "unknown-workflow" and shown["error"] == "no workflow order-1"
-    assert shown["key"] == "order-1" and shown["value_bytes"] == 6
+    assert shown["key"] == "order-1" and shown["value_bytes"] == len(RESULT)
     json.dumps(shown)
+
+
+# --- failures of the user's code, of Kafka, of anything ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ("def broken(:\n", "SyntaxError("),
+        ("undefined_name\n", "NameError(\"name 'undefined_name' is not defined\")"),
+        ("import sys\nsys.exit(0)\n", "SystemExit(0)"),
+    ],
+    ids=["syntax", "name", "exit-0"],
+)
+def test_a_module_that_fails_to_import_is_one_line_and_exit_2(
+    source: str,
+    shown: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`sagaline check` gates a deployment: a module calling sys.exit(0) must not pass it."""
+    name = f"broken_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["check", name], ["check", f"{name}:registry"], ["orchestrator", f"{name}:r"]):
+        assert main(argv) == 2, argv
+        errors = _errors(capsys)
+        assert len(errors) == 1 and f"importing {argv[1]!r} failed: " in errors[0], errors
+        assert shown in errors[0]
+        sys.modules.pop(name, None)
+
+
+def test_an_unforeseen_exception_is_one_line_and_exit_3(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def boom(spec: str) -> Any:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli_module, "load_module", boom)
+    assert main(["check", "anything"]) == 3
+    assert _errors(capsys) == ["sagaline: RuntimeError: boom second line"]
+
+
+def test_a_kafka_exception_names_the_bootstrap_variable_and_is_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unreachable() -> Any:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "connection refused"))
+
+    monkeypatch.setenv("SAGALINE_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    monkeypatch.setattr(cli_module, "_client", unreachable)
+    assert main(["resume", "--all-stuck"]) == 2
+    errors = _errors(capsys)
+    assert len(errors) == 1, errors
+    assert "Kafka at 127.0.0.1:1 (SAGALINE_KAFKA_BOOTSTRAP)" in errors[0]
+    assert "connection refused" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["start", "t", "--timeout", "1"],
+        ["result", "w", "--timeout", "1"],
+        ["query", "w", "q", "--timeout", "1"],
+        ["update", "w", "u", "--timeout", "1"],
+    ],
+)
+def test_commands_with_a_timeout_give_up_on_an_unreachable_kafka_within_it(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SAGALINE_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    began = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - began < 15  # the client's own waits are 30 s
+    errors = _errors(capsys)
+    assert len(errors) == 1, errors
+    assert "cannot reach Kafka at 127.0.0.1:1 (SAGALINE_KAFKA_BOOTSTRAP) within 1 s" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["list", "--since", "99999999999999999w"], "out of range"),
+        (["list", "--until", "9999999999999d"], "out of range"),
+        (["list", "--limit", str(2**63)], "'--limit'"),
+        (["result", "w", "--timeout", "0"], "'--timeout'"),
+        (["result", "w", "--timeout", "-1"], "'--timeout'"),
+        (["result", "w", "--timeout", "nan"], "'--timeout'"),
+        (["topics", "check", "--timeout", "inf"], "'--timeout'"),
+        (["cancel", "w", "--wait", "-1"], "'--wait'"),
+        (["export", "--out", "x", "--limit", "-3"], "'--limit'"),
+        (["start", "t", "--no-wait", "--request-id", "r"], "--no-wait takes no"),
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    lines = _errors(capsys)
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert "--help" in lines[0]
+
+
+def test_times_out_of_postgresqls_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        parse_when("99999999999999999w", NOW)
+    assert parse_when("0001-01-01", NOW) == cli_module.MIN_MS
+
+
+# --- the JSON log format keeps one object per line -------------------------------------------
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+    __repr__ = __str__
+
+
+@pytest.mark.parametrize(
+    ("msg", "args", "extra", "check"),
+    [
+        ("offset=%d", ("seven",), {}, lambda e: e["message"] == "offset=%d args=('seven',)"),
+        ("a %s", (_Unprintable(),), {}, lambda e: e["message"].startswith("a %s args=<unprint")),
+        ("lag", (), {"offset": float("nan")}, lambda e: e["offset"] == "nan"),
+        ("lag", (), {"partition": float("inf")}, lambda e: e["partition"] == "inf"),
+        ("lag", (), {"workflow_id": b"w-1"}, lambda e: e["workflow_id"] == "b'w-1'"),
+        (
+            "lag",
+            (),
+            {"run_id": _Unprintable()},
+            lambda e: e["run_id"] == "<unprintable _Unprintable>",
+        ),
+        ("x", (), {"offset": 3}, lambda e: e["offset"] == 3),
+    ],
+    ids=["bad-args", "raising-str", "nan", "inf", "bytes", "raising-extra", "plain"],
+)
+def test_a_record_the_json_formatter_cannot_take_as_is_is_still_one_line(
+    msg: str, args: tuple[object, ...], extra: dict[str, object], check: Any
+) -> None:
+    record = logging.LogRecord("sagaline", logging.WARNING, __file__, 1, msg, args, None)
+    record.__dict__.update(extra)
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert check(entry), entry
