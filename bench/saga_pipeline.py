@@ -71,13 +71,17 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of a rate phase")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--keep-topics", action="store_true", help="leave the run's topics on the broker"
+    )
     args = parser.parse_args()
     bootstrap = os.environ["SAGALINE_KAFKA_BOOTSTRAP"]
     dsn = os.environ["SAGALINE_POSTGRES_DSN"]
     run_id = time.strftime("%Y%m%d%H%M%S")
     topics = Topics(f"bench.{run_id}")
+    admin = AdminClient({"bootstrap.servers": bootstrap})
     ensure_topics(
-        AdminClient({"bootstrap.servers": bootstrap}),
+        admin,
         topics,
         partitions=args.partitions,
         participants=SERVICES,
@@ -104,7 +108,23 @@ def main() -> int:
         watcher.close()
         for process in processes:
             process.stop()
+        if not args.keep_topics:
+            _delete_topics(admin, topics.prefix)
     return 0
+
+
+def _delete_topics(admin: AdminClient, prefix: str) -> None:
+    """Delete the run's topics: left behind, a thousand runs' worth of partitions slow the
+    broker down, and with it every later figure."""
+    try:
+        names = [t for t in admin.list_topics(timeout=30).topics if t.startswith(prefix + ".")]
+        for name, future in admin.delete_topics(names, operation_timeout=60).items():
+            try:
+                future.result(120)
+            except Exception as exc:  # cleanup only: the figures stand
+                print(f"deleting {name} failed: {exc}", file=sys.stderr)
+    except Exception as exc:
+        print(f"deleting the topics of {prefix} failed: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":
