@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,8 @@ from orchestrator.protocol.records import (
     WorkflowRecord,
 )
 from orchestrator.protocol.topics import Topics
-from orchestrator.settings import KafkaSettings
+from orchestrator.settings import KafkaSettings, ProjectorSettings
+from orchestrator.visibility.projector import run_projector
 
 # Short timeouts so failover happens within a test's patience; the ratio the settings
 # validator demands (commit interval <= a tenth of the transaction timeout) still holds.
@@ -155,3 +159,27 @@ def assert_history_sane(record: WorkflowRecord) -> None:
     assert len(settled) == len(set(settled)), (
         f"workflow {record.workflow_id}: a step was settled twice: {record.events}"
     )
+
+
+@contextmanager
+def projecting(settings: ProjectorSettings) -> Iterator[list[BaseException]]:
+    """Run a projector (``run_projector``) in a thread for the duration of the block; the
+    block gets the list its failure lands in, to check while it waits on something."""
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_projector(settings, stop)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="projector", daemon=True)
+    thread.start()
+    try:
+        yield failure
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failure, f"the projector failed: {failure[0]!r}"
+    assert not thread.is_alive(), "the projector did not stop within 30 s"

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -25,7 +24,7 @@ from orchestrator.visibility.models import WorkflowFilter, WorkflowRow
 from orchestrator.visibility.projection import project
 from orchestrator.visibility.projector import run_projector
 from orchestrator.visibility.store import VisibilityStore
-from tests.integration.pipeline import Saga, wait_for_log
+from tests.integration.pipeline import Saga, projecting, wait_for_log
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -40,29 +39,6 @@ def _settings(saga: Saga, group: str) -> ProjectorSettings:
         metrics_port=0,
         ui_port=0,
     )
-
-
-@contextmanager
-def projecting(settings: ProjectorSettings) -> Iterator[None]:
-    """Run a projector in a thread for the duration of the block."""
-    stop = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            run_projector(settings, stop)
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="projector", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(30)
-    assert not failure, f"the projector failed: {failure[0]!r}"
-    assert not thread.is_alive(), "the projector did not stop within 30 s"
 
 
 def wait_until(what: str, probe: Callable[[], T | None], deadline_s: float = 90.0) -> T:

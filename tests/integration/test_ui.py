@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +35,7 @@ from orchestrator import WorkflowRegistry
 from orchestrator.client import WorkflowClient
 from orchestrator.settings import KafkaSettings, ProjectorSettings
 from tests.integration.control import approval, reserve_then_wait
-from tests.integration.pipeline import Saga
+from tests.integration.pipeline import Saga, projecting
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page
@@ -73,21 +72,8 @@ def chromium_path() -> str:
 def projector_with_ui(settings: ProjectorSettings) -> Iterator[str]:
     """Run the projector, which serves the UI on ``settings.ui_port``, in a thread; yield
     the UI's address once it answers."""
-    from orchestrator.visibility.projector import run_projector  # noqa: PLC0415
-
-    stop = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            run_projector(settings, stop)
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="projector", daemon=True)
-    thread.start()
     url = f"http://127.0.0.1:{settings.ui_port}/"
-    try:
+    with projecting(settings) as failure:
         deadline = time.monotonic() + 60
         while True:
             assert not failure, f"the projector failed: {failure[0]!r}"
@@ -101,10 +87,6 @@ def projector_with_ui(settings: ProjectorSettings) -> Iterator[str]:
             # Polling a port that is about to open: the condition above is what we wait on.
             time.sleep(0.1)
         yield url
-    finally:
-        stop.set()
-        thread.join(30)
-    assert not failure, f"the projector failed: {failure[0]!r}"
 
 
 def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
