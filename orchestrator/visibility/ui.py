@@ -570,16 +570,34 @@ class UiApp:
         or fails."""
         from orchestrator.client import StartFailedError  # noqa: PLC0415 (loads Kafka)
 
-        # Only the client's creation is serialised: sends and flushes of concurrent
-        # requests go through one producer in parallel (each flush waits for all).
-        with self._actions_lock:
-            if self._actions is None:
-                self._actions = self._actions_factory()
-            actions = self._actions
+        # Send and flush one request at a time: the client keeps one list of delivery
+        # errors that a flush takes whole, so a flush running beside another request's
+        # could take that request's failure and leave it to answer "sent". Each flush is
+        # bounded, so the wait for the lock is too.
+        if not self._actions_lock.acquire(timeout=self._flush_timeout_s * 2 + 5):
+            raise UiRequestError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"{what} was not sent: other actions are waiting for Kafka; try again",
+            )
+        try:
+            return self._send_locked(fn, what, again, StartFailedError)
+        finally:
+            self._actions_lock.release()
+
+    def _send_locked(
+        self,
+        fn: Callable[[Actions], Any],
+        what: str,
+        again: str,
+        failed: type[Exception],
+    ) -> Any:
+        if self._actions is None:
+            self._actions = self._actions_factory()
+        actions = self._actions
         result = fn(actions)
         try:
             actions.flush(self._flush_timeout_s)
-        except StartFailedError as exc:
+        except failed as exc:
             if "unacknowledged" in str(exc):
                 raise UiRequestError(
                     HTTPStatus.SERVICE_UNAVAILABLE,
@@ -589,7 +607,7 @@ class UiApp:
             raise UiRequestError(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 f"{what} may not have been delivered: Kafka reported a failed delivery "
-                f"({exc}), which may be an earlier request's (the UI's producer is shared): "
+                f"({exc}), which may be an earlier, unconfirmed request's: "
                 f"{again}",
             ) from exc
         return result
@@ -799,8 +817,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _UiHttpServer
     protocol_version = "HTTP/1.1"
-    # A client that stops sending (or keeps an idle connection) frees its thread then.
-    timeout = 60
+    # A client that stops sending (or keeps an idle connection) frees its thread then;
+    # short, because connections are bounded (MAX_CONNECTIONS) and a trickle holds one.
+    timeout = 15
     # Whether this request's body has been read (so the connection can serve another).
     _body_read = False
 
@@ -862,6 +881,9 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if found.kind == "health":
             return {"ok": True}
+        # An action's body is read before a slot is taken: a client that sends it slowly
+        # holds only its own connection, not one of the few slots every request needs.
+        body = self._action_body() if found.kind == "action" else None
         # API requests wait on PostgreSQL or Kafka: past the bound, answer now rather than
         # queue one more thread behind a slow server.
         if not self.server.requests.acquire(blocking=False):
@@ -871,19 +893,18 @@ class _Handler(BaseHTTPRequestHandler):
                 "try again shortly",
             )
         try:
-            return self._api(found)
+            return self._api(found, body)
         finally:
             self.server.requests.release()
 
-    def _api(self, found: Route) -> dict[str, Any]:
+    def _api(self, found: Route, body: dict[str, Any] | None) -> dict[str, Any]:
         app = self.server.app
         if found.kind == "list":
             return app.list_workflows(found.query)
         workflow_id = found.workflow_id or ""
         if found.kind == "describe":
             return app.describe(workflow_id, found.query)
-        body = self._action_body()
-        return app.act(workflow_id, found.action or "", body)
+        return app.act(workflow_id, found.action or "", body or {})
 
     def _check_framing(self) -> None:
         """Refuse bodies this server cannot delimit: it reads only Content-Length bodies,

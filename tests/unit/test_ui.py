@@ -779,3 +779,53 @@ def test_a_port_in_use_is_a_configuration_error_naming_the_variable() -> None:
             start_ui(settings)
     with pytest.raises(ConfigurationError, match="SAGALINE_UI_PORT is 0"):
         start_ui(settings.model_copy(update={"ui_port": 0}))
+
+
+class _OverlapWatch(SentRequests):
+    """Records how many requests were between their send and the end of their flush at
+    once: the client's delivery errors are one list a flush takes whole, so two at a time
+    could hand one request's failure to another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def cancel(self, workflow_id: str, reason: str = "") -> None:
+        with self._lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        super().cancel(workflow_id, reason)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        time.sleep(0.05)  # a flush that takes a moment, so overlaps would show
+        with self._lock:
+            self.active -= 1
+        super().flush(timeout_s)
+
+
+def test_concurrent_actions_send_and_flush_one_at_a_time() -> None:
+    watch = _OverlapWatch()
+    server = start_ui(
+        ProjectorSettings(),
+        port=0,
+        store=lambda: MemoryStore(list(ROWS), EVENTS),
+        actions=lambda: watch,
+    )
+    try:
+        answers: list[int] = []
+
+        def cancel() -> None:
+            status, _ = _json(server, "POST", "/api/workflows/order%2F3/cancel", {"reason": "x"})
+            answers.append(status)
+
+        threads = [threading.Thread(target=cancel) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        server.close()
+    assert answers == [200] * 6
+    assert (watch.most, watch.flushes) == (1, 6)
