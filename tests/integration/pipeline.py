@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from examples.order_saga.harness import (
+    ROOT,
     HistoryWatcher,
     SagalineProcess,
     audit_effects,
@@ -183,3 +186,21 @@ def projecting(settings: ProjectorSettings) -> Iterator[list[BaseException]]:
         thread.join(30)
     assert not failure, f"the projector failed: {failure[0]!r}"
     assert not thread.is_alive(), "the projector did not stop within 30 s"
+
+
+def sagaline_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``sagaline ARGS`` as a process from the repository root; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def explained(done: subprocess.CompletedProcess[str]) -> str:
+    """A finished process's exit code and output, for an assertion's message."""
+    return f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"

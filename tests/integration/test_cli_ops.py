@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -27,27 +26,13 @@ from orchestrator.protocol.partitioning import partition_for
 from orchestrator.protocol.payloads import encode_json
 from orchestrator.protocol.records import StartWorkflow, WorkflowStatus
 from orchestrator.protocol.topics import Topics
-from tests.integration.conftest import PARTICIPANTS, ROOT
+from tests.integration.conftest import PARTICIPANTS
 from tests.integration.pipeline import Saga, header_values
+from tests.integration.pipeline import explained as _explained
+from tests.integration.pipeline import sagaline_cli as _sagaline
 
 pytestmark = pytest.mark.integration
 ALL_PARTICIPANTS = ",".join(PARTICIPANTS)
-
-
-def _sagaline(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def _explained(done: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
 
 
 def _eventually(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,8 @@ from orchestrator import WorkflowContext, WorkflowRegistry
 from orchestrator.protocol.records import WorkflowStatus
 from tests.integration.conftest import ROOT
 from tests.integration.pipeline import Saga
+from tests.integration.pipeline import explained as _explained
+from tests.integration.pipeline import sagaline_cli as _sagaline
 from tests.integration.test_hardening import client_for, status_of, wait_until
 
 pytestmark = pytest.mark.integration
@@ -40,22 +41,6 @@ DIFFERENCE = (
 async def hold_first(ctx: WorkflowContext, order: dict[str, Any]) -> Any:
     """The order saga after a deploy that renamed its first step."""
     return await ctx.activity("inventory.hold", {"order_id": order["order_id"]})
-
-
-def _sagaline(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def _explained(done: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
 
 
 def _assert_gate(
