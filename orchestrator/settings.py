@@ -125,6 +125,13 @@ class OrchestratorSettings(KafkaSettings):
         "raise it only with the topics' max.message.bytes",
     )
     max_history_events: int = Field(1_000, ge=10)
+    local_activity_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="longest one attempt of a local activity without a start_to_close of "
+        "its own may run; the partition's other workflows wait while it does",
+    )
     archive_dsn: Dsn | None = Field(
         None,
         repr=False,

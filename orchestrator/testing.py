@@ -65,10 +65,11 @@ from orchestrator.protocol.records import (
     activity_id,
     promise_id,
 )
-from orchestrator.protocol.topics import activity_name_problem
+from orchestrator.protocol.topics import LOCAL_PARTICIPANT, activity_name_problem
 from orchestrator.replay import Limits, advance, pending_tasks
 from orchestrator.replay.engine import answer_query
 from orchestrator.replay.links import CHILD_FAILED
+from orchestrator.runtime.local import NO_DATABASE
 from orchestrator.workflow import (
     MAX_EPOCH_S,
     WorkflowRegistry,
@@ -825,6 +826,9 @@ class _Run:
         """Hand ``task`` to its script: queue its start report, heartbeats and answer."""
         name = f"{task.participant}.{task.activity}"
         script = self.tester._scripts.get(name)
+        if script is None and task.participant == LOCAL_PARTICIPANT:
+            self.run_local(task, name)
+            return
         index = self.used.get(name, 0)
         self.used[name] = index + 1
         outcome = None if script is None else script._outcome(index)
@@ -896,6 +900,32 @@ class _Run:
             failure=failure,
         )
         self.queue_input(done, answer)
+
+    def run_local(self, task: ActivityTask, name: str) -> None:
+        """Run an unscripted local activity's handler from the registry, on the virtual
+        clock, and answer with its outcome at once (as the orchestrator does)."""
+        local = self.tester.registry.local_activities
+        outcome = local.run_task(task, NO_DATABASE, now_ms=lambda: self.now_ms)
+        converter = self.tester.registry.converter
+        try:
+            value = converter.from_payload(task.payload)
+        except Exception:  # the handler's outcome already says what was wrong with it
+            value = None
+        call = ActivityCall(
+            name=name,
+            value=value,
+            attempt=task.attempt,
+            seq=task.seq,
+            activity_id=task.activity_id,
+            sent_at=self.seconds(),
+            compensation=task.compensation,
+            heartbeat_details=None,
+            outcome="returns" if outcome.is_completed else "fails",
+            result=None if outcome.result is None else converter.from_payload(outcome.result),
+        )
+        self.calls.append(call)
+        self.sent[task.activity_id] = call
+        self.queue_input(self.now_ms, outcome.result_for(task))
 
     def answer_promises(self, record: WorkflowRecord) -> None:
         """Queue the scripted answer of every promise the record made that has none yet."""

@@ -28,19 +28,23 @@ from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from random import Random
-from typing import Any, Final, Generic, NoReturn, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, Protocol, TypeVar, cast, overload
 
 from orchestrator.convert import DEFAULT_CONVERTER, DataConverter
 from orchestrator.errors import ConfigurationError, ContinueAsNewError, WorkflowTimeoutError
 from orchestrator.protocol.celery import CELERY_PARTICIPANT, DEFAULT_QUEUE
 from orchestrator.protocol.failures import MAX_NAME_CHARS, safe_text
 from orchestrator.protocol.records import ParentClosePolicy
-from orchestrator.protocol.topics import activity_name_problem
+from orchestrator.protocol.topics import LOCAL_PARTICIPANT, activity_name_problem
+
+if TYPE_CHECKING:
+    from participants.participant import ActivityHandler, Participant
 
 WorkflowFn = Callable[["WorkflowContext", Any], Coroutine[Any, Any, Any]]
 F = TypeVar("F", bound=WorkflowFn)
 T = TypeVar("T")
 H = TypeVar("H", bound="CommandHandle")
+A = TypeVar("A", bound="ActivityHandler")
 
 # A Celery queue is a Kafka topic (kombu's confluentkafka transport).
 _QUEUE: Final = re.compile(r"[A-Za-z0-9._-]{1,200}")
@@ -922,6 +926,55 @@ class WorkflowContext:
         handle.result_type = result_type
         return handle
 
+    def local_activity(
+        self,
+        name: str,
+        value: Any = None,
+        *,
+        retry: RetryPolicy | None = None,
+        compensation: bool = False,
+        schedule_to_close: float | timedelta | None = None,
+        start_to_close: float | timedelta | None = None,
+        result_type: Any = Any,
+    ) -> ActivityHandle:
+        """Run the registry's local activity ``name`` inside the orchestrator, as a step.
+
+        For short steps that need no participant service (a computation, a call to a
+        fast idempotent API): no task goes through Kafka, and the step's scheduling and
+        its outcome are written in the same transaction as the input that reached it, so
+        a workflow of local steps advances in one transaction per input. The handler is
+        registered with :meth:`WorkflowRegistry.local_activity` and has a participant
+        handler's signature (``ctx.db`` is not available).
+
+        **At least once**, like Temporal's local activities: if the orchestrator dies
+        before that transaction commits, the step runs again when the input is applied
+        again. Keep the handler's effects idempotent. A failed attempt is retried by
+        ``retry`` on a durable timer, as a remote step is; ``start_to_close`` bounds one
+        attempt (default ``SAGALINE_LOCAL_ACTIVITY_TIMEOUT_S``), and the orchestrator's
+        other workflows of the partition wait while it runs: keep it short.
+
+        ``retry``, ``compensation``, ``schedule_to_close`` and ``result_type`` work as for
+        :meth:`activity`; the step is recorded in history as ``local.<name>``.
+
+        Raises:
+            ConfigurationError: an invalid name or option (the workflow is parked as
+                ``STUCK``).
+        """
+        if not isinstance(name, str) or "." in name[:1]:
+            raise self._misuse(
+                f"ctx.local_activity({_shown(name)}): a local activity name must be a str "
+                "starting with a letter, digit or '_'"
+            )
+        return self.activity(
+            f"{LOCAL_PARTICIPANT}.{str.__str__(name)}",
+            value,
+            retry=retry,
+            compensation=compensation,
+            schedule_to_close=schedule_to_close,
+            start_to_close=start_to_close,
+            result_type=result_type,
+        )
+
     def celery(
         self,
         task_name: str,
@@ -1368,6 +1421,7 @@ class WorkflowRegistry:
         results, and handler values into payloads and back (docs/payloads.md)."""
         self._functions: dict[str, WorkflowFn] = {}
         self.converter = converter
+        self._local: Participant | None = None
 
     def workflow(self, name: str) -> Callable[[F], F]:
         """Decorator registering an ``async def f(ctx, input)`` as workflow type ``name``.
@@ -1402,6 +1456,31 @@ class WorkflowRegistry:
             return fn
 
         return register
+
+    def local_activity(self, name: str) -> Callable[[A], A]:
+        """Decorator registering a handler as local activity ``name``, which workflows
+        run inside the orchestrator with ``ctx.local_activity(name, value)``.
+
+        The handler takes the value positionally and the attempt's
+        :class:`~participants.participant.ActivityContext` as ``ctx`` (without
+        ``ctx.db``), may be async, and its value and result convert as a participant
+        handler's do (the registry's converter). See
+        :meth:`WorkflowContext.local_activity` for what running in the orchestrator means.
+
+        Raises:
+            ConfigurationError: ``name`` is not a valid activity name or is taken.
+        """
+        return self.local_activities.activity(name)
+
+    @property
+    def local_activities(self) -> Participant:
+        """The handlers of this registry's local activities (empty if none)."""
+        if self._local is None:
+            # Here, not at the top: participants build on this package.
+            from participants.participant import Participant  # noqa: PLC0415
+
+            self._local = Participant.in_orchestrator(self.converter)
+        return self._local
 
     def get(self, name: str) -> WorkflowFn | None:
         """The function for ``name``, or None."""

@@ -37,7 +37,7 @@ from orchestrator.protocol.records import (
     Failure,
     Payload,
 )
-from orchestrator.protocol.topics import ACTIVITY_NAME, PARTICIPANT_NAME
+from orchestrator.protocol.topics import ACTIVITY_NAME, LOCAL_PARTICIPANT, PARTICIPANT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -400,10 +400,26 @@ class Participant:
                 f"participant name {name!r} is reserved: workflows' ctx.celery steps are "
                 "sent to Celery workers under it; choose another name"
             )
+        if name == LOCAL_PARTICIPANT:
+            raise ConfigurationError(
+                f"participant name {name!r} is reserved: workflows' ctx.local_activity steps "
+                "run inside the orchestrator under it; choose another name"
+            )
         self._name = name
         self._setup_sql = setup_sql
         self._converter = converter
         self._handlers: dict[str, ActivityHandler] = {}
+
+    @classmethod
+    def in_orchestrator(cls, converter: DataConverter = DEFAULT_CONVERTER) -> Participant:
+        """The orchestrator's own participant, under the reserved name ``local``: the
+        handlers of a registry's local activities (``WorkflowRegistry.local_activity``)."""
+        local = cls.__new__(cls)
+        local._name = LOCAL_PARTICIPANT
+        local._setup_sql = ""
+        local._converter = converter
+        local._handlers = {}
+        return local
 
     @property
     def name(self) -> str:

@@ -10,6 +10,9 @@ from typing import Final
 PARTICIPANT_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,100}")
 ACTIVITY_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
+# Steps named '<LOCAL_PARTICIPANT>.<activity>' run inside the orchestrator (local activities):
+# no participant service, no tasks topic.
+LOCAL_PARTICIPANT: Final = "local"
 
 
 def activity_name_problem(name: object) -> str | None:

@@ -74,11 +74,13 @@ from orchestrator.replay.engine import (
     advance,
     answer_query,
     park,
+    pending_tasks,
     refusal,
     start_again,
     start_reply,
 )
 from orchestrator.replay.links import closing_messages
+from orchestrator.runtime.local import LocalRunner, is_local
 from orchestrator.runtime.state import Presence, WorkflowStore
 from orchestrator.transport import (
     TopicDirectory,
@@ -203,6 +205,7 @@ class InputProcessor:
         max_record_bytes: int,
         partition_count: int,
         retention_hook: RetentionHook | None = None,
+        local: LocalRunner | None = None,
     ) -> None:
         self.codec = codec
         self.store = store
@@ -212,6 +215,7 @@ class InputProcessor:
         self.max_record_bytes = max_record_bytes
         self.partition_count = partition_count
         self.retention_hook: RetentionHook = retention_hook or ReleaseAll()
+        self.local = local or LocalRunner(registry.local_activities)
         # Closed workflow id -> when (epoch ms) the retention hook may be asked again.
         self._withheld: dict[str, int] = {}
         self.limits = Limits(
@@ -528,6 +532,7 @@ class InputProcessor:
                 transition = advance(
                     current, body, now_ms, self.registry, self.limits, run_id=run_id
                 )
+            transition = self._run_local(transition, body, now_ms)
         except BaseException as exc:  # the engine itself failed: only this workflow pays
             log.exception(
                 "engine failed workflow=%s partition=%d offset=%d",
@@ -615,6 +620,58 @@ class InputProcessor:
         for task in transition.tasks:
             metrics.child(metrics.ACTIVITIES_SCHEDULED, f"{task.participant}.{task.activity}").inc()
         return True
+
+    def _run_local(
+        self, transition: Transition, body: InboxBody | WakeUp, now_ms: int
+    ) -> Transition:
+        """Run the local activities ``transition`` schedules and apply their outcomes, until
+        the workflow waits on something else: one transition with everything they added.
+
+        The outcome of each attempt is applied as a participant's result would be (a
+        failure retries on a durable timer), so the transaction that carries the input
+        carries the steps and their outcomes too: at least once, recorded once.
+        """
+        record = transition.record
+        if transition.ignored is not None or record is None:
+            return transition
+        waiting = [task for task in transition.tasks if is_local(task)]
+        if isinstance(body, ResumeWorkflow) and record.status is WorkflowStatus.RUNNING:
+            # A workflow parked between a local step's schedule and its outcome (another
+            # step's outcome made its code fail) left that step without anyone to run it.
+            new = {task.activity_id for task in waiting}
+            waiting.extend(
+                task
+                for task in pending_tasks(record)
+                if is_local(task) and task.activity_id not in new
+            )
+        if not waiting:
+            return transition
+        tasks = [task for task in transition.tasks if not is_local(task)]
+        messages = list(transition.messages)
+        while waiting:
+            task = waiting.pop(0)
+            if record.status is not WorkflowStatus.RUNNING:
+                break  # closed by an earlier step's outcome: the others are not wanted
+            metrics.child(metrics.ACTIVITIES_SCHEDULED, f"{task.participant}.{task.activity}").inc()
+            result = self.local.run(task)
+            # Time moves on while handlers run; the outcome is recorded when it came.
+            now_ms = max(now_ms, result.finished_at_ms)
+            step = advance(record, result, now_ms, self.registry, self.limits)
+            if step.record is None:
+                log.warning(
+                    "local activity outcome ignored workflow=%s activity_id=%s reason=%s",
+                    safe_text(task.workflow_id, 200),
+                    safe_text(task.activity_id, 300),
+                    step.ignored,
+                )
+                continue
+            record = step.record
+            for scheduled in step.tasks:
+                (waiting if is_local(scheduled) else tasks).append(scheduled)
+            messages.extend(step.messages)
+        return dataclasses.replace(
+            transition, record=record, tasks=tuple(tasks), messages=tuple(messages)
+        )
 
     def _write_previous(self, previous: list[WorkflowRecord], item: Input, batch: Batch) -> None:
         """Write the closing records of the runs a new run replaces, before the new run's."""

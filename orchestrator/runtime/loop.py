@@ -44,6 +44,7 @@ from orchestrator.protocol.records import WorkflowStatus
 from orchestrator.protocol.topics import held_key
 from orchestrator.runtime.fencing import fence_previous_owners, offset_metadata
 from orchestrator.runtime.inputs import Batch, InputProcessor, Ref, RetentionHook
+from orchestrator.runtime.local import LocalRunner
 from orchestrator.runtime.restore import restore_partitions
 from orchestrator.runtime.state import WorkflowStore
 from orchestrator.runtime.txn import DeliveryFailure, Transaction
@@ -191,6 +192,9 @@ class Orchestrator:
             max_record_bytes=settings.max_record_bytes,
             partition_count=0,
             retention_hook=retention_hook or archive_gate(settings),
+            local=LocalRunner(
+                registry.local_activities, timeout_s=settings.local_activity_timeout_s
+            ),
         )
 
     # --- lifecycle --------------------------------------------------------------------
@@ -251,6 +255,7 @@ class Orchestrator:
         self.store.discard_staged()
         self.consumer.close()
         self.restorer.close()
+        self.processor.local.close()
         try:
             self.producer.flush(10)
         except KafkaException as exc:  # a fenced producer refuses even this; nothing is lost
