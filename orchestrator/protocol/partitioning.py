@@ -5,6 +5,9 @@ workflow id lives.
 
 from __future__ import annotations
 
+import functools
+import struct
+
 _M = 0x5BD1E995
 _SEED = 0x9747B28C
 _MASK = 0xFFFFFFFF
@@ -15,9 +18,8 @@ def murmur2(data: bytes) -> int:
     length = len(data)
     h = (_SEED ^ length) & _MASK
     whole = length - length % 4
-    for i in range(0, whole, 4):
-        k = int.from_bytes(data[i : i + 4], "little")
-        k = (k * _M) & _MASK
+    for word in struct.unpack_from(f"<{whole // 4}I", data):
+        k = (word * _M) & _MASK
         k ^= k >> 24
         k = (k * _M) & _MASK
         h = (h * _M) & _MASK
@@ -39,3 +41,10 @@ def murmur2(data: bytes) -> int:
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner picks for ``key`` among ``partitions``."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+@functools.lru_cache(maxsize=65_536)
+def cached_partition_for(key: bytes, partitions: int) -> int:
+    """:func:`partition_for`, remembered: an orchestrator checks every input's key, and a
+    workflow's inputs (its start, then each step's result) come with the same key."""
+    return partition_for(key, partitions)

@@ -37,7 +37,7 @@ from orchestrator.protocol.celery import CELERY_PARTICIPANT
 from orchestrator.protocol.celery import task_message as celery_message
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.failures import describe, safe_text
-from orchestrator.protocol.partitioning import partition_for
+from orchestrator.protocol.partitioning import cached_partition_for
 from orchestrator.protocol.payloads import PayloadEncodingError
 from orchestrator.protocol.records import (
     ActivityHeartbeat,
@@ -246,13 +246,13 @@ class InputProcessor:
         wid = body.workflow_id
         assert wid is not None
         key = msg.key()
-        if key is not None and partition != partition_for(key, self.partition_count):
+        if key is not None and partition != cached_partition_for(key, self.partition_count):
             self._reject_message(
                 msg,
                 "wrong-partition",
                 f"workflow {wid!r} arrived on partition {partition}, but Kafka's default "
                 f"(murmur2) partitioner puts its key on "
-                f"{partition_for(key, self.partition_count)}; produce with murmur2",
+                f"{cached_partition_for(key, self.partition_count)}; produce with murmur2",
                 batch,
             )
             return
