@@ -605,6 +605,11 @@ def _kafka_pid() -> int | None:
     return pid if cpu_ticks(pid) else None
 
 
+def broker_pid() -> int | None:
+    """The local stack's Kafka broker process (for its CPU), or None when it is not here."""
+    return _kafka_pid()
+
+
 def _spread(values: Sequence[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):.0f}-{max(values):.0f})"
 

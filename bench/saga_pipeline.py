@@ -127,5 +127,10 @@ def _delete_topics(admin: AdminClient, prefix: str) -> None:
         print(f"deleting the topics of {prefix} failed: {exc}", file=sys.stderr)
 
 
+def delete_run_topics(admin: AdminClient, prefix: str) -> None:
+    """Delete every topic under ``prefix`` (a run's), reporting failures on stderr."""
+    _delete_topics(admin, prefix)
+
+
 if __name__ == "__main__":
     sys.exit(main())

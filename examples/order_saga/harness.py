@@ -32,6 +32,7 @@ WORKFLOWS_APP = "examples.order_saga.workflows:registry"
 SERVICES = {
     name: f"examples.order_saga.services:{name}" for name in ("inventory", "payment", "shipping")
 }
+ORDER_TYPE = "order.process"
 
 
 def free_port() -> int:
@@ -165,7 +166,8 @@ class HistoryWatcher:
 
     With ``terminal_only`` it decodes only records of finished workflows (a benchmark's
     load generator shares the machine with what it measures, and needs nothing else);
-    ``revisions`` then lists only those.
+    ``revisions`` then lists only those. ``group_id`` names its consumer group (default: a
+    fresh ``watcher-...``), so a benchmark can delete the group once done.
     """
 
     bootstrap: str
@@ -175,12 +177,13 @@ class HistoryWatcher:
     latest: dict[str, WorkflowRecord] = field(default_factory=dict)
     revisions: dict[str, list[int]] = field(default_factory=dict)
     _consumer: Consumer | None = None
+    group_id: str = ""
 
     def __post_init__(self) -> None:
         self._consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap,
-                "group.id": f"watcher-{uuid.uuid4().hex[:8]}",
+                "group.id": self.group_id or f"watcher-{uuid.uuid4().hex[:8]}",
                 "isolation.level": "read_committed",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
@@ -303,15 +306,42 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def start_pipeline(
-    env: Mapping[str, str], log_dir: Path, instance: str = "demo-1"
+    env: Mapping[str, str],
+    log_dir: Path,
+    instance: str = "demo-1",
+    *,
+    services: Iterable[str] = tuple(SERVICES),
+    application_names: str | None = None,
 ) -> tuple[list[SagalineProcess], dict[str, int]]:
-    """One orchestrator and the three services, each serving /metrics on a free port."""
-    ports = {"orchestrator": free_port(), **{name: free_port() for name in SERVICES}}
+    """One orchestrator and the services (default: all three), each serving /metrics on a
+    free port.
+
+    ``services`` picks the participant processes (none: the orchestrator alone, for
+    workflows whose steps are local activities). With ``application_names``, each
+    process's PostgreSQL connections carry ``application_name`` ``<application_names><process
+    name>`` (libpq's ``PGAPPNAME``), so its backends can be found in pg_stat_activity.
+    """
+    wanted = list(services)
+    ports = {"orchestrator": free_port(), **{name: free_port() for name in wanted}}
+
+    def named(label: str) -> Mapping[str, str]:
+        if application_names is None:
+            return env
+        return {**env, "PGAPPNAME": f"{application_names}{label}"}
+
     processes = [
-        orchestrator_process(env, log_dir, instance, metrics_port=str(ports["orchestrator"]))
+        orchestrator_process(
+            named(f"orchestrator-{instance}"),
+            log_dir,
+            instance,
+            metrics_port=str(ports["orchestrator"]),
+        )
     ]
     processes += [
-        participant_process(env, log_dir, name, metrics_port=str(ports[name])) for name in SERVICES
+        participant_process(
+            named(f"participant-{name}"), log_dir, name, metrics_port=str(ports[name])
+        )
+        for name in wanted
     ]
     for process in processes:
         process.start()
@@ -323,8 +353,13 @@ def publish(
     orders: list[dict[str, Any]],
     rate: float = 0.0,
     watcher: HistoryWatcher | None = None,
+    *,
+    workflow_type: str = ORDER_TYPE,
 ) -> dict[str, float]:
-    """Start one saga per order (``rate`` per second, or all at once); returns send times (ms)."""
+    """Start one saga per order (``rate`` per second, or all at once); returns send times (ms).
+
+    ``workflow_type`` is the type started (any that takes an order as its input).
+    """
     sent_ms: dict[str, float] = {}
     began = time.monotonic()
     for index, order in enumerate(orders):
@@ -335,7 +370,7 @@ def publish(
                 time.sleep(lag)
             if watcher is not None:
                 watcher.poll(0)
-        wid = client.start("order.process", order, workflow_id=order["order_id"])
+        wid = client.start(workflow_type, order, workflow_id=order["order_id"])
         sent_ms[wid] = time.time() * 1000
     client.flush()
     return sent_ms
@@ -350,6 +385,7 @@ class RunFigures:
     per_second: float
     p50_ms: float
     p99_ms: float
+    p95_ms: float = 0.0  # last, with a default: figures built before it existed still build
 
 
 def figures(done: Mapping[str, WorkflowRecord], sent_ms: Mapping[str, float]) -> RunFigures:
@@ -363,6 +399,7 @@ def figures(done: Mapping[str, WorkflowRecord], sent_ms: Mapping[str, float]) ->
         per_second=len(done) / elapsed if elapsed else 0.0,
         p50_ms=percentile(latencies, 50),
         p99_ms=percentile(latencies, 99),
+        p95_ms=percentile(latencies, 95),
     )
 
 
