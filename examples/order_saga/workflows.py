@@ -44,7 +44,8 @@ async def process_order(ctx: WorkflowContext, order: dict[str, Any]) -> dict[str
 # Steps that need no service of their own (here, a quote computed from the order) run inside
 # the orchestrator: no task on Kafka, and the whole saga is recorded in the transaction of
 # its start. They run at least once (again if the orchestrator dies before that commit), so
-# they must be idempotent: these only compute.
+# they must be idempotent: these only compute, and cannot block, so they run on the loop's
+# own thread (inline=True).
 
 
 class CardDeclined(ActivityFailure):
@@ -53,14 +54,14 @@ class CardDeclined(ActivityFailure):
     retryable = False
 
 
-@registry.local_activity("reserve")
+@registry.local_activity("reserve", inline=True)
 def reserve_quote(order: dict[str, Any], *, ctx: ActivityContext) -> dict[str, Any]:
     """A reservation id and the units held, derived from the order."""
     units = sum(int(item["qty"]) for item in order["items"])
     return {"reservation_id": f"r-{order['order_id']}", "units": units}
 
 
-@registry.local_activity("charge")
+@registry.local_activity("charge", inline=True)
 def charge_quote(request: dict[str, Any], *, ctx: ActivityContext) -> dict[str, Any]:
     """A charge id for the amount; the card ``"declined"`` raises CardDeclined."""
     if request["card"] == "declined":
@@ -68,13 +69,13 @@ def charge_quote(request: dict[str, Any], *, ctx: ActivityContext) -> dict[str, 
     return {"charge_id": f"c-{request['order_id']}", "amount": request["amount"]}
 
 
-@registry.local_activity("release")
+@registry.local_activity("release", inline=True)
 def release_quote(reservation: dict[str, Any], *, ctx: ActivityContext) -> dict[str, Any]:
     """Undo of ``reserve``: nothing was held outside the workflow."""
     return {"released": reservation["reservation_id"]}
 
 
-@registry.local_activity("ship")
+@registry.local_activity("ship", inline=True)
 def ship_quote(request: dict[str, Any], *, ctx: ActivityContext) -> dict[str, Any]:
     """A shipment id for the address."""
     return {"shipment_id": f"s-{request['order_id']}"}

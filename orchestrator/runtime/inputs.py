@@ -215,7 +215,9 @@ class InputProcessor:
         self.max_record_bytes = max_record_bytes
         self.partition_count = partition_count
         self.retention_hook: RetentionHook = retention_hook or ReleaseAll()
-        self.local = local or LocalRunner(registry.local_activities)
+        self.local = local or LocalRunner(
+            registry.local_activities, inline=registry.inline_local_activities
+        )
         # Closed workflow id -> when (epoch ms) the retention hook may be asked again.
         self._withheld: dict[str, int] = {}
         self.limits = Limits(

@@ -9,7 +9,8 @@ once (docs/architecture.md, "Local activities").
 
 Handlers run on a worker thread so that one that hangs cannot stop the loop: past its
 attempt's deadline (plus a short grace) the loop stops waiting, answers the attempt with
-a retryable timeout, and writes the thread off.
+a retryable timeout, and writes the thread off. Handlers registered ``inline`` (ones that
+only compute) run on the loop's thread, without the hand-over.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
+from collections.abc import Collection
 from typing import Any, Final, NoReturn, cast
 
 import psycopg
@@ -69,12 +71,20 @@ def is_local(task: ActivityTask) -> bool:
 class LocalRunner:
     """Runs local activities' attempts for the loop, one at a time, on a worker thread.
 
-    ``timeout_s`` bounds an attempt whose step has no ``start_to_close`` of its own.
+    ``timeout_s`` bounds an attempt whose step has no ``start_to_close`` of its own;
+    activities named in ``inline`` run on the caller's thread instead.
     """
 
-    def __init__(self, participant: Participant, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        participant: Participant,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        inline: Collection[str] = (),
+    ) -> None:
         self.participant = participant
         self.timeout_ms = max(1, round(timeout_s * 1000))
+        self.inline = frozenset(inline)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def run(self, task: ActivityTask) -> ActivityResult:
@@ -93,6 +103,9 @@ class LocalRunner:
         return outcome.result_for(task)
 
     def _outcome(self, task: ActivityTask) -> Outcome:
+        if task.activity in self.inline:
+            # Registered as one that cannot block: the loop's own thread runs it.
+            return self.participant.run_task(task, NO_DATABASE)
         pool = self._pool
         if pool is None:
             pool = self._pool = concurrent.futures.ThreadPoolExecutor(

@@ -193,7 +193,9 @@ class Orchestrator:
             partition_count=0,
             retention_hook=retention_hook or archive_gate(settings),
             local=LocalRunner(
-                registry.local_activities, timeout_s=settings.local_activity_timeout_s
+                registry.local_activities,
+                timeout_s=settings.local_activity_timeout_s,
+                inline=registry.inline_local_activities,
             ),
         )
 

@@ -3,6 +3,7 @@ and failure handling, and workflows run by the WorkflowTester."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,30 @@ def test_is_local() -> None:
 
 def _fields(task: ActivityTask) -> dict[str, Any]:
     return {name: getattr(task, name) for name in task.__dataclass_fields__}
+
+
+def test_an_inline_local_activity_runs_on_the_callers_thread() -> None:
+    registry = WorkflowRegistry()
+    threads: list[str] = []
+
+    @registry.local_activity("here", inline=True)
+    def here(value: Any, *, ctx: ActivityContext) -> str:
+        threads.append(threading.current_thread().name)
+        return "here"
+
+    @registry.local_activity("there")
+    def there(value: Any, *, ctx: ActivityContext) -> str:
+        threads.append(threading.current_thread().name)
+        return "there"
+
+    assert registry.inline_local_activities == {"here"}
+    runner = LocalRunner(registry.local_activities, inline=registry.inline_local_activities)
+    try:
+        assert runner.run(_task("here")).status is ActivityStatus.COMPLETED
+        assert runner.run(_task("there")).status is ActivityStatus.COMPLETED
+    finally:
+        runner.close()
+    assert threads[0] == threading.current_thread().name
+    assert threads[1].startswith("sagaline-local")
+    with pytest.raises(ConfigurationError, match="takes a bool"):
+        registry.local_activity("again", inline=1)  # type: ignore[arg-type]
