@@ -19,6 +19,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 
 from orchestrator.errors import ConfigurationError
 from orchestrator.protocol.topics import (
+    LOCAL_PARTICIPANT,
     PARTICIPANT_NAME,
     Topics,
     dlq_config,
@@ -131,6 +132,11 @@ def participant_names(text: str) -> list[str]:
         if not PARTICIPANT_NAME.fullmatch(name):
             raise ConfigurationError(
                 f"participant name {name!r} must be 1-100 letters, digits, '_' or '-'"
+            )
+        if name == LOCAL_PARTICIPANT:
+            raise ConfigurationError(
+                f"participant name {name!r} is reserved for local activities, which run "
+                "inside the orchestrator and have no tasks topic"
             )
     return names
 

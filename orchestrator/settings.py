@@ -130,7 +130,7 @@ class OrchestratorSettings(KafkaSettings):
         gt=0,
         le=60,
         description="longest one attempt of a local activity without a start_to_close of "
-        "its own may run; the partition's other workflows wait while it does",
+        "its own may run; the orchestrator's other workflows wait while it does",
     )
     archive_dsn: Dsn | None = Field(
         None,

@@ -28,9 +28,11 @@ See ``docs/testing.md`` for the rules of virtual time and more examples.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -69,7 +71,7 @@ from orchestrator.protocol.topics import LOCAL_PARTICIPANT, activity_name_proble
 from orchestrator.replay import Limits, advance, pending_tasks
 from orchestrator.replay.engine import answer_query
 from orchestrator.replay.links import CHILD_FAILED
-from orchestrator.runtime.local import NO_DATABASE
+from orchestrator.runtime.local import DEFAULT_TIMEOUT_S, NO_DATABASE
 from orchestrator.workflow import (
     MAX_EPOCH_S,
     WorkflowRegistry,
@@ -80,6 +82,7 @@ from orchestrator.workflow import (
     default_registry,
     signal_name_problem,
 )
+from participants.participant import Outcome
 
 DEFAULT_START: Final = datetime(2025, 1, 1, tzinfo=UTC)
 """Where the virtual clock starts unless ``run(start_at=...)`` says otherwise."""
@@ -677,6 +680,7 @@ class _Run:
     calls: list[ActivityCall] = field(default_factory=list)
     # Inputs waiting to arrive: (virtual time, order sent, input).
     queue: list[tuple[int, int, InboxBody]] = field(default_factory=list)
+    local_outcomes: list[ActivityResult] = field(default_factory=list)
     order: itertools.count[int] = field(default_factory=itertools.count)
     # By activity id: a run that continued as new reuses step numbers, not ids.
     sent: dict[str, ActivityCall] = field(default_factory=dict)
@@ -712,6 +716,11 @@ class _Run:
             self.queue_input(at, request)
         self.apply(start, self.now_ms)
         while self.current.status is WorkflowStatus.RUNNING:
+            if self.local_outcomes:
+                # As in the orchestrator: a local step's outcome is applied before any
+                # other input, in the transaction of the input that reached the step.
+                self.apply(self.local_outcomes.pop(0), self.now_ms)
+                continue
             due = self.queue[0][0] if self.queue else None
             wake = self.current.wake_at_ms
             if due is None and wake is None:
@@ -903,9 +912,21 @@ class _Run:
 
     def run_local(self, task: ActivityTask, name: str) -> None:
         """Run an unscripted local activity's handler from the registry, on the virtual
-        clock, and answer with its outcome at once (as the orchestrator does)."""
+        clock, and answer with its outcome before anything else (as the orchestrator
+        does). On a thread of its own, so an async handler gets an event loop even when
+        the test itself runs in one."""
         local = self.tester.registry.local_activities
-        outcome = local.run_task(task, NO_DATABASE, now_ms=lambda: self.now_ms)
+        if task.start_to_close_ms is None:
+            task = dataclasses.replace(task, start_to_close_ms=round(DEFAULT_TIMEOUT_S * 1000))
+        outcomes: list[Outcome] = []
+        runner = threading.Thread(
+            target=lambda: outcomes.append(
+                local.run_task(task, NO_DATABASE, now_ms=lambda: self.now_ms)
+            )
+        )
+        runner.start()
+        runner.join()
+        outcome = outcomes[0]
         converter = self.tester.registry.converter
         try:
             value = converter.from_payload(task.payload)
@@ -925,7 +946,7 @@ class _Run:
         )
         self.calls.append(call)
         self.sent[task.activity_id] = call
-        self.queue_input(self.now_ms, outcome.result_for(task))
+        self.local_outcomes.append(outcome.result_for(task))
 
     def answer_promises(self, record: WorkflowRecord) -> None:
         """Queue the scripted answer of every promise the record made that has none yet."""

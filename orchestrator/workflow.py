@@ -950,8 +950,8 @@ class WorkflowContext:
         before that transaction commits, the step runs again when the input is applied
         again. Keep the handler's effects idempotent. A failed attempt is retried by
         ``retry`` on a durable timer, as a remote step is; ``start_to_close`` bounds one
-        attempt (default ``SAGALINE_LOCAL_ACTIVITY_TIMEOUT_S``), and the orchestrator's
-        other workflows of the partition wait while it runs: keep it short.
+        attempt (default ``SAGALINE_LOCAL_ACTIVITY_TIMEOUT_S``, at most 60 s), and the
+        orchestrator's other workflows wait while it runs: keep it short.
 
         ``retry``, ``compensation``, ``schedule_to_close`` and ``result_type`` work as for
         :meth:`activity`; the step is recorded in history as ``local.<name>``.

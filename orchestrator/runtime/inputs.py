@@ -53,6 +53,7 @@ from orchestrator.protocol.records import (
     InboxBody,
     QueryWorkflow,
     Reply,
+    ReplyKind,
     ResumeWorkflow,
     RunRequest,
     SignalWorkflow,
@@ -74,13 +75,12 @@ from orchestrator.replay.engine import (
     advance,
     answer_query,
     park,
-    pending_tasks,
     refusal,
     start_again,
     start_reply,
 )
 from orchestrator.replay.links import closing_messages
-from orchestrator.runtime.local import LocalRunner, is_local
+from orchestrator.runtime.local import LocalRun, LocalRunner, run_local_steps
 from orchestrator.runtime.state import Presence, WorkflowStore
 from orchestrator.transport import (
     TopicDirectory,
@@ -534,7 +534,17 @@ class InputProcessor:
                 transition = advance(
                     current, body, now_ms, self.registry, self.limits, run_id=run_id
                 )
-            transition = self._run_local(transition, body, now_ms)
+            local = run_local_steps(
+                transition,
+                body,
+                current,
+                now_ms,
+                runner=self.local,
+                registry=self.registry,
+                limits=self.limits,
+                between=self._encoded.clear,
+            )
+            transition = local.transition
         except BaseException as exc:  # the engine itself failed: only this workflow pays
             log.exception(
                 "engine failed workflow=%s partition=%d offset=%d",
@@ -548,10 +558,14 @@ class InputProcessor:
             )
             self._encoded.clear()
             return self._park(item, current, body, failure, batch, now_ms)
-        ended = transition.replaced is not None or (
-            transition.record is not None
-            and transition.record.status is WorkflowStatus.TERMINATED
-            and (current is None or current.run_id == transition.record.run_id)
+        ended = (
+            transition.replaced is not None
+            or bool(local.ended)
+            or (
+                transition.record is not None
+                and transition.record.status is WorkflowStatus.TERMINATED
+                and (current is None or current.run_id == transition.record.run_id)
+            )
         )
         if ends_run and not ended and transition.ignored is None:
             self._encoded.clear()
@@ -588,6 +602,8 @@ class InputProcessor:
                 previous.append(staged)
         if transition.replaced is not None:
             previous.append(transition.replaced)
+        # Runs that local steps ended by continuing as new, in the order they ended.
+        previous.extend(local.ended)
         try:
             planned = self._plan(transition)
         except _Unroutable as exc:
@@ -611,8 +627,10 @@ class InputProcessor:
         record, encoded, tasks = planned
         self._write_previous(previous, item, batch)
         if transition.reply is not None and not _child(body):
-            self._reply(transition.reply, item, batch)
-        if isinstance(body, StartWorkflow) and record.input != body.input:
+            self._reply(_after_local(transition.reply, local, record), item, batch)
+        # The run the start made, even if local steps continued it as new since.
+        first = local.ended[0] if local.ended else record
+        if isinstance(body, StartWorkflow) and first.input != body.input:
             # The workflow is recorded as failed without its input, which did not fit; the
             # dead letter keeps the original for whoever wants to start it again.
             self._reject_input(item, "oversized", safe_text(record.failure), batch)
@@ -621,59 +639,9 @@ class InputProcessor:
         batch.changed.append((starts, record, len(tasks)))
         for task in transition.tasks:
             metrics.child(metrics.ACTIVITIES_SCHEDULED, f"{task.participant}.{task.activity}").inc()
+        for label in local.ran:
+            metrics.child(metrics.ACTIVITIES_SCHEDULED, label).inc()
         return True
-
-    def _run_local(
-        self, transition: Transition, body: InboxBody | WakeUp, now_ms: int
-    ) -> Transition:
-        """Run the local activities ``transition`` schedules and apply their outcomes, until
-        the workflow waits on something else: one transition with everything they added.
-
-        The outcome of each attempt is applied as a participant's result would be (a
-        failure retries on a durable timer), so the transaction that carries the input
-        carries the steps and their outcomes too: at least once, recorded once.
-        """
-        record = transition.record
-        if transition.ignored is not None or record is None:
-            return transition
-        waiting = [task for task in transition.tasks if is_local(task)]
-        if isinstance(body, ResumeWorkflow) and record.status is WorkflowStatus.RUNNING:
-            # A workflow parked between a local step's schedule and its outcome (another
-            # step's outcome made its code fail) left that step without anyone to run it.
-            new = {task.activity_id for task in waiting}
-            waiting.extend(
-                task
-                for task in pending_tasks(record)
-                if is_local(task) and task.activity_id not in new
-            )
-        if not waiting:
-            return transition
-        tasks = [task for task in transition.tasks if not is_local(task)]
-        messages = list(transition.messages)
-        while waiting:
-            task = waiting.pop(0)
-            if record.status is not WorkflowStatus.RUNNING:
-                break  # closed by an earlier step's outcome: the others are not wanted
-            metrics.child(metrics.ACTIVITIES_SCHEDULED, f"{task.participant}.{task.activity}").inc()
-            result = self.local.run(task)
-            # Time moves on while handlers run; the outcome is recorded when it came.
-            now_ms = max(now_ms, result.finished_at_ms)
-            step = advance(record, result, now_ms, self.registry, self.limits)
-            if step.record is None:
-                log.warning(
-                    "local activity outcome ignored workflow=%s activity_id=%s reason=%s",
-                    safe_text(task.workflow_id, 200),
-                    safe_text(task.activity_id, 300),
-                    step.ignored,
-                )
-                continue
-            record = step.record
-            for scheduled in step.tasks:
-                (waiting if is_local(scheduled) else tasks).append(scheduled)
-            messages.extend(step.messages)
-        return dataclasses.replace(
-            transition, record=record, tasks=tuple(tasks), messages=tuple(messages)
-        )
 
     def _write_previous(self, previous: list[WorkflowRecord], item: Input, batch: Batch) -> None:
         """Write the closing records of the runs a new run replaces, before the new run's."""
@@ -1140,6 +1108,18 @@ class InputProcessor:
         )
         batch.dead_letters += 1
         metrics.DEAD_LETTERS.labels(SOURCE, reason).inc()
+
+
+def _after_local(reply: Reply, local: LocalRun, record: WorkflowRecord) -> Reply:
+    """A start's reply as the local steps that ran after it left its run: completed, or
+    continued as new, in the same transaction."""
+    if reply.kind is not ReplyKind.START or not local.ran or not reply.ok:
+        return reply
+    runs = {r.run_id: r for r in (*local.ended, record)}
+    run = runs.get(reply.run_id)
+    if run is None or run.status.value == reply.status:
+        return reply
+    return dataclasses.replace(reply, status=run.status.value)
 
 
 def _child(body: InboxBody | WakeUp) -> bool:

@@ -16,7 +16,7 @@ from orchestrator import RetryPolicy, WorkflowContext, WorkflowRegistry
 from orchestrator.errors import ConfigurationError
 from orchestrator.protocol.payloads import decode_json, encode_json
 from orchestrator.protocol.records import ActivityStatus, ActivityTask, WorkflowStatus
-from orchestrator.runtime.local import NO_DATABASE, LocalRunner, is_local
+from orchestrator.runtime.local import NO_DATABASE, LocalRunner, NoDatabaseError, is_local
 from orchestrator.testing import WorkflowTester
 from participants import ActivityContext, Participant
 
@@ -117,7 +117,7 @@ def test_local_is_a_reserved_participant_name() -> None:
 
 
 def test_ctx_db_of_a_local_activity_says_there_is_none() -> None:
-    with pytest.raises(ConfigurationError, match=r"no ctx\.db"):
+    with pytest.raises(NoDatabaseError, match=r"no ctx\.db"):
         NO_DATABASE.execute("SELECT 1")
 
 
