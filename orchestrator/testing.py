@@ -71,6 +71,7 @@ from orchestrator.protocol.topics import LOCAL_PARTICIPANT, activity_name_proble
 from orchestrator.replay import Limits, advance, pending_tasks
 from orchestrator.replay.engine import answer_query
 from orchestrator.replay.links import CHILD_FAILED
+from orchestrator.replay.timing import LOCAL, dues, scan
 from orchestrator.runtime.local import DEFAULT_TIMEOUT_S, NO_DATABASE
 from orchestrator.workflow import (
     MAX_EPOCH_S,
@@ -82,7 +83,7 @@ from orchestrator.workflow import (
     default_registry,
     signal_name_problem,
 )
-from participants.participant import Outcome
+from participants.participant import START_TO_CLOSE_TIMEOUT, Outcome
 
 DEFAULT_START: Final = datetime(2025, 1, 1, tzinfo=UTC)
 """Where the virtual clock starts unless ``run(start_at=...)`` says otherwise."""
@@ -636,6 +637,24 @@ class WorkflowTester:
         return _Run(self, workflow_type, workflow_id, _start_ms(start_at)).go(input)
 
 
+def _engine_wake(record: WorkflowRecord) -> int | None:
+    """When the engine has something due for ``record``: its ``wake_at_ms``, less a
+    local activity's pending attempt (the orchestrator's runtime runs those; here the
+    tester does, or their script answers)."""
+    wake = record.wake_at_ms
+    if wake is None or record.status is not WorkflowStatus.RUNNING:
+        return wake
+    due = [d.at_ms for d in dues(scan(record.events)) if d.kind != LOCAL]
+    return min(due) if due else None
+
+
+def _running(record: WorkflowRecord) -> set[str]:
+    """Activity ids of the attempts ``record`` waits on."""
+    if record.status is not WorkflowStatus.RUNNING:
+        return set()
+    return {task.activity_id for task in pending_tasks(record)}
+
+
 @cache
 def _codec() -> AvroCodec:
     return AvroCodec()
@@ -680,7 +699,8 @@ class _Run:
     calls: list[ActivityCall] = field(default_factory=list)
     # Inputs waiting to arrive: (virtual time, order sent, input).
     queue: list[tuple[int, int, InboxBody]] = field(default_factory=list)
-    local_outcomes: list[ActivityResult] = field(default_factory=list)
+    # Local activities' attempts sent and not run yet, in order.
+    local_tasks: list[tuple[ActivityTask, str]] = field(default_factory=list)
     order: itertools.count[int] = field(default_factory=itertools.count)
     # By activity id: a run that continued as new reuses step numbers, not ids.
     sent: dict[str, ActivityCall] = field(default_factory=dict)
@@ -716,13 +736,15 @@ class _Run:
             self.queue_input(at, request)
         self.apply(start, self.now_ms)
         while self.current.status is WorkflowStatus.RUNNING:
-            if self.local_outcomes:
-                # As in the orchestrator: a local step's outcome is applied before any
-                # other input, in the transaction of the input that reached the step.
-                self.apply(self.local_outcomes.pop(0), self.now_ms)
+            if self.local_tasks:
+                # As in the orchestrator: a local step runs, and its outcome is applied,
+                # before any other input, one step at a time.
+                task, name = self.local_tasks.pop(0)
+                if task.activity_id in _running(self.current):
+                    self.apply(self.run_local(task, name), self.now_ms)
                 continue
             due = self.queue[0][0] if self.queue else None
-            wake = self.current.wake_at_ms
+            wake = _engine_wake(self.current)
             if due is None and wake is None:
                 raise WorkflowBlockedError(self.blocked(), self.result())
             # An answer due at the same instant as a timeout arrives first.
@@ -836,7 +858,7 @@ class _Run:
         name = f"{task.participant}.{task.activity}"
         script = self.tester._scripts.get(name)
         if script is None and task.participant == LOCAL_PARTICIPANT:
-            self.run_local(task, name)
+            self.local_tasks.append((task, name))
             return
         index = self.used.get(name, 0)
         self.used[name] = index + 1
@@ -910,11 +932,12 @@ class _Run:
         )
         self.queue_input(done, answer)
 
-    def run_local(self, task: ActivityTask, name: str) -> None:
+    def run_local(self, task: ActivityTask, name: str) -> ActivityResult:
         """Run an unscripted local activity's handler from the registry, on the virtual
-        clock, and answer with its outcome before anything else (as the orchestrator
-        does). On a thread of its own, so an async handler gets an event loop even when
-        the test itself runs in one."""
+        clock, and return its outcome. On a thread of its own, so an async handler gets
+        an event loop even when the test itself runs in one; one still running at its
+        deadline (plus half a second of real time) fails the attempt, as in the
+        orchestrator."""
         local = self.tester.registry.local_activities
         if task.start_to_close_ms is None:
             task = dataclasses.replace(task, start_to_close_ms=round(DEFAULT_TIMEOUT_S * 1000))
@@ -922,11 +945,25 @@ class _Run:
         runner = threading.Thread(
             target=lambda: outcomes.append(
                 local.run_task(task, NO_DATABASE, now_ms=lambda: self.now_ms)
-            )
+            ),
+            daemon=True,
         )
         runner.start()
-        runner.join()
-        outcome = outcomes[0]
+        assert task.start_to_close_ms is not None
+        runner.join(task.start_to_close_ms / 1000 + 0.5)
+        outcome = (
+            outcomes[0]
+            if outcomes
+            else Outcome.failed(
+                Failure(
+                    START_TO_CLOSE_TIMEOUT,
+                    f"local activity {name} {task.activity_id} did not return within its "
+                    "start-to-close timeout (real time)",
+                    True,
+                ),
+                self.now_ms,
+            )
+        )
         converter = self.tester.registry.converter
         try:
             value = converter.from_payload(task.payload)
@@ -946,7 +983,7 @@ class _Run:
         )
         self.calls.append(call)
         self.sent[task.activity_id] = call
-        self.local_outcomes.append(outcome.result_for(task))
+        return outcome.result_for(task)
 
     def answer_promises(self, record: WorkflowRecord) -> None:
         """Queue the scripted answer of every promise the record made that has none yet."""

@@ -76,6 +76,7 @@ from orchestrator.replay.driver import Ask, HandlerOutcome, replay
 from orchestrator.replay.limits import Limits, Tier, reserved_events
 from orchestrator.replay.links import link
 from orchestrator.replay.timing import (
+    LOCAL,
     RETRY,
     TIMEOUTS,
     TIMER,
@@ -1108,7 +1109,9 @@ def _wake(
     if record.status is not WorkflowStatus.RUNNING:
         return Transition(None, ignored=NOTHING_DUE)
     state = scan(record.events)
-    due = [d for d in dues(state) if d.at_ms <= now_ms]
+    # A local activity's pending attempt is the runtime's to run (runtime/local.py): the
+    # engine has nothing to add for it.
+    due = [d for d in dues(state) if d.at_ms <= now_ms and d.kind != LOCAL]
     if not due:
         return Transition(None, ignored=NOTHING_DUE)
     wake = _Wake(record, now_ms, limits)

@@ -33,6 +33,7 @@ from orchestrator.protocol.records import (
     WorkflowRecord,
     WorkflowStatus,
 )
+from orchestrator.protocol.topics import LOCAL_PARTICIPANT
 
 START_TO_CLOSE: Final = "StartToCloseTimeout"
 HEARTBEAT: Final = "HeartbeatTimeout"
@@ -41,7 +42,18 @@ TIMEOUTS: Final = frozenset({START_TO_CLOSE, HEARTBEAT, SCHEDULE_TO_CLOSE})
 # What comes due at the same millisecond is handled in this order, then by step.
 TIMER: Final = "timer"
 RETRY: Final = "retry"
-_RANK: Final = {SCHEDULE_TO_CLOSE: 0, START_TO_CLOSE: 1, HEARTBEAT: 2, RETRY: 3, TIMER: 4}
+# A local activity's attempt with no outcome: the orchestrator runs it, so it is due as
+# soon as it is scheduled (the runtime runs it on the wake-up; the engine adds nothing).
+LOCAL: Final = "local"
+_LOCAL_PREFIX: Final = f"{LOCAL_PARTICIPANT}."
+_RANK: Final = {
+    SCHEDULE_TO_CLOSE: 0,
+    START_TO_CLOSE: 1,
+    HEARTBEAT: 2,
+    RETRY: 3,
+    TIMER: 4,
+    LOCAL: 5,
+}
 
 
 def report_start(step: ActivityScheduled) -> bool:
@@ -193,13 +205,16 @@ def dues(state: TimeState) -> list[Due]:
         timeout = step.timeout()
         if timeout is not None:
             found.append(Due(timeout[0], _RANK[timeout[1]], seq, timeout[1]))
+        if step.outcome is None and step.latest.name.startswith(_LOCAL_PREFIX):
+            found.append(Due(step.latest.at_ms, _RANK[LOCAL], seq, LOCAL))
     found.sort()
     return found
 
 
 def next_wake(record: WorkflowRecord) -> int | None:
     """When ``record`` must next be woken (a ``WakeUp``): the earliest timer, retry or
-    timeout due; None for a workflow that is not RUNNING or has nothing to wait for."""
+    timeout due, or a local activity's attempt left without an outcome (due when it was
+    scheduled); None for a workflow that is not RUNNING or has nothing to wait for."""
     if record.status is not WorkflowStatus.RUNNING:
         return None
     return _earliest(scan(record.events))
@@ -217,6 +232,9 @@ def _earliest(state: TimeState) -> int | None:
         if outcome is None:
             timeout = step.timeout()
             at = None if timeout is None else timeout[0]
+            if step.latest.name.startswith(_LOCAL_PREFIX):
+                scheduled = step.latest.at_ms
+                at = scheduled if at is None else min(at, scheduled)
         else:
             at = outcome.retry_at_ms if isinstance(outcome, ActivityFailed) else None
         if at is not None and (best is None or at < best):

@@ -602,11 +602,11 @@ class InputProcessor:
                 previous.append(staged)
         if transition.replaced is not None:
             previous.append(transition.replaced)
-        # Runs that local steps ended by continuing as new, in the order they ended.
-        previous.extend(local.ended)
         try:
             planned = self._plan(transition)
         except _Unroutable as exc:
+            # Runs local steps ended are not written: the input is parked as it came, and
+            # applied again (its local steps with it) when the workflow is resumed.
             if starts and (previous or closed is not None):
                 # The new run cannot start as it is: it is parked, not the run it replaces,
                 # and it keeps the starts of the runs before it.
@@ -625,6 +625,8 @@ class InputProcessor:
             # The bytes measured for the engine's size check are the bytes produced.
             self._encoded.clear()
         record, encoded, tasks = planned
+        # Runs that local steps ended by continuing as new, in the order they ended.
+        previous.extend(local.ended)
         self._write_previous(previous, item, batch)
         if transition.reply is not None and not _child(body):
             self._reply(_after_local(transition.reply, local, record), item, batch)

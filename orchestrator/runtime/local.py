@@ -31,6 +31,7 @@ from orchestrator.protocol.failures import safe_text
 from orchestrator.protocol.records import (
     ActivityResult,
     ActivityTask,
+    Failure,
     InboxBody,
     ResumeWorkflow,
     WakeUp,
@@ -41,6 +42,8 @@ from orchestrator.protocol.topics import LOCAL_PARTICIPANT
 from orchestrator.replay.engine import Limits, Transition, advance, pending_tasks
 from orchestrator.workflow import WorkflowRegistry
 from participants.participant import (
+    SCHEDULE_TO_CLOSE_TIMEOUT,
+    START_TO_CLOSE_TIMEOUT,
     ActivityFailure,
     Outcome,
     Participant,
@@ -54,12 +57,14 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S: Final = 5.0
 # The longest the loop waits for one attempt, whatever start_to_close the step asks for.
 MAX_TIMEOUT_S: Final = 60.0
-# Attempts one input may run before the rest wait for the workflow's next wake-up (the
-# next batch): other inputs get their turn, and the transaction its budget.
+# Attempts, and seconds of them, one input may run before the rest wait for the
+# workflow's next wake-up (the next batch): other inputs get their turn in between.
 MAX_ATTEMPTS_PER_INPUT: Final = 100
-# Written-off threads still running past which non-inline attempts are refused (answered
-# with a retryable failure without running) rather than given yet another thread.
-MAX_WRITTEN_OFF: Final = 8
+MAX_SECONDS_PER_INPUT: Final = 2.0
+# Written-off threads of one activity still running past which its attempts are refused
+# (answered with a retryable failure without running) rather than given yet another
+# thread; other activities keep theirs.
+MAX_WRITTEN_OFF: Final = 4
 # How long past an attempt's deadline the loop waits for a sync handler to return (its
 # outcome is then the timeout failure anyway, see Participant.run_task) before it gives
 # the thread up.
@@ -169,7 +174,7 @@ class LocalRunner:
         self.timeout_ms = max(1, round(min(timeout_s, MAX_TIMEOUT_S) * 1000))
         self.inline = frozenset(inline)
         self._worker: _Worker | None = None
-        self._written_off: list[threading.Thread] = []
+        self._written_off: dict[str, list[threading.Thread]] = {}
 
     def run(self, task: ActivityTask) -> ActivityResult:
         """Run one attempt and return the result to apply; never raises for what the
@@ -179,6 +184,11 @@ class LocalRunner:
             task = dataclasses.replace(task, start_to_close_ms=limit_ms)
         started = time.perf_counter()
         outcome = self._outcome(task)
+        failure = outcome.failure
+        if failure is not None and failure.error_type in _TIMEOUTS:
+            # A participant's timeout message speaks of rolled-back writes; a local
+            # activity has none, and what it did outside stays done.
+            outcome = dataclasses.replace(outcome, failure=_overdue(task, failure.error_type))
         label = self.participant.metric_label(task.activity)
         status = outcome.status.value.lower()
         metrics.child(metrics.ACTIVITY_ATTEMPTS, label, status).inc()
@@ -191,13 +201,15 @@ class LocalRunner:
         if task.activity in self.inline:
             # Registered as one that cannot block: the loop's own thread runs it.
             return self.participant.run_task(task, NO_DATABASE)
-        self._written_off = [t for t in self._written_off if t.is_alive()]
-        if len(self._written_off) >= MAX_WRITTEN_OFF:
+        hung = [t for t in self._written_off.get(task.activity, ()) if t.is_alive()]
+        self._written_off[task.activity] = hung
+        if len(hung) >= MAX_WRITTEN_OFF:
             return Outcome.failed(
                 handler_failure(
                     RuntimeError(
-                        f"{len(self._written_off)} local activity threads are still running "
-                        "past their deadlines; this attempt was not run"
+                        f"{len(hung)} attempts of local activity "
+                        f"{safe_text(task.activity, 200)} are still running past their "
+                        "deadlines; this attempt was not run"
                     )
                 ),
                 wall_clock_ms(),
@@ -214,7 +226,7 @@ class LocalRunner:
             return outcome
         # A sync handler that does not return: the loop cannot wait for it. Its thread is
         # written off (it ends, or not, on its own); the next attempt gets a fresh one.
-        self._written_off.append(self._worker.thread)
+        hung.append(self._worker.thread)
         self._worker.stop()
         self._worker = None
         metrics.child(metrics.PARTICIPANT_WORKERS_ABANDONED, LOCAL_PARTICIPANT).inc()
@@ -225,13 +237,34 @@ class LocalRunner:
             safe_text(task.activity_id, 300),
             safe_text(task.workflow_id, 200),
         )
-        return Outcome.failed(deadline.failure(task, ran=True), wall_clock_ms())
+        return Outcome.failed(_overdue(task, deadline.error_type), wall_clock_ms())
 
     def close(self) -> None:
         """Let the worker thread end (a handler that hangs is left to itself)."""
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
+
+
+_TIMEOUTS: Final = frozenset((START_TO_CLOSE_TIMEOUT, SCHEDULE_TO_CLOSE_TIMEOUT))
+
+
+def _overdue(task: ActivityTask, error_type: str) -> Failure:
+    """The retryable failure of a local attempt that ran past its deadline."""
+    what = (
+        "start-to-close timeout"
+        if error_type == START_TO_CLOSE_TIMEOUT
+        else "schedule-to-close deadline"
+    )
+    return Failure(
+        error_type,
+        safe_text(
+            f"local activity {safe_text(task.activity, 200)} "
+            f"{safe_text(task.activity_id, 300)} ran past its {what}; whatever it did "
+            "before is not undone"
+        ),
+        True,
+    )
 
 
 @dataclass(slots=True)
@@ -260,12 +293,13 @@ def run_local_steps(
     the workflow waits on something else; one transition with everything they added.
 
     Each attempt's outcome is applied as a participant's result would be (a failure
-    retries on a durable timer), at the input's time ``now_ms``. A wake-up or resume, or
-    an input to a workflow that was parked, also runs the local steps its record left
-    pending. What is left when the code continues as new, or past
-    ``MAX_ATTEMPTS_PER_INPUT`` attempts, waits for the workflow's next wake-up, which the
-    record asks for at once. ``between`` runs before each attempt (the caller drops what
-    it cached for the previous record).
+    retries on a durable timer), at the input's time ``now_ms``. A wake-up, a resume of a
+    parked workflow, or any input to a workflow that was parked also runs the local steps
+    its record left pending. What is left when the code continues as new, or past
+    ``MAX_ATTEMPTS_PER_INPUT`` attempts or ``MAX_SECONDS_PER_INPUT``, waits for the
+    workflow's next wake-up: a pending local attempt is due at once in ``next_wake``, so
+    every record that holds one asks for it, whatever input wrote it. ``between`` runs
+    before each attempt (the caller drops what it cached for the previous record).
     """
     record = transition.record if transition.ignored is None else None
     waiting = [] if record is None else [t for t in transition.tasks if is_local(t)]
@@ -289,14 +323,18 @@ def run_local_steps(
         return LocalRun(transition)
     if transition.ignored is not None:
         transition = Transition(record)
+    original = transition
     tasks = [task for task in transition.tasks if not is_local(task)]
     messages = list(transition.messages)
     run = LocalRun(transition)
-    left: list[ActivityTask] = []
+    changed = False
+    began = time.monotonic()
     while waiting and record.status is WorkflowStatus.RUNNING:
-        if len(run.ran) >= MAX_ATTEMPTS_PER_INPUT:
-            left = waiting
-            break
+        if (
+            len(run.ran) >= MAX_ATTEMPTS_PER_INPUT
+            or time.monotonic() - began >= MAX_SECONDS_PER_INPUT
+        ):
+            break  # the rest are due at once (next_wake): the next batch runs them
         task = waiting.pop(0)
         between()
         result = runner.run(task)
@@ -310,20 +348,23 @@ def run_local_steps(
                 step.ignored,
             )
             continue
-        record = step.record
+        record, changed = step.record, True
         messages.extend(step.messages)
         if step.replaced is not None:
             # The code continued as new: the new run's local steps wait for its first
-            # wake-up, so a run that continues after every step cannot hold the loop.
+            # wake-up (due at once), so a run that continues after every step cannot
+            # hold the loop.
             run.ended.append(step.replaced)
             tasks.extend(t for t in step.tasks if not is_local(t))
-            left = [t for t in step.tasks if is_local(t)]
             break
         for scheduled in step.tasks:
             (waiting if is_local(scheduled) else tasks).append(scheduled)
-    if left and record.status is WorkflowStatus.RUNNING:
-        wake = now_ms if record.wake_at_ms is None else min(record.wake_at_ms, now_ms)
-        record = dataclasses.replace(record, wake_at_ms=wake)
+    if not changed:
+        # Every outcome was ignored: the pending steps stay due (next_wake); no local
+        # task may reach _plan, which would look for a tasks topic.
+        if original.ignored is not None:
+            return LocalRun(original, ran=run.ran)
+        return LocalRun(dataclasses.replace(original, tasks=tuple(tasks)), ran=run.ran)
     run.transition = dataclasses.replace(
         transition, record=record, tasks=tuple(tasks), messages=tuple(messages)
     )

@@ -205,3 +205,39 @@ def test_an_inline_local_activity_runs_on_the_callers_thread() -> None:
     assert threads[1].startswith("sagaline-local")
     with pytest.raises(ConfigurationError, match="takes a bool"):
         registry.local_activity("again", inline=1)  # type: ignore[arg-type]
+
+
+def test_a_scripted_local_step_answers_when_its_script_says() -> None:
+    tester = WorkflowTester(orders)
+    tester.activity("local.ship").returns({"shipment_id": "later"}, after=30)
+    run = tester.run("order.local", make_orders(1)[0])
+    assert run.status is WorkflowStatus.COMPLETED
+    assert run.result["shipment_id"] == "later"
+    assert run.elapsed == pytest.approx(30.0)
+
+
+def test_the_tester_runs_a_local_step_only_while_the_workflow_waits_for_it() -> None:
+    registry = WorkflowRegistry()
+    ran: list[str] = []
+
+    @registry.local_activity("check", inline=True)
+    def check(value: Any, *, ctx: ActivityContext) -> None:
+        ran.append("check")
+        raise ValueError("refused")
+
+    @registry.local_activity("charge", inline=True)
+    def charge(value: Any, *, ctx: ActivityContext) -> None:
+        ran.append("charge")
+
+    @registry.workflow("w")
+    async def workflow(ctx: WorkflowContext, _: Any) -> Any:
+        once = RetryPolicy(max_attempts=1)
+        first = ctx.local_activity("check", retry=once)
+        second = ctx.local_activity("charge", retry=once)
+        await first  # raises: the workflow fails with the second step still unsettled
+        return await second
+
+    run = WorkflowTester(registry).run("w")
+    assert run.status is WorkflowStatus.FAILED
+    # As in the orchestrator: the first outcome closed the run before the second ran.
+    assert ran == ["check"]

@@ -18,6 +18,7 @@ from orchestrator.protocol.records import (
     ActivityScheduled,
     ActivityStatus,
     InboxBody,
+    SignalWorkflow,
     StartWorkflow,
     WorkflowRecord,
     WorkflowStatus,
@@ -251,3 +252,44 @@ def test_one_input_runs_at_most_the_cap_and_the_rest_on_the_next_wake(monkeypatc
     assert record.status is WorkflowStatus.COMPLETED and len(ran) == 10
     steps = [e for e in record.events if isinstance(e, ActivityScheduled)]
     assert [e.seq for e in steps] == list(range(10))  # each step once, in order
+
+
+def test_a_pending_local_step_stays_due_whatever_input_writes_the_record_next() -> None:
+    registry, ran = _registry()
+
+    @registry.workflow("poller")
+    async def poller(ctx: WorkflowContext, n: int) -> int:
+        seen: int = await ctx.local_activity("add", n)
+        if seen < 2:
+            ctx.continue_as_new(seen)
+        return seen
+
+    shell = _Shell(registry)
+    shell.feed(_start("poller", 0), T0)
+    assert ran == ["add 0"] and _last(shell).wake_at_ms == T0
+    # A signal reaches the new run before its wake-up: its record still asks for one.
+    shell.feed(SignalWorkflow(WID, "nudge", encode_json(None), "s1", T0), T0 + 5)
+    record = _last(shell)
+    assert record.status is WorkflowStatus.RUNNING and record.wake_at_ms == T0
+    assert ran == ["add 0"]
+    shell.wake(T0 + 6)
+    assert _last(shell).status is WorkflowStatus.COMPLETED and ran == ["add 0", "add 1"]
+
+
+def test_a_start_whose_continued_run_cannot_be_planned_is_parked_as_it_came() -> None:
+    registry, ran = _registry()
+
+    @registry.workflow("w")
+    async def workflow(ctx: WorkflowContext, n: int) -> Any:
+        if n == 0:
+            await ctx.local_activity("add", n)
+            ctx.continue_as_new(1)
+        return await ctx.activity("missing.step")  # no tasks topic
+
+    shell = _Shell(registry)
+    shell.feed(_start("w", 0), T0)
+    # Nothing of the first run is written: the start is parked, and a resume applies it
+    # again from the beginning (its local step runs again: at least once).
+    assert [r.status for r in shell.written] == [WorkflowStatus.STUCK]
+    assert _last(shell).input == encode_json(0)
+    assert ran == ["add 0"]
