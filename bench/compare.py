@@ -204,7 +204,7 @@ class Pipeline:
                 f"  {shown}\n"
                 f"logs in {self.log_dir}"
             )
-        run_figures = figures(done, sent)
+        run_figures = figures(done, sent, self.watcher.produced_ms)
         return floor.PhaseFigures(
             finished=run_figures.finished,
             per_second=run_figures.per_second,

@@ -409,8 +409,10 @@ def render_section(report: Report) -> str:
         "value when every run read the same; a ratio is the "
         "variant's median over the floor's. A declined card (every tenth order) ends "
         "COMPENSATED, every other order COMPLETED; each run checks every saga ended so. "
-        "Latency runs from the start published to the saga's closing record (its "
-        f"`closed_at_ms`); a rate run lasts {report.seconds:g} s.",
+        "Latency runs from the start published to the saga's closing record's Kafka "
+        "timestamp (when it was produced, at the commit that makes it visible; the floor "
+        "stamps its done record the same way), and throughput from the first start to the "
+        f"last of those; a rate run lasts {report.seconds:g} s.",
         "",
         f"### Burst throughput ({report.burst} starts published at once)",
         "",

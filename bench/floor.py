@@ -476,7 +476,7 @@ class Driver:
                 continue
             outcome = json.loads(msg.value() or b"{}").get("outcome", "?")
             # The record's create time: taken by the coordinator as it produced it, like
-            # sagaline's closed_at_ms, before the commit that makes it visible.
+            # the closing record bench.compare reads for sagaline, before the commit.
             stamp = float(msg.timestamp()[1])
             self.done.setdefault((msg.key() or b"").decode(), []).append((outcome, stamp))
             read += 1

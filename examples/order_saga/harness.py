@@ -178,6 +178,9 @@ class HistoryWatcher:
     revisions: dict[str, list[int]] = field(default_factory=dict)
     _consumer: Consumer | None = None
     group_id: str = ""
+    # Kafka's timestamp of each workflow's latest record (epoch ms): when the orchestrator
+    # produced it, at its commit.
+    produced_ms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._consumer = Consumer(
@@ -209,6 +212,7 @@ class HistoryWatcher:
                 continue  # written by another version; orchestrators hold it untouched
             read += 1
             self.revisions.setdefault(record.workflow_id, []).append(record.revision)
+            self.produced_ms[record.workflow_id] = float(msg.timestamp()[1])
             # One consumer reads each partition in order, so the last record read is the
             # latest (revisions count within a run; a new run of the id starts again).
             self.latest[record.workflow_id] = record
@@ -388,10 +392,25 @@ class RunFigures:
     p95_ms: float = 0.0  # last, with a default: figures built before it existed still build
 
 
-def figures(done: Mapping[str, WorkflowRecord], sent_ms: Mapping[str, float]) -> RunFigures:
-    """Throughput from first start to last close; latency from start published to close."""
-    closes = [r.closed_at_ms for r in done.values() if r.closed_at_ms is not None]
-    latencies = [r.closed_at_ms - sent_ms[i] for i, r in done.items() if r.closed_at_ms]
+def figures(
+    done: Mapping[str, WorkflowRecord],
+    sent_ms: Mapping[str, float],
+    produced_ms: Mapping[str, float] | None = None,
+) -> RunFigures:
+    """Throughput from first start to last close; latency from start published to close.
+
+    The close is the record's ``closed_at_ms`` (the time of the input that closed it), or
+    with ``produced_ms`` (``HistoryWatcher.produced_ms``) when the closing record was
+    produced, at the commit: the two differ by the batch's processing, which for a saga
+    of local steps is all of its work.
+    """
+    closed = {
+        i: produced_ms[i] if produced_ms is not None else r.closed_at_ms
+        for i, r in done.items()
+        if r.closed_at_ms
+    }
+    closes = [at for at in closed.values() if at is not None]
+    latencies = [at - sent_ms[i] for i, at in closed.items() if at is not None]
     elapsed = (max(closes) - min(sent_ms.values())) / 1000 if closes else 0.0
     return RunFigures(
         finished=len(done),
