@@ -321,9 +321,9 @@ def run_local_steps(
                 waiting.extend(pending)
     if record is None or not waiting:
         return LocalRun(transition)
+    original = transition
     if transition.ignored is not None:
         transition = Transition(record)
-    original = transition
     tasks = [task for task in transition.tasks if not is_local(task)]
     messages = list(transition.messages)
     run = LocalRun(transition)

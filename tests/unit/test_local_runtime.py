@@ -24,7 +24,7 @@ from orchestrator.protocol.records import (
     WorkflowStatus,
 )
 from orchestrator.protocol.topics import Topics
-from orchestrator.replay import pending_tasks
+from orchestrator.replay import Transition, pending_tasks
 from orchestrator.runtime import local
 from orchestrator.runtime.inputs import Batch, Input, InputProcessor
 from orchestrator.runtime.local import LocalRunner
@@ -293,3 +293,22 @@ def test_a_start_whose_continued_run_cannot_be_planned_is_parked_as_it_came() ->
     assert [r.status for r in shell.written] == [WorkflowStatus.STUCK]
     assert _last(shell).input == encode_json(0)
     assert ran == ["add 0"]
+
+
+def test_a_wake_whose_local_outcomes_are_all_ignored_writes_nothing(monkeypatch: Any) -> None:
+    registry, ran = _registry()
+
+    @registry.workflow("w")
+    async def workflow(ctx: WorkflowContext, _: Any) -> int:
+        value: int = await ctx.local_activity("add", 1)
+        return value
+
+    shell = _Shell(registry)
+    monkeypatch.setattr(local, "MAX_SECONDS_PER_INPUT", 0.0)  # the start runs no attempt
+    shell.feed(_start("w"), T0)
+    assert ran == [] and _last(shell).wake_at_ms == T0
+    monkeypatch.setattr(local, "MAX_SECONDS_PER_INPUT", 2.0)
+    monkeypatch.setattr(local, "advance", lambda *args, **kwargs: Transition(None, ignored="x"))
+    batch = shell.wake(T0 + 1)
+    # The handler ran, its outcome was ignored: no record staged, the wake is ignored.
+    assert ran == ["add 1"] and shell.written == [] and batch.ignored
