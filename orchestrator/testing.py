@@ -28,11 +28,9 @@ See ``docs/testing.md`` for the rules of virtual time and more examples.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import math
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -72,7 +70,7 @@ from orchestrator.replay import Limits, advance, pending_tasks
 from orchestrator.replay.engine import answer_query
 from orchestrator.replay.links import CHILD_FAILED
 from orchestrator.replay.timing import LOCAL, dues, scan
-from orchestrator.runtime.local import DEFAULT_TIMEOUT_S, NO_DATABASE
+from orchestrator.runtime.local import LocalRunner
 from orchestrator.workflow import (
     MAX_EPOCH_S,
     WorkflowRegistry,
@@ -83,7 +81,6 @@ from orchestrator.workflow import (
     default_registry,
     signal_name_problem,
 )
-from participants.participant import START_TO_CLOSE_TIMEOUT, Outcome
 
 DEFAULT_START: Final = datetime(2025, 1, 1, tzinfo=UTC)
 """Where the virtual clock starts unless ``run(start_at=...)`` says otherwise."""
@@ -701,6 +698,7 @@ class _Run:
     queue: list[tuple[int, int, InboxBody]] = field(default_factory=list)
     # Local activities' attempts sent and not run yet, in order.
     local_tasks: list[tuple[ActivityTask, str]] = field(default_factory=list)
+    local_runner: LocalRunner | None = None
     order: itertools.count[int] = field(default_factory=itertools.count)
     # By activity id: a run that continued as new reuses step numbers, not ids.
     sent: dict[str, ActivityCall] = field(default_factory=dict)
@@ -734,6 +732,13 @@ class _Run:
                 else UpdateWorkflow(self.workflow_id, request_id, name, args, at)
             )
             self.queue_input(at, request)
+        try:
+            return self._go(start)
+        finally:
+            if self.local_runner is not None:
+                self.local_runner.close()
+
+    def _go(self, start: StartWorkflow) -> RunResult:
         self.apply(start, self.now_ms)
         while self.current.status is WorkflowStatus.RUNNING:
             if self.local_tasks:
@@ -884,19 +889,7 @@ class _Run:
             if task.heartbeat_details is None
             else converter.from_payload(task.heartbeat_details)
         )
-        call = ActivityCall(
-            name=name,
-            value=value,
-            attempt=task.attempt,
-            seq=task.seq,
-            activity_id=task.activity_id,
-            sent_at=self.seconds(),
-            compensation=task.compensation,
-            heartbeat_details=details,
-            outcome=outcome.kind,
-        )
-        self.calls.append(call)
-        self.sent[task.activity_id] = call
+        call = self.record_call(task, name, value, details, outcome.kind)
         wid, aid, now = task.workflow_id, task.activity_id, self.now_ms
         if task.report_start:
             self.queue_input(now, ActivityStarted(wid, aid, task.seq, task.attempt, now))
@@ -932,43 +925,10 @@ class _Run:
         )
         self.queue_input(done, answer)
 
-    def run_local(self, task: ActivityTask, name: str) -> ActivityResult:
-        """Run an unscripted local activity's handler from the registry, on the virtual
-        clock, and return its outcome. On a thread of its own, so an async handler gets
-        an event loop even when the test itself runs in one; one still running at its
-        deadline (plus half a second of real time) fails the attempt, as in the
-        orchestrator."""
-        local = self.tester.registry.local_activities
-        if task.start_to_close_ms is None:
-            task = dataclasses.replace(task, start_to_close_ms=round(DEFAULT_TIMEOUT_S * 1000))
-        outcomes: list[Outcome] = []
-        runner = threading.Thread(
-            target=lambda: outcomes.append(
-                local.run_task(task, NO_DATABASE, now_ms=lambda: self.now_ms)
-            ),
-            daemon=True,
-        )
-        runner.start()
-        assert task.start_to_close_ms is not None
-        runner.join(task.start_to_close_ms / 1000 + 0.5)
-        outcome = (
-            outcomes[0]
-            if outcomes
-            else Outcome.failed(
-                Failure(
-                    START_TO_CLOSE_TIMEOUT,
-                    f"local activity {name} {task.activity_id} did not return within its "
-                    "start-to-close timeout (real time)",
-                    True,
-                ),
-                self.now_ms,
-            )
-        )
-        converter = self.tester.registry.converter
-        try:
-            value = converter.from_payload(task.payload)
-        except Exception:  # the handler's outcome already says what was wrong with it
-            value = None
+    def record_call(
+        self, task: ActivityTask, name: str, value: Any, details: Any, kind: Kind
+    ) -> ActivityCall:
+        """Note the attempt ``task`` as sent, answered the ``kind`` way."""
         call = ActivityCall(
             name=name,
             value=value,
@@ -977,13 +937,33 @@ class _Run:
             activity_id=task.activity_id,
             sent_at=self.seconds(),
             compensation=task.compensation,
-            heartbeat_details=None,
-            outcome="returns" if outcome.is_completed else "fails",
-            result=None if outcome.result is None else converter.from_payload(outcome.result),
+            heartbeat_details=details,
+            outcome=kind,
         )
         self.calls.append(call)
         self.sent[task.activity_id] = call
-        return outcome.result_for(task)
+        return call
+
+    def run_local(self, task: ActivityTask, name: str) -> ActivityResult:
+        """Run an unscripted local activity's handler from the registry, as the
+        orchestrator does, with outcomes on the virtual clock. Always on the runner's
+        worker thread (``inline`` ignored), so an async handler gets an event loop even
+        when the test itself runs in one."""
+        if self.local_runner is None:
+            self.local_runner = LocalRunner(
+                self.tester.registry.local_activities, now_ms=lambda: self.now_ms
+            )
+        result = self.local_runner.run(task)
+        converter = self.tester.registry.converter
+        try:
+            value = converter.from_payload(task.payload)
+        except Exception:  # the handler's outcome already says what was wrong with it
+            value = None
+        done = result.status is ActivityStatus.COMPLETED
+        call = self.record_call(task, name, value, None, "returns" if done else "fails")
+        if result.result is not None:
+            call.result = converter.from_payload(result.result)
+        return result
 
     def answer_promises(self, record: WorkflowRecord) -> None:
         """Queue the scripted answer of every promise the record made that has none yet."""

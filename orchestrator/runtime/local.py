@@ -160,7 +160,8 @@ class LocalRunner:
 
     ``timeout_s`` bounds an attempt whose step has no ``start_to_close`` of its own
     (and no attempt waits longer than ``MAX_TIMEOUT_S``); activities named in ``inline``
-    run on the caller's thread instead.
+    run on the caller's thread instead. ``now_ms`` is the clock outcomes are stamped
+    with (the WorkflowTester's is virtual); the wait for a handler is in real time.
     """
 
     def __init__(
@@ -169,8 +170,10 @@ class LocalRunner:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         inline: Collection[str] = (),
+        now_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self.participant = participant
+        self._now_ms = now_ms
         self.timeout_ms = max(1, round(min(timeout_s, MAX_TIMEOUT_S) * 1000))
         self.inline = frozenset(inline)
         self._worker: _Worker | None = None
@@ -200,7 +203,7 @@ class LocalRunner:
     def _outcome(self, task: ActivityTask) -> Outcome:
         if task.activity in self.inline:
             # Registered as one that cannot block: the loop's own thread runs it.
-            return self.participant.run_task(task, NO_DATABASE)
+            return self.participant.run_task(task, NO_DATABASE, now_ms=self._now_ms)
         hung = [t for t in self._written_off.get(task.activity, ()) if t.is_alive()]
         self._written_off[task.activity] = hung
         if len(hung) >= MAX_WRITTEN_OFF:
@@ -212,16 +215,18 @@ class LocalRunner:
                         "deadlines; this attempt was not run"
                     )
                 ),
-                wall_clock_ms(),
+                self._now_ms(),
             )
         if self._worker is None:
             self._worker = _Worker()
-        started_ms = wall_clock_ms()
+        started_ms = self._now_ms()
         # The attempt's own deadline: start-to-close, or schedule-to-close if earlier.
         deadline = attempt_deadline(task, started_ms)
         assert deadline is not None  # run() gave every attempt a start-to-close
         wait_s = max(0.0, (deadline.at_ms - started_ms) / 1000) + _GRACE_S
-        outcome = self._worker.run(lambda: self.participant.run_task(task, NO_DATABASE), wait_s)
+        outcome = self._worker.run(
+            lambda: self.participant.run_task(task, NO_DATABASE, now_ms=self._now_ms), wait_s
+        )
         if outcome is not None:
             return outcome
         # A sync handler that does not return: the loop cannot wait for it. Its thread is
@@ -237,7 +242,7 @@ class LocalRunner:
             safe_text(task.activity_id, 300),
             safe_text(task.workflow_id, 200),
         )
-        return Outcome.failed(_overdue(task, deadline.error_type), wall_clock_ms())
+        return Outcome.failed(_overdue(task, deadline.error_type), self._now_ms())
 
     def close(self) -> None:
         """Let the worker thread end (a handler that hangs is left to itself)."""
