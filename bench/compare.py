@@ -3,10 +3,11 @@
 The variants run one after the other on the same broker and PostgreSQL, each on fresh
 topics: ``floor`` (bench/floor.py: the order saga's shape without sagaline), ``remote``
 (the order saga, ``order.process``, through one orchestrator and three participant
-processes) and ``local`` (``order.local``: the same saga with its steps as local activities
-in the one orchestrator process). Each runs a warm-up, ``--repeat`` bursts, then
-``--repeat`` runs at ``--rate`` starts/s and at half of its own peak, measuring CPU per
-process from /proc. sagaline's failover and memory per idle workflow follow
+processes), ``local`` (``order.local``: the same saga with its steps as local activities
+in the one orchestrator process) and ``local2`` (``order.local`` on two orchestrator
+processes sharing the partitions, as a deployment scales out). Each runs a warm-up,
+``--repeat`` bursts, then ``--repeat`` runs at ``--rate`` starts/s and at half of its own
+peak, measuring CPU per process from /proc. sagaline's failover and memory per idle workflow follow
 (bench/failover.py, bench/state.py). Every saga's outcome is checked: one that does not
 finish or ends wrongly stops the command with a non-zero exit, before any figure is
 reported. The medians, their ratios to the floor's and the machine go to the generated
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ import confluent_kafka
 import psycopg
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from examples.order_saga.harness import (
@@ -64,6 +67,7 @@ from orchestrator.settings import KafkaSettings
 from . import floor
 from .comparison import (
     SAGALINE_VARIANTS,
+    VARIANTS,
     Environment,
     Report,
     StateFigures,
@@ -85,7 +89,9 @@ from .runs import Bench, TopicSet, start_and_restarts
 from .saga_pipeline import delete_run_topics
 
 LOCAL_TYPE: Final = "order.local"
-WORKFLOW_TYPES: Final = {"remote": ORDER_TYPE, "local": LOCAL_TYPE}
+WORKFLOW_TYPES: Final = {"remote": ORDER_TYPE, "local": LOCAL_TYPE, "local2": LOCAL_TYPE}
+# Orchestrator processes of each sagaline variant (the partitions are shared among them).
+ORCHESTRATORS: Final = {"remote": 1, "local": 1, "local2": 2}
 DOC: Final = ROOT / "docs" / "performance.md"
 WARMUP: Final = 20
 WARMUP_DEADLINE_S: Final = 120.0
@@ -119,14 +125,14 @@ class CpuMeter:
     """Reads the CPU of a variant's processes, the broker, this client and the backends of
     the processes' PostgreSQL connections (found by their ``application_name`` prefix)."""
 
-    pids: Mapping[str, int]
+    pids: Mapping[str, Sequence[int]]  # by role; two orchestrators count as one role
     dsn: str
     application_prefix: str
     kafka_pid: int | None
 
     def read(self) -> CpuReading:
         """Ticks of every measured process now."""
-        roles = {role: floor.cpu_ticks(pid) for role, pid in self.pids.items()}
+        roles = {role: sum(floor.cpu_ticks(p) for p in pids) for role, pids in self.pids.items()}
         roles["client"] = floor.cpu_ticks(os.getpid())
         if self.kafka_pid is not None:
             roles["kafka"] = floor.cpu_ticks(self.kafka_pid)
@@ -219,7 +225,7 @@ def run_sagaline(variant: str, args: argparse.Namespace, run_id: str) -> Variant
     """Set a variant up on its own topics, run its phases, print each, remove everything."""
     bootstrap = os.environ["SAGALINE_KAFKA_BOOTSTRAP"]
     dsn = os.environ["SAGALINE_POSTGRES_DSN"]
-    tag = f"cmp{run_id}{variant[0]}"
+    tag = f"cmp{run_id}{VARIANTS.index(variant)}"
     topics = Topics(f"compare.{run_id}.{variant}")
     admin = AdminClient({"bootstrap.servers": bootstrap})
     ensure_topics(admin, topics, partitions=args.partitions, participants=SERVICES)
@@ -228,12 +234,13 @@ def run_sagaline(variant: str, args: argparse.Namespace, run_id: str) -> Variant
     watcher: HistoryWatcher | None = None
     client: WorkflowClient | None = None
     try:
-        processes, _ports = start_pipeline(
+        processes, ports = start_pipeline(
             base_env(bootstrap, dsn, topics.prefix),
             log_dir,
             instance=f"compare-{variant}",
             services=tuple(SERVICES) if variant == "remote" else (),
             application_names=f"{tag}-",
+            orchestrators=ORCHESTRATORS[variant],
         )
         watcher = HistoryWatcher(
             bootstrap, topics.history, terminal_only=True, group_id=f"{topics.prefix}.watcher"
@@ -241,12 +248,17 @@ def run_sagaline(variant: str, args: argparse.Namespace, run_id: str) -> Variant
         client = WorkflowClient(
             KafkaSettings(kafka_bootstrap=bootstrap, topic_prefix=topics.prefix)
         )
-        pids = {_role(p): p.proc.pid for p in processes if p.proc is not None}
+        pids: dict[str, list[int]] = {}
+        for process in processes:
+            if process.proc is not None:
+                pids.setdefault(_role(process), []).append(process.proc.pid)
         meter = CpuMeter(pids, dsn, f"{tag}-", floor.broker_pid())
         pipeline = Pipeline(
             variant, tag, dsn, args.deadline, processes, client, watcher, meter, log_dir
         )
         pipeline.phase(WARMUP, 0, "warmup", WARMUP_DEADLINE_S)
+        if ORCHESTRATORS[variant] > 1:
+            _wait_shared(ports, args.partitions, WARMUP_DEADLINE_S)
         if variant == "remote" and not meter.backends():
             raise _fail(
                 f"remote: no PostgreSQL backend has application_name {tag}-*: PGAPPNAME did "
@@ -263,6 +275,36 @@ def run_sagaline(variant: str, args: argparse.Namespace, run_id: str) -> Variant
         delete_run_topics(admin, topics.prefix)
         delete_groups(admin, f"{topics.prefix}.")
         delete_rows(dsn, f"order-{tag}-")
+
+
+def _owned(port: int) -> float | None:
+    """An orchestrator's ``sagaline_partitions_owned``, or None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        if family.name == "sagaline_partitions_owned":
+            return sum(sample.value for sample in family.samples)
+    return None
+
+
+def _wait_shared(ports: Mapping[str, int], partitions: int, deadline_s: float) -> None:
+    """Wait until every orchestrator owns some of the ``partitions`` and together all, so no
+    measured run meets the rebalance that brings the later ones in."""
+    orchestrators = [port for name, port in ports.items() if name.startswith("orchestrator")]
+    until = time.monotonic() + deadline_s
+    owned: list[float | None] = []
+    while time.monotonic() < until:
+        owned = [_owned(port) for port in orchestrators]
+        if all(o for o in owned) and sum(o or 0 for o in owned) == partitions:
+            return
+        time.sleep(0.2)
+    raise _fail(
+        f"the {len(orchestrators)} orchestrators did not share the {partitions} partitions "
+        f"within {deadline_s:g} s (each owns {owned})"
+    )
 
 
 def _phases(pipeline: Pipeline, args: argparse.Namespace) -> VariantFigures:
@@ -532,7 +574,9 @@ def gather_environment(argv: Sequence[str], dsn: str) -> Environment:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
-        "--variants", default="floor,remote,local", help="comma-separated: floor, remote, local"
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated: {', '.join(VARIANTS)}",
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each phase")
     parser.add_argument("--burst", type=int, default=1_000, help="starts published at once")
@@ -577,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.repeat < 1 or args.burst < 1 or args.rate <= 0 or args.seconds <= 0:
         parser.error("--repeat, --burst, --rate and --seconds must be positive")
-    if "local" in variants:
+    if {"local", "local2"} & set(variants):
         _require_local_type()
     # SIGTERM unwinds like Ctrl-C, so every process started is stopped and every topic
     # deleted in the finally blocks.

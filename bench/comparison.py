@@ -20,8 +20,8 @@ from orchestrator.protocol.records import WorkflowStatus
 
 from .floor import PhaseFigures
 
-VARIANTS: Final = ("floor", "remote", "local")
-SAGALINE_VARIANTS: Final = ("remote", "local")
+VARIANTS: Final = ("floor", "remote", "local", "local2")
+SAGALINE_VARIANTS: Final = ("remote", "local", "local2")
 # What each variant runs, for the report's reader.
 VARIANT_NOTES: Final = {
     "floor": (
@@ -37,6 +37,11 @@ VARIANT_NOTES: Final = {
         "sagaline, `order.local`: the same saga with its steps as local activities, run "
         "inside the one orchestrator process (no participant processes); its steps only "
         "compute and write no rows, so it does less than the other two"
+    ),
+    "local2": (
+        "sagaline, `order.local` as in `local`, on two orchestrator processes sharing the "
+        "workflow partitions (how a deployment scales out: one Python thread per process "
+        "bounds one orchestrator); its orchestrator row is both processes' CPU"
     ),
 }
 # The processes whose CPU is reported, in the tables' order, with their row labels.
@@ -445,7 +450,7 @@ def render_section(report: Report) -> str:
             "",
             "From `bench/failover.py` and `bench/state.py`'s memory section, on "
             f"{state.partitions} partitions with orchestrators only: the orchestrator is the "
-            "same process in both sagaline variants, so these are measured once. Failover: "
+            "same program in every sagaline variant, so these are measured once. Failover: "
             "from kill -9 of one of two instances until a probe closes on every partition it "
             "owned. Memory: VmRSS after a restart over that many restored workflows, minus an "
             "empty history's.",

@@ -316,17 +316,25 @@ def start_pipeline(
     *,
     services: Iterable[str] = tuple(SERVICES),
     application_names: str | None = None,
+    orchestrators: int = 1,
 ) -> tuple[list[SagalineProcess], dict[str, int]]:
-    """One orchestrator and the services (default: all three), each serving /metrics on a
-    free port.
+    """One orchestrator (or ``orchestrators``, sharing the workflow partitions) and the
+    services (default: all three), each serving /metrics on a free port.
 
-    ``services`` picks the participant processes (none: the orchestrator alone, for
-    workflows whose steps are local activities). With ``application_names``, each
-    process's PostgreSQL connections carry ``application_name`` ``<application_names><process
-    name>`` (libpq's ``PGAPPNAME``), so its backends can be found in pg_stat_activity.
+    ``services`` picks the participant processes (none: the orchestrators alone, for
+    workflows whose steps are local activities). The first orchestrator's instance id is
+    ``instance`` and its port ``ports["orchestrator"]``; the n-th's are ``<instance>-<n>``
+    and ``ports["orchestrator-<n>"]``. With ``application_names``, each process's
+    PostgreSQL connections carry ``application_name`` ``<application_names><process name>``
+    (libpq's ``PGAPPNAME``), so its backends can be found in pg_stat_activity.
     """
+    if orchestrators < 1:
+        raise ValueError(f"orchestrators must be at least 1, not {orchestrators}")
     wanted = list(services)
-    ports = {"orchestrator": free_port(), **{name: free_port() for name in wanted}}
+    instances = {"orchestrator": instance}
+    instances.update({f"orchestrator-{n}": f"{instance}-{n}" for n in range(2, orchestrators + 1)})
+    ports = {key: free_port() for key in instances}
+    ports.update({name: free_port() for name in wanted})
 
     def named(label: str) -> Mapping[str, str]:
         if application_names is None:
@@ -335,11 +343,9 @@ def start_pipeline(
 
     processes = [
         orchestrator_process(
-            named(f"orchestrator-{instance}"),
-            log_dir,
-            instance,
-            metrics_port=str(ports["orchestrator"]),
+            named(f"orchestrator-{name}"), log_dir, name, metrics_port=str(ports[key])
         )
+        for key, name in instances.items()
     ]
     processes += [
         participant_process(

@@ -135,11 +135,12 @@ def _prose(text: str) -> str:
 def test_variants_come_in_the_reports_order_whatever_order_they_are_given() -> None:
     assert parse_variants("local, floor") == ("floor", "local")
     assert parse_variants("remote,remote,") == ("remote",)
+    assert parse_variants("local2,local") == ("local", "local2")
 
 
 @pytest.mark.parametrize("text", ["", " , ", "floor,sagaline"])
 def test_no_or_unknown_variants_are_refused_with_the_choices(text: str) -> None:
-    with pytest.raises(ValueError, match="floor, remote, local"):
+    with pytest.raises(ValueError, match="floor, remote, local, local2"):
         parse_variants(text)
 
 
@@ -276,6 +277,14 @@ def test_the_section_holds_every_variant_and_its_ratios_to_the_floor() -> None:
     assert "0f65042f5546 (with uncommitted changes)" in prose
     assert "0.10/0.20/0.30 at the start, 1.50/1.00/0.50 at the end" in prose
     assert "`python3 -m bench.compare --repeat 3`" in prose
+
+
+def test_the_scaled_out_local_variant_is_a_column_of_its_own_with_its_note() -> None:
+    text = render_section(_report({"floor": FLOOR, "local": LOCAL, "local2": LOCAL}, STATE))
+    assert _lines_with(text, "| process |") == [
+        "| process | floor | local | local2 | local / floor | local2 / floor |"
+    ]
+    assert "two orchestrator processes sharing the workflow partitions" in _prose(text)
 
 
 def test_prose_is_wrapped_and_tables_are_not() -> None:
