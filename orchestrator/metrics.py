@@ -152,6 +152,14 @@ WAKES = Counter(
     "sagaline_workflow_wakes_total",
     "Workflows woken because a timer, a retry's backoff or an activity timeout fell due.",
 )
+REPLAYS = Counter(
+    "sagaline_replays_total",
+    "Runs of workflow code after an input: 'resumed' ran a kept coroutine on from where it "
+    "waited, 'from_start' replayed the whole history (no coroutine kept, or the kept one "
+    "did not fit the history: an abort, a restore, a rebalance; see "
+    "SAGALINE_REPLAY_CACHE_SIZE).",
+    ["how"],
+)
 WAKE_LAG_SECONDS = Histogram(
     "sagaline_workflow_wake_lag_seconds",
     "How late a workflow was woken: the time it was processed minus the time it was due.",

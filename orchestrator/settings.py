@@ -132,6 +132,14 @@ class OrchestratorSettings(KafkaSettings):
         description="longest one attempt of a local activity without a start_to_close of "
         "its own may run; the orchestrator's other workflows wait while it does",
     )
+    replay_cache_size: int = Field(
+        1_000,
+        ge=0,
+        description="waiting workflow runs whose code is kept suspended between inputs, "
+        "so the next input runs it on instead of replaying its history from the start; "
+        "the least recently used beyond this are closed (0: replay every input from the "
+        "start)",
+    )
     archive_dsn: Dsn | None = Field(
         None,
         repr=False,

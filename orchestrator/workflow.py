@@ -38,6 +38,7 @@ from orchestrator.protocol.records import ParentClosePolicy
 from orchestrator.protocol.topics import LOCAL_PARTICIPANT, activity_name_problem
 
 if TYPE_CHECKING:
+    from orchestrator.replay.driver import ReplayCache
     from participants.participant import ActivityHandler, Participant
 
 WorkflowFn = Callable[["WorkflowContext", Any], Coroutine[Any, Any, Any]]
@@ -1423,6 +1424,27 @@ class WorkflowRegistry:
         self.converter = converter
         self._local: Participant | None = None
         self._inline: set[str] = set()
+        self._replay_cache: ReplayCache | None = None
+
+    @property
+    def replay_cache(self) -> ReplayCache:
+        """The coroutines of waiting runs kept between their inputs (docs/architecture.md,
+        "The replay cache"), made at first use with the default size; the orchestrator
+        sets one sized by ``SAGALINE_REPLAY_CACHE_SIZE``, and ``ReplayCache(0)`` keeps
+        nothing."""
+        if self._replay_cache is None:
+            # Made here, not at import: the replay engine imports this module, and a
+            # participant process that only defines activities never loads the engine.
+            from orchestrator.replay.driver import ReplayCache  # noqa: PLC0415
+
+            self._replay_cache = ReplayCache()
+        return self._replay_cache
+
+    @replay_cache.setter
+    def replay_cache(self, cache: ReplayCache) -> None:
+        previous, self._replay_cache = self._replay_cache, cache
+        if previous is not None and previous is not cache:
+            previous.clear()
 
     def workflow(self, name: str) -> Callable[[F], F]:
         """Decorator registering an ``async def f(ctx, input)`` as workflow type ``name``.

@@ -28,9 +28,11 @@ Rules of this module:
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import types
-from collections import deque
-from collections.abc import Callable, Coroutine
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -296,15 +298,7 @@ class _Replayer:
         self.new_markers: list[PatchMarker] = []
         self.events = events
         self.last_recorded = -1  # the highest command number in history
-        for event in events:
-            command = command_of(event)
-            if command is not None:
-                self.recorded[command.seq] = command
-                self.last_recorded = max(self.last_recorded, command.seq)
-            elif isinstance(event, TimerFired | TimerCancelled):
-                self.closed_timers.add(event.seq)
-            elif type(event) is PatchMarker and event.patch_id not in self.markers:
-                self.markers[event.patch_id] = event
+        self.take_in(events)
         # Recorded outcomes not yet delivered to the code, those of them that were in
         # history before this input, how many were delivered, and the one delivered last;
         # kept by ``_drive``.
@@ -330,6 +324,19 @@ class _Replayer:
         self.updates: dict[str, tuple[Handler, Handler | None]] = {}
         # Set while a query or update handler runs: it may read and change state only.
         self.handling = False
+
+    def take_in(self, events: Iterable[HistoryEvent]) -> None:
+        """Add history ``events`` to the tables of what history recorded: commands by
+        number, closed timers, patch markers (the first of each id)."""
+        for event in events:
+            command = command_of(event)
+            if command is not None:
+                self.recorded[command.seq] = command
+                self.last_recorded = max(self.last_recorded, command.seq)
+            elif isinstance(event, TimerFired | TimerCancelled):
+                self.closed_timers.add(event.seq)
+            elif type(event) is PatchMarker and event.patch_id not in self.markers:
+                self.markers[event.patch_id] = event
 
     def _take_seq(self) -> int:
         seq = self.next_seq
@@ -683,6 +690,7 @@ def replay(
     ask: Ask | None = None,
     converter: DataConverter = DEFAULT_CONVERTER,
     recorded_before: int | None = None,
+    cache: ReplayCache | None = None,
 ) -> ReplayResult:
     """Run ``fn`` over ``events`` and report new steps, completion or a problem.
 
@@ -692,39 +700,111 @@ def replay(
     ``converter`` turns ``input_value`` (plain JSON) into the type of the function's input
     parameter, and values into payloads and back (the registry's). ``recorded_before``:
     how many of ``events`` were in history before the input being applied (default all:
-    a replay that applies nothing new); ``ctx.patched`` goes on past them. Never raises
-    for anything the workflow code does.
+    a replay that applies nothing new); ``ctx.patched`` goes on past them. ``cache``: where
+    the run's coroutine is kept while it waits, and taken from when ``events`` continue
+    the history it has run over (see :class:`ReplayCache`); the result is the same either
+    way. Never raises for anything the workflow code does.
     """
+    key = (workflow_id, run_id)
+    if cache is not None and not cache.size:
+        cache = None  # keeps nothing: each replay closes its coroutine, as without one
+    if cache is not None and ask is None:
+        live = cache.take(key)
+        if live is not None:
+            resumed = None
+            if live.same_run(fn, workflow_type, input_value, started_at_ms, converter):
+                resumed = _resume(live, events, recorded_before)
+            if resumed is None:
+                cache.discard(key, live)
+            else:
+                outcome, kept = resumed
+                if cache.on_replay is not None:
+                    cache.on_replay(True)
+                if kept:
+                    cache.put(key, live)
+                if cache.check:
+                    _check_resumed(
+                        outcome,
+                        replay(
+                            fn,
+                            workflow_id,
+                            workflow_type,
+                            input_value,
+                            events,
+                            started_at_ms,
+                            run_id=run_id,
+                            converter=converter,
+                            recorded_before=recorded_before,
+                        ),
+                    )
+                return outcome
     replayer = _Replayer(events, started_at_ms, workflow_id, run_id, converter, recorded_before)
+    if cache is not None and ask is None:
+        if cache.on_replay is not None:
+            cache.on_replay(False)
+        if cache.refused(key):
+            replayer.note(DEFINITION, _KEEPS_RUNNING)
     outcome = ReplayResult()
+    keep = cache is not None and ask is None
+    coro: Coroutine[Any, Any, Any] | None = None
     with installed(LoopGuard(replayer.misuse)):
         context = WorkflowContext(workflow_id, workflow_type, replayer, run_id=run_id)
-        coro = _create(fn, context, input_value, converter)
-        if isinstance(coro, str):
-            replayer.flag(DEFINITION, coro)
+        made = _create(fn, context, input_value, converter)
+        if isinstance(made, str):
+            replayer.flag(DEFINITION, made)
         else:
+            coro = made
             try:
                 _drive(coro, replayer, outcome, events)
                 if ask is not None and replayer.problem is None:
                     outcome.answer = replayer.answer(ask)
+            except BaseException:
+                keep = False
+                raise
             finally:
-                # From here on, whatever the coroutine still runs (finally blocks now, or
-                # at garbage collection if it refuses to stop) schedules nothing real.
-                replayer.closing = True
-                if not _close(coro):
-                    replayer.note(
-                        DEFINITION,
-                        "workflow code keeps running after the engine closed it: it catches "
-                        "GeneratorExit (a bare except or except BaseException) and awaits "
-                        "again; let GeneratorExit propagate",
-                    )
-        if (
-            outcome.finished
-            and outcome.error is None
-            and outcome.continued is None
-            and replayer.problem is None
-        ):
-            _encode_result(outcome, replayer)
+                if not (keep and _waiting(outcome, replayer)):
+                    _close_run(coro, replayer)
+                    coro = None
+    kept = _result(outcome, replayer, coro)
+    if kept and coro is not None and cache is not None:
+        cache.put(
+            key,
+            _Live(fn, workflow_type, input_value, started_at_ms, converter, coro, replayer, events),
+        )
+    return outcome
+
+
+def _waiting(outcome: ReplayResult, replayer: _Replayer) -> bool:
+    """The code waits for an outcome and nothing is wrong: its coroutine can be kept."""
+    return not outcome.finished and replayer.problem is None and replayer.continued is None
+
+
+def _close_run(coro: Coroutine[Any, Any, Any], replayer: _Replayer) -> None:
+    # From here on, whatever the coroutine still runs (finally blocks now, or at garbage
+    # collection if it refuses to stop) schedules nothing real.
+    replayer.closing = True
+    if not _close(coro):
+        replayer.note(DEFINITION, _KEEPS_RUNNING)
+
+
+_KEEPS_RUNNING: Final = (
+    "workflow code keeps running after the engine closed it: it catches GeneratorExit (a "
+    "bare except or except BaseException) and awaits again; let GeneratorExit propagate"
+)
+
+
+def _result(
+    outcome: ReplayResult, replayer: _Replayer, coro: Coroutine[Any, Any, Any] | None
+) -> bool:
+    """Complete ``outcome`` from what the replay did; True when ``coro`` (still open) may
+    be kept for the next input, and it is closed otherwise."""
+    if (
+        outcome.finished
+        and outcome.error is None
+        and outcome.continued is None
+        and replayer.problem is None
+    ):
+        _encode_result(outcome, replayer)
     if replayer.problem is None:
         missing = sorted(set(replayer.recorded) - set(replayer.handles))
         if missing:
@@ -735,14 +815,276 @@ def replay(
                 "that the code no longer schedules",
             )
     if replayer.problem is not None:
+        if coro is not None:
+            _close_run(coro, replayer)
         outcome.problem = replayer.problem
         outcome.new_steps, outcome.cancels = [], []
         outcome.continued, outcome.carried = None, []
-        return outcome
+        return False
     outcome.new_steps = list(replayer.new_steps)
     outcome.cancels = list(replayer.cancels)
     outcome.markers = list(replayer.new_markers)
-    return outcome
+    return coro is not None
+
+
+# --- keeping a waiting run's coroutine between inputs ------------------------------------
+
+DEFAULT_CACHE_SIZE: Final = 1_000
+CHECK_ENV: Final = "SAGALINE_REPLAY_CACHE_CHECK"
+
+
+@dataclass(eq=False)
+class _Live:
+    """A run's coroutine, suspended where its code waits, with the replayer it ran with and
+    the history it has run over (``consumed``)."""
+
+    fn: WorkflowFn
+    workflow_type: str
+    input_value: Any
+    started_at_ms: int
+    converter: DataConverter
+    coro: Coroutine[Any, Any, Any]
+    replayer: _Replayer
+    consumed: tuple[HistoryEvent, ...]
+
+    def same_run(
+        self,
+        fn: WorkflowFn,
+        workflow_type: str,
+        input_value: Any,
+        started_at_ms: int,
+        converter: DataConverter,
+    ) -> bool:
+        """Whether a replay with these arguments is of the run this coroutine is."""
+        return (
+            fn is self.fn
+            and converter is self.converter
+            and workflow_type == self.workflow_type
+            and started_at_ms == self.started_at_ms
+            and _equal(input_value, self.input_value)
+        )
+
+    def close(self) -> bool:
+        """Close the coroutine (its finally blocks run; nothing they do counts); False if
+        it would not stop."""
+        self.replayer.closing = True
+        return _close(self.coro)
+
+
+def _equal(left: Any, right: Any) -> bool:
+    try:
+        return bool(left == right)
+    except Exception:  # a converted input's __eq__ is the user's
+        return False
+
+
+class ReplayCache:
+    """The coroutines of runs that wait, kept between their inputs (at most ``size``, the
+    least recently used closed first), so that the next input runs the code on from the
+    await it waits at instead of replaying the whole history again.
+
+    What the code does next is the same either way, because it is deterministic: that is
+    what replay assumes already. A kept coroutine is used only for a replay of the same
+    run (the same function, input, start time and converter) whose history begins with
+    everything the coroutine has run over, continued by exactly the commands, patch markers
+    and timer cancels it asked for, and in which the outcomes it was given are still the
+    run's first outcomes; anything else (a transaction that aborted, a record restored
+    from Kafka, a rejected step written differently, an update) replays from the start.
+    Queries and update validators always replay from the start and keep nothing.
+
+    With ``check`` (or ``SAGALINE_REPLAY_CACHE_CHECK=1`` in the environment), every
+    continued replay is also run from the start and any difference raises
+    ``AssertionError``: the test suite runs so. Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        size: int = DEFAULT_CACHE_SIZE,
+        *,
+        check: bool | None = None,
+        on_replay: Callable[[bool], None] | None = None,
+    ) -> None:
+        """``on_replay`` is told of every replay that could use the cache: True when it
+        ran a kept coroutine on, False when it replayed from the start."""
+        if size < 0:
+            raise ValueError(f"a replay cache holds at least 0 runs, not {size}")
+        self.size = size
+        self.check = os.environ.get(CHECK_ENV, "") == "1" if check is None else check
+        self.on_replay = on_replay
+        self._runs: OrderedDict[tuple[str, str], _Live] = OrderedDict()
+        # Runs whose kept coroutine would not stop when closed: their next replay parks them.
+        self._refused: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def take(self, key: tuple[str, str]) -> _Live | None:
+        """Remove and return the run kept under ``key`` (workflow id, run id), if any."""
+        with self._lock:
+            return self._runs.pop(key, None)
+
+    def put(self, key: tuple[str, str], live: _Live) -> None:
+        """Keep ``live``; the least recently kept runs beyond ``size`` are closed."""
+        evicted: list[tuple[tuple[str, str], _Live]] = []
+        with self._lock:
+            previous = self._runs.pop(key, None)
+            if previous is not None:
+                evicted.append((key, previous))
+            if self.size:
+                self._runs[key] = live
+            else:
+                evicted.append((key, live))
+            while len(self._runs) > self.size:
+                evicted.append(self._runs.popitem(last=False))
+        for old_key, old in evicted:  # outside the lock: finally blocks are the user's code
+            self.discard(old_key, old)
+
+    def discard(self, key: tuple[str, str], live: _Live) -> None:
+        """Close ``live``, taken from under ``key``; one that will not stop is remembered,
+        so that the run's next replay parks it, as a replay that closes it does."""
+        if not live.close():
+            with self._lock:
+                self._refused[key] = None
+                while len(self._refused) > max(self.size, 1):
+                    self._refused.popitem(last=False)
+
+    def refused(self, key: tuple[str, str]) -> bool:
+        """Whether the run's coroutine, closed since its last replay, would not stop
+        (answered once)."""
+        with self._lock:
+            if key not in self._refused:
+                return False
+            del self._refused[key]
+            return True
+
+    def clear(self) -> None:
+        """Close every kept run (when the partitions they belong to are given up)."""
+        with self._lock:
+            runs = list(self._runs.items())
+            self._runs.clear()
+        for key, live in runs:
+            self.discard(key, live)
+
+    def __del__(self) -> None:
+        # Closed here, with nothing they do counting, rather than by the garbage collector
+        # one by one, which would run their finally blocks as if they were real.
+        if hasattr(self, "_runs"):  # not if __init__ refused its arguments
+            self.clear()
+
+
+def _resume(
+    live: _Live, events: tuple[HistoryEvent, ...], recorded_before: int | None
+) -> tuple[ReplayResult, bool] | None:
+    """Run ``live`` on over what ``events`` add to the history it ran over: the outcome,
+    and whether the coroutine may be kept again; None when ``events`` do not continue
+    that history as the code left it (the caller replays from the start)."""
+    replayer, consumed = live.replayer, live.consumed
+    count = len(consumed)
+    if len(events) < count or events[:count] != consumed:
+        return None
+    added = events[count:]
+    if not _continues(replayer, added):
+        return None
+    finals = final_outcomes(events)
+    delivered = replayer.delivered
+    if len(finals) < delivered or finals[:delivered] != replayer.finals[:delivered]:
+        return None
+    _rebase(replayer, events, added, finals, recorded_before)
+    attempts = {e.seq: e.attempt for e in events if isinstance(e, ActivityScheduled)}
+    outcome = ReplayResult()
+    keep = True
+    with installed(LoopGuard(replayer.misuse)):
+        try:
+            _deliver(live.coro, replayer, outcome, finals[delivered:], attempts)
+        except BaseException:
+            keep = False
+            raise
+        finally:
+            if not (keep and _waiting(outcome, replayer)):
+                _close_run(live.coro, replayer)
+                keep = False
+    kept = _result(outcome, replayer, live.coro if keep else None)
+    live.consumed = events
+    return outcome, kept
+
+
+def _continues(replayer: _Replayer, added: tuple[HistoryEvent, ...]) -> bool:
+    """``added`` records exactly the commands, patch markers and timer cancels the code
+    asked for in its last replay (with outcomes and other events beside them)."""
+    steps = {c.seq: c for c in replayer.new_steps}
+    commands = markers = cancels = 0
+    for event in added:
+        kind = type(event)
+        if kind is UpdateAccepted:
+            return False  # its handler's outcome is reported for the whole history
+        command = command_of(event)
+        if command is not None:
+            mine = steps.get(command.seq)
+            if mine is None or not (mine is command or mine == command):
+                return False
+            commands += 1
+        elif kind is PatchMarker:
+            if event not in replayer.new_markers:
+                return False
+            markers += 1
+        elif kind is TimerCancelled:
+            if event not in replayer.cancels:
+                return False
+            cancels += 1
+    return (commands, markers, cancels) == (
+        len(steps),
+        len(replayer.new_markers),
+        len(replayer.cancels),
+    )
+
+
+def _rebase(
+    replayer: _Replayer,
+    events: tuple[HistoryEvent, ...],
+    added: tuple[HistoryEvent, ...],
+    finals: list[HistoryEvent],
+    recorded_before: int | None,
+) -> None:
+    """Bring ``replayer`` to where a replay of ``events`` from the start would be once it
+    has delivered the outcomes the code has seen: its tables hold ``added`` too, and what
+    its last replay asked for is history now."""
+    replayer.events = events
+    replayer.recorded_before = len(events) if recorded_before is None else recorded_before
+    replayer.take_in(added)
+    replayer.new_steps, replayer.cancels, replayer.new_markers = [], [], []
+    delivered = replayer.delivered
+    replayer.finals = finals
+    replayer.undelivered = len(finals) - delivered
+    before = len(finals) - _added_outcomes(finals, events[replayer.recorded_before :])
+    replayer.undelivered_before = max(0, before - delivered)
+
+
+def _check_resumed(resumed: ReplayResult, scratch: ReplayResult) -> None:
+    """Raise ``AssertionError`` where a continued replay differs from one from the start."""
+
+    # Not ``updates``: a replay from the start reports every update handler it ran again,
+    # a continued one none (an input that applies an update always replays from the start,
+    # and only that update's outcome is ever read).
+    def seen(result: ReplayResult) -> dict[str, Any]:
+        error = result.error
+        return {
+            "new_steps": result.new_steps,
+            "cancels": result.cancels,
+            "markers": result.markers,
+            "finished": result.finished,
+            "payload": result.payload,
+            "payload_error": result.payload_error,
+            "error": None if error is None else (type(error), _raised(error)),
+            "problem": result.problem,
+            "continued": result.continued,
+            "carried": result.carried,
+        }
+
+    mine, theirs = seen(resumed), seen(scratch)
+    if mine != theirs:
+        differ = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+        raise AssertionError(f"a continued replay differs from one from the start: {differ}")
 
 
 # The handle each outcome settles; another handle at that number is non-determinism.
@@ -802,6 +1144,18 @@ def _drive(
         finals, events[replayer.recorded_before :]
     )
     _step(coro, replayer, outcome)
+    _deliver(coro, replayer, outcome, finals, attempts)
+
+
+def _deliver(
+    coro: Coroutine[Any, Any, Any],
+    replayer: _Replayer,
+    outcome: ReplayResult,
+    finals: list[HistoryEvent],
+    attempts: dict[int, int],
+) -> None:
+    """Give the code ``finals`` (recorded outcomes, in history order), running it after
+    each, until it finishes, has a problem or has seen them all."""
     for event in finals:
         if outcome.finished or replayer.problem is not None:
             return
@@ -993,9 +1347,11 @@ def _encode_result(outcome: ReplayResult, replayer: _Replayer) -> None:
 
 __all__ = [
     "ADVICE",
+    "DEFAULT_CACHE_SIZE",
     "Ask",
     "Command",
     "HandlerOutcome",
+    "ReplayCache",
     "ReplayResult",
     "command_of",
     "final_outcomes",

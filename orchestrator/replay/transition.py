@@ -230,6 +230,7 @@ class CodeRun:
                 run_id=base.run_id,
                 converter=self.registry.converter,
                 recorded_before=self.recorded_before,
+                cache=self.registry.replay_cache,
             )
             self.updates = result.updates
             if result.problem is not None:

@@ -42,6 +42,7 @@ from orchestrator.errors import (
 from orchestrator.protocol.codec import AvroCodec
 from orchestrator.protocol.records import WorkflowStatus
 from orchestrator.protocol.topics import held_key
+from orchestrator.replay.driver import ReplayCache
 from orchestrator.runtime.fencing import fence_previous_owners, offset_metadata
 from orchestrator.runtime.inputs import Batch, InputProcessor, Ref, RetentionHook
 from orchestrator.runtime.local import LocalRunner
@@ -109,6 +110,13 @@ class Orchestrator:
     ) -> None:
         self.settings = settings
         self.registry = registry
+        replays = {
+            True: metrics.REPLAYS.labels("resumed"),
+            False: metrics.REPLAYS.labels("from_start"),
+        }
+        registry.replay_cache = ReplayCache(
+            settings.replay_cache_size, on_replay=lambda resumed: replays[resumed].inc()
+        )
         self.codec = codec or AvroCodec(max_record_bytes=settings.max_record_bytes)
         self.topics = settings.topics
         self.store = WorkflowStore(settings.decoded_cache)
@@ -258,6 +266,8 @@ class Orchestrator:
         self.consumer.close()
         self.restorer.close()
         self.processor.local.close()
+        # Their finally blocks run now, counting for nothing, not at interpreter exit.
+        self.registry.replay_cache.clear()
         try:
             self.producer.flush(10)
         except KafkaException as exc:  # a fenced producer refuses even this; nothing is lost

@@ -27,7 +27,7 @@ from orchestrator import (
 from orchestrator.errors import WorkflowDefinitionError
 from orchestrator.protocol.payloads import decode_json
 from orchestrator.protocol.records import Payload, WorkflowStatus
-from orchestrator.replay.driver import _CLOSE_ATTEMPTS, _UNSTOPPABLE
+from orchestrator.replay.driver import _CLOSE_ATTEMPTS, _UNSTOPPABLE, ReplayCache
 from tests.unit.conftest import (
     WorkflowRun,
     assert_encodable,
@@ -40,8 +40,12 @@ Flow = Callable[[WorkflowContext, Any], Coroutine[Any, Any, Any]]
 ORDER = {"order_id": "o-1", "items": ["tea"], "total": 100, "card": "tok", "address": "x"}
 
 
-def _run(flow: Flow, value: Any = None, *, run_id: str = "r1") -> WorkflowRun:
+def _run(
+    flow: Flow, value: Any = None, *, run_id: str = "r1", cache: ReplayCache | None = None
+) -> WorkflowRun:
     registry = WorkflowRegistry()
+    if cache is not None:
+        registry.replay_cache = cache
     registry.workflow("t.flow")(flow)
     run = WorkflowRun(registry, "t.flow", workflow_id="bad-1", run_id=run_id)
     run.start(value)
@@ -151,28 +155,53 @@ def test_a_bare_except_swallowing_generator_exit_once_is_closed_again() -> None:
     _a_healthy_workflow_still_completes()
 
 
-def test_code_that_does_not_stop_when_closed_parks_the_workflow() -> None:
-    swallowed = 0
+def _unstoppable() -> tuple[Flow, list[int]]:
+    """A flow that swallows GeneratorExit more often than the engine tries to close it,
+    and how often it did."""
+    swallowed = [0]
 
     async def flow(ctx: WorkflowContext, _: Any) -> Any:
-        nonlocal swallowed
         while True:
             try:
                 await ctx.activity("p.poll")
             except GeneratorExit:
-                swallowed += 1  # more often than the engine tries to close it
-                if swallowed > _CLOSE_ATTEMPTS:
+                swallowed[0] += 1
+                if swallowed[0] > _CLOSE_ATTEMPTS:
                     raise
 
-    run = _run(flow)
+    return flow, swallowed
+
+
+def test_code_that_does_not_stop_when_closed_parks_the_workflow() -> None:
+    flow, swallowed = _unstoppable()
+    # Without the replay cache, every replay closes the coroutine at its end.
+    run = _run(flow, cache=ReplayCache(0))
     _stuck(run, "GeneratorExit", "keeps running")
     assert_history(run.record, [])
     # The engine keeps such a coroutine referenced, so the garbage collector does not
     # run its code in the middle of another replay.
     zombie = _UNSTOPPABLE.pop()
-    assert swallowed == _CLOSE_ATTEMPTS and zombie.cr_frame is not None  # type: ignore[attr-defined]
+    assert swallowed == [_CLOSE_ATTEMPTS] and zombie.cr_frame is not None  # type: ignore[attr-defined]
     zombie.close()
     assert zombie.cr_frame is None  # type: ignore[attr-defined]
+
+
+def test_a_kept_coroutine_that_does_not_stop_when_closed_parks_the_workflow_next() -> None:
+    flow, swallowed = _unstoppable()
+    cache = ReplayCache(10, check=False)
+    run = _run(flow, cache=cache)
+    # Kept waiting, the coroutine is not closed: nothing shows the code is wrong yet.
+    assert run.tasks() == ["bad-1/r1/0/1 p.poll"]
+    assert_status(run.record, WorkflowStatus.RUNNING)
+    assert len(cache) == 1
+    # Closed when the cache gives it up (evicted, or its partitions revoked), it keeps
+    # running: the run's next replay parks it, as a replay that closed it would have.
+    cache.clear()
+    assert swallowed == [_CLOSE_ATTEMPTS] and len(cache) == 0
+    zombie = _UNSTOPPABLE.pop()
+    run.complete(0, "polled")
+    _stuck(run, "GeneratorExit", "keeps running")
+    zombie.close()
 
 
 @pytest.mark.parametrize(
