@@ -67,6 +67,7 @@ from orchestrator.protocol.records import (
 )
 from orchestrator.protocol.topics import LOCAL_PARTICIPANT, activity_name_problem
 from orchestrator.replay import Limits, advance, pending_tasks
+from orchestrator.replay.driver import KEEPS_RUNNING
 from orchestrator.replay.engine import answer_query
 from orchestrator.replay.links import CHILD_FAILED
 from orchestrator.replay.timing import LOCAL, dues, scan
@@ -737,6 +738,10 @@ class _Run:
         finally:
             if self.local_runner is not None:
                 self.local_runner.close()
+            # The run's kept coroutine is closed now, within its test, not in a later one;
+            # code that will not stop is this run's outcome, whatever it returned or raised.
+            if not self.tester.registry.replay_cache.drop((self.workflow_id, RUN_ID)):
+                raise WorkflowTesterError(KEEPS_RUNNING, self.result())
 
     def _go(self, start: StartWorkflow) -> RunResult:
         self.apply(start, self.now_ms)

@@ -742,8 +742,8 @@ def replay(
     if cache is not None and ask is None:
         if cache.on_replay is not None:
             cache.on_replay(False)
-        if cache.refused(key):
-            replayer.note(DEFINITION, _KEEPS_RUNNING)
+        if cache.refused(key, fn):
+            replayer.note(DEFINITION, KEEPS_RUNNING)
     outcome = ReplayResult()
     keep = cache is not None and ask is None
     coro: Coroutine[Any, Any, Any] | None = None
@@ -783,11 +783,13 @@ def _close_run(coro: Coroutine[Any, Any, Any], replayer: _Replayer) -> None:
     # From here on, whatever the coroutine still runs (finally blocks now, or at garbage
     # collection if it refuses to stop) schedules nothing real.
     replayer.closing = True
-    if not _close(coro):
-        replayer.note(DEFINITION, _KEEPS_RUNNING)
+    with installed(LoopGuard(replayer.misuse)):  # nor reaches a real event loop
+        stopped = _close(coro)
+    if not stopped:
+        replayer.note(DEFINITION, KEEPS_RUNNING)
 
 
-_KEEPS_RUNNING: Final = (
+KEEPS_RUNNING: Final = (
     "workflow code keeps running after the engine closed it: it catches GeneratorExit (a "
     "bare except or except BaseException) and awaits again; let GeneratorExit propagate"
 )
@@ -865,10 +867,11 @@ class _Live:
         )
 
     def close(self) -> bool:
-        """Close the coroutine (its finally blocks run; nothing they do counts); False if
-        it would not stop."""
+        """Close the coroutine (its finally blocks run; nothing they do counts, and no
+        real event loop is theirs to reach); False if it would not stop."""
         self.replayer.closing = True
-        return _close(self.coro)
+        with installed(LoopGuard(self.replayer.misuse)):
+            return _close(self.coro)
 
 
 def _equal(left: Any, right: Any) -> bool:
@@ -912,8 +915,9 @@ class ReplayCache:
         self.check = os.environ.get(CHECK_ENV, "") == "1" if check is None else check
         self.on_replay = on_replay
         self._runs: OrderedDict[tuple[str, str], _Live] = OrderedDict()
-        # Runs whose kept coroutine would not stop when closed: their next replay parks them.
-        self._refused: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Runs whose kept coroutine would not stop when closed, with the function it ran:
+        # every replay of them with that function parks them.
+        self._refused: OrderedDict[tuple[str, str], WorkflowFn] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -940,26 +944,39 @@ class ReplayCache:
         for old_key, old in evicted:  # outside the lock: finally blocks are the user's code
             self.discard(old_key, old)
 
+    def drop(self, key: tuple[str, str]) -> bool:
+        """Close the run kept under ``key``, if any; False if its coroutine would not stop
+        (told to the caller, not remembered)."""
+        live = self.take(key)
+        return live is None or live.close()
+
     def discard(self, key: tuple[str, str], live: _Live) -> None:
         """Close ``live``, taken from under ``key``; one that will not stop is remembered,
-        so that the run's next replay parks it, as a replay that closes it does."""
+        so that the run's replays with that function park it, as a replay that closes it
+        does."""
         if not live.close():
             with self._lock:
-                self._refused[key] = None
+                self._refused[key] = live.fn
                 while len(self._refused) > max(self.size, 1):
                     self._refused.popitem(last=False)
 
-    def refused(self, key: tuple[str, str]) -> bool:
-        """Whether the run's coroutine, closed since its last replay, would not stop
-        (answered once)."""
+    def refused(self, key: tuple[str, str], fn: WorkflowFn) -> bool:
+        """Whether a coroutine of this run and function would not stop when closed. Asked
+        on every replay from the start, so the answer holds however many transitions the
+        engine discards; other code (a deploy, or another run under the same key) clears
+        it."""
         with self._lock:
-            if key not in self._refused:
+            known = self._refused.get(key)
+            if known is None:
                 return False
-            del self._refused[key]
+            if known is not fn:
+                del self._refused[key]
+                return False
             return True
 
     def clear(self) -> None:
-        """Close every kept run (when the partitions they belong to are given up)."""
+        """Close every kept run (partitions given up, the orchestrator stopping, a test's
+        run over)."""
         with self._lock:
             runs = list(self._runs.items())
             self._runs.clear()
@@ -1013,30 +1030,23 @@ def _continues(replayer: _Replayer, added: tuple[HistoryEvent, ...]) -> bool:
     """``added`` records exactly the commands, patch markers and timer cancels the code
     asked for in its last replay (with outcomes and other events beside them)."""
     steps = {c.seq: c for c in replayer.new_steps}
-    commands = markers = cancels = 0
+    markers: list[HistoryEvent] = list(replayer.new_markers)
+    cancels: list[HistoryEvent] = list(replayer.cancels)
     for event in added:
         kind = type(event)
         if kind is UpdateAccepted:
             return False  # its handler's outcome is reported for the whole history
         command = command_of(event)
         if command is not None:
-            mine = steps.get(command.seq)
+            mine = steps.pop(command.seq, None)  # each once: a second copy does not match
             if mine is None or not (mine is command or mine == command):
                 return False
-            commands += 1
-        elif kind is PatchMarker:
-            if event not in replayer.new_markers:
+        elif kind is PatchMarker or kind is TimerCancelled:
+            wanted = markers if kind is PatchMarker else cancels
+            if event not in wanted:
                 return False
-            markers += 1
-        elif kind is TimerCancelled:
-            if event not in replayer.cancels:
-                return False
-            cancels += 1
-    return (commands, markers, cancels) == (
-        len(steps),
-        len(replayer.new_markers),
-        len(replayer.cancels),
-    )
+            wanted.remove(event)
+    return not (steps or markers or cancels)
 
 
 def _rebase(

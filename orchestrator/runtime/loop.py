@@ -309,6 +309,9 @@ class Orchestrator:
             return
         gone = set(partitions)
         self.store.drop(gone)
+        # Their runs' kept coroutines go too (a rare event: the rest are rebuilt by one
+        # replay from the start each); a partition that comes back is replayed anew.
+        self.registry.replay_cache.clear()
         for partition in gone:
             self._committed.pop(partition, None)
             # Another instance exports this partition now: a series left here would be

@@ -8,7 +8,7 @@ every task the engine handed out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -49,8 +49,9 @@ from orchestrator.protocol.records import (
 )
 from orchestrator.protocol.sizes import workflow_bound
 from orchestrator.replay import Limits, Transition, advance, next_wake
+from orchestrator.replay.driver import _CLOSE_ATTEMPTS
 from orchestrator.replay.timing import dues, scan
-from orchestrator.workflow import WorkflowRegistry
+from orchestrator.workflow import WorkflowContext, WorkflowRegistry
 
 # Replay is pure and fast; a deadline would only turn a slow CI machine into flakes.
 settings.register_profile(
@@ -409,3 +410,23 @@ class WorkflowRun:
         """The tasks of the last transition, in :func:`task_lines` form."""
         assert self.last is not None
         return task_lines(self.last.tasks)
+
+
+def unstoppable_flow() -> tuple[
+    Callable[[WorkflowContext, Any], Coroutine[Any, Any, Any]], list[int]
+]:
+    """A flow that swallows GeneratorExit more often than the engine tries to close a
+    coroutine (so its first coroutine is kept as unstoppable; one more close stops it),
+    and how often it did."""
+    swallowed = [0]
+
+    async def flow(ctx: WorkflowContext, _: Any) -> Any:
+        while True:
+            try:
+                await ctx.activity("p.poll")
+            except GeneratorExit:
+                swallowed[0] += 1
+                if swallowed[0] > _CLOSE_ATTEMPTS:
+                    raise
+
+    return flow, swallowed

@@ -34,6 +34,7 @@ from tests.unit.conftest import (
     assert_history,
     assert_status,
     completed,
+    unstoppable_flow,
 )
 
 Flow = Callable[[WorkflowContext, Any], Coroutine[Any, Any, Any]]
@@ -155,25 +156,8 @@ def test_a_bare_except_swallowing_generator_exit_once_is_closed_again() -> None:
     _a_healthy_workflow_still_completes()
 
 
-def _unstoppable() -> tuple[Flow, list[int]]:
-    """A flow that swallows GeneratorExit more often than the engine tries to close it,
-    and how often it did."""
-    swallowed = [0]
-
-    async def flow(ctx: WorkflowContext, _: Any) -> Any:
-        while True:
-            try:
-                await ctx.activity("p.poll")
-            except GeneratorExit:
-                swallowed[0] += 1
-                if swallowed[0] > _CLOSE_ATTEMPTS:
-                    raise
-
-    return flow, swallowed
-
-
 def test_code_that_does_not_stop_when_closed_parks_the_workflow() -> None:
-    flow, swallowed = _unstoppable()
+    flow, swallowed = unstoppable_flow()
     # Without the replay cache, every replay closes the coroutine at its end.
     run = _run(flow, cache=ReplayCache(0))
     _stuck(run, "GeneratorExit", "keeps running")
@@ -187,7 +171,7 @@ def test_code_that_does_not_stop_when_closed_parks_the_workflow() -> None:
 
 
 def test_a_kept_coroutine_that_does_not_stop_when_closed_parks_the_workflow_next() -> None:
-    flow, swallowed = _unstoppable()
+    flow, swallowed = unstoppable_flow()
     cache = ReplayCache(10, check=False)
     run = _run(flow, cache=cache)
     # Kept waiting, the coroutine is not closed: nothing shows the code is wrong yet.

@@ -4,6 +4,7 @@ start gives (orchestrator/replay/driver.py, ``ReplayCache``)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -18,7 +19,15 @@ from orchestrator.protocol.records import (
     HistoryEvent,
     Payload,
 )
-from orchestrator.replay.driver import Ask, ReplayCache, ReplayResult, replay
+from orchestrator.replay.driver import (
+    _UNSTOPPABLE,
+    Ask,
+    ReplayCache,
+    ReplayResult,
+    replay,
+)
+from orchestrator.testing import WorkflowStatus, WorkflowTester, WorkflowTesterError
+from tests.unit.conftest import unstoppable_flow
 
 ONE = Payload(b"1")
 
@@ -232,3 +241,82 @@ def test_a_registry_makes_its_cache_at_first_use_and_a_new_one_closes_the_old() 
     assert len(cache) == 1
     registry.replay_cache = ReplayCache(5)
     assert len(cache) == 0 and registry.replay_cache.size == 5
+
+
+def test_a_command_recorded_twice_does_not_stand_in_for_one_not_recorded() -> None:
+    async def flow(ctx: WorkflowContext, _: Any) -> None:
+        await ctx.gather(ctx.activity("p.a"), ctx.activity("p.b"))
+        await ctx.activity("p.c")
+
+    replays = _Replays(ReplayCache(10, check=True), flow)
+    a, b = replays.run().new_steps
+    result = replays.run((a, a, ActivityCompleted(a.seq, 1, ONE, 0)))
+    assert result.new_steps == [b]  # from the start: p.b was never recorded
+    assert replays.resumed == [False, False]
+
+
+def _refuses_once() -> Any:
+    return unstoppable_flow()[0]
+
+
+def _bury_zombie() -> None:
+    zombie = _UNSTOPPABLE.pop()
+    zombie.close()  # one more GeneratorExit than the engine sent: it stops
+    assert zombie.cr_frame is None  # type: ignore[attr-defined]
+
+
+def test_a_refusal_to_stop_parks_every_replay_of_that_code_until_the_code_changes() -> None:
+    flow = _refuses_once()
+
+    async def fixed(ctx: WorkflowContext, _: Any) -> None:
+        await ctx.activity("p.poll")
+
+    cache = ReplayCache(10, check=False)
+    replays = _Replays(cache, flow)
+    (poll,) = replays.run().new_steps
+    cache.clear()  # evicted, say; it would not stop
+    # However many of the transitions these replays belong to the engine throws away.
+    for _ in range(2):
+        problem = replays.run((poll,)).problem
+        assert problem is not None and "keeps running" in problem.message
+    replays.fn = fixed  # the deploy that fixes it
+    assert replays.run((poll,)).problem is None
+    _bury_zombie()
+
+
+def test_kept_coroutines_are_closed_with_no_real_event_loop_to_reach() -> None:
+    seen: list[str] = []
+
+    async def flow(ctx: WorkflowContext, _: Any) -> None:
+        try:
+            await ctx.activity("p.wait")
+        finally:
+            seen.append(type(asyncio.get_running_loop()).__name__)
+
+    async def main() -> None:
+        cache = ReplayCache(10, check=False)
+        replay(flow, "wf-1", "t.flow", None, (), 0, run_id="r1", cache=cache)
+        cache.clear()
+
+    asyncio.run(main())
+    assert seen == ["LoopGuard"]
+
+
+def test_the_tester_closes_its_runs_coroutine_and_says_when_the_code_will_not_stop() -> None:
+    registry = WorkflowRegistry()
+
+    registry.workflow("t.bad")(_refuses_once())
+
+    @registry.workflow("t.good")
+    async def good(ctx: WorkflowContext, _: Any) -> str:
+        return str(await ctx.activity("p.work"))
+
+    tester = WorkflowTester(registry)
+    tester.activity("p.work").returns("done")
+    tester.activity("p.poll").hangs()
+    with pytest.raises(WorkflowTesterError, match="keeps running after the engine closed it"):
+        tester.run("t.bad", None)
+    assert len(registry.replay_cache) == 0
+    # The next run, under the same test ids, is not blamed for it.
+    assert tester.run("t.good", None).status is WorkflowStatus.COMPLETED
+    _bury_zombie()
