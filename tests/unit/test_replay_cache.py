@@ -320,3 +320,10 @@ def test_the_tester_closes_its_runs_coroutine_and_says_when_the_code_will_not_st
     # The next run, under the same test ids, is not blamed for it.
     assert tester.run("t.good", None).status is WorkflowStatus.COMPLETED
     _bury_zombie()
+
+
+def test_the_replay_benchmark_runs_a_chain_to_its_end_both_ways() -> None:
+    from bench.replay import replay_once  # noqa: PLC0415 - the benchmark, only here
+
+    assert replay_once(5, kept=True) > 0
+    assert replay_once(5, kept=False) > 0
