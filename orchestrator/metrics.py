@@ -154,9 +154,9 @@ WAKES = Counter(
 )
 REPLAYS = Counter(
     "sagaline_replays_total",
-    "Runs of workflow code after an input: 'resumed' ran a kept coroutine on from where it "
-    "waited, 'from_start' replayed the whole history (no coroutine kept, or the kept one "
-    "did not fit the history: an abort, a restore, a rebalance; see "
+    "Replays of workflow code: 'resumed' ran a kept coroutine on from where it waited, "
+    "'from_start' replayed the whole history (no coroutine kept, or the kept one did not "
+    "fit the history: an abort, a restore, a rebalance, a rewritten heartbeat; see "
     "SAGALINE_REPLAY_CACHE_SIZE).",
     ["how"],
 )

@@ -733,15 +733,20 @@ class _Run:
                 else UpdateWorkflow(self.workflow_id, request_id, name, args, at)
             )
             self.queue_input(at, request)
+        # The run's kept coroutine is closed at its end, within its test, not in a later
+        # one (all runs share the test ids); code that will not stop then is its outcome.
+        cache, key = self.tester.registry.replay_cache, (self.workflow_id, RUN_ID)
         try:
-            return self._go(start)
+            result = self._go(start)
+        except BaseException:
+            cache.drop(key)
+            raise
         finally:
             if self.local_runner is not None:
                 self.local_runner.close()
-            # The run's kept coroutine is closed now, within its test, not in a later one;
-            # code that will not stop is this run's outcome, whatever it returned or raised.
-            if not self.tester.registry.replay_cache.drop((self.workflow_id, RUN_ID)):
-                raise WorkflowTesterError(KEEPS_RUNNING, self.result())
+        if not cache.drop(key):
+            raise WorkflowTesterError(KEEPS_RUNNING, result)
+        return result
 
     def _go(self, start: StartWorkflow) -> RunResult:
         self.apply(start, self.now_ms)

@@ -945,9 +945,11 @@ class ReplayCache:
             self.discard(old_key, old)
 
     def drop(self, key: tuple[str, str]) -> bool:
-        """Close the run kept under ``key``, if any; False if its coroutine would not stop
-        (told to the caller, not remembered)."""
+        """Close the run kept under ``key``, if any, and forget any refusal noted for the
+        key; False if its coroutine would not stop (told to the caller, not remembered)."""
         live = self.take(key)
+        with self._lock:
+            self._refused.pop(key, None)
         return live is None or live.close()
 
     def discard(self, key: tuple[str, str], live: _Live) -> None:

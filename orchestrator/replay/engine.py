@@ -881,7 +881,10 @@ def _resume(
         return Transition(None, ignored=WORKFLOW_CLOSED)
     if record.status is not WorkflowStatus.STUCK:
         return Transition(None, ignored=NOT_STUCK)
-    transition = CodeRun(record, now_ms, registry, limits).transition()
+    # Not through the replay cache: this replay must close the coroutine at its end, as
+    # the one that parked the workflow did, so code that will not stop stays parked on
+    # an instance that never saw it refuse (after a restart or a rebalance).
+    transition = CodeRun(record, now_ms, registry, limits, cached=False).transition()
     again = transition.record
     if (
         again is not None

@@ -146,6 +146,7 @@ class CodeRun:
     settles. ``carried_in``: ``base`` is a run that ``ctx.continue_as_new`` starts in this
     same transition, with that many signals. ``recorded_before``: how many of
     ``base.events`` were in history before this input (default: all of them).
+    ``cached``: False replays from the start without the registry's replay cache.
     """
 
     def __init__(
@@ -159,6 +160,7 @@ class CodeRun:
         step: ActivityScheduled | None = None,
         carried_in: int | None = None,
         recorded_before: int | None = None,
+        cached: bool = True,
     ) -> None:
         self.base = base
         # How many of ``base.events`` were in history before this input (the rest were
@@ -167,6 +169,8 @@ class CodeRun:
         # Set when this run was started by its predecessor's continue_as_new in this same
         # transition: the number of signals it was handed.
         self.carried_in = carried_in
+        # False: replay from the start and keep nothing (the registry's replay cache).
+        self.cached = cached
         self.now_ms = now_ms
         self.registry = registry
         self.limits = limits
@@ -230,7 +234,7 @@ class CodeRun:
                 run_id=base.run_id,
                 converter=self.registry.converter,
                 recorded_before=self.recorded_before,
-                cache=self.registry.replay_cache,
+                cache=self.registry.replay_cache if self.cached else None,
             )
             self.updates = result.updates
             if result.problem is not None:

@@ -440,3 +440,29 @@ def test_a_result_payload_that_is_not_json_fails_at_the_await() -> None:
     run.send(completed("bad-1", 0, 1, None, run.now_ms, result=Payload(b"\xff"), run_id="r1"))
     record = assert_encodable(run.record)
     assert_status(record, WorkflowStatus.FAILED, "PayloadEncodingError")
+
+
+def test_a_parked_keeps_running_workflow_stays_parked_on_an_instance_that_never_saw_it() -> None:
+    refusing = [True]
+
+    async def flow(ctx: WorkflowContext, _: Any) -> Any:
+        while True:
+            try:
+                await ctx.activity("p.poll")
+            except GeneratorExit:
+                if not refusing[0]:
+                    raise
+
+    cache = ReplayCache(10, check=False)
+    run = _run(flow, cache=cache)
+    cache.clear()  # evicted: it would not stop
+    run.complete(0, "polled")
+    _stuck(run, "keeps running")
+    # A restart, or the partition's new owner: a cache that knows nothing of the refusal.
+    # Re-driving replays without the cache, closes the coroutine, and finds it again.
+    run.registry.replay_cache = ReplayCache(10, check=False)
+    assert run.resume().ignored == "still-stuck"
+    assert len(run.registry.replay_cache) == 0
+    refusing[0] = False
+    while _UNSTOPPABLE:
+        _UNSTOPPABLE.pop().close()
